@@ -1,0 +1,59 @@
+"""Content-addressed cache for trained teachers and scratch-student results.
+
+A key is the hash of everything that determines the result (resolved model, data and fit
+configs, seed), so any later run with the same ingredients reuses it, and a changed ingredient
+misses. Writes are atomic, so parallel sweep jobs may share a cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+#: Data settings that change how data is served, not what a model learns from it.
+DATA_KEYS_IGNORED = ("data_dir", "num_workers", "pin_memory", "transfer_samples")
+
+
+#: Trainer settings that change logging or placement of outputs, not the trained weights.
+TRAINER_KEYS_IGNORED = ("default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps",
+                        "max_epochs", "callbacks", "logger", "enable_checkpointing")
+
+
+def trainer_identity(trainer_cfg: DictConfig) -> dict[str, Any]:
+    """The resolved trainer config without logging-only keys (epochs are keyed separately)."""
+    trainer = OmegaConf.to_container(trainer_cfg, resolve=True)
+    return {key: value for key, value in trainer.items() if key not in TRAINER_KEYS_IGNORED}
+
+
+def data_identity(data_cfg: DictConfig) -> dict[str, Any]:
+    """The resolved data config without serving-only keys."""
+    data = OmegaConf.to_container(data_cfg, resolve=True)
+    return {key: value for key, value in data.items() if key not in DATA_KEYS_IGNORED}
+
+
+def cache_key(**parts: Any) -> str:
+    """A short stable hash of JSON-serialisable (or OmegaConf) ingredients."""
+    plain = {
+        name: OmegaConf.to_container(part, resolve=True) if OmegaConf.is_config(part) else part
+        for name, part in parts.items()
+    }
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".json", delete=False) as tmp:
+        json.dump(payload, tmp, indent=2, sort_keys=True, default=str)
+    os.replace(tmp.name, path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())

@@ -1,0 +1,29 @@
+"""Shared plumbing of the console entry points: one-line errors for bad configuration."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from omegaconf import DictConfig
+
+from kd_lightning.errors import ConfigError
+
+T = TypeVar("T")
+
+#: The Hydra config tree (``conf/`` at the repository root).
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+log = logging.getLogger("kd_lightning")
+
+
+def exit_on_config_error(job: Callable[[DictConfig], T], cfg: DictConfig, program: str) -> T:
+    """Run ``job(cfg)``; a :class:`ConfigError` ends the process with one line and exit code 2."""
+    try:
+        return job(cfg)
+    except ConfigError as error:
+        log.error("%s", error)
+        print(f"{program}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,154 @@
+"""MNIST-1D, regenerated offline with the ``mnist1d`` package and cached as ``.npz``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.losses.base import UNLABELLED
+
+#: mnist1d's default generator settings (its official 4,000 / 1,000 split uses seed 42).
+OFFICIAL_SEED = 42
+
+
+def generate_mnist1d(num_samples: int, seed: int, train_split: float = 0.8) -> dict[str, np.ndarray]:
+    """Generate MNIST-1D locally; never downloads (``make_dataset``, not ``get_dataset``)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    args.seed = seed
+    args.train_split = train_split
+    data = make_dataset(args)
+    return {key: np.asarray(data[key]) for key in ("x", "y", "x_test", "y_test")}
+
+
+def _cached(path: Path, build) -> dict[str, np.ndarray]:
+    """Load ``path`` or build and atomically write it (safe for parallel sweep jobs)."""
+    if path.exists():
+        with np.load(path) as arrays:
+            return dict(arrays)
+    arrays = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
+        np.savez(tmp, **arrays)
+    os.replace(tmp.name, path)
+    return arrays
+
+
+class MNIST1DDataModule(L.LightningDataModule):
+    """MNIST-1D (Greydanus 2020): 40-sample signals of 10 digit templates, shifted and noised.
+
+    Splits: ``train`` is the official 4,000 samples and ``test`` the official 1,000 (generator
+    seed 42); ``val`` is ``val_samples`` fresh samples from another generator seed, so model
+    selection never sees the test set. ``transfer_samples`` adds that many *unlabelled* samples
+    (target ``-1``) from a third seed to the training set: only distillation terms use them, the
+    teacher labels them. Every split is generated once and cached under ``data_dir``.
+
+    Batches are ``(x, y)`` with ``x`` of shape ``(B, 1, 40)`` (float32) and ``y`` of shape ``(B,)``.
+    """
+
+    num_classes = 10
+
+    def __init__(
+        self,
+        data_dir: str,
+        num_classes: int = 10,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_samples: int = 1000,
+        transfer_samples: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_classes != self.num_classes:
+            raise ConfigError(f"data.num_classes={num_classes} but MNIST-1D has 10 classes; set data.num_classes=10")
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
+        if val_samples < 1:
+            raise ConfigError(f"data.val_samples={val_samples} must be >= 1")
+        if transfer_samples < 0:
+            raise ConfigError(f"data.transfer_samples={transfer_samples} must be >= 0 (0 disables it)")
+        self.data_dir = Path(data_dir)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_samples = val_samples
+        self.transfer_samples = transfer_samples
+        self.pin_memory = pin_memory
+        self.splits: dict[str, TensorDataset] = {}
+
+    def _split_files(self) -> dict[str, tuple[Path, int, int]]:
+        """Cache file, generator seed and sample count per generated set."""
+        files = {
+            "official": (self.data_dir / "mnist1d_official.npz", OFFICIAL_SEED, 5000),
+            "val": (self.data_dir / f"mnist1d_val_{self.val_samples}.npz", OFFICIAL_SEED + 1000, self.val_samples),
+        }
+        if self.transfer_samples:
+            files["transfer"] = (
+                self.data_dir / f"mnist1d_transfer_{self.transfer_samples}.npz",
+                OFFICIAL_SEED + 2000,
+                self.transfer_samples,
+            )
+        return files
+
+    def _load(self, name: str) -> dict[str, np.ndarray]:
+        path, seed, count = self._split_files()[name]
+        split = 0.8 if name == "official" else 1.0
+        return _cached(path, lambda: generate_mnist1d(count, seed, split))
+
+    def prepare_data(self) -> None:
+        for name in self._split_files():
+            self._load(name)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        official, val = self._load("official"), self._load("val")
+        x_train, y_train = official["x"], official["y"]
+        if self.transfer_samples:
+            x_transfer = self._load("transfer")["x"]
+            x_train = np.concatenate([x_train, x_transfer])
+            y_train = np.concatenate([y_train, np.full(len(x_transfer), UNLABELLED)])
+        self.splits = {
+            "train": _tensors(x_train, y_train),
+            "val": _tensors(val["x"], val["y"]),
+            "test": _tensors(official["x_test"], official["y_test"]),
+        }
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def example_input(self) -> torch.Tensor:
+        """One batch of two inputs, for shape checks before training."""
+        self.prepare_data()
+        self.setup()
+        return self.splits["val"].tensors[0][:2]
+
+
+def _tensors(x: np.ndarray, y: np.ndarray) -> TensorDataset:
+    return TensorDataset(
+        torch.as_tensor(x, dtype=torch.float32).unsqueeze(1), torch.as_tensor(y, dtype=torch.long)
+    )

@@ -1,0 +1,151 @@
+"""The distillation objective: a hard-label task term plus weighted distillation terms.
+
+Every distillation term has the same call shape::
+
+    term(student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> Tensor  # scalar
+
+and declares which model output it reads (``student_key`` / ``teacher_key``, ``"logits"`` by
+default), so :class:`DistillationLoss` can route outputs to terms without knowing what they are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.losses.precision import at_least_fp32
+
+#: Targets equal to this value mark unlabelled samples (e.g. a teacher-labelled transfer set):
+#: they are left out of the task term and still take part in every distillation term.
+UNLABELLED = -1
+
+
+class DistillationTerm(nn.Module):
+    """Base class of distillation terms: ``forward(student, teacher, targets=None) -> scalar``.
+
+    ``student_key`` and ``teacher_key`` name the model outputs the term reads; logit terms read
+    ``"logits"``. Terms that use a temperature expose a ``temperature`` attribute, which
+    :class:`DistillationLoss` keeps equal to its own.
+    """
+
+    student_key: str = "logits"
+    teacher_key: str = "logits"
+
+
+class LossOutput(NamedTuple):
+    """The weighted total to back-propagate and every unweighted part, keyed by term name."""
+
+    total: Tensor
+    parts: dict[str, Tensor]
+
+
+def masked_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy averaged over labelled samples only; 0 (with a graph) if none is labelled."""
+    labelled = targets != UNLABELLED
+    if not bool(labelled.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(at_least_fp32(logits[labelled]), targets[labelled], label_smoothing=label_smoothing)
+
+
+class DistillationLoss(nn.Module):
+    r"""Weighted sum of the hard-label task loss and distillation terms.
+
+    .. math::
+        L = (1 - \alpha)\,\mathrm{CE}_{\epsilon}(z_s, y) + \alpha \sum_i w_i\, L_i(s, t)
+
+    with :math:`\alpha \in [0, 1]` (``alpha = 0``: plain supervised training, the teacher is never
+    run; ``alpha = 1``: distillation only), :math:`\epsilon` the label smoothing of the
+    cross-entropy, and :math:`w_i` the per-term weights (1 by default). With the single term
+    :class:`~kd_lightning.losses.logits.KLDivergence` this is Hinton et al., "Distilling the
+    Knowledge in a Neural Network" (2015): :math:`L_{kd} = T^2\,\mathrm{KL}(\sigma(z_t/T)\,\|\,
+    \sigma(z_s/T))`.
+
+    Samples whose target is ``-1`` are unlabelled: the task term averages over labelled samples
+    only, the distillation terms use every sample.
+
+    Args:
+        terms: distillation terms by name (the name appears in logs as ``train/loss_<name>``).
+        alpha: weight of distillation against the task loss, in [0, 1].
+        temperature: softmax temperature ``T > 0`` shared by every term that has one.
+        label_smoothing: label smoothing of the task cross-entropy, in [0, 1).
+        weights: optional per-term weights ``w_i`` (default 1 each).
+    """
+
+    def __init__(
+        self,
+        terms: Mapping[str, DistillationTerm] | None = None,
+        alpha: float = 0.9,
+        temperature: float = 4.0,
+        label_smoothing: float = 0.0,
+        weights: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.terms = nn.ModuleDict(dict(terms or {}))
+        self.alpha = alpha
+        self.temperature = temperature
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(
+                f"loss.label_smoothing={label_smoothing} must be in [0, 1); 0 disables it"
+            )
+        self.label_smoothing = float(label_smoothing)
+        weights = dict(weights or {})
+        unknown = sorted(set(weights) - set(self.terms))
+        if unknown:
+            raise ConfigError(
+                f"loss.weights names {unknown}, which are not in loss.terms {sorted(self.terms)}; "
+                "weight only configured terms"
+            )
+        self.weights = {name: float(weights.get(name, 1.0)) for name in self.terms}
+
+    @property
+    def alpha(self) -> float:
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+            raise ConfigError(
+                f"loss.alpha={value} is outside [0, 1]; set loss.alpha between 0 "
+                "(supervised only) and 1 (distillation only)"
+            )
+        self._alpha = float(value)
+
+    @property
+    def temperature(self) -> float:
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ConfigError(f"loss.temperature={value} must be > 0 (4 is the usual default)")
+        self._temperature = float(value)
+        for term in self.terms.values():
+            if hasattr(term, "temperature"):
+                term.temperature = self._temperature
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether this step needs teacher outputs at all (False for alpha = 0 or no terms)."""
+        return self.alpha > 0.0 and len(self.terms) > 0
+
+    def forward(
+        self,
+        student: Mapping[str, Tensor],
+        teacher: Mapping[str, Tensor] | None,
+        targets: Tensor,
+    ) -> LossOutput:
+        """Combine the task term on ``student["logits"]`` with every distillation term."""
+        parts = {"ce": masked_cross_entropy(student["logits"], targets, self.label_smoothing)}
+        total = (1.0 - self.alpha) * parts["ce"]
+        if self.needs_teacher:
+            if teacher is None:
+                raise RuntimeError("DistillationLoss with alpha > 0 needs teacher outputs")
+            for name, term in self.terms.items():
+                parts[name] = term(student[term.student_key], teacher[term.teacher_key], targets)
+                total = total + self.alpha * self.weights[name] * parts[name]
+        return LossOutput(total=total, parts=parts)

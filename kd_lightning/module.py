@@ -1,0 +1,166 @@
+"""DistillationModule: a frozen teacher, a trainable student and a pluggable DistillationLoss."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from torch import Tensor, nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from kd_lightning.losses import DistillationLoss, soft_kl
+from kd_lightning.teacher import freeze
+
+_EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+class DistillationModule(L.LightningModule):
+    """Trains ``student`` with ``loss`` against a frozen ``teacher``.
+
+    - The teacher is frozen (``eval()``, ``requires_grad_(False)``), runs under ``no_grad``, stays in
+      eval mode whatever Lightning switches, never reaches the optimizer and is left out of saved
+      checkpoints unless ``save_teacher=True`` (it is put back from memory on load).
+    - With ``loss.alpha == 0`` the teacher never runs in training; ``teacher=None`` is then allowed,
+      which makes this module the plain supervised trainer too (``kd-train``, scratch baselines).
+    - The optimizer gets the student's parameters and any the loss owns (e.g. adapters).
+
+    Logged: ``train/loss`` and ``train/loss_<part>`` (unweighted parts: ``ce`` and each term),
+    ``val/acc``, ``val/acc_best``, ``test/acc`` and, with a teacher, ``val/agreement`` (top-1
+    student-teacher agreement), ``val/kl_to_teacher`` (KL(teacher || student) at T = 1),
+    ``teacher/val_acc`` and ``teacher/test_acc``.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        loss: DistillationLoss,
+        optimizer: OptimizerFactory,
+        num_classes: int,
+        teacher: nn.Module | None = None,
+        scheduler: SchedulerFactory | None = None,
+        save_teacher: bool = False,
+    ) -> None:
+        super().__init__()
+        self.student = student
+        self.loss = loss
+        self.teacher = freeze(teacher) if teacher is not None else None
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.save_teacher = save_teacher
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc_best = MaxMetric()
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        if teacher is not None:
+            self.val_agreement = MulticlassAccuracy(num_classes, average="micro")
+            self.val_kl = MeanMetric()
+            self.teacher_val_acc = MulticlassAccuracy(num_classes, average="micro")
+            self.teacher_test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    # ----------------------------------------------------------------------------- forward passes
+    def forward(self, x: Tensor) -> Tensor:
+        """Student logits."""
+        return self.student(x)
+
+    def student_outputs(self, x: Tensor) -> dict[str, Tensor]:
+        return {"logits": self.student(x)}
+
+    @torch.no_grad()
+    def teacher_outputs(self, x: Tensor) -> dict[str, Tensor]:
+        if self.teacher is None:
+            raise RuntimeError("this step needs a teacher but the module was built without one")
+        return {"logits": self.teacher(x)}
+
+    def train(self, mode: bool = True) -> DistillationModule:
+        """Switch the student's mode; the teacher always stays in eval mode."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    # ------------------------------------------------------------------------------------ training
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        teacher = self.teacher_outputs(x) if self.loss.needs_teacher else None
+        out = self.loss(self.student_outputs(x), teacher, y)
+        batch_size = x.shape[0]
+        self.log("train/loss", out.total, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        for name, value in out.parts.items():
+            self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=batch_size)
+        return out.total
+
+    # ---------------------------------------------------------------------------------- evaluation
+    def on_fit_start(self) -> None:
+        # Lightning warns about every module in eval mode; the teacher is meant to be, so the
+        # warning is replaced by one about the student alone (in on_train_start).
+        warnings.filterwarnings("ignore", message=_EVAL_MODE_WARNING, category=PossibleUserWarning)
+
+    def on_train_start(self) -> None:
+        # The sanity-check validation must not count towards the best accuracy.
+        self.val_acc_best.reset()
+        in_eval = [name or "<root>" for name, m in self.student.named_modules() if not m.training]
+        if in_eval:
+            rank_zero_warn(f"student modules in eval mode at the start of training: {in_eval[:5]}")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self.student(x)
+        self.val_acc(logits, y)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+        if self.teacher is not None:
+            teacher_logits = self.teacher_outputs(x)["logits"]
+            self.val_agreement(logits, teacher_logits.argmax(dim=-1))
+            self.val_kl(soft_kl(logits, teacher_logits, temperature=1.0), weight=x.shape[0])
+            self.teacher_val_acc(teacher_logits, y)
+            self.log("val/agreement", self.val_agreement)
+            self.log("val/kl_to_teacher", self.val_kl)
+            self.log("teacher/val_acc", self.teacher_val_acc)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.val_acc_best(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.test_acc(self.student(x), y)
+        self.log("test/acc", self.test_acc)
+        if self.teacher is not None:
+            self.teacher_test_acc(self.teacher_outputs(x)["logits"], y)
+            self.log("teacher/test_acc", self.teacher_test_acc)
+
+    # ---------------------------------------------------------------------------------- optimizers
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Student parameters plus those owned by the loss; never the teacher's."""
+        params = list(self.student.parameters()) + list(self.loss.parameters())
+        return [p for p in params if p.requires_grad]
+
+    def configure_optimizers(self) -> OptimizerLRScheduler:
+        optimizer = self.optimizer_factory(params=self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
+
+    # --------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.teacher is not None and not self.save_teacher:
+            checkpoint["state_dict"] = {
+                name: value for name, value in checkpoint["state_dict"].items() if not name.startswith("teacher.")
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.teacher is None:
+            return
+        state = checkpoint["state_dict"]
+        if not any(name.startswith("teacher.") for name in state):
+            state.update({f"teacher.{name}": value for name, value in self.teacher.state_dict().items()})
+

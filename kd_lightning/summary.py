@@ -1,0 +1,91 @@
+"""The end-of-run summary: teacher vs student vs scratch student, sizes and wall time."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f}%"
+
+
+@dataclass
+class Summary:
+    """Everything a user wants to read after a distillation run, as a table and as JSON."""
+
+    metrics: dict[str, float]
+    student_params: int
+    teacher_params: int | None = None
+    teacher_source: str | None = None
+    scratch: dict[str, float] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    best_checkpoint: str = ""
+
+    @property
+    def compression(self) -> float | None:
+        return self.teacher_params / self.student_params if self.teacher_params else None
+
+    @property
+    def kd_gain(self) -> float | None:
+        """Student test accuracy minus the scratch student's (same student, data, budget, seed)."""
+        if self.scratch is None or "test/acc" not in self.metrics:
+            return None
+        return self.metrics["test/acc"] - self.scratch["test_acc"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "compression": self.compression, "kd_gain": self.kd_gain}
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """(quantity, value, note) rows of the summary table."""
+        m = self.metrics
+        rows = [
+            ("student test acc", _pct(m.get("test/acc")), "best-val checkpoint"),
+            ("student val acc (best)", _pct(m.get("val/acc_best")), ""),
+        ]
+        if self.teacher_params is not None:
+            rows += [
+                ("teacher test acc", _pct(m.get("teacher/test_acc")), self.teacher_source or ""),
+                ("teacher val acc", _pct(m.get("teacher/val_acc")), ""),
+                ("student-teacher agreement", _pct(m.get("val/agreement")), "top-1, val"),
+                ("KL(teacher || student)", f"{m.get('val/kl_to_teacher', float('nan')):.4f}", "val, T = 1"),
+            ]
+        if self.scratch is not None:
+            rows += [
+                ("scratch student test acc", _pct(self.scratch["test_acc"]), "alpha = 0, same budget and seed"),
+                ("KD gain over scratch", f"{100 * self.kd_gain:+.2f} points" if self.kd_gain is not None else "—", ""),
+            ]
+        rows.append(("student parameters", f"{self.student_params:,}", ""))
+        if self.teacher_params is not None:
+            rows += [
+                ("teacher parameters", f"{self.teacher_params:,}", ""),
+                ("compression", f"{self.compression:.1f}x", "teacher / student parameters"),
+            ]
+        rows += [(f"wall time: {name.replace('_', ' ')}", f"{value:.1f} s", "") for name, value in self.seconds.items()]
+        return rows
+
+    def table(self) -> Table:
+        table = Table(title="kd_lightning summary")
+        for column in ("quantity", "value", "note"):
+            table.add_column(column)
+        for row in self.rows():
+            table.add_row(*row)
+        return table
+
+    def markdown(self) -> str:
+        lines = ["| quantity | value | note |", "|---|---|---|"]
+        lines += [f"| {q} | {v} | {n} |" for q, v, n in self.rows()]
+        return "\n".join(lines) + "\n"
+
+    def write(self, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "summary.json").write_text(json.dumps(self.as_dict(), indent=2, sort_keys=True))
+        (out_dir / "summary.md").write_text(self.markdown())
+
+    def print(self) -> None:
+        Console().print(self.table())

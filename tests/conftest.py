@@ -1,0 +1,44 @@
+"""Shared fixtures: an isolated KD_LIGHTNING_HOME, Hydra composition and tiny budgets."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from kd_lightning.cli import CONFIG_DIR
+
+#: Overrides that make a default run take seconds: few epochs, a small transfer set, no bars.
+TINY = [
+    "trainer.max_epochs=2",
+    "teacher.fit.max_epochs=2",
+    "data.transfer_samples=1000",
+    "+trainer.enable_progress_bar=false",
+    "trainer.accelerator=cpu",
+]
+
+
+@pytest.fixture(scope="session")
+def kd_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One KD_LIGHTNING_HOME for the session, so generated data and teachers are reused."""
+    home = tmp_path_factory.mktemp("kd_home")
+    previous = os.environ.get("KD_LIGHTNING_HOME")
+    os.environ["KD_LIGHTNING_HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("KD_LIGHTNING_HOME")
+    else:
+        os.environ["KD_LIGHTNING_HOME"] = previous
+
+
+def compose_config(output_dir: Path, overrides: list[str] = (), config_name: str = "distill") -> DictConfig:
+    """Compose a config as the CLI would, with the run directory set to ``output_dir``."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg

@@ -1,0 +1,140 @@
+"""DistillationLoss and KLDivergence against hand-written formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.losses import TERMS, UNLABELLED, DistillationLoss, KLDivergence
+
+torch.manual_seed(0)
+STUDENT = torch.randn(6, 5, dtype=torch.float64)
+TEACHER = torch.randn(6, 5, dtype=torch.float64) * 2
+TARGETS = torch.tensor([0, 1, 2, 3, 4, 0])
+
+
+def hand_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> float:
+    """KL(p_t || p_s) per sample, averaged, written out with explicit sums."""
+    total = 0.0
+    for s_row, t_row in zip(student.tolist(), teacher.tolist(), strict=False):
+        zs = [math.exp(v / temperature) for v in s_row]
+        zt = [math.exp(v / temperature) for v in t_row]
+        ps = [v / sum(zs) for v in zs]
+        pt = [v / sum(zt) for v in zt]
+        total += sum(p * math.log(p / q) for p, q in zip(pt, ps, strict=False))
+    return total / len(student)
+
+
+def hand_ce(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> float:
+    total, count = 0.0, 0
+    for row, y in zip(logits.tolist(), targets.tolist(), strict=False):
+        if y == UNLABELLED:
+            continue
+        log_z = math.log(sum(math.exp(v) for v in row))
+        log_p = [v - log_z for v in row]
+        k = len(row)
+        total += -sum(((1 - smoothing) * (i == y) + smoothing / k) * lp for i, lp in enumerate(log_p))
+        count += 1
+    return total / count
+
+
+def make_loss(alpha: float, temperature: float, label_smoothing: float = 0.0) -> DistillationLoss:
+    return DistillationLoss({"kd": KLDivergence()}, alpha=alpha, temperature=temperature,
+                            label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0, 8.0])
+def test_kd_term_is_t_squared_times_kl(temperature: float) -> None:
+    value = KLDivergence(temperature)(STUDENT, TEACHER)
+    assert value.item() == pytest.approx(temperature**2 * hand_kl(STUDENT, TEACHER, temperature), rel=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.9, 1.0])
+def test_total_is_alpha_weighted_sum(alpha: float) -> None:
+    out = make_loss(alpha, 4.0)({"logits": STUDENT}, {"logits": TEACHER}, TARGETS)
+    expected = (1 - alpha) * hand_ce(STUDENT, TARGETS) + alpha * 16 * hand_kl(STUDENT, TEACHER, 4.0)
+    assert out.total.item() == pytest.approx(expected, rel=1e-5)
+    assert out.parts["ce"].item() == pytest.approx(hand_ce(STUDENT, TARGETS), rel=1e-5)
+
+
+def test_alpha_zero_needs_no_teacher() -> None:
+    loss = make_loss(0.0, 4.0)
+    assert not loss.needs_teacher
+    out = loss({"logits": STUDENT}, None, TARGETS)
+    assert out.total.item() == pytest.approx(hand_ce(STUDENT, TARGETS), rel=1e-6)
+    assert set(out.parts) == {"ce"}
+
+
+def test_alpha_one_is_pure_distillation() -> None:
+    out = make_loss(1.0, 2.0)({"logits": STUDENT}, {"logits": TEACHER}, TARGETS)
+    assert out.total.item() == pytest.approx(4 * hand_kl(STUDENT, TEACHER, 2.0), rel=1e-5)
+
+
+def test_label_smoothing_matches_formula() -> None:
+    out = make_loss(0.0, 4.0, label_smoothing=0.1)({"logits": STUDENT}, None, TARGETS)
+    assert out.total.item() == pytest.approx(hand_ce(STUDENT, TARGETS, smoothing=0.1), rel=1e-5)
+
+
+def test_unlabelled_samples_skip_task_term_only() -> None:
+    targets = TARGETS.clone()
+    targets[:3] = UNLABELLED
+    out = make_loss(0.5, 4.0)({"logits": STUDENT}, {"logits": TEACHER}, targets)
+    assert out.parts["ce"].item() == pytest.approx(hand_ce(STUDENT, targets), rel=1e-5)
+    assert out.parts["kd"].item() == pytest.approx(16 * hand_kl(STUDENT, TEACHER, 4.0), rel=1e-5)
+
+
+def test_all_unlabelled_batch_gives_zero_task_loss_with_graph() -> None:
+    student = STUDENT.clone().requires_grad_()
+    out = make_loss(0.5, 4.0)({"logits": student}, {"logits": TEACHER}, torch.full((6,), UNLABELLED))
+    assert out.parts["ce"].item() == 0.0
+    out.total.backward()
+    assert torch.isfinite(student.grad).all()
+
+
+def test_identical_student_and_teacher_give_zero_kd() -> None:
+    assert KLDivergence(4.0)(TEACHER, TEACHER).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_temperature_propagates_to_terms() -> None:
+    loss = make_loss(0.9, 4.0)
+    loss.temperature = 2.0
+    assert loss.terms["kd"].temperature == 2.0
+
+
+def test_kd_gradient_matches_autograd_of_formula() -> None:
+    assert torch.autograd.gradcheck(lambda s: KLDivergence(3.0)(s, TEACHER), (STUDENT.clone().requires_grad_(),))
+
+
+def test_bf16_autocast_stays_finite() -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        student = (torch.randn(8, 10) * 30).bfloat16()
+        teacher = (torch.randn(8, 10) * 30).bfloat16()
+        out = make_loss(0.9, 1.0)({"logits": student}, {"logits": teacher}, torch.arange(8))
+    assert torch.isfinite(out.total)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [({"alpha": 1.5}, "loss.alpha"), ({"alpha": -0.1}, "loss.alpha"), ({"temperature": 0.0}, "loss.temperature"),
+     ({"temperature": -1.0}, "loss.temperature"), ({"label_smoothing": 1.0}, "loss.label_smoothing")],
+)
+def test_bad_hyperparameters_name_the_key(kwargs: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        DistillationLoss({"kd": KLDivergence()}, **kwargs)
+
+
+def test_unknown_weight_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"loss\.weights"):
+        DistillationLoss({"kd": KLDivergence()}, weights={"fitnet": 1.0})
+
+
+def test_registry_mirrors_loss_configs() -> None:
+    from pathlib import Path
+
+    from kd_lightning.cli import CONFIG_DIR
+
+    names = {p.stem for p in (Path(CONFIG_DIR) / "loss").glob("*.yaml")}
+    assert names == set(TERMS)
