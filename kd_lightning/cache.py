@@ -21,8 +21,16 @@ DATA_KEYS_IGNORED = ("data_dir", "num_workers", "pin_memory", "transfer_samples"
 
 
 #: Trainer settings that change logging or placement of outputs, not the trained weights.
-TRAINER_KEYS_IGNORED = ("default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps",
-                        "max_epochs", "callbacks", "logger", "enable_checkpointing")
+TRAINER_KEYS_IGNORED = (
+    "default_root_dir",
+    "enable_progress_bar",
+    "enable_model_summary",
+    "log_every_n_steps",
+    "max_epochs",
+    "callbacks",
+    "logger",
+    "enable_checkpointing",
+)
 
 
 def trainer_identity(trainer_cfg: DictConfig) -> dict[str, Any]:

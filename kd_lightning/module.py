@@ -163,4 +163,3 @@ class DistillationModule(L.LightningModule):
         state = checkpoint["state_dict"]
         if not any(name.startswith("teacher.") for name in state):
             state.update({f"teacher.{name}": value for name, value in self.teacher.state_dict().items()})
-

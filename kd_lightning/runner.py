@@ -85,8 +85,14 @@ def fit_supervised(
         scheduler=build(scheduler_cfg, "scheduler") if scheduler_cfg else None,
         num_classes=cfg.data.num_classes,
     )
-    checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="epoch_{epoch:03d}", monitor="val/acc",
-                                 mode="max", save_last=True, auto_insert_metric_name=False)
+    checkpoint = ModelCheckpoint(
+        dirpath=out_dir / "checkpoints",
+        filename="epoch_{epoch:03d}",
+        monitor="val/acc",
+        mode="max",
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
     trainer = build(
         trainer_cfg if trainer_cfg is not None else cfg.trainer,
         "trainer",
@@ -124,8 +130,13 @@ def obtain_teacher(cfg: DictConfig, model: nn.Module, out_dir: Path) -> TeacherI
     """Weights for the teacher ``model``: ``teacher.checkpoint``, else the cache, else trained and cached."""
     if cfg.teacher.checkpoint:
         return TeacherInfo(load_weights(model, cfg.teacher.checkpoint), f"checkpoint {cfg.teacher.checkpoint}")
-    key = cache_key(model=cfg.teacher.model, fit=cfg.teacher.fit, data=data_identity(cfg.data),
-                    trainer=trainer_identity(cfg.trainer), seed=cfg.seed)
+    key = cache_key(
+        model=cfg.teacher.model,
+        fit=cfg.teacher.fit,
+        data=data_identity(cfg.data),
+        trainer=trainer_identity(cfg.trainer),
+        seed=cfg.seed,
+    )
     entry = Path(cfg.paths.cache_dir) / "teachers" / key
     weights = entry / "model.safetensors"
     if weights.is_file():
@@ -138,26 +149,42 @@ def obtain_teacher(cfg: DictConfig, model: nn.Module, out_dir: Path) -> TeacherI
     tmp = entry / f".model.{time.time_ns()}.safetensors"
     save_file({name: t.contiguous() for name, t in model.state_dict().items()}, str(tmp))
     tmp.replace(weights)
-    meta = {"val_acc_best": result.val_acc_best, "test_acc": result.test_acc, "fit_seconds": result.seconds,
-            "config": OmegaConf.to_container(cfg.teacher, resolve=True)}
+    meta = {
+        "val_acc_best": result.val_acc_best,
+        "test_acc": result.test_acc,
+        "fit_seconds": result.seconds,
+        "config": OmegaConf.to_container(cfg.teacher, resolve=True),
+    }
     write_json_atomic(entry / "meta.json", meta)
     return TeacherInfo(model, f"trained, cached at {weights}", result.seconds)
 
 
 def scratch_baseline(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     """The same student, data (labelled only), budget and seed with alpha = 0; cached."""
-    key = cache_key(model=cfg.student.model, data=data_identity(cfg.data), optimizer=cfg.optimizer,
-                    scheduler=cfg.scheduler, epochs=cfg.trainer.max_epochs,
-                    trainer=trainer_identity(cfg.trainer), label_smoothing=cfg.loss.label_smoothing,
-                    seed=cfg.seed)
+    key = cache_key(
+        model=cfg.student.model,
+        data=data_identity(cfg.data),
+        optimizer=cfg.optimizer,
+        scheduler=cfg.scheduler,
+        epochs=cfg.trainer.max_epochs,
+        trainer=trainer_identity(cfg.trainer),
+        label_smoothing=cfg.loss.label_smoothing,
+        seed=cfg.seed,
+    )
     path = Path(cfg.paths.cache_dir) / "scratch" / f"{key}.json"
     cached = read_json(path)
     if cached is not None:
         return cached
     L.seed_everything(cfg.seed, workers=True)
-    result = fit_supervised(cfg, build(cfg.student.model, "student.model"), out_dir / "scratch",
-                            cfg.trainer.max_epochs, cfg.optimizer, cfg.scheduler or None,
-                            label_smoothing=cfg.loss.label_smoothing)
+    result = fit_supervised(
+        cfg,
+        build(cfg.student.model, "student.model"),
+        out_dir / "scratch",
+        cfg.trainer.max_epochs,
+        cfg.optimizer,
+        cfg.scheduler or None,
+        label_smoothing=cfg.loss.label_smoothing,
+    )
     record = {"val_acc_best": result.val_acc_best, "test_acc": result.test_acc, "fit_seconds": result.seconds}
     write_json_atomic(path, record)
     return record
@@ -243,8 +270,11 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         teacher_params=params.get("params/teacher"),
         teacher_source=teacher.source if teacher else None,
         scratch=scratch,
-        seconds={"teacher_fit": teacher.fit_seconds if teacher else 0.0, "distill": distill_seconds,
-                 "total": time.perf_counter() - start},
+        seconds={
+            "teacher_fit": teacher.fit_seconds if teacher else 0.0,
+            "distill": distill_seconds,
+            "total": time.perf_counter() - start,
+        },
         best_checkpoint=best,
     )
     summary.write(out_dir)

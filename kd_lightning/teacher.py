@@ -46,8 +46,10 @@ def read_state_dict(path: str | Path, key: str = "teacher.checkpoint") -> dict[s
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ConfigError(f"{key}={path} could not be read as a checkpoint ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0]}); pass a state_dict or Lightning checkpoint") from None
+        raise ConfigError(
+            f"{key}={path} could not be read as a checkpoint ({type(error).__name__}: "
+            f"{str(error).splitlines()[0]}); pass a state_dict or Lightning checkpoint"
+        ) from None
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
@@ -59,7 +61,7 @@ def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Return the model's own keys from a LightningModule state_dict (``student.w`` -> ``w``)."""
     for prefix in _MODEL_PREFIXES:
         if any(name.startswith(prefix) for name in state):
-            return {name[len(prefix):]: value for name, value in state.items() if name.startswith(prefix)}
+            return {name[len(prefix) :]: value for name, value in state.items() if name.startswith(prefix)}
     return state
 
 
@@ -69,9 +71,7 @@ def load_weights(model: nn.Module, path: str | Path, key: str = "teacher.checkpo
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(
-        name for name in set(expected) & set(state) if expected[name].shape != state[name].shape
-    )
+    mismatched = sorted(name for name in set(expected) & set(state) if expected[name].shape != state[name].shape)
     if missing or unexpected or mismatched:
         detail = "; ".join(
             f"{label}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"

@@ -18,8 +18,9 @@ BIN = Path(sys.executable).parent
 
 def run(program: str, *overrides: str, home: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "KD_LIGHTNING_HOME": str(home), "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([str(BIN / program), *overrides], capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=home)
+    return subprocess.run(
+        [str(BIN / program), *overrides], capture_output=True, text=True, env=env, timeout=timeout, cwd=home
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +32,29 @@ def tiny_run(kd_home: Path) -> tuple[subprocess.CompletedProcess, Path]:
 def test_default_run_prints_summary_and_writes_outputs(tiny_run) -> None:
     result, run_dir = tiny_run
     assert result.returncode == 0, result.stderr[-3000:]
-    for text in ("kd_lightning summary", "teacher test acc", "scratch student test acc", "KD gain over scratch",
-                 "compression", "wall time: total"):
+    for text in (
+        "kd_lightning summary",
+        "teacher test acc",
+        "scratch student test acc",
+        "KD gain over scratch",
+        "compression",
+        "wall time: total",
+    ):
         assert text in result.stdout, text
     summary = json.loads((run_dir / "summary.json").read_text())
     metrics = summary["metrics"]
-    for key in ("val/acc", "val/acc_best", "val/agreement", "val/kl_to_teacher", "test/acc",
-                "teacher/val_acc", "teacher/test_acc", "train/loss", "train/loss_ce", "train/loss_kd"):
+    for key in (
+        "val/acc",
+        "val/acc_best",
+        "val/agreement",
+        "val/kl_to_teacher",
+        "test/acc",
+        "teacher/val_acc",
+        "teacher/test_acc",
+        "train/loss",
+        "train/loss_ce",
+        "train/loss_kd",
+    ):
         assert key in metrics, key
     assert summary["compression"] == pytest.approx(summary["teacher_params"] / summary["student_params"])
     assert summary["kd_gain"] == pytest.approx(metrics["test/acc"] - summary["scratch"]["test_acc"])
@@ -97,15 +114,26 @@ def test_unknown_group_option_lists_the_choices(kd_home: Path) -> None:
 
 def test_kd_train_then_distill_from_its_checkpoint(kd_home: Path) -> None:
     train_dir = kd_home / "teacher_run"
-    trained = run("kd-train", "teacher.fit.max_epochs=2", "+trainer.enable_progress_bar=false",
-                  f"hydra.run.dir={train_dir}", home=kd_home)
+    trained = run(
+        "kd-train",
+        "teacher.fit.max_epochs=2",
+        "+trainer.enable_progress_bar=false",
+        f"hydra.run.dir={train_dir}",
+        home=kd_home,
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     checkpoint = re.search(r"^checkpoint: (\S+)$", trained.stdout, re.MULTILINE).group(1)
     assert Path(checkpoint).is_file() and Path(checkpoint).parent == train_dir / "checkpoints"
 
     distill_dir = kd_home / "from_checkpoint"
-    result = run("kd-distill", *TINY, f"teacher.checkpoint={checkpoint}", "compare_scratch=false",
-                 f"hydra.run.dir={distill_dir}", home=kd_home)
+    result = run(
+        "kd-distill",
+        *TINY,
+        f"teacher.checkpoint={checkpoint}",
+        "compare_scratch=false",
+        f"hydra.run.dir={distill_dir}",
+        home=kd_home,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((distill_dir / "summary.json").read_text())
     assert summary["teacher_source"] == f"checkpoint {checkpoint}"

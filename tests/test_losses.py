@@ -42,8 +42,9 @@ def hand_ce(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0)
 
 
 def make_loss(alpha: float, temperature: float, label_smoothing: float = 0.0) -> DistillationLoss:
-    return DistillationLoss({"kd": KLDivergence()}, alpha=alpha, temperature=temperature,
-                            label_smoothing=label_smoothing)
+    return DistillationLoss(
+        {"kd": KLDivergence()}, alpha=alpha, temperature=temperature, label_smoothing=label_smoothing
+    )
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0, 8.0])
@@ -118,8 +119,13 @@ def test_bf16_autocast_stays_finite() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "key"),
-    [({"alpha": 1.5}, "loss.alpha"), ({"alpha": -0.1}, "loss.alpha"), ({"temperature": 0.0}, "loss.temperature"),
-     ({"temperature": -1.0}, "loss.temperature"), ({"label_smoothing": 1.0}, "loss.label_smoothing")],
+    [
+        ({"alpha": 1.5}, "loss.alpha"),
+        ({"alpha": -0.1}, "loss.alpha"),
+        ({"temperature": 0.0}, "loss.temperature"),
+        ({"temperature": -1.0}, "loss.temperature"),
+        ({"label_smoothing": 1.0}, "loss.label_smoothing"),
+    ],
 )
 def test_bad_hyperparameters_name_the_key(kwargs: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key):

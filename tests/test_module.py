@@ -42,9 +42,15 @@ def loader(n: int = 64) -> DataLoader:
 
 
 def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    options = dict(default_root_dir=tmp_path, max_epochs=2, accelerator="cpu", logger=False,
-                   enable_progress_bar=False, enable_model_summary=False,
-                   callbacks=[FrozenTeacherGuard()])
+    options = dict(
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[FrozenTeacherGuard()],
+    )
     options.update(kwargs)
     return L.Trainer(**options)
 
@@ -136,8 +142,16 @@ def test_metrics_are_logged(tmp_path: Path) -> None:
     module = make_module()
     run = trainer(tmp_path, max_epochs=1)
     run.fit(module, loader(), loader())
-    for key in ("train/loss", "train/loss_ce", "train/loss_kd", "val/acc", "val/acc_best", "val/agreement",
-                "val/kl_to_teacher", "teacher/val_acc"):
+    for key in (
+        "train/loss",
+        "train/loss_ce",
+        "train/loss_kd",
+        "val/acc",
+        "val/acc_best",
+        "val/agreement",
+        "val/kl_to_teacher",
+        "teacher/val_acc",
+    ):
         assert key in run.callback_metrics, key
     run.test(module, loader(), verbose=False)
     assert {"test/acc", "teacher/test_acc"} <= set(run.callback_metrics)

@@ -66,9 +66,7 @@ class TemperatureAnneal(LossSchedule):
     def __init__(self, start: float = 8.0, epochs: int = 10) -> None:
         super().__init__()
         if start <= 0 or epochs < 1:
-            raise ConfigError(
-                f"callbacks.temperature_anneal needs start > 0 and epochs >= 1 (got {start}, {epochs})"
-            )
+            raise ConfigError(f"callbacks.temperature_anneal needs start > 0 and epochs >= 1 (got {start}, {epochs})")
         self.start = start
         self.epochs = epochs
 

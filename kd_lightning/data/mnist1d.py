@@ -149,6 +149,4 @@ class MNIST1DDataModule(L.LightningDataModule):
 
 
 def _tensors(x: np.ndarray, y: np.ndarray) -> TensorDataset:
-    return TensorDataset(
-        torch.as_tensor(x, dtype=torch.float32).unsqueeze(1), torch.as_tensor(y, dtype=torch.long)
-    )
+    return TensorDataset(torch.as_tensor(x, dtype=torch.float32).unsqueeze(1), torch.as_tensor(y, dtype=torch.long))

@@ -89,9 +89,7 @@ class DistillationLoss(nn.Module):
         self.alpha = alpha
         self.temperature = temperature
         if not 0.0 <= label_smoothing < 1.0:
-            raise ConfigError(
-                f"loss.label_smoothing={label_smoothing} must be in [0, 1); 0 disables it"
-            )
+            raise ConfigError(f"loss.label_smoothing={label_smoothing} must be in [0, 1); 0 disables it")
         self.label_smoothing = float(label_smoothing)
         weights = dict(weights or {})
         unknown = sorted(set(weights) - set(self.terms))
