@@ -260,6 +260,8 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     distill_seconds = time.perf_counter() - distill_start
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    last_epoch = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    metrics.update({f"{name}_last": float(value) for name, value in last_epoch.items() if name.startswith("test/")})
     for name, value in trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0].items():
         metrics[name] = float(value)
 
@@ -276,6 +278,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
             "total": time.perf_counter() - start,
         },
         best_checkpoint=best,
+        config=OmegaConf.to_container(cfg, resolve=True),
     )
     summary.write(out_dir)
     summary.print()

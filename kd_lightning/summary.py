@@ -26,6 +26,7 @@ class Summary:
     scratch: dict[str, float] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     best_checkpoint: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def compression(self) -> float | None:
@@ -46,6 +47,7 @@ class Summary:
         m = self.metrics
         rows = [
             ("student test acc", _pct(m.get("test/acc")), "best-val checkpoint"),
+            ("student test acc, last epoch", _pct(m.get("test/acc_last")), ""),
             ("student val acc (best)", _pct(m.get("val/acc_best")), ""),
         ]
         if self.teacher_params is not None:
