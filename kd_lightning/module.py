@@ -126,8 +126,9 @@ class DistillationModule(L.LightningModule):
             self.log("teacher/val_acc", self.teacher_val_acc)
 
     def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            self.val_acc_best(self.val_acc.compute())
+        if self.trainer.sanity_checking:
+            return
+        self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

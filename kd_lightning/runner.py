@@ -127,9 +127,12 @@ class TeacherInfo:
 
 
 def obtain_teacher(cfg: DictConfig, model: nn.Module, out_dir: Path) -> TeacherInfo:
-    """Weights for the teacher ``model``: ``teacher.checkpoint``, else the cache, else trained and cached."""
+    """Weights for the teacher ``model``: ``teacher.checkpoint``; else, without a ``teacher.fit`` recipe,
+    the weights its ``_target_`` built (a pretrained factory); else the cache; else trained and cached."""
     if cfg.teacher.checkpoint:
         return TeacherInfo(load_weights(model, cfg.teacher.checkpoint), f"checkpoint {cfg.teacher.checkpoint}")
+    if not cfg.teacher.get("fit"):
+        return TeacherInfo(model, f"as built by {cfg.teacher.model._target_}")
     key = cache_key(
         model=cfg.teacher.model,
         fit=cfg.teacher.fit,

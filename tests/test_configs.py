@@ -50,7 +50,9 @@ def test_train_config_composes(tmp_path: Path) -> None:
 
 
 def test_command_line_style_overrides_reach_the_objects(tmp_path: Path) -> None:
-    cfg = compose_config(tmp_path, ["loss.temperature=2", "loss.alpha=0.5", "trainer.max_epochs=5", "seed=3"])
+    cfg = compose_config(
+        tmp_path, ["loss.temperature=2", "loss.alpha=0.5", "trainer.max_epochs=5", "seed=3", "scheduler=cosine"]
+    )
     loss = instantiate(cfg.loss)
     assert (loss.alpha, loss.temperature, loss.terms["kd"].temperature) == (0.5, 2.0, 2.0)
     assert cfg.trainer.max_epochs == 5 and cfg.scheduler.T_max == 5 and cfg.seed == 3
@@ -61,3 +63,14 @@ def test_fast_dev_run_of_the_default(tmp_path: Path, kd_home: Path) -> None:
     summary = distill(cfg)
     assert 0.0 <= summary["metrics"]["test/acc"] <= 1.0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["student_params"] > 0
+
+
+def test_teacher_without_checkpoint_or_fit_is_used_as_built(tmp_path: Path, kd_home: Path) -> None:
+    from kd_lightning.runner import build, obtain_teacher
+
+    cfg = compose_config(tmp_path, ["teacher.fit=null"])
+    model = build(cfg.teacher.model, "teacher.model")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    info = obtain_teacher(cfg, model, tmp_path)
+    assert info.source == "as built by kd_lightning.models.ConvNet1D" and info.fit_seconds == 0.0
+    assert all(torch.equal(v, before[k]) for k, v in info.model.state_dict().items())
