@@ -15,7 +15,9 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from kd_lightning.errors import ConfigError
 from kd_lightning.losses import DistillationLoss, soft_kl
+from kd_lightning.taps import Taps
 from kd_lightning.teacher import freeze
 
 _EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
@@ -33,6 +35,10 @@ class DistillationModule(L.LightningModule):
     - With ``loss.alpha == 0`` the teacher never runs in training; ``teacher=None`` is then allowed,
       which makes this module the plain supervised trainer too (``kd-train``, scratch baselines).
     - The optimizer gets the student's parameters and any the loss owns (e.g. adapters).
+    - Terms reading intermediate layers (``student_layer`` / ``teacher_layer``) get them through
+      forward hooks (:class:`~kd_lightning.taps.Taps`) installed here; a wrong path fails here.
+      Adapters are sized by :meth:`setup_for` from one example batch, called by ``setup`` from the
+      datamodule's ``example_input()`` unless it was called before ``fit``.
 
     Logged: ``train/loss`` and ``train/loss_<part>`` (unweighted parts: ``ce`` and each term),
     ``val/acc``, ``val/acc_best``, ``test/acc`` and, with a teacher, ``val/agreement`` (top-1
@@ -57,6 +63,9 @@ class DistillationModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.save_teacher = save_teacher
+        self.student_taps = Taps(student, loss.layers("student") if teacher is not None else {})
+        self.teacher_taps = Taps(self.teacher, loss.layers("teacher")) if self.teacher is not None else None
+        self.shapes_ready = False
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_best = MaxMetric()
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -72,13 +81,50 @@ class DistillationModule(L.LightningModule):
         return self.student(x)
 
     def student_outputs(self, x: Tensor) -> dict[str, Tensor]:
-        return {"logits": self.student(x)}
+        """``{"logits": ..., "<layer path>": ...}`` for every student layer the loss reads."""
+        with self.student_taps.capture() as layers:
+            logits = self.student(x)
+        return {"logits": logits, **layers}
 
     @torch.no_grad()
     def teacher_outputs(self, x: Tensor) -> dict[str, Tensor]:
-        if self.teacher is None:
+        """Like :meth:`student_outputs`, for the teacher, under ``no_grad``."""
+        if self.teacher is None or self.teacher_taps is None:
             raise RuntimeError("this step needs a teacher but the module was built without one")
-        return {"logits": self.teacher(x)}
+        with self.teacher_taps.capture() as layers:
+            logits = self.teacher(x)
+        return {"logits": logits, **layers}
+
+    def setup_for(self, example: Tensor) -> None:
+        """Size the loss's adapters and check its shapes from one example batch (student in eval mode,
+        no gradients); a no-op without a teacher or with ``alpha == 0`` (the teacher never runs)."""
+        if not self.needs_setup:
+            return
+        example = example.to(self.device)
+        was_training = self.student.training
+        self.student.eval()
+        with torch.no_grad():
+            student = self.student_outputs(example)
+        self.student.train(was_training)
+        self.loss.setup_shapes(student, self.teacher_outputs(example))
+        self.shapes_ready = True
+
+    @property
+    def needs_setup(self) -> bool:
+        """Whether :meth:`setup_for` has work left: the teacher will run and shapes were not checked yet."""
+        return not self.shapes_ready and self.teacher is not None and self.loss.needs_teacher
+
+    def setup(self, stage: str) -> None:
+        if not self.needs_setup:
+            return
+        datamodule = self.trainer.datamodule
+        if hasattr(datamodule, "example_input"):
+            self.setup_for(datamodule.example_input())
+        elif self.loss.has_adapters:
+            raise ConfigError(
+                f"loss.terms {sorted(self.loss.terms)} size adapters from one example batch: call "
+                "module.setup_for(example_batch) before fit, or fit with a datamodule that has example_input()"
+            )
 
     def train(self, mode: bool = True) -> DistillationModule:
         """Switch the student's mode; the teacher always stays in eval mode."""

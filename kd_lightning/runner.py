@@ -249,10 +249,13 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         teacher=teacher.model if teacher else None,
         save_teacher=cfg.save_teacher,
     )
+    module.setup_for(datamodule.example_input())  # sizes loss adapters now, so they are counted below
     callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.callbacks or {}).items()]
     loggers = [build(node, f"logger.{name}") for name, node in (cfg.logger or {}).items()]
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers)
     params = {"params/student": parameter_count(student)}
+    if parameter_count(loss):
+        params["params/adapters"] = parameter_count(loss)
     if teacher:
         params["params/teacher"] = parameter_count(teacher.model)
     for logger in trainer.loggers:

@@ -4,23 +4,46 @@ from kd_lightning.losses.base import (
     UNLABELLED,
     DistillationLoss,
     DistillationTerm,
+    LayerTerm,
     LossOutput,
     masked_cross_entropy,
 )
-from kd_lightning.losses.logits import KLDivergence, soft_kl
+from kd_lightning.losses.features import VID, AttentionTransfer, FitNets
+from kd_lightning.losses.logits import DIST, DKD, KLDivergence, soft_kl, standardize
+from kd_lightning.losses.relations import CC, PKT, RKD, SP
 
 #: Every distillation term by the name used in ``conf/loss/<name>.yaml``.
 TERMS: dict[str, type[DistillationTerm]] = {
     "kd": KLDivergence,
+    "dkd": DKD,
+    "dist": DIST,
+    "fitnet": FitNets,
+    "at": AttentionTransfer,
+    "vid": VID,
+    "rkd": RKD,
+    "sp": SP,
+    "pkt": PKT,
+    "cc": CC,
 }
 
 __all__ = [
+    "CC",
+    "DIST",
+    "DKD",
+    "PKT",
+    "RKD",
+    "SP",
     "TERMS",
     "UNLABELLED",
+    "VID",
+    "AttentionTransfer",
     "DistillationLoss",
     "DistillationTerm",
+    "FitNets",
     "KLDivergence",
+    "LayerTerm",
     "LossOutput",
     "masked_cross_entropy",
     "soft_kl",
+    "standardize",
 ]

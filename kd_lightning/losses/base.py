@@ -35,6 +35,24 @@ class DistillationTerm(nn.Module):
 
     student_key: str = "logits"
     teacher_key: str = "logits"
+    #: Whether :meth:`setup_shapes` creates parameters (which must exist before the optimizer is built).
+    has_adapters: bool = False
+
+    def setup_shapes(self, student: Tensor, teacher: Tensor, key: str) -> None:
+        """Called once before training with the outputs of one example batch: size adapters, check
+        shapes (raise a :class:`ConfigError` naming ``key``). Terms without either do nothing."""
+
+
+class LayerTerm(DistillationTerm):
+    """A term on intermediate outputs: ``student_layer`` / ``teacher_layer`` are dotted module paths
+    (e.g. ``features.2``, ``layer3``) that :class:`~kd_lightning.module.DistillationModule` taps and
+    routes here (``"logits"`` reads the model outputs); ``beta`` is the method's published weight."""
+
+    def __init__(self, student_layer: str = "logits", teacher_layer: str = "logits", beta: float = 1.0) -> None:
+        super().__init__()
+        self.student_key = student_layer
+        self.teacher_key = teacher_layer
+        self.beta = float(beta)
 
 
 class LossOutput(NamedTuple):
@@ -125,6 +143,26 @@ class DistillationLoss(nn.Module):
         for term in self.terms.values():
             if hasattr(term, "temperature"):
                 term.temperature = self._temperature
+
+    def layers(self, side: str) -> dict[str, str]:
+        """Dotted module paths the terms read from the ``side`` (``"student"`` / ``"teacher"``) model,
+        each mapped to the config key that names it; ``"logits"`` is not a layer."""
+        paths: dict[str, str] = {}
+        for name, term in self.terms.items():
+            path = getattr(term, f"{side}_key")
+            if path != "logits":
+                paths.setdefault(path, f"loss.terms.{name}.{side}_layer")
+        return paths
+
+    def setup_shapes(self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor]) -> None:
+        """Let every term size its adapters / check shapes from one example batch's outputs."""
+        for name, term in self.terms.items():
+            term.setup_shapes(student[term.student_key], teacher[term.teacher_key], f"loss.terms.{name}")
+
+    @property
+    def has_adapters(self) -> bool:
+        """Whether some term sizes adapters from an example batch before training."""
+        return any(term.has_adapters for term in self.terms.values())
 
     @property
     def needs_teacher(self) -> bool:

@@ -1,11 +1,13 @@
-"""Logit-based distillation terms."""
+"""Logit-based distillation terms: KD, DKD, DIST and the logit standardization option."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_lightning.losses.base import DistillationTerm
+from kd_lightning.errors import ConfigError
+from kd_lightning.losses.base import UNLABELLED, DistillationTerm
 from kd_lightning.losses.precision import at_least_fp32
 
 
@@ -16,7 +18,34 @@ def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
 
 
-class KLDivergence(DistillationTerm):
+def standardize(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    r"""Per-sample z-score of logits, :math:`(z - \mathrm{mean}(z)) / (\mathrm{std}(z) + \epsilon)`
+    (unbiased std, as in Sun et al.'s code), in >= fp32."""
+    logits = at_least_fp32(logits)
+    return (logits - logits.mean(dim=-1, keepdim=True)) / (logits.std(dim=-1, keepdim=True) + eps)
+
+
+class LogitTerm(DistillationTerm):
+    """A term on temperature-softened logits, with Sun et al.'s optional standardization.
+
+    ``standardize=True`` applies "Logit Standardization in Knowledge Distillation" (Sun et al.,
+    CVPR 2024): student and teacher logits are z-scored per sample before the temperature, so the
+    student matches the teacher's logit *relations* rather than their scale. The paper's CIFAR-100
+    setting is a base temperature of 2 with the KD weight 9 and CE weight 0.1 (``loss.alpha`` =
+    9 / 9.1 ~ 0.989 up to an overall factor of 9.1 absorbed by the learning rate).
+    """
+
+    def __init__(self, temperature: float, standardize: bool) -> None:
+        super().__init__()
+        self.temperature = float(temperature)
+        self.standardize = bool(standardize)
+
+    def prepare(self, logits: Tensor) -> Tensor:
+        """Logits in >= fp32, z-scored when ``standardize`` is on."""
+        return standardize(logits) if self.standardize else at_least_fp32(logits)
+
+
+class KLDivergence(LogitTerm):
     r"""Soft-target distillation of Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural
     Network" (NeurIPS workshop 2015).
 
@@ -26,11 +55,106 @@ class KLDivergence(DistillationTerm):
     The :math:`T^2` factor keeps gradient magnitudes comparable across temperatures. The paper's
     usual setting is T = 4 with a 0.9 / 0.1 distillation / cross-entropy split (``alpha = 0.9``).
     Softmaxes are computed in float32 so the term stays finite under mixed precision.
+    ``standardize=True``: see :class:`LogitTerm` (``loss.terms.kd.standardize=true``).
     """
 
-    def __init__(self, temperature: float = 4.0) -> None:
-        super().__init__()
-        self.temperature = float(temperature)
+    def __init__(self, temperature: float = 4.0, standardize: bool = False) -> None:
+        super().__init__(temperature, standardize)
 
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> Tensor:
-        return soft_kl(student, teacher, self.temperature) * self.temperature**2
+        return soft_kl(self.prepare(student), self.prepare(teacher), self.temperature) * self.temperature**2
+
+
+class DKD(LogitTerm):
+    r"""Decoupled Knowledge Distillation (Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022).
+
+    With :math:`p = \sigma(z/T)`, the binary split :math:`b = [p_y, 1 - p_y]` on the target class
+    :math:`y` and :math:`\hat p = \sigma(z_{\setminus y}/T)` the softmax over the non-target classes:
+
+    .. math::
+        L_{dkd} = \alpha\, T^2\, \mathrm{KL}(b_t \,\|\, b_s) + \beta\, T^2\, \mathrm{KL}(\hat p_t \,\|\, \hat p_s)
+
+    (TCKD + NCKD, averaged over samples). Published CIFAR-100 setting: ``alpha = 1``, ``beta = 8``
+    (6 for WRN teachers), T = 4, CE weight 1 and a linear warm-up of the DKD weight over 20 epochs.
+    Here ``loss.alpha = 0.5`` gives the paper's equal CE / DKD weights (times 0.5), and
+    ``callbacks=alpha_warmup callbacks.alpha_warmup.epochs=20`` ramps ``loss.alpha`` linearly like the
+    paper ramps the DKD weight; unlike the paper, the CE weight ``1 - alpha_e`` moves with it (from
+    ``1 - alpha/20`` down to ``1 - alpha``).
+
+    Unlabelled rows (target ``-1``) use the teacher's top-1 class as their target, i.e. the class the
+    transfer set is labelled with; without ``targets`` every row does.
+    """
+
+    def __init__(
+        self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, standardize: bool = False
+    ) -> None:
+        super().__init__(temperature, standardize)
+        if alpha < 0 or beta < 0:
+            raise ConfigError(
+                f"loss.terms.dkd.alpha={alpha} / loss.terms.dkd.beta={beta} must be >= 0 (published: 1 and 8)"
+            )
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+
+    def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> Tensor:
+        zs, zt = self.prepare(student) / self.temperature, self.prepare(teacher) / self.temperature
+        target = zt.argmax(dim=-1) if targets is None else torch.where(targets == UNLABELLED, zt.argmax(-1), targets)
+        is_target = F.one_hot(target, zs.shape[-1]).bool()
+        tckd = binary_kl(zs, zt, is_target)
+        nckd = soft_kl(non_target(zs, is_target), non_target(zt, is_target), 1.0)
+        return (self.alpha * tckd + self.beta * nckd) * self.temperature**2
+
+
+def binary_kl(student: Tensor, teacher: Tensor, is_target: Tensor) -> Tensor:
+    """``KL([p_t, 1 - p_t] || [p_s, 1 - p_s])`` of the target-class probabilities, averaged over samples."""
+    log_b_s = torch.stack([masked_logsumexp(student, is_target), masked_logsumexp(student, ~is_target)], dim=-1)
+    log_b_t = torch.stack([masked_logsumexp(teacher, is_target), masked_logsumexp(teacher, ~is_target)], dim=-1)
+    log_z_s, log_z_t = student.logsumexp(-1, keepdim=True), teacher.logsumexp(-1, keepdim=True)
+    return F.kl_div(log_b_s - log_z_s, log_b_t - log_z_t, reduction="batchmean", log_target=True)
+
+
+def non_target(logits: Tensor, is_target: Tensor) -> Tensor:
+    """The ``(B, C - 1)`` logits of every class but the target (exactly removed; the paper's code
+    subtracts 1000 from the target logit instead)."""
+    return logits[~is_target].view(logits.shape[0], -1)
+
+
+def masked_logsumexp(logits: Tensor, keep: Tensor) -> Tensor:
+    """``log sum_{keep} exp(logits)`` per row."""
+    return logits.masked_fill(~keep, -torch.inf).logsumexp(dim=-1)
+
+
+def pearson_distance(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    """``1 - mean_rows pearson(a_row, b_row)``."""
+    a = a - a.mean(dim=-1, keepdim=True)
+    b = b - b.mean(dim=-1, keepdim=True)
+    return 1.0 - F.cosine_similarity(a, b, dim=-1, eps=eps).mean()
+
+
+class DIST(LogitTerm):
+    r"""DIST (Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022).
+
+    With :math:`Y = \sigma(Z/\tau)` (rows: samples, columns: classes) and
+    :math:`d_p(u, v) = 1 - \rho_{\mathrm{pearson}}(u, v)`:
+
+    .. math::
+        L_{dist} = \beta\, \tau^2\, \frac{1}{B}\sum_i d_p(Y_{s,i:}, Y_{t,i:})
+                 + \gamma\, \tau^2\, \frac{1}{C}\sum_j d_p(Y_{s,:j}, Y_{t,:j})
+
+    (inter-class relation per sample + intra-class relation per class across the batch). Published:
+    ``beta = gamma = 1``; tau = 4 on CIFAR-100 (1 on ImageNet) with CE weight 1 and DIST weight 2.
+    """
+
+    def __init__(
+        self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 4.0, standardize: bool = False
+    ) -> None:
+        super().__init__(temperature, standardize)
+        self.beta = float(beta)
+        self.gamma = float(gamma)
+
+    def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> Tensor:
+        ys = F.softmax(self.prepare(student) / self.temperature, dim=-1)
+        yt = F.softmax(self.prepare(teacher) / self.temperature, dim=-1)
+        inter = pearson_distance(ys, yt)
+        intra = pearson_distance(ys.transpose(0, 1), yt.transpose(0, 1))
+        return (self.beta * inter + self.gamma * intra) * self.temperature**2
