@@ -13,6 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.resolvers import register_resolvers
 
 T = TypeVar("T")
 
@@ -20,6 +21,8 @@ T = TypeVar("T")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 log = logging.getLogger("kd_lightning")
+
+register_resolvers()  # before @hydra.main composes any config
 
 
 def in_multirun() -> bool:
