@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 #: Data settings that change how data is served, not what a model learns from it.
-DATA_KEYS_IGNORED = ("data_dir", "num_workers", "pin_memory", "transfer_samples")
+DATA_KEYS_IGNORED = ("data_dir", "num_workers", "pin_memory", "transfer_samples", "return_index")
 
 
 #: Trainer settings that change logging or placement of outputs, not the trained weights.

@@ -24,6 +24,16 @@ _EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of traini
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+Batch = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]
+
+
+def unpack(batch: Batch) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(x, y, index)`` from an ``(x, y)`` or ``(x, y, index)`` batch (``index`` None for the former)."""
+    if len(batch) == 2:
+        return batch[0], batch[1], None
+    if len(batch) == 3:
+        return batch[0], batch[1], batch[2]
+    raise ValueError(f"batches must be (x, y) or (x, y, index), got a batch of {len(batch)} items")
 
 
 class DistillationModule(L.LightningModule):
@@ -39,6 +49,10 @@ class DistillationModule(L.LightningModule):
       forward hooks (:class:`~kd_lightning.taps.Taps`) installed here; a wrong path fails here.
       Adapters are sized by :meth:`setup_for` from one example batch, called by ``setup`` from the
       datamodule's ``example_input()`` unless it was called before ``fit``.
+    - Batches are ``(x, y)`` or ``(x, y, index)``; ``index`` (dataset sample indices) reaches only the
+      terms that declare ``uses_index`` (e.g. CRD), which need it: without it training fails with a
+      :class:`ConfigError` naming ``data.return_index``. Their training-set size comes from the
+      datamodule's ``num_train_samples`` (or ``setup_for(..., num_samples=...)``).
 
     Logged: ``train/loss`` and ``train/loss_<part>`` (unweighted parts: ``ce`` and each term),
     ``val/acc``, ``val/acc_best``, ``test/acc`` and, with a teacher, ``val/agreement`` (top-1
@@ -95,9 +109,10 @@ class DistillationModule(L.LightningModule):
             logits = self.teacher(x)
         return {"logits": logits, **layers}
 
-    def setup_for(self, example: Tensor) -> None:
+    def setup_for(self, example: Tensor, num_samples: int | None = None) -> None:
         """Size the loss's adapters and check its shapes from one example batch (student in eval mode,
-        no gradients); a no-op without a teacher or with ``alpha == 0`` (the teacher never runs)."""
+        no gradients); a no-op without a teacher or with ``alpha == 0`` (the teacher never runs).
+        ``num_samples``: training-set size, for terms indexed by sample (e.g. CRD's memory bank)."""
         if not self.needs_setup:
             return
         example = example.to(self.device)
@@ -106,7 +121,7 @@ class DistillationModule(L.LightningModule):
         with torch.no_grad():
             student = self.student_outputs(example)
         self.student.train(was_training)
-        self.loss.setup_shapes(student, self.teacher_outputs(example))
+        self.loss.setup_shapes(student, self.teacher_outputs(example), num_samples)
         self.shapes_ready = True
 
     @property
@@ -119,7 +134,7 @@ class DistillationModule(L.LightningModule):
             return
         datamodule = self.trainer.datamodule
         if hasattr(datamodule, "example_input"):
-            self.setup_for(datamodule.example_input())
+            self.setup_for(datamodule.example_input(), getattr(datamodule, "num_train_samples", None))
         elif self.loss.has_adapters:
             raise ConfigError(
                 f"loss.terms {sorted(self.loss.terms)} size adapters from one example batch: call "
@@ -134,10 +149,16 @@ class DistillationModule(L.LightningModule):
         return self
 
     # ------------------------------------------------------------------------------------ training
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        x, y, index = unpack(batch)
         teacher = self.teacher_outputs(x) if self.loss.needs_teacher else None
-        out = self.loss(self.student_outputs(x), teacher, y)
+        if index is None and self.loss.needs_teacher and self.loss.uses_index:
+            users = sorted(name for name, term in self.loss.terms.items() if term.uses_index)
+            raise ConfigError(
+                f"loss.terms {users} need dataset sample indices but batches are (x, y): set "
+                "data.return_index=true (or use a datamodule whose batches are (x, y, index))"
+            )
+        out = self.loss(self.student_outputs(x), teacher, y, index=index)
         batch_size = x.shape[0]
         self.log("train/loss", out.total, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
         for name, value in out.parts.items():
@@ -157,8 +178,8 @@ class DistillationModule(L.LightningModule):
         if in_eval:
             rank_zero_warn(f"student modules in eval mode at the start of training: {in_eval[:5]}")
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        x, y, _ = unpack(batch)
         logits = self.student(x)
         self.val_acc(logits, y)
         self.log("val/acc", self.val_acc, prog_bar=True)
@@ -177,8 +198,8 @@ class DistillationModule(L.LightningModule):
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        x, y, _ = unpack(batch)
         self.test_acc(self.student(x), y)
         self.log("test/acc", self.test_acc)
         if self.teacher is not None:

@@ -231,6 +231,9 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     overrides = labelled_only(cfg.data) if loss.alpha == 0 else {}
     if cfg.data.get("transfer_samples") and overrides:
         log.info("loss.alpha=0: the unlabelled transfer set is left out (only distillation uses it)")
+    if loss.alpha > 0 and loss.uses_index and "return_index" in cfg.data and not cfg.data.return_index:
+        log.info("the loss needs dataset sample indices: data.return_index set to true")
+        overrides["return_index"] = True
     datamodule = build(cfg.data, "data", **overrides)
     models = {"student": build(cfg.student.model, "student.model")}
     if loss.alpha > 0:
@@ -249,7 +252,8 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         teacher=teacher.model if teacher else None,
         save_teacher=cfg.save_teacher,
     )
-    module.setup_for(datamodule.example_input())  # sizes loss adapters now, so they are counted below
+    # Sizes loss adapters (and per-sample memories) now, so they are counted below.
+    module.setup_for(datamodule.example_input(), getattr(datamodule, "num_train_samples", None))
     callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.callbacks or {}).items()]
     loggers = [build(node, f"logger.{name}") for name, node in (cfg.logger or {}).items()]
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers)

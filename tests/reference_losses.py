@@ -158,3 +158,60 @@ def numeric_gradient(fn: Callable[[Array], float], x: Array, h: float = 1e-6) ->
         down[index] -= h
         grad[index] = (fn(up) - fn(down)) / (2 * h)
     return grad
+
+
+def unit(v: Array) -> Array:
+    return v / np.sqrt(np.sum(v * v))
+
+
+def nce(scores: list[list[float]], num_samples: int, eps: float = 1e-7) -> float:
+    """Tian et al.'s NCE loss, sample by sample: log h(positive) + sum log (1 - h(noise))."""
+    total = 0.0
+    for row in scores:
+        noise = (len(row) - 1) / num_samples
+        total += math.log(row[0] / (row[0] + noise + eps))
+        total += sum(math.log(noise / (p + noise + eps)) for p in row[1:])
+    return -total / len(scores)
+
+
+def crd(s: Array, t: Array, heads: dict[str, Array], banks: dict[str, Array], contrast: Array,
+        z: dict[str, float], tau: float, beta: float) -> float:  # fmt: skip
+    """CRD's two NCE terms: each side's embedding scored against the other side's memory bank."""
+    num_samples = len(banks["student"])
+    e_s = [unit(heads["ws"] @ s[b].ravel() + heads["bs"]) for b in range(len(s))]
+    e_t = [unit(heads["wt"] @ t[b].ravel() + heads["bt"]) for b in range(len(t))]
+    p_t = [
+        [math.exp(float(banks["student"][j] @ e_t[b]) / tau) / z["teacher"] for j in contrast[b]] for b in range(len(t))
+    ]
+    p_s = [
+        [math.exp(float(banks["teacher"][j] @ e_s[b]) / tau) / z["student"] for j in contrast[b]] for b in range(len(s))
+    ]
+    return beta * (nce(p_s, num_samples) + nce(p_t, num_samples))
+
+
+def adaptive_pool(x: Array, size: int) -> Array:
+    """Adaptive average pooling of the trailing 1 or 2 spatial axes to ``size`` bins each, with the
+    bin edges floor(i * n / size) .. ceil((i + 1) * n / size)."""
+
+    def edges(n: int, i: int) -> slice:
+        return slice((i * n) // size, -((-(i + 1) * n) // size))
+
+    if x.ndim == 3:
+        return np.stack([x[:, :, edges(x.shape[2], i)].mean(axis=2) for i in range(size)], axis=2)
+    rows = []
+    for i in range(size):
+        cols = [x[:, :, edges(x.shape[2], i), edges(x.shape[3], j)].mean(axis=(2, 3)) for j in range(size)]
+        rows.append(np.stack(cols, axis=2))
+    return np.stack(rows, axis=2)
+
+
+def hcl(s: Array, t: Array, levels: tuple[int, ...] = (4, 2, 1)) -> float:
+    """Chen et al.'s hierarchical context loss: full-size MSE plus pooled MSEs weighted 1/2, 1/4, ..."""
+    loss, weight, total = float(np.mean((s - t) ** 2)), 1.0, 1.0
+    for level in levels:
+        if level >= s.shape[2]:
+            continue
+        weight /= 2
+        loss += weight * float(np.mean((adaptive_pool(s, level) - adaptive_pool(t, level)) ** 2))
+        total += weight
+    return loss / total

@@ -14,7 +14,7 @@ from kd_lightning.runner import distill
 from tests.conftest import TINY, compose_config
 
 #: Losses on conv feature maps need a conv student; the rest run with the default MLP student.
-CONV_STUDENT = {"fitnet", "at", "vid"}
+CONV_STUDENT = {"fitnet", "at", "vid", "reviewkd"}
 OVERRIDES = [*TINY, "+trainer.fast_dev_run=2", "logger=none", "compare_scratch=false"]
 
 
@@ -23,6 +23,37 @@ def test_loss_config_trains(name: str, tmp_path: Path, kd_home: Path) -> None:
     student = "cnn1d_narrow" if name in CONV_STUDENT else "mlp"
     cfg = compose_config(tmp_path / "run", [*OVERRIDES, f"loss={name}", f"student={student}"])
     metrics = distill(cfg)["metrics"]
+    assert math.isfinite(metrics[f"train/loss_{name}"]) and 0.0 <= metrics["test/acc"] <= 1.0
+
+
+#: Student and teacher from a model class defined in the tests package, not by the library.
+CUSTOM_MODELS = [
+    "~student.model",
+    "+student.model={_target_:tests.custom_models.TinyNet,num_classes:${data.num_classes},width:4}",
+    "~teacher.model",
+    "+teacher.model={_target_:tests.custom_models.TinyNet,num_classes:${data.num_classes},width:8}",
+]
+#: The custom model's own dotted names for the layers a term reads (single-layer and multi-layer terms).
+CUSTOM_LAYERS = {"layer": "blocks.1", "layers": "[stem,blocks.0,blocks.1]"}
+
+
+def custom_layer_overrides(name: str, tmp_path: Path) -> list[str]:
+    """``loss.terms.<name>.{student,teacher}_layer(s)=...`` for whichever of those keys the loss config has."""
+    term = compose_config(tmp_path / "probe", [f"loss={name}"]).loss.terms[name]
+    return [
+        f"loss.terms.{name}.{side}_{kind}={CUSTOM_LAYERS[kind]}"
+        for side in ("student", "teacher")
+        for kind in ("layer", "layers")
+        if f"{side}_{kind}" in term
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(TERMS))
+def test_every_loss_trains_a_model_the_library_did_not_define(name: str, tmp_path: Path, kd_home: Path) -> None:
+    overrides = [*OVERRIDES, *CUSTOM_MODELS, f"loss={name}", *custom_layer_overrides(name, tmp_path)]
+    summary = distill(compose_config(tmp_path / "run", overrides))
+    assert summary["config"]["student"]["model"]["_target_"] == "tests.custom_models.TinyNet"
+    metrics = summary["metrics"]
     assert math.isfinite(metrics[f"train/loss_{name}"]) and 0.0 <= metrics["test/acc"] <= 1.0
 
 

@@ -52,7 +52,10 @@ class MNIST1DDataModule(L.LightningDataModule):
     (target ``-1``) from a third seed to the training set: only distillation terms use them, the
     teacher labels them. Every split is generated once and cached under ``data_dir``.
 
-    Batches are ``(x, y)`` with ``x`` of shape ``(B, 1, 40)`` (float32) and ``y`` of shape ``(B,)``.
+    Batches are ``(x, y)`` with ``x`` of shape ``(B, 1, 40)`` (float32) and ``y`` of shape ``(B,)``;
+    with ``return_index=True`` they are ``(x, y, index)``, ``index`` ``(B,)`` the samples' positions in
+    their split (training: ``0 .. num_train_samples - 1``), which terms with a per-sample memory such
+    as CRD need. ``kd-distill`` turns it on by itself when the loss needs it.
     """
 
     num_classes = 10
@@ -66,6 +69,7 @@ class MNIST1DDataModule(L.LightningDataModule):
         val_samples: int = 1000,
         transfer_samples: int = 0,
         pin_memory: bool = False,
+        return_index: bool = False,
     ) -> None:
         super().__init__()
         if num_classes != self.num_classes:
@@ -82,6 +86,7 @@ class MNIST1DDataModule(L.LightningDataModule):
         self.val_samples = val_samples
         self.transfer_samples = transfer_samples
         self.pin_memory = pin_memory
+        self.return_index = bool(return_index)
         self.splits: dict[str, TensorDataset] = {}
 
     def _split_files(self) -> dict[str, tuple[Path, int, int]]:
@@ -117,10 +122,17 @@ class MNIST1DDataModule(L.LightningDataModule):
             x_train = np.concatenate([x_train, x_transfer])
             y_train = np.concatenate([y_train, np.full(len(x_transfer), UNLABELLED)])
         self.splits = {
-            "train": _tensors(x_train, y_train),
-            "val": _tensors(val["x"], val["y"]),
-            "test": _tensors(official["x_test"], official["y_test"]),
+            "train": _tensors(x_train, y_train, self.return_index),
+            "val": _tensors(val["x"], val["y"], self.return_index),
+            "test": _tensors(official["x_test"], official["y_test"], self.return_index),
         }
+
+    @property
+    def num_train_samples(self) -> int:
+        """Size of the training set (official + transfer samples): the range of training indices."""
+        self.prepare_data()
+        self.setup()
+        return len(self.splits["train"])
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
@@ -148,5 +160,8 @@ class MNIST1DDataModule(L.LightningDataModule):
         return self.splits["val"].tensors[0][:2]
 
 
-def _tensors(x: np.ndarray, y: np.ndarray) -> TensorDataset:
-    return TensorDataset(torch.as_tensor(x, dtype=torch.float32).unsqueeze(1), torch.as_tensor(y, dtype=torch.long))
+def _tensors(x: np.ndarray, y: np.ndarray, with_index: bool = False) -> TensorDataset:
+    tensors = [torch.as_tensor(x, dtype=torch.float32).unsqueeze(1), torch.as_tensor(y, dtype=torch.long)]
+    if with_index:
+        tensors.append(torch.arange(len(x)))
+    return TensorDataset(*tensors)

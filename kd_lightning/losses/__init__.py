@@ -6,9 +6,11 @@ from kd_lightning.losses.base import (
     DistillationTerm,
     LayerTerm,
     LossOutput,
+    MultiLayerTerm,
     masked_cross_entropy,
 )
-from kd_lightning.losses.features import VID, AttentionTransfer, FitNets
+from kd_lightning.losses.contrastive import CRD
+from kd_lightning.losses.features import VID, AttentionTransfer, FitNets, ReviewKD
 from kd_lightning.losses.logits import DIST, DKD, KLDivergence, soft_kl, standardize
 from kd_lightning.losses.relations import CC, PKT, RKD, SP
 
@@ -24,10 +26,13 @@ TERMS: dict[str, type[DistillationTerm]] = {
     "sp": SP,
     "pkt": PKT,
     "cc": CC,
+    "crd": CRD,
+    "reviewkd": ReviewKD,
 }
 
 __all__ = [
     "CC",
+    "CRD",
     "DIST",
     "DKD",
     "PKT",
@@ -43,6 +48,8 @@ __all__ = [
     "KLDivergence",
     "LayerTerm",
     "LossOutput",
+    "MultiLayerTerm",
+    "ReviewKD",
     "masked_cross_entropy",
     "soft_kl",
     "standardize",

@@ -6,12 +6,17 @@ Every distillation term has the same call shape::
 
 and declares which model output it reads (``student_key`` / ``teacher_key``, ``"logits"`` by
 default), so :class:`DistillationLoss` can route outputs to terms without knowing what they are.
+Two opt-in extensions keep that shape for every other term:
+
+- a :class:`MultiLayerTerm` reads several layers per side and gets lists of tensors;
+- a term with ``uses_index = True`` (e.g. CRD's memory bank) also gets the batch's dataset sample
+  indices as the keyword ``index`` and the training-set size through :meth:`DistillationTerm.setup_data`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch.nn.functional as F
@@ -37,10 +42,17 @@ class DistillationTerm(nn.Module):
     teacher_key: str = "logits"
     #: Whether :meth:`setup_shapes` creates parameters (which must exist before the optimizer is built).
     has_adapters: bool = False
+    #: Whether ``forward`` takes the keyword ``index`` (the batch's dataset sample indices, ``(B,)``);
+    #: such terms need a datamodule that yields ``(x, y, index)`` batches (``data.return_index=true``).
+    uses_index: bool = False
 
     def setup_shapes(self, student: Tensor, teacher: Tensor, key: str) -> None:
         """Called once before training with the outputs of one example batch: size adapters, check
         shapes (raise a :class:`ConfigError` naming ``key``). Terms without either do nothing."""
+
+    def setup_data(self, num_samples: int | None, key: str) -> None:
+        """Called before :meth:`setup_shapes` for terms with ``uses_index``: ``num_samples`` is the size of
+        the training set the indices range over (``None`` when the datamodule does not say)."""
 
 
 class LayerTerm(DistillationTerm):
@@ -53,6 +65,29 @@ class LayerTerm(DistillationTerm):
         self.student_key = student_layer
         self.teacher_key = teacher_layer
         self.beta = float(beta)
+
+
+class MultiLayerTerm(DistillationTerm):
+    """A term on several intermediate outputs per side: ``student_layers`` / ``teacher_layers`` are lists
+    of dotted module paths, paired in order; ``forward`` and ``setup_shapes`` get lists of tensors in
+    the same order. ``beta`` is the method's published weight."""
+
+    def __init__(self, student_layers: Sequence[str], teacher_layers: Sequence[str], beta: float = 1.0) -> None:
+        super().__init__()
+        self.student_key = tuple(student_layers)
+        self.teacher_key = tuple(teacher_layers)
+        name = type(self).__name__
+        if not self.student_key or len(self.student_key) != len(self.teacher_key):
+            raise ConfigError(
+                f"{name} pairs student_layers {list(self.student_key)} with teacher_layers "
+                f"{list(self.teacher_key)} in order; give both lists the same (non-zero) length"
+            )
+        self.beta = float(beta)
+
+
+def routed(outputs: Mapping[str, Tensor], key: str | tuple[str, ...]) -> Tensor | list[Tensor]:
+    """The output a term's ``student_key`` / ``teacher_key`` names: one tensor, or a list for a tuple of keys."""
+    return outputs[key] if isinstance(key, str) else [outputs[k] for k in key]
 
 
 class LossOutput(NamedTuple):
@@ -149,15 +184,32 @@ class DistillationLoss(nn.Module):
         each mapped to the config key that names it; ``"logits"`` is not a layer."""
         paths: dict[str, str] = {}
         for name, term in self.terms.items():
-            path = getattr(term, f"{side}_key")
-            if path != "logits":
-                paths.setdefault(path, f"loss.terms.{name}.{side}_layer")
+            key = getattr(term, f"{side}_key")
+            if isinstance(key, str):
+                named = {key: f"loss.terms.{name}.{side}_layer"}
+            else:
+                named = {path: f"loss.terms.{name}.{side}_layers[{i}]" for i, path in enumerate(key)}
+            for path, config_key in named.items():
+                if path != "logits":
+                    paths.setdefault(path, config_key)
         return paths
 
-    def setup_shapes(self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor]) -> None:
-        """Let every term size its adapters / check shapes from one example batch's outputs."""
+    def setup_shapes(
+        self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor], num_samples: int | None = None
+    ) -> None:
+        """Let every term size its adapters / check shapes from one example batch's outputs; terms that
+        use sample indices first get the training-set size ``num_samples``."""
         for name, term in self.terms.items():
-            term.setup_shapes(student[term.student_key], teacher[term.teacher_key], f"loss.terms.{name}")
+            if term.uses_index:
+                term.setup_data(num_samples, f"loss.terms.{name}")
+            term.setup_shapes(
+                routed(student, term.student_key), routed(teacher, term.teacher_key), f"loss.terms.{name}"
+            )
+
+    @property
+    def uses_index(self) -> bool:
+        """Whether some term needs the batch's dataset sample indices (batches ``(x, y, index)``)."""
+        return any(term.uses_index for term in self.terms.values())
 
     @property
     def has_adapters(self) -> bool:
@@ -174,14 +226,19 @@ class DistillationLoss(nn.Module):
         student: Mapping[str, Tensor],
         teacher: Mapping[str, Tensor] | None,
         targets: Tensor,
+        index: Tensor | None = None,
     ) -> LossOutput:
-        """Combine the task term on ``student["logits"]`` with every distillation term."""
+        """Combine the task term on ``student["logits"]`` with every distillation term; ``index`` (the
+        batch's dataset sample indices) goes, as a keyword, only to terms with ``uses_index``."""
         parts = {"ce": masked_cross_entropy(student["logits"], targets, self.label_smoothing)}
         total = (1.0 - self.alpha) * parts["ce"]
         if self.needs_teacher:
             if teacher is None:
                 raise RuntimeError("DistillationLoss with alpha > 0 needs teacher outputs")
             for name, term in self.terms.items():
-                parts[name] = term(student[term.student_key], teacher[term.teacher_key], targets)
+                extra = {"index": index} if term.uses_index else {}
+                parts[name] = term(
+                    routed(student, term.student_key), routed(teacher, term.teacher_key), targets, **extra
+                )
                 total = total + self.alpha * self.weights[name] * parts[name]
         return LossOutput(total=total, parts=parts)

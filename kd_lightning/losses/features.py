@@ -1,4 +1,4 @@
-"""Feature distillation terms: FitNets (hint + regressor), attention transfer and VID."""
+"""Feature distillation terms: FitNets (hint + regressor), attention transfer, VID and ReviewKD."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from kd_lightning.adapters import connector, pointwise_mlp
 from kd_lightning.errors import ConfigError
-from kd_lightning.losses.base import LayerTerm
+from kd_lightning.losses.base import LayerTerm, MultiLayerTerm
 from kd_lightning.losses.precision import at_least_fp32
 
 
@@ -136,3 +136,132 @@ class VID(LayerTerm):
         mean = at_least_fp32(self.mean(student))
         nll = 0.5 * (torch.log(variance) + (at_least_fp32(teacher) - mean).pow(2) / variance)
         return self.beta * nll.mean()
+
+
+#: Per spatial rank (1-D / 2-D maps): convolution, BatchNorm, adaptive average pooling.
+_MAPS: dict[int, tuple[type[nn.Module], type[nn.Module], object]] = {
+    1: (nn.Conv1d, nn.BatchNorm1d, F.adaptive_avg_pool1d),
+    2: (nn.Conv2d, nn.BatchNorm2d, F.adaptive_avg_pool2d),
+}
+
+
+def hcl(student: Tensor, teacher: Tensor, levels: tuple[int, ...] = (4, 2, 1)) -> Tensor:
+    r"""ReviewKD's hierarchical context loss on one pair of same-shaped maps ``(B, C, *S)``:
+
+    .. math::
+        \mathrm{HCL}(F_s, F_t) = \frac{\mathrm{MSE}(F_s, F_t) + \sum_{j} 2^{-j}\,
+            \mathrm{MSE}(P_{l_j}(F_s), P_{l_j}(F_t))}{1 + \sum_j 2^{-j}}
+
+    with :math:`P_l` adaptive average pooling to :math:`l` (1-D) or :math:`l \times l` (2-D) and the
+    levels :math:`l_j` of ``levels`` smaller than the map's (first) spatial size, :math:`j = 1, 2, \dots`.
+    """
+    student, teacher = at_least_fp32(student), at_least_fp32(teacher)
+    pool = _MAPS[student.dim() - 2][2]
+    loss = F.mse_loss(student, teacher)
+    weight, total = 1.0, 1.0
+    for level in levels:
+        if level >= student.shape[2]:
+            continue
+        size = (level,) * (student.dim() - 2)
+        weight /= 2.0
+        loss = loss + weight * F.mse_loss(pool(student, size), pool(teacher, size))
+        total += weight
+    return loss / total
+
+
+class ABF(nn.Module):
+    """ReviewKD's attention-based fusion of one student stage with the fused output of the deeper stages.
+
+    ``conv1`` (1x1 conv + BN) maps the stage to ``mid`` channels; with a deeper residual, both are
+    concatenated and a 1x1 conv + sigmoid gives two per-position attention maps that weight their sum;
+    the result, resized (nearest) to the teacher's spatial size, is the residual passed on, and ``conv2``
+    (3-wide conv + BN) maps it to the teacher's channels.
+    """
+
+    def __init__(self, rank: int, in_channels: int, mid: int, out_channels: int, fuse: bool) -> None:
+        super().__init__()
+        conv, norm, _ = _MAPS[rank]
+        self.conv1 = nn.Sequential(conv(in_channels, mid, 1, bias=False), norm(mid))
+        self.conv2 = nn.Sequential(conv(mid, out_channels, 3, padding=1, bias=False), norm(out_channels))
+        self.att_conv = nn.Sequential(conv(2 * mid, 2, 1), nn.Sigmoid()) if fuse else None
+        nn.init.kaiming_uniform_(self.conv1[0].weight, a=1)  # as in the authors' code
+        nn.init.kaiming_uniform_(self.conv2[0].weight, a=1)
+
+    def forward(self, x: Tensor, residual: Tensor | None, out_size: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        x = self.conv1(x)
+        if self.att_conv is not None and residual is not None:
+            residual = F.interpolate(residual, size=x.shape[2:], mode="nearest")
+            attention = self.att_conv(torch.cat([x, residual], dim=1))
+            x = x * attention[:, :1] + residual * attention[:, 1:]
+        if x.shape[2:] != out_size:
+            x = F.interpolate(x, size=out_size, mode="nearest")
+        return self.conv2(x), x
+
+
+class ReviewKD(MultiLayerTerm):
+    r"""Knowledge review (Chen et al., "Distilling Knowledge via Knowledge Review", CVPR 2021).
+
+    The student's stages :math:`F_s^1 \dots F_s^n` (``student_layers``, shallow to deep) are fused
+    from deep to shallow by attention-based fusion modules (:class:`ABF`), so each stage's output
+    :math:`\hat F_s^i` also "reviews" the deeper ones, and each is compared to the teacher's stage
+    :math:`F_t^i` (``teacher_layers``, same order) with the hierarchical context loss (:func:`hcl`):
+
+    .. math::
+        L_{review} = \beta \sum_{i=1}^{n} \mathrm{HCL}\big(\hat F_s^i, F_t^i\big), \qquad
+        \hat F_s^n, R^n = \mathrm{ABF}_n(F_s^n), \quad
+        \hat F_s^i, R^i = \mathrm{ABF}_i(F_s^i, R^{i+1})
+
+    The ABFs (``mid_channels`` wide, sized from one example batch) are trained with the student.
+    Works on 1-D ``(B, C, L)`` and 2-D ``(B, C, H, W)`` maps (all of one rank); channels and spatial
+    sizes may differ between student and teacher (the fused map is resized to the teacher's).
+    Published (CIFAR-100): ``beta = 1`` beside CE weight 1 (``alpha = 0.5`` keeps that ratio), HCL
+    levels 4, 2, 1, ``mid_channels`` 64 to 256 depending on the network (default 64), and the review
+    loss weight warmed up linearly over the first 20 epochs (here: ``callbacks=alpha_warmup
+    callbacks.alpha_warmup.epochs=20``, which also ramps ``alpha``'s share of CE).
+    """
+
+    has_adapters = True
+
+    def __init__(
+        self,
+        student_layers: list[str],
+        teacher_layers: list[str],
+        beta: float = 1.0,
+        mid_channels: int = 64,
+        levels: tuple[int, ...] = (4, 2, 1),
+    ) -> None:
+        super().__init__(student_layers, teacher_layers, beta)
+        if mid_channels < 1:
+            raise ConfigError(f"loss.terms.reviewkd.mid_channels={mid_channels} must be >= 1")
+        self.mid_channels = int(mid_channels)
+        self.levels = tuple(int(level) for level in levels)
+        self.abfs: nn.ModuleList | None = None
+
+    def setup_shapes(self, student: list[Tensor], teacher: list[Tensor], key: str) -> None:
+        ranks = {f.dim() for f in [*student, *teacher]}
+        if len(ranks) != 1 or ranks.pop() - 2 not in _MAPS:
+            raise ConfigError(
+                f"{key}: ReviewKD needs conv maps of one rank, all (B, C, L) or all (B, C, H, W), got student "
+                f"{[list(f.shape) for f in student]} and teacher {[list(f.shape) for f in teacher]}; "
+                "pick conv stages for student_layers/teacher_layers"
+            )
+        rank, last = student[0].dim() - 2, len(student) - 1
+        self.abfs = nn.ModuleList(
+            ABF(rank, s.shape[1], self.mid_channels, t.shape[1], fuse=i < last)
+            for i, (s, t) in enumerate(zip(student, teacher, strict=True))
+        ).to(student[0].device)
+
+    def fused(self, student: list[Tensor], teacher: list[Tensor]) -> list[Tensor]:
+        """The ABF outputs per stage, shallow to deep (computed deep to shallow)."""
+        if self.abfs is None:
+            raise unsized(self, student[0], teacher[0])
+        outputs: list[Tensor] = []
+        residual = None
+        for i in reversed(range(len(student))):
+            out, residual = self.abfs[i](student[i], residual, tuple(teacher[i].shape[2:]))
+            outputs.insert(0, out)
+        return outputs
+
+    def forward(self, student: list[Tensor], teacher: list[Tensor], targets: Tensor | None = None) -> Tensor:
+        fused = self.fused(student, teacher)
+        return self.beta * sum(hcl(s, t, self.levels) for s, t in zip(fused, teacher, strict=True))
