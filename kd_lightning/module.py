@@ -42,6 +42,9 @@ class DistillationModule(L.LightningModule):
     - The teacher is frozen (``eval()``, ``requires_grad_(False)``), runs under ``no_grad``, stays in
       eval mode whatever Lightning switches, never reaches the optimizer and is left out of saved
       checkpoints unless ``save_teacher=True`` (it is put back from memory on load).
+    - Distributed: the teacher is replicated on every rank (DDP ignores parameters without gradients),
+      epoch-level losses and torchmetrics are synced across ranks; ``scale_lr_with_world_size``
+      multiplies the learning rate by the number of processes (off by default).
     - With ``loss.alpha == 0`` the teacher never runs in training; ``teacher=None`` is then allowed,
       which makes this module the plain supervised trainer too (``kd-train``, scratch baselines).
     - The optimizer gets the student's parameters and any the loss owns (e.g. adapters).
@@ -69,6 +72,7 @@ class DistillationModule(L.LightningModule):
         teacher: nn.Module | None = None,
         scheduler: SchedulerFactory | None = None,
         save_teacher: bool = False,
+        scale_lr_with_world_size: bool = False,
     ) -> None:
         super().__init__()
         self.student = student
@@ -77,6 +81,7 @@ class DistillationModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.save_teacher = save_teacher
+        self.scale_lr_with_world_size = scale_lr_with_world_size
         self.student_taps = Taps(student, loss.layers("student") if teacher is not None else {})
         self.teacher_taps = Taps(self.teacher, loss.layers("teacher")) if self.teacher is not None else None
         self.shapes_ready = False
@@ -160,9 +165,10 @@ class DistillationModule(L.LightningModule):
             )
         out = self.loss(self.student_outputs(x), teacher, y, index=index)
         batch_size = x.shape[0]
-        self.log("train/loss", out.total, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        log = {"on_step": False, "on_epoch": True, "batch_size": batch_size, "sync_dist": True}
+        self.log("train/loss", out.total, prog_bar=True, **log)
         for name, value in out.parts.items():
-            self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=batch_size)
+            self.log(f"train/loss_{name}", value, **log)
         return out.total
 
     # ---------------------------------------------------------------------------------- evaluation
@@ -214,6 +220,9 @@ class DistillationModule(L.LightningModule):
 
     def configure_optimizers(self) -> OptimizerLRScheduler:
         optimizer = self.optimizer_factory(params=self.trainable_parameters())
+        if self.scale_lr_with_world_size:  # linear scaling rule (Goyal et al. 2017): lr x number of processes
+            for group in optimizer.param_groups:
+                group["lr"] *= self.trainer.world_size
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}

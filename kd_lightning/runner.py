@@ -104,7 +104,7 @@ def fit_supervised(
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
-    val_best = float(module.val_acc_best.compute())
+    val_best = float(trainer.callback_metrics["val/acc_best"])  # valid under ddp_spawn too
     best = checkpoint.best_model_path or None  # None when checkpointing is off (e.g. fast_dev_run)
     test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
     return FitResult(val_best, float(test_metrics["test/acc"]), seconds, best)
@@ -194,6 +194,24 @@ def scratch_baseline(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------ checks
+def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
+    """``ckpt_path``: null (fresh run), a checkpoint path, ``last`` (this run dir's ``last.ckpt``, which
+    must exist) or ``auto`` (``last.ckpt`` if this run dir has one, else a fresh run: what a requeued
+    SLURM job wants)."""
+    if ckpt_path is None:
+        return None
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if ckpt_path == "auto":
+        return str(last) if last.is_file() else None
+    path = last if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(
+            f"ckpt_path={ckpt_path}: {path} does not exist; point ckpt_path at a checkpoint, or set "
+            "hydra.run.dir to the run to resume with ckpt_path=last (ckpt_path=auto starts fresh if none)"
+        )
+    return str(path)
+
+
 def check_run_dir(out_dir: Path, resuming: bool) -> None:
     """Refuse to write into a directory that already holds another run's results."""
     taken = [p for p in (out_dir / "checkpoints", out_dir / "summary.json") if p.exists()]
@@ -224,7 +242,8 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     """Run a full distillation job; returns the summary (metrics included)."""
     start = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
-    check_run_dir(out_dir, resuming=bool(cfg.ckpt_path))
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, out_dir)
+    check_run_dir(out_dir, resuming=ckpt_path is not None)
     L.seed_everything(cfg.seed, workers=True)
 
     loss: DistillationLoss = build(cfg.loss, "loss")
@@ -251,6 +270,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         num_classes=cfg.data.num_classes,
         teacher=teacher.model if teacher else None,
         save_teacher=cfg.save_teacher,
+        scale_lr_with_world_size=cfg.scale_lr_with_world_size,
     )
     # Sizes loss adapters (and per-sample memories) now, so they are counted below.
     module.setup_for(datamodule.example_input(), getattr(datamodule, "num_train_samples", None))
@@ -266,7 +286,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **params})
 
     distill_start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     distill_seconds = time.perf_counter() - distill_start
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -280,6 +300,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         metrics=metrics,
         student_params=params["params/student"],
         teacher_params=params.get("params/teacher"),
+        adapter_params=params.get("params/adapters", 0),
         teacher_source=teacher.source if teacher else None,
         scratch=scratch,
         seconds={

@@ -22,6 +22,7 @@ class Summary:
     metrics: dict[str, float]
     student_params: int
     teacher_params: int | None = None
+    adapter_params: int = 0
     teacher_source: str | None = None
     scratch: dict[str, float] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
@@ -63,6 +64,8 @@ class Summary:
                 ("KD gain over scratch", f"{100 * self.kd_gain:+.2f} points" if self.kd_gain is not None else "—", ""),
             ]
         rows.append(("student parameters", f"{self.student_params:,}", ""))
+        if self.adapter_params:
+            rows.append(("loss adapters / heads", f"{self.adapter_params:,}", "trained with the student, not deployed"))
         if self.teacher_params is not None:
             rows += [
                 ("teacher parameters", f"{self.teacher_params:,}", ""),

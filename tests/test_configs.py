@@ -74,3 +74,11 @@ def test_teacher_without_checkpoint_or_fit_is_used_as_built(tmp_path: Path, kd_h
     info = obtain_teacher(cfg, model, tmp_path)
     assert info.source == "as built by kd_lightning.models.ConvNet1D" and info.fit_seconds == 0.0
     assert all(torch.equal(v, before[k]) for k, v in info.model.state_dict().items())
+
+
+def test_terms_combine_from_the_command_line(tmp_path: Path) -> None:
+    cfg = compose_config(
+        tmp_path, ["loss=at", "student=cnn1d_narrow", "+loss.terms.kd._target_=kd_lightning.losses.KLDivergence"]
+    )
+    loss = instantiate(cfg.loss)
+    assert set(loss.terms) == {"at", "kd"} and loss.terms["kd"].temperature == loss.temperature

@@ -74,3 +74,21 @@ def test_logit_standardization_is_a_config_switch(name: str, tmp_path: Path) -> 
     cfg = compose_config(tmp_path, [f"loss={name}", f"loss.terms.{name}.standardize=true", "loss.temperature=2"])
     term = instantiate(cfg.loss).terms[name]
     assert term.standardize and term.temperature == 2.0
+
+
+def test_feature_loss_trains_under_bf16_mixed_precision(tmp_path: Path, kd_home: Path) -> None:
+    cfg = compose_config(
+        tmp_path / "run",
+        [
+            *TINY,
+            "loss=fitnet",
+            "student=cnn1d_narrow",
+            "trainer.precision=bf16-mixed",
+            "+trainer.fast_dev_run=2",
+            "logger=none",
+            "compare_scratch=false",
+        ],
+    )
+    summary = distill(cfg)
+    assert summary["adapter_params"] > 0
+    assert math.isfinite(summary["metrics"]["train/loss_fitnet"])

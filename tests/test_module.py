@@ -167,3 +167,19 @@ def test_alpha_warmup_ramps_linearly(tmp_path: Path) -> None:
     module = make_module(alpha=0.8)
     trainer(tmp_path, max_epochs=5, callbacks=[AlphaWarmup(epochs=4), Record()]).fit(module, loader())
     assert seen == pytest.approx([0.2, 0.4, 0.6, 0.8, 0.8])
+
+
+def test_hint_pre_stage_trains_the_hint_alone_then_restores_the_loss(tmp_path: Path) -> None:
+    from kd_lightning.callbacks import HintPreStage
+
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: DistillationModule) -> None:
+            seen.append((pl_module.loss.alpha, dict(pl_module.loss.weights)))
+
+    module = make_module(alpha=0.6)
+    module.loss = DistillationLoss({"kd": KLDivergence(), "hint": KLDivergence()}, alpha=0.6, weights={"kd": 2.0})
+    callbacks = [HintPreStage(term="hint", epochs=2), Record()]
+    trainer(tmp_path, max_epochs=3, callbacks=callbacks).fit(module, loader())
+    assert seen == [(1.0, {"kd": 0.0, "hint": 1.0})] * 2 + [(0.6, {"kd": 2.0, "hint": 1.0})]

@@ -29,9 +29,10 @@ class FitNets(LayerTerm):
 
     with :math:`r` a regressor (:func:`~kd_lightning.adapters.connector`: 1x1 conv + BN for conv
     maps, linear for vectors, identity when the shapes already match) sized from one example batch
-    and trained with the student, and :math:`N` the number of elements (mean squared error). The paper
-    trains the hint in a separate first stage; like CRD's benchmark (Tian et al., 2020) this trains it
-    jointly with CE, with ``beta = 100``.
+    and trained with the student, and :math:`N` the number of elements (mean squared error). By default the
+    hint is trained jointly with CE, like CRD's benchmark (Tian et al., 2020), with ``beta = 100``;
+    the paper's separate first stage is the :class:`~kd_lightning.callbacks.HintPreStage` callback
+    (``callbacks=hint_pre_stage``).
     """
 
     has_adapters = True

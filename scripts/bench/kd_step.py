@@ -1,0 +1,216 @@
+"""Cost of a KD training step: kd_lightning vs its parts vs a hand-written PyTorch loop.
+
+    python scripts/bench/kd_step.py                    # both pairs, batch 256, writes docs/performance.md
+    python scripts/bench/kd_step.py --pairs mnist1d --steps 20
+
+For each teacher/student pair, on the same in-memory data, device and thread count (warm-up steps
+excluded, median over steps, then the median of ``--repeats`` runs):
+  (a) student training step alone (forward, CE, backward, optimizer step; plain PyTorch),
+  (b) teacher inference alone (no_grad forward),
+  (c) the KD step through kd_lightning (DistillationModule driven by a Lightning Trainer),
+  (d) the same KD step in a plain PyTorch loop (same loss, same optimizer).
+A step's time is the wall time between the starts of consecutive steps, so data loading and
+framework overhead count. Targets (issue 5): c / (a + b) <= 1.05 and c / d <= 1.10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from kd_lightning.losses import DistillationLoss, KLDivergence
+from kd_lightning.models import MLP, ConvNet1D, resnet8x4, resnet32x4
+from kd_lightning.module import DistillationModule
+
+REPO = Path(__file__).resolve().parents[2]
+ALPHA, TEMPERATURE, LR = 0.9, 4.0, 3e-3
+
+#: name -> (teacher factory, student factory, input shape, classes)
+PAIRS: dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module], tuple[int, ...], int]] = {
+    "mnist1d": (lambda: ConvNet1D(channels=64), lambda: MLP(hidden=48), (1, 40), 10),
+    "cifar_resnet32x4_to_8x4": (resnet32x4, resnet8x4, (3, 32, 32), 100),
+}
+
+
+def loader(shape: tuple[int, ...], classes: int, batch: int, steps: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch * steps, *shape, generator=generator)
+    y = torch.randint(0, classes, (batch * steps,), generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True)
+
+
+def median_gap(starts: list[float], warmup: int) -> float:
+    """Median gap between consecutive timestamps, ignoring the first ``warmup`` gaps."""
+    return statistics.median([b - a for a, b in itertools.pairwise(starts)][warmup:])
+
+
+def timed(steps: Iterator[None], warmup: int) -> float:
+    """Median step time of a generator that yields after each step (gaps between step ends)."""
+    return median_gap([time.perf_counter() for _ in steps], warmup)
+
+
+def student_only(student: nn.Module, data: DataLoader) -> Iterator[None]:
+    optimizer = torch.optim.AdamW(student.parameters(), lr=LR)
+    for x, y in data:
+        loss = F.cross_entropy(student(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        yield
+
+
+def teacher_only(teacher: nn.Module, data: DataLoader) -> Iterator[None]:
+    teacher.eval()
+    for x, _ in data:
+        with torch.no_grad():
+            teacher(x)
+        yield
+
+
+def plain_kd(student: nn.Module, teacher: nn.Module, data: DataLoader) -> Iterator[None]:
+    optimizer = torch.optim.AdamW(student.parameters(), lr=LR)
+    teacher.eval()
+    for x, y in data:
+        with torch.no_grad():
+            t = teacher(x)
+        s = student(x)
+        kl = F.kl_div(
+            F.log_softmax(s / TEMPERATURE, -1),
+            F.log_softmax(t / TEMPERATURE, -1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        loss = (1 - ALPHA) * F.cross_entropy(s, y) + ALPHA * TEMPERATURE**2 * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        yield
+
+
+class StepClock(L.Callback):
+    """Records the start time of every training batch."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self.starts.append(time.perf_counter())
+
+    def on_train_end(self, *args: object) -> None:
+        self.starts.append(time.perf_counter())
+
+
+def lightning_kd(student: nn.Module, teacher: nn.Module, data: DataLoader, classes: int, warmup: int) -> float:
+    module = DistillationModule(
+        student=student,
+        teacher=teacher,
+        num_classes=classes,
+        optimizer=partial(torch.optim.AdamW, lr=LR),
+        loss=DistillationLoss({"kd": KLDivergence()}, alpha=ALPHA, temperature=TEMPERATURE),
+    )
+    clock = StepClock()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[clock],
+    )
+    trainer.fit(module, data)
+    return median_gap(clock.starts, warmup)
+
+
+def measure(pair: str, batch: int, steps: int, warmup: int, repeats: int) -> dict[str, float]:
+    make_teacher, make_student, shape, classes = PAIRS[pair]
+    results: dict[str, list[float]] = {"a": [], "b": [], "c": [], "d": []}
+    for repeat in range(repeats):
+        torch.manual_seed(repeat)
+        teacher, student = make_teacher(), make_student()
+        data = loader(shape, classes, batch, steps + warmup)
+        results["a"].append(timed(student_only(make_student(), data), warmup))
+        results["b"].append(timed(teacher_only(teacher, data), warmup))
+        results["d"].append(timed(plain_kd(make_student(), teacher, data), warmup))
+        results["c"].append(lightning_kd(student, teacher, data, classes, warmup))
+    return {name: statistics.median(values) for name, values in results.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "performance.md")
+    args = parser.parse_args()
+
+    rows = []
+    for pair in args.pairs:
+        t = measure(pair, args.batch, args.steps, args.warmup, args.repeats)
+        rows.append(
+            f"| {pair} | {1e3 * t['a']:.1f} | {1e3 * t['b']:.1f} | {1e3 * t['c']:.1f} | {1e3 * t['d']:.1f} "
+            f"| {args.batch / t['c']:,.0f} | {t['c'] / (t['a'] + t['b']):.3f} | {t['c'] / t['d']:.3f} |"
+        )
+        print(rows[-1], flush=True)
+    command = " ".join(
+        [
+            "python scripts/bench/kd_step.py",
+            "--pairs",
+            *args.pairs,
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--repeats",
+            str(args.repeats),
+        ]
+    )
+    lines = [
+        "<!-- kd-step table: written by scripts/bench/kd_step.py -->",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, CPU, float32. Time per step in ms (median over {args.steps} steps after "
+        f"{args.warmup} warm-up steps, median of {args.repeats} runs); (a) student step alone, (b) teacher "
+        "inference alone, (c) KD step through kd_lightning (Lightning Trainer), (d) the same KD step in a "
+        "plain PyTorch loop.",
+        "",
+        "| pair | (a) student | (b) teacher | (c) kd_lightning | (d) plain loop | samples/s (c) | c / (a + b) "
+        "| c / d |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    write_section(args.out, "\n".join(lines))
+    print("\n".join(lines))
+
+
+def write_section(path: Path, table: str) -> None:
+    """Replace this script's section of ``path`` (between its markers), keeping the rest."""
+    begin, end = "<!-- kd-step:begin -->\n", "\n<!-- kd-step:end -->"
+    text = path.read_text() if path.is_file() else f"# Performance\n\n{begin}{end}\n"
+    if begin not in text:
+        text += f"\n{begin}{end}\n"
+    head, rest = text.split(begin, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(head + begin + table + end + rest.split(end, 1)[1])
+
+
+if __name__ == "__main__":
+    main()
