@@ -21,6 +21,16 @@ TINY = [
     "trainer.accelerator=cpu",
 ]
 
+#: Overrides for each job of a multirun test: one epoch, no logger, no scratch baseline.
+SWEEP_JOB = [
+    "trainer.max_epochs=1",
+    "teacher.fit.max_epochs=1",
+    "data.transfer_samples=500",
+    "compare_scratch=false",
+    "logger=none",
+    "+trainer.enable_progress_bar=false",
+]
+
 
 @pytest.fixture(scope="session")
 def kd_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:

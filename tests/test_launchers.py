@@ -9,6 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from kd_lightning.cli import CONFIG_DIR
+from tests.conftest import SWEEP_JOB
 from tests.test_cli import run
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the sweep extra")
@@ -21,12 +22,7 @@ def test_submitit_local_runs_a_two_job_sweep(kd_home: Path) -> None:
         "-m",
         "hydra/launcher=local",
         "seed=0,1",
-        "trainer.max_epochs=1",
-        "teacher.fit.max_epochs=1",
-        "data.transfer_samples=500",
-        "compare_scratch=false",
-        "logger=none",
-        "+trainer.enable_progress_bar=false",
+        *SWEEP_JOB,
         f"hydra.sweep.dir={sweep_dir}",
         home=kd_home,
     )

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SWEEP_JOB
 from tests.test_cli import run
 
 optuna = pytest.importorskip("optuna", reason="needs the sweep extra: pip install -e '.[sweep]'")
@@ -15,12 +16,7 @@ TINY_SEARCH = [
     "hydra.sweeper.n_trials=2",
     "hydra.sweeper.sampler.n_startup_trials=1",
     "hydra.sweeper.study_name=tiny",
-    "trainer.max_epochs=1",
-    "teacher.fit.max_epochs=1",
-    "data.transfer_samples=500",
-    "compare_scratch=false",
-    "logger=none",
-    "+trainer.enable_progress_bar=false",
+    *SWEEP_JOB,
 ]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from tests.conftest import SWEEP_JOB
 from tests.test_cli import run
 
 
@@ -16,12 +17,7 @@ def test_sweep_with_a_failing_job_and_its_report(kd_home: Path) -> None:
         "-m",
         "loss.temperature=1,4",
         "loss.alpha=0.5,1.5",
-        "trainer.max_epochs=1",
-        "teacher.fit.max_epochs=1",
-        "data.transfer_samples=500",
-        "compare_scratch=false",
-        "logger=none",
-        "+trainer.enable_progress_bar=false",
+        *SWEEP_JOB,
         f"hydra.sweep.dir={sweep_dir}",
         home=kd_home,
     )
