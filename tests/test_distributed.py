@@ -12,6 +12,8 @@ from tests.conftest import TINY
 from tests.test_cli import run
 
 
+# Marked slow: a spawned gloo process was seen to abort (SIGABRT) once in five runs on 2 shared cores.
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", [["loss=kd"], ["loss=at", "student=cnn1d_narrow"]], ids=["logits", "feature_taps"])
 def test_kd_distill_with_ddp_spawn_writes_one_run(loss: list[str], kd_home: Path) -> None:
     run_dir = kd_home / f"ddp_spawn_{loss[0][5:]}" / "run"
