@@ -131,8 +131,11 @@ class DistillationModule(L.LightningModule):
 
     @property
     def needs_setup(self) -> bool:
-        """Whether :meth:`setup_for` has work left: the teacher will run and shapes were not checked yet."""
-        return not self.shapes_ready and self.teacher is not None and self.loss.needs_teacher
+        """Whether :meth:`setup_for` has work left: the teacher will run, the loss needs an example batch
+        (layers, adapters, sample indices) and it was not seen yet; logit-only losses skip the extra forward."""
+        return (
+            not self.shapes_ready and self.teacher is not None and self.loss.needs_teacher and self.loss.needs_example
+        )
 
     def setup(self, stage: str) -> None:
         if not self.needs_setup:

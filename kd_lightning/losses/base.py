@@ -217,6 +217,13 @@ class DistillationLoss(nn.Module):
         return any(term.has_adapters for term in self.terms.values())
 
     @property
+    def needs_example(self) -> bool:
+        """Whether some term must see one example batch before training: it reads intermediate layers
+        (shape checks), sizes adapters or indexes samples. Logit-only losses need none."""
+        tapped = self.layers("student") or self.layers("teacher")
+        return bool(tapped) or self.has_adapters or self.uses_index
+
+    @property
     def needs_teacher(self) -> bool:
         """Whether this step needs teacher outputs at all (False for alpha = 0 or no terms)."""
         return self.alpha > 0.0 and len(self.terms) > 0
