@@ -16,7 +16,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.losses import DistillationLoss, soft_kl
+from kd_lightning.losses import UNLABELLED, DistillationLoss, soft_kl
 from kd_lightning.taps import Taps
 from kd_lightning.teacher import freeze
 
@@ -166,13 +166,22 @@ class DistillationModule(L.LightningModule):
                 f"loss.terms {users} need dataset sample indices but batches are (x, y): set "
                 "data.return_index=true (or use a datamodule whose batches are (x, y, index))"
             )
-        out = self.loss(self.student_outputs(x), teacher, y, index=index)
+        out = self.loss(self.student_outputs(x), teacher, y, index=index, label_count=self.mean_label_count(y))
         batch_size = x.shape[0]
         log = {"on_step": False, "on_epoch": True, "batch_size": batch_size, "sync_dist": True}
         self.log("train/loss", out.total, prog_bar=True, **log)
         for name, value in out.parts.items():
             self.log(f"train/loss_{name}", value, **log)
         return out.total
+
+    def mean_label_count(self, targets: Tensor) -> Tensor | None:
+        """Under data parallelism, the mean number of labelled samples per process, so that the task
+        term is the mean over the global batch even when processes hold different numbers of unlabelled
+        samples (each process's own mean would weight them unequally); None (the batch's own count) otherwise."""
+        if self._trainer is None or self.trainer.world_size == 1 or self.loss.alpha == 1.0:
+            return None
+        count = (targets != UNLABELLED).sum().float()
+        return self.trainer.strategy.reduce(count, reduce_op="mean")
 
     # ---------------------------------------------------------------------------------- evaluation
     def on_fit_start(self) -> None:

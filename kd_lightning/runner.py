@@ -6,6 +6,7 @@ fit -> test (best checkpoint) -> scratch-student baseline (cache or train-and-ca
 
 from __future__ import annotations
 
+import csv
 import logging
 import time
 from dataclasses import dataclass
@@ -56,6 +57,23 @@ def labelled_only(data_cfg: DictConfig) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------ supervised fits
+def run_test(
+    trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: str | None = None
+) -> dict[str, float]:
+    """``trainer.test`` (weights of ``ckpt_path``, else as they are) -> metrics as floats.
+
+    With spawned processes (``ddp_spawn``) the fit's CSV rows were written by child processes, so this
+    process's CSV writer does not know the file's columns, and Lightning's header rewrite for the new
+    test columns would fail ("dict contains fields not in fieldnames"): it is told the columns first."""
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger) and Path(logger.experiment.metrics_file_path).is_file():
+            with open(logger.experiment.metrics_file_path, newline="") as file:
+                header = next(csv.reader(file), [])
+            logger.experiment.metrics_keys = sorted(set(logger.experiment.metrics_keys) | set(header))
+    metrics = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)[0]
+    return {name: float(value) for name, value in metrics.items()}
+
+
 @dataclass
 class FitResult:
     """Outcome of one supervised fit: metrics of the best-validation checkpoint."""
@@ -106,8 +124,8 @@ def fit_supervised(
     seconds = time.perf_counter() - start
     val_best = float(trainer.callback_metrics["val/acc_best"])  # valid under ddp_spawn too
     best = checkpoint.best_model_path or None  # None when checkpointing is off (e.g. fast_dev_run)
-    test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
-    return FitResult(val_best, float(test_metrics["test/acc"]), seconds, best)
+    test_metrics = run_test(trainer, module, datamodule, ckpt_path=best)
+    return FitResult(val_best, test_metrics["test/acc"], seconds, best)
 
 
 def train_teacher(cfg: DictConfig, model: nn.Module, out_dir: Path) -> FitResult:
@@ -290,10 +308,9 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     distill_seconds = time.perf_counter() - distill_start
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    last_epoch = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-    metrics.update({f"{name}_last": float(value) for name, value in last_epoch.items() if name.startswith("test/")})
-    for name, value in trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0].items():
-        metrics[name] = float(value)
+    last_epoch = run_test(trainer, module, datamodule)
+    metrics.update({f"{name}_last": value for name, value in last_epoch.items() if name.startswith("test/")})
+    metrics.update(run_test(trainer, module, datamodule, ckpt_path=best or None))
 
     scratch = scratch_baseline(cfg, out_dir) if cfg.compare_scratch and teacher else None
     summary = Summary(

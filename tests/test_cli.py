@@ -14,10 +14,12 @@ import pytest
 from tests.conftest import TINY
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run(program: str, *overrides: str, home: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KD_LIGHTNING_HOME": str(home), "PYTHONWARNINGS": "ignore"}
+    """Run a console script from ``home`` (``tests.*`` classes importable, as configs may name them)."""
+    env = {**os.environ, "KD_LIGHTNING_HOME": str(home), "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
     return subprocess.run(
         [str(BIN / program), *overrides], capture_output=True, text=True, env=env, timeout=timeout, cwd=home
     )

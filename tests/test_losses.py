@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.losses import TERMS, UNLABELLED, DistillationLoss, KLDivergence
+from kd_lightning.losses import TERMS, UNLABELLED, DistillationLoss, KLDivergence, masked_cross_entropy
 
 torch.manual_seed(0)
 STUDENT = torch.randn(6, 5, dtype=torch.float64)
@@ -144,3 +144,17 @@ def test_registry_mirrors_loss_configs() -> None:
 
     names = {p.stem for p in (Path(CONFIG_DIR) / "loss").glob("*.yaml")}
     assert names == set(TERMS)
+
+
+def test_task_term_with_the_mean_label_count_is_the_global_batch_mean_across_processes() -> None:
+    """Two "processes" hold 3 and 1 labelled samples: averaging their losses (what DDP does to gradients)
+    gives the global-batch mean when each divides by the mean count per process, not by its own count."""
+    torch.manual_seed(0)
+    logits, targets = torch.randn(8, 5), torch.tensor([0, 1, 2, UNLABELLED, 3, UNLABELLED, UNLABELLED, UNLABELLED])
+    halves = [(logits[:4], targets[:4]), (logits[4:], targets[4:])]
+    mean_count = torch.tensor(4 / 2)
+    averaged = sum(masked_cross_entropy(x, y, 0.1, label_count=mean_count) for x, y in halves) / 2
+    assert averaged == pytest.approx(masked_cross_entropy(logits, targets, 0.1).item(), rel=1e-6)
+    own_counts = sum(masked_cross_entropy(x, y, 0.1) for x, y in halves) / 2
+    assert abs(own_counts - averaged) > 1e-3  # the per-process mean is a different (wrong) objective
+    assert masked_cross_entropy(logits[5:], targets[5:]).item() == 0.0  # nothing labelled

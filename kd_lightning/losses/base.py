@@ -97,12 +97,19 @@ class LossOutput(NamedTuple):
     parts: dict[str, Tensor]
 
 
-def masked_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Cross-entropy averaged over labelled samples only; 0 (with a graph) if none is labelled."""
+def masked_cross_entropy(
+    logits: Tensor, targets: Tensor, label_smoothing: float = 0.0, label_count: Tensor | None = None
+) -> Tensor:
+    """Cross-entropy summed over labelled samples and divided by ``label_count`` (default: this batch's
+    number of labelled samples; 0, with a graph, when none is labelled). Data-parallel training passes
+    the mean count per process, which makes the averaged gradients those of the global batch mean."""
     labelled = targets != UNLABELLED
-    if not bool(labelled.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(at_least_fp32(logits[labelled]), targets[labelled], label_smoothing=label_smoothing)
+    if label_count is None:
+        label_count = labelled.sum()
+    summed = F.cross_entropy(
+        at_least_fp32(logits), targets, ignore_index=UNLABELLED, reduction="sum", label_smoothing=label_smoothing
+    )
+    return summed / label_count.clamp(min=1)
 
 
 class DistillationLoss(nn.Module):
@@ -234,10 +241,12 @@ class DistillationLoss(nn.Module):
         teacher: Mapping[str, Tensor] | None,
         targets: Tensor,
         index: Tensor | None = None,
+        label_count: Tensor | None = None,
     ) -> LossOutput:
         """Combine the task term on ``student["logits"]`` with every distillation term; ``index`` (the
-        batch's dataset sample indices) goes, as a keyword, only to terms with ``uses_index``."""
-        parts = {"ce": masked_cross_entropy(student["logits"], targets, self.label_smoothing)}
+        batch's dataset sample indices) goes, as a keyword, only to terms with ``uses_index``;
+        ``label_count`` is what the task term divides by (see :func:`masked_cross_entropy`)."""
+        parts = {"ce": masked_cross_entropy(student["logits"], targets, self.label_smoothing, label_count)}
         total = (1.0 - self.alpha) * parts["ce"]
         if self.needs_teacher:
             if teacher is None:
