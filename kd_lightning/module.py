@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -17,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import UNLABELLED, DistillationLoss, soft_kl
+from kd_lightning.runtime import Runtime
 from kd_lightning.taps import Taps
 from kd_lightning.teacher import freeze
 
@@ -73,11 +75,16 @@ class DistillationModule(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         save_teacher: bool = False,
         scale_lr_with_world_size: bool = False,
+        runtime: Runtime | None = None,
     ) -> None:
         super().__init__()
         self.student = student
         self.loss = loss
         self.teacher = freeze(teacher) if teacher is not None else None
+        self.runtime = runtime or Runtime()
+        self.teacher_cache = self.runtime.build_cache() if teacher is not None else None
+        self.val_teacher_logits: dict[tuple[int, int], Tensor] = {}
+        self.reuse_val_outputs = False
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.save_teacher = save_teacher
@@ -105,14 +112,32 @@ class DistillationModule(L.LightningModule):
             logits = self.student(x)
         return {"logits": logits, **layers}
 
-    @torch.no_grad()
     def teacher_outputs(self, x: Tensor) -> dict[str, Tensor]:
-        """Like :meth:`student_outputs`, for the teacher, under ``no_grad``."""
+        """Like :meth:`student_outputs`, for the teacher: under ``inference_mode`` and, with
+        ``runtime.teacher_precision``, autocast; returned as float32 tensors usable in autograd."""
         if self.teacher is None or self.teacher_taps is None:
             raise RuntimeError("this step needs a teacher but the module was built without one")
-        with self.teacher_taps.capture() as layers:
+        dtype = self.runtime.teacher_dtype
+        autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None)
+        with torch.inference_mode(), self.teacher_taps.capture() as layers, autocast:
             logits = self.teacher(x)
-        return {"logits": logits, **layers}
+        # Inference tensors cannot be saved for backward: copy them (as float32) outside inference mode.
+        outputs = {"logits": logits, **layers}
+        return {
+            name: out.to(torch.float32, copy=True) if out.is_floating_point() else out.clone()
+            for name, out in outputs.items()
+        }
+
+    def teacher_logits(self, x: Tensor, split: str, index: Tensor | None) -> Tensor:
+        """The teacher's logits for ``x``: from the teacher-output cache (by sample ``index``) or a forward."""
+        if self.teacher_cache is None:
+            return self.teacher_outputs(x)["logits"]
+        if index is None:
+            raise ConfigError(
+                "runtime.teacher_cache looks teacher outputs up by sample index but batches are (x, y): "
+                "set data.return_index=true (kd-distill does this itself)"
+            )
+        return self.teacher_cache.logits(split, index)
 
     def setup_for(self, example: Tensor, num_samples: int | None = None) -> None:
         """Size the loss's adapters and check its shapes from one example batch (student in eval mode,
@@ -138,9 +163,15 @@ class DistillationModule(L.LightningModule):
         )
 
     def setup(self, stage: str) -> None:
+        self.apply_runtime()
+        datamodule = self.trainer.datamodule
+        self.reuse_val_outputs = self.runtime.reuse_val_teacher_outputs and not getattr(
+            datamodule, "random_augmentation", True
+        )
+        if self.teacher_cache is not None:
+            self.check_cacheable(datamodule)
         if not self.needs_setup:
             return
-        datamodule = self.trainer.datamodule
         if hasattr(datamodule, "example_input"):
             self.setup_for(datamodule.example_input(), getattr(datamodule, "num_train_samples", None))
         elif self.loss.has_adapters:
@@ -148,6 +179,55 @@ class DistillationModule(L.LightningModule):
                 f"loss.terms {sorted(self.loss.terms)} size adapters from one example batch: call "
                 "module.setup_for(example_batch) before fit, or fit with a datamodule that has example_input()"
             )
+
+    def apply_runtime(self) -> None:
+        """Memory format and compilation from ``runtime`` (once; before Lightning moves the models)."""
+        if getattr(self, "_runtime_applied", False):
+            return
+        self._runtime_applied = True
+        models = {"student": self.student, "teacher": self.teacher}
+        for name, model in models.items():
+            if model is None:
+                continue
+            if self.runtime.channels_last:
+                model.to(memory_format=torch.channels_last)
+            if self.runtime.compiles(name):
+                model.compile()
+
+    def formatted(self, x: Tensor) -> Tensor:
+        """``x`` in channels-last memory format when ``runtime.channels_last`` and ``x`` is 4-D."""
+        if self.runtime.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def check_cacheable(self, datamodule: object) -> None:
+        """``runtime.teacher_cache`` needs logit-only terms and data that a sample index determines."""
+        layers = self.loss.layers("teacher")
+        if layers:
+            path, key = next(iter(layers.items()))
+            raise ConfigError(
+                f"runtime.teacher_cache stores teacher logits only, but {key}={path} reads a teacher layer; "
+                "set runtime.teacher_cache=null for feature losses"
+            )
+        missing = [name for name in ("content_identity", "ordered_dataloader") if not hasattr(datamodule, name)]
+        if missing or getattr(datamodule, "random_augmentation", True):
+            reason = f"lacks {missing}" if missing else "declares random_augmentation=True"
+            raise ConfigError(
+                "runtime.teacher_cache needs inputs fixed per sample, but the datamodule "
+                f"({type(datamodule).__name__}) {reason}: cached teacher outputs would be stale; "
+                "set runtime.teacher_cache=null"
+            )
+
+    def prepare_teacher_cache(self, splits: tuple[str, ...]) -> None:
+        """Fill the cache's tables for ``splits`` (global rank 0 first, so the others read its disk tables)."""
+        if self.teacher_cache is None or self.teacher is None:
+            return
+        prepare = partial(self.teacher_cache.prepare, self.teacher, self.trainer.datamodule, splits, self.device)
+        if self.trainer.is_global_zero:
+            prepare()
+        self.trainer.strategy.barrier("teacher_cache")
+        if not self.trainer.is_global_zero:
+            prepare()
 
     def train(self, mode: bool = True) -> DistillationModule:
         """Switch the student's mode; the teacher always stays in eval mode."""
@@ -159,7 +239,11 @@ class DistillationModule(L.LightningModule):
     # ------------------------------------------------------------------------------------ training
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, y, index = unpack(batch)
-        teacher = self.teacher_outputs(x) if self.loss.needs_teacher else None
+        x = self.formatted(x)
+        teacher = None
+        if self.loss.needs_teacher:
+            cached = self.teacher_cache is not None
+            teacher = {"logits": self.teacher_logits(x, "train", index)} if cached else self.teacher_outputs(x)
         if index is None and self.loss.needs_teacher and self.loss.uses_index:
             users = sorted(name for name, term in self.loss.terms.items() if term.uses_index)
             raise ConfigError(
@@ -188,6 +272,11 @@ class DistillationModule(L.LightningModule):
         # Lightning warns about every module in eval mode; the teacher is meant to be, so the
         # warning is replaced by one about the student alone (in on_train_start).
         warnings.filterwarnings("ignore", message=_EVAL_MODE_WARNING, category=PossibleUserWarning)
+        self.val_teacher_logits.clear()
+        self.prepare_teacher_cache(("train", "val"))
+
+    def on_test_start(self) -> None:
+        self.prepare_teacher_cache(("test",))
 
     def on_train_start(self) -> None:
         # The sanity-check validation must not count towards the best accuracy.
@@ -196,13 +285,14 @@ class DistillationModule(L.LightningModule):
         if in_eval:
             rank_zero_warn(f"student modules in eval mode at the start of training: {in_eval[:5]}")
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        x, y, _ = unpack(batch)
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y, index = unpack(batch)
+        x = self.formatted(x)
         logits = self.student(x)
         self.val_acc(logits, y)
         self.log("val/acc", self.val_acc, prog_bar=True)
         if self.teacher is not None:
-            teacher_logits = self.teacher_outputs(x)["logits"]
+            teacher_logits = self.val_teacher_logits_for(x, index, (dataloader_idx, batch_idx))
             self.val_agreement(logits, teacher_logits.argmax(dim=-1))
             self.val_kl(soft_kl(logits, teacher_logits, temperature=1.0), weight=x.shape[0])
             self.teacher_val_acc(teacher_logits, y)
@@ -216,12 +306,26 @@ class DistillationModule(L.LightningModule):
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
+    def val_teacher_logits_for(self, x: Tensor, index: Tensor | None, key: tuple[int, int]) -> Tensor:
+        """Validation teacher logits: cached table, else computed on the first epoch and reused after
+        (``runtime.reuse_val_teacher_outputs`` with deterministic data), else computed."""
+        if self.teacher_cache is not None:
+            return self.teacher_logits(x, "val", index)
+        stored = self.val_teacher_logits.get(key)
+        if stored is not None and stored.shape[0] == x.shape[0]:
+            return stored
+        logits = self.teacher_outputs(x)["logits"]
+        if self.reuse_val_outputs and not self.trainer.sanity_checking:
+            self.val_teacher_logits[key] = logits
+        return logits
+
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        x, y, _ = unpack(batch)
+        x, y, index = unpack(batch)
+        x = self.formatted(x)
         self.test_acc(self.student(x), y)
         self.log("test/acc", self.test_acc)
         if self.teacher is not None:
-            self.teacher_test_acc(self.teacher_outputs(x)["logits"], y)
+            self.teacher_test_acc(self.teacher_logits(x, "test", index), y)
             self.log("teacher/test_acc", self.teacher_test_acc)
 
     # ---------------------------------------------------------------------------------- optimizers

@@ -27,6 +27,7 @@ from kd_lightning.cache import cache_key, data_identity, read_json, trainer_iden
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import DistillationLoss
 from kd_lightning.module import DistillationModule
+from kd_lightning.runtime import Runtime
 from kd_lightning.summary import Summary
 from kd_lightning.teacher import load_weights
 
@@ -56,7 +57,6 @@ def labelled_only(data_cfg: DictConfig) -> dict[str, int]:
     return {"transfer_samples": 0} if "transfer_samples" in data_cfg else {}
 
 
-# ------------------------------------------------------------------------------ supervised fits
 def run_test(
     trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: str | None = None
 ) -> dict[str, float]:
@@ -75,6 +75,7 @@ def run_test(
 
 
 @dataclass
+# ------------------------------------------------------------------------------ supervised fits
 class FitResult:
     """Outcome of one supervised fit: metrics of the best-validation checkpoint."""
 
@@ -268,8 +269,12 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     overrides = labelled_only(cfg.data) if loss.alpha == 0 else {}
     if cfg.data.get("transfer_samples") and overrides:
         log.info("loss.alpha=0: the unlabelled transfer set is left out (only distillation uses it)")
-    if loss.alpha > 0 and loss.uses_index and "return_index" in cfg.data and not cfg.data.return_index:
-        log.info("the loss needs dataset sample indices: data.return_index set to true")
+    runtime: Runtime = build(cfg.runtime, "runtime")
+    if runtime.cpu_threads:
+        torch.set_num_threads(runtime.cpu_threads)
+    needs_index = loss.uses_index or runtime.teacher_cache is not None
+    if loss.alpha > 0 and needs_index and "return_index" in cfg.data and not cfg.data.return_index:
+        log.info("the loss or runtime.teacher_cache needs dataset sample indices: data.return_index set to true")
         overrides["return_index"] = True
     datamodule = build(cfg.data, "data", **overrides)
     models = {"student": build(cfg.student.model, "student.model")}
@@ -290,6 +295,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         save_teacher=cfg.save_teacher,
         scale_lr_with_world_size=cfg.scale_lr_with_world_size,
     )
+        runtime=runtime,
     # Sizes loss adapters (and per-sample memories) now, so they are counted below.
     module.setup_for(datamodule.example_input(), getattr(datamodule, "num_train_samples", None))
     callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.callbacks or {}).items()]

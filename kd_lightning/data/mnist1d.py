@@ -59,6 +59,8 @@ class MNIST1DDataModule(L.LightningDataModule):
     """
 
     num_classes = 10
+    #: A sample index fixes the input exactly, so teacher outputs can be cached (``runtime.teacher_cache``).
+    random_augmentation = False
 
     def __init__(
         self,
@@ -152,6 +154,21 @@ class MNIST1DDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def content_identity(self) -> dict[str, int | str]:
+        """What determines every split's inputs (generator seeds and sizes; not batch size or workers)."""
+        return {
+            "dataset": "mnist1d",
+            "official_seed": OFFICIAL_SEED,
+            "val_samples": self.val_samples,
+            "transfer_samples": self.transfer_samples,
+        }
+
+    def ordered_dataloader(self, split: str) -> DataLoader:
+        """``split`` in index order, unshuffled (for computing per-sample teacher outputs)."""
+        self.prepare_data()
+        self.setup()
+        return DataLoader(self.splits[split], batch_size=max(self.batch_size, 512), shuffle=False)
 
     def example_input(self) -> torch.Tensor:
         """One batch of two inputs, for shape checks before training."""

@@ -1,0 +1,65 @@
+"""How the teacher and student run: precision, memory format, compilation, teacher-output reuse."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.teacher_cache import TeacherOutputCache
+
+TEACHER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_TARGETS = ("teacher", "student", "both")
+
+
+@dataclass
+class Runtime:
+    """Execution options of :class:`~kd_lightning.module.DistillationModule` (``conf/runtime/``).
+
+    Args:
+        teacher_precision: ``bf16`` / ``fp16`` runs the teacher alone under autocast (its outputs are
+            cast back to float32 for the loss); ``null`` runs it like the student.
+        channels_last: put both models and 4-D inputs in channels-last memory format (conv nets).
+        compile: ``teacher`` / ``student`` / ``both``: ``torch.compile`` those forwards (``null``: off).
+        reuse_val_teacher_outputs: compute the teacher's validation outputs once and reuse them every
+            epoch, when the datamodule declares ``random_augmentation = False``.
+        teacher_cache: ``disk`` / ``memory``: distil from a table of teacher logits computed once per
+            split (see :class:`~kd_lightning.teacher_cache.TeacherOutputCache`); ``null``: run the teacher.
+        cache_dir: where ``disk`` tables live (shared by runs and sweep jobs).
+        cache_dtype: ``float16`` or ``float32`` storage.
+        cache_top_k: keep only the top-k teacher probabilities (+ tail mass) per sample.
+        cpu_threads: ``torch.set_num_threads`` for this run (``null``: torch's default).
+    """
+
+    teacher_precision: str | None = None
+    channels_last: bool = False
+    compile: str | None = None
+    reuse_val_teacher_outputs: bool = True
+    teacher_cache: str | None = None
+    cache_dir: str | None = None
+    cache_dtype: str = "float16"
+    cache_top_k: int | None = None
+    cpu_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.teacher_precision is not None and self.teacher_precision not in TEACHER_DTYPES:
+            raise ConfigError(
+                f"runtime.teacher_precision={self.teacher_precision!r}: use one of {sorted(TEACHER_DTYPES)} or null"
+            )
+        if self.compile is not None and self.compile not in COMPILE_TARGETS:
+            raise ConfigError(f"runtime.compile={self.compile!r}: use one of {list(COMPILE_TARGETS)} or null")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError(f"runtime.cpu_threads={self.cpu_threads} must be >= 1 (or null for torch's default)")
+
+    @property
+    def teacher_dtype(self) -> torch.dtype | None:
+        return TEACHER_DTYPES.get(self.teacher_precision) if self.teacher_precision else None
+
+    def compiles(self, model: str) -> bool:
+        return self.compile in (model, "both")
+
+    def build_cache(self) -> TeacherOutputCache | None:
+        if self.teacher_cache is None:
+            return None
+        return TeacherOutputCache(self.teacher_cache, self.cache_dir, self.cache_dtype, self.cache_top_k)

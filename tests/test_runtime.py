@@ -1,0 +1,76 @@
+"""Runtime options: teacher autocast, channels-last conv nets, compile (slow), bad values."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.losses import DistillationLoss, KLDivergence
+from kd_lightning.models import resnet8x4
+from kd_lightning.module import DistillationModule
+from kd_lightning.runtime import Runtime
+
+
+def train_steps(runtime: Runtime, steps: int = 2) -> DistillationModule:
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))), batch_size=4)
+    module = DistillationModule(
+        student=resnet8x4(num_classes=10),
+        teacher=resnet8x4(num_classes=10),
+        loss=DistillationLoss({"kd": KLDivergence()}, alpha=0.5),
+        optimizer=partial(torch.optim.SGD, lr=0.01),
+        num_classes=10,
+        runtime=runtime,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, data)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    return module
+
+
+def test_teacher_autocast_gives_float32_outputs_close_to_full_precision() -> None:
+    module = train_steps(Runtime(teacher_precision="bf16"), steps=1)
+    x = torch.randn(4, 3, 32, 32)
+    low = module.teacher_outputs(x)["logits"]
+    module.runtime = Runtime()
+    full = module.teacher_outputs(x)["logits"]
+    assert low.dtype == torch.float32 and not low.is_inference()
+    assert torch.allclose(low, full, atol=0.1, rtol=0.05)
+
+
+def test_channels_last_trains_conv_nets_in_that_memory_format() -> None:
+    module = train_steps(Runtime(channels_last=True))
+    conv = module.student.stem[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.slow  # inductor compiles for a minute on 2 CPU cores
+def test_compiled_teacher_and_student_train() -> None:
+    train_steps(Runtime(compile="both"))
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        ({"teacher_precision": "int8"}, "runtime.teacher_precision"),
+        ({"compile": "everything"}, "runtime.compile"),
+        ({"cpu_threads": 0}, "runtime.cpu_threads"),
+        ({"teacher_cache": "cloud"}, "runtime.teacher_cache"),
+        ({"teacher_cache": "disk"}, "runtime.teacher_cache=disk needs a directory"),
+    ],
+)
+def test_bad_runtime_values_name_their_key(options: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        Runtime(**options).build_cache()
