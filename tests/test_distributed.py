@@ -47,17 +47,16 @@ def test_two_process_run_matches_one_process_run_on_the_same_global_batches(kd_h
         "compare_scratch=false",
         "logger=csv",
     ]
-    summaries = {}
+    summaries, same_teacher = {}, []
     for name, overrides in {
         "one": ["data.batch_size=64"],
         "two": ["data.batch_size=32", "trainer=ddp_spawn", "trainer.devices=2"],
     }.items():
         run_dir = kd_home / "ddp_equality" / name
-        teacher = [f"teacher.checkpoint={teacher_weights}"] if summaries else []  # the same teacher
-        result = run("kd-distill", *common, *overrides, *teacher, f"hydra.run.dir={run_dir}", home=kd_home)
+        result = run("kd-distill", *common, *overrides, *same_teacher, f"hydra.run.dir={run_dir}", home=kd_home)
         assert result.returncode == 0, result.stderr[-3000:]
         summary = json.loads((run_dir / "summary.json").read_text())
-        teacher_weights = summary["teacher_source"].rsplit(" ", 1)[-1]
+        same_teacher = [f"teacher.checkpoint={summary['teacher_source'].rsplit(' ', 1)[-1]}"]  # the one trained first
         summaries[name] = summary["metrics"]
         assert len(list((run_dir / "csv").iterdir())) == 1  # one logger run
     one, two = summaries["one"], summaries["two"]
