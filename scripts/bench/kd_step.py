@@ -2,6 +2,7 @@
 
     python scripts/bench/kd_step.py                    # both pairs, batch 256, writes docs/performance.md
     python scripts/bench/kd_step.py --pairs mnist1d --steps 20
+    python scripts/bench/kd_step.py --device cuda --precision bf16 --channels-last   # a GPU
 
 For each teacher/student pair, on the same in-memory data, device and thread count (warm-up steps
 excluded, median over steps, then the median of ``--repeats`` runs):
@@ -10,7 +11,10 @@ excluded, median over steps, then the median of ``--repeats`` runs):
   (c) the KD step through kd_lightning (DistillationModule driven by a Lightning Trainer),
   (d) the same KD step in a plain PyTorch loop (same loss, same optimizer).
 A step's time is the wall time between the starts of consecutive steps, so data loading and
-framework overhead count. Targets (issue 5): c / (a + b) <= 1.05 and c / d <= 1.10.
+framework overhead count (on CUDA each step ends with a synchronize). ``--precision bf16`` runs
+every forward under bf16 autocast (Lightning: ``precision="bf16-mixed"``); ``--channels-last`` puts
+conv nets and 4-D inputs in channels-last format. Targets (issue 5): c / (a + b) <= 1.05 and
+c / d <= 1.10.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -33,6 +38,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from kd_lightning.losses import DistillationLoss, KLDivergence
 from kd_lightning.models import MLP, ConvNet1D, resnet8x4, resnet32x4
 from kd_lightning.module import DistillationModule
+from kd_lightning.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[2]
 ALPHA, TEMPERATURE, LR = 0.9, 4.0, 3e-3
@@ -42,6 +48,30 @@ PAIRS: dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module], tuple[i
     "mnist1d": (lambda: ConvNet1D(channels=64), lambda: MLP(hidden=48), (1, 40), 10),
     "cifar_resnet32x4_to_8x4": (resnet32x4, resnet8x4, (3, 32, 32), 100),
 }
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Where and how every variant runs."""
+
+    device: torch.device
+    bf16: bool
+    channels_last: bool
+
+    def model(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return (x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x), y
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
 
 def loader(shape: tuple[int, ...], classes: int, batch: int, steps: int) -> DataLoader:
@@ -56,36 +86,46 @@ def median_gap(starts: list[float], warmup: int) -> float:
     return statistics.median([b - a for a, b in itertools.pairwise(starts)][warmup:])
 
 
-def timed(steps: Iterator[None], warmup: int) -> float:
+def timed(steps: Iterator[None], warmup: int, setup: Setup) -> float:
     """Median step time of a generator that yields after each step (gaps between step ends)."""
-    return median_gap([time.perf_counter() for _ in steps], warmup)
+    stamps = []
+    for _ in steps:
+        setup.sync()
+        stamps.append(time.perf_counter())
+    return median_gap(stamps, warmup)
 
 
-def student_only(student: nn.Module, data: DataLoader) -> Iterator[None]:
+def student_only(student: nn.Module, data: DataLoader, setup: Setup) -> Iterator[None]:
     optimizer = torch.optim.AdamW(student.parameters(), lr=LR)
-    for x, y in data:
-        loss = F.cross_entropy(student(x), y)
+    for batch in data:
+        x, y = setup.batch(*batch)
+        with setup.autocast():
+            loss = F.cross_entropy(student(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         yield
 
 
-def teacher_only(teacher: nn.Module, data: DataLoader) -> Iterator[None]:
+def teacher_only(teacher: nn.Module, data: DataLoader, setup: Setup) -> Iterator[None]:
     teacher.eval()
-    for x, _ in data:
-        with torch.no_grad():
+    for batch in data:
+        x, _ = setup.batch(*batch)
+        with torch.no_grad(), setup.autocast():
             teacher(x)
         yield
 
 
-def plain_kd(student: nn.Module, teacher: nn.Module, data: DataLoader) -> Iterator[None]:
+def plain_kd(student: nn.Module, teacher: nn.Module, data: DataLoader, setup: Setup) -> Iterator[None]:
     optimizer = torch.optim.AdamW(student.parameters(), lr=LR)
     teacher.eval()
-    for x, y in data:
-        with torch.no_grad():
+    for batch in data:
+        x, y = setup.batch(*batch)
+        with torch.no_grad(), setup.autocast():
             t = teacher(x)
-        s = student(x)
+        with setup.autocast():
+            s = student(x)
+        s, t = s.float(), t.float()
         kl = F.kl_div(
             F.log_softmax(s / TEMPERATURE, -1),
             F.log_softmax(t / TEMPERATURE, -1),
@@ -100,30 +140,37 @@ def plain_kd(student: nn.Module, teacher: nn.Module, data: DataLoader) -> Iterat
 
 
 class StepClock(L.Callback):
-    """Records the start time of every training batch."""
+    """Records the start time of every training batch (after the previous step's GPU work finished)."""
 
-    def __init__(self) -> None:
+    def __init__(self, setup: Setup) -> None:
+        self.setup = setup
         self.starts: list[float] = []
 
     def on_train_batch_start(self, *args: object) -> None:
+        self.setup.sync()
         self.starts.append(time.perf_counter())
 
     def on_train_end(self, *args: object) -> None:
+        self.setup.sync()
         self.starts.append(time.perf_counter())
 
 
-def lightning_kd(student: nn.Module, teacher: nn.Module, data: DataLoader, classes: int, warmup: int) -> float:
+def lightning_kd(
+    student: nn.Module, teacher: nn.Module, data: DataLoader, classes: int, warmup: int, setup: Setup
+) -> float:
     module = DistillationModule(
         student=student,
         teacher=teacher,
         num_classes=classes,
         optimizer=partial(torch.optim.AdamW, lr=LR),
         loss=DistillationLoss({"kd": KLDivergence()}, alpha=ALPHA, temperature=TEMPERATURE),
+        runtime=Runtime(channels_last=setup.channels_last),
     )
-    clock = StepClock()
+    clock = StepClock(setup)
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=setup.device.type,
         devices=1,
+        precision="bf16-mixed" if setup.bf16 else "32-true",
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,
@@ -136,17 +183,17 @@ def lightning_kd(student: nn.Module, teacher: nn.Module, data: DataLoader, class
     return median_gap(clock.starts, warmup)
 
 
-def measure(pair: str, batch: int, steps: int, warmup: int, repeats: int) -> dict[str, float]:
+def measure(pair: str, batch: int, steps: int, warmup: int, repeats: int, setup: Setup) -> dict[str, float]:
     make_teacher, make_student, shape, classes = PAIRS[pair]
     results: dict[str, list[float]] = {"a": [], "b": [], "c": [], "d": []}
     for repeat in range(repeats):
         torch.manual_seed(repeat)
-        teacher, student = make_teacher(), make_student()
+        teacher, student = setup.model(make_teacher()), make_student()
         data = loader(shape, classes, batch, steps + warmup)
-        results["a"].append(timed(student_only(make_student(), data), warmup))
-        results["b"].append(timed(teacher_only(teacher, data), warmup))
-        results["d"].append(timed(plain_kd(make_student(), teacher, data), warmup))
-        results["c"].append(lightning_kd(student, teacher, data, classes, warmup))
+        results["a"].append(timed(student_only(setup.model(make_student()), data, setup), warmup, setup))
+        results["b"].append(timed(teacher_only(teacher, data, setup), warmup, setup))
+        results["d"].append(timed(plain_kd(setup.model(make_student()), teacher, data, setup), warmup, setup))
+        results["c"].append(lightning_kd(student, teacher, data, classes, warmup, setup))
     return {name: statistics.median(values) for name, values in results.items()}
 
 
@@ -157,12 +204,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", choices=["32", "bf16"], default="32")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--section", default="kd-step", help="marker name of the table in --out")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "performance.md")
     args = parser.parse_args()
+    setup = Setup(torch.device(args.device), args.precision == "bf16", args.channels_last)
 
     rows = []
     for pair in args.pairs:
-        t = measure(pair, args.batch, args.steps, args.warmup, args.repeats)
+        t = measure(pair, args.batch, args.steps, args.warmup, args.repeats, setup)
         rows.append(
             f"| {pair} | {1e3 * t['a']:.1f} | {1e3 * t['b']:.1f} | {1e3 * t['c']:.1f} | {1e3 * t['d']:.1f} "
             f"| {args.batch / t['c']:,.0f} | {t['c'] / (t['a'] + t['b']):.3f} | {t['c'] / t['d']:.3f} |"
@@ -181,13 +233,22 @@ def main() -> None:
             str(args.warmup),
             "--repeats",
             str(args.repeats),
+            *(["--device", args.device] if args.device != "cpu" else []),
+            *(["--precision", args.precision] if args.precision != "32" else []),
+            *(["--channels-last"] if args.channels_last else []),
+            *(["--section", args.section] if args.section != "kd-step" else []),
         ]
     )
+    if setup.device.type == "cuda":
+        where = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    else:
+        cpu = platform.processor() or platform.machine()
+        where = f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU"
+    numerics = ("bf16 autocast" if setup.bf16 else "float32") + (", channels_last" if setup.channels_last else "")
     lines = [
         "<!-- kd-step table: written by scripts/bench/kd_step.py -->",
         f"Command: `{command}`  ",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}, CPU, float32. Time per step in ms (median over {args.steps} steps after "
+        f"Machine: {where}, {numerics}. Time per step in ms (median over {args.steps} steps after "
         f"{args.warmup} warm-up steps, median of {args.repeats} runs); (a) student step alone, (b) teacher "
         "inference alone, (c) KD step through kd_lightning (Lightning Trainer), (d) the same KD step in a "
         "plain PyTorch loop.",
@@ -197,13 +258,13 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
         *rows,
     ]
-    write_section(args.out, "\n".join(lines))
+    write_section(args.out, "\n".join(lines), args.section)
     print("\n".join(lines))
 
 
-def write_section(path: Path, table: str) -> None:
-    """Replace this script's section of ``path`` (between its markers), keeping the rest."""
-    begin, end = "<!-- kd-step:begin -->\n", "\n<!-- kd-step:end -->"
+def write_section(path: Path, table: str, section: str) -> None:
+    """Replace the ``section`` of ``path`` (between its markers), keeping the rest."""
+    begin, end = f"<!-- {section}:begin -->\n", f"\n<!-- {section}:end -->"
     text = path.read_text() if path.is_file() else f"# Performance\n\n{begin}{end}\n"
     if begin not in text:
         text += f"\n{begin}{end}\n"
