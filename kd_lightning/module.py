@@ -88,6 +88,10 @@ class DistillationModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.save_teacher = save_teacher
+        # Checkpoints without the teacher load non-strictly: strategies that load weights before
+        # on_load_checkpoint runs (FSDP) would fail on the absent teacher keys; the student's and
+        # loss's keys are checked in on_load_checkpoint.
+        self.strict_loading = self.teacher is None or save_teacher
         self.scale_lr_with_world_size = scale_lr_with_world_size
         self.student_taps = Taps(student, loss.layers("student") if teacher is not None else {})
         self.teacher_taps = Taps(self.teacher, loss.layers("teacher")) if self.teacher is not None else None
@@ -119,6 +123,11 @@ class DistillationModule(L.LightningModule):
             raise RuntimeError("this step needs a teacher but the module was built without one")
         dtype = self.runtime.teacher_dtype
         autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None)
+        # Strategies that cast batches to a low precision (FSDP mixed precision) leave the teacher's
+        # weights as they are: feed it inputs of its own dtype.
+        weight = next(self.teacher.parameters(), None)
+        if weight is not None and x.is_floating_point() and x.dtype != weight.dtype:
+            x = x.to(weight.dtype)
         with torch.inference_mode(), self.teacher_taps.capture() as layers, autocast:
             logits = self.teacher(x)
         # Inference tensors cannot be saved for backward: copy them (as float32) outside inference mode.
@@ -351,8 +360,13 @@ class DistillationModule(L.LightningModule):
             }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.teacher is None:
+        state = checkpoint.get("state_dict")
+        if self.teacher is None or state is None:  # FSDP loads (and removes) the weights before this hook
             return
-        state = checkpoint["state_dict"]
+        trained = [f"student.{name}" for name in self.student.state_dict()]
+        trained += [f"loss.{name}" for name in self.loss.state_dict()]
+        missing = [name for name in trained if name not in state]
+        if missing:
+            raise RuntimeError(f"the checkpoint lacks student/loss weights {missing[:5]}: not a checkpoint of this run")
         if not any(name.startswith("teacher.") for name in state):
             state.update({f"teacher.{name}": value for name, value in self.teacher.state_dict().items()})
