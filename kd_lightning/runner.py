@@ -30,6 +30,7 @@ from kd_lightning.module import DistillationModule
 from kd_lightning.runtime import Runtime
 from kd_lightning.summary import Summary
 from kd_lightning.teacher import load_weights
+from kd_lightning.tracking import finish_runs
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,8 @@ def run_test(
     return {name: float(value) for name, value in metrics.items()}
 
 
-@dataclass
 # ------------------------------------------------------------------------------ supervised fits
+@dataclass
 class FitResult:
     """Outcome of one supervised fit: metrics of the best-validation checkpoint."""
 
@@ -294,8 +295,8 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         teacher=teacher.model if teacher else None,
         save_teacher=cfg.save_teacher,
         scale_lr_with_world_size=cfg.scale_lr_with_world_size,
-    )
         runtime=runtime,
+    )
     # Sizes loss adapters (and per-sample memories) now, so they are counted below.
     module.setup_for(datamodule.example_input(), getattr(datamodule, "num_train_samples", None))
     callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.callbacks or {}).items()]
@@ -335,5 +336,6 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     summary.write(out_dir)
+    finish_runs(trainer.loggers, summary.as_dict())
     summary.print()
     return summary.as_dict()

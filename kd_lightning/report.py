@@ -1,0 +1,247 @@
+"""``kd-report RUN_DIR``: teacher and student of a finished kd-distill run, side by side on the test split.
+
+Reads the run's ``summary.json`` (its resolved config and best checkpoint), loads the student from the
+best-validation checkpoint and the teacher the way the run got it (``teacher.checkpoint``, the teacher
+cache, ...), then measures on the test split: accuracy, student-teacher top-1 agreement, expected
+calibration error (15 bins) with a reliability diagram, parameters, size on disk (safetensors bytes of
+the state dict) and CPU latency per batch (median over repeats, after warm-up). Prints a table and
+writes ``report.md`` and ``reliability.png`` into the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+from safetensors.torch import save
+from torch import Tensor, nn
+
+from kd_lightning.calibration import N_BINS, ReliabilityBins, expected_calibration_error, plot_reliability
+from kd_lightning.errors import ConfigError
+from kd_lightning.module import unpack
+from kd_lightning.runner import build, labelled_only, obtain_teacher, parameter_count
+from kd_lightning.teacher import load_weights
+
+
+class RunDirError(ValueError):
+    """RUN_DIR is not a finished kd-distill run; the message says what is missing."""
+
+
+@dataclass
+class Run:
+    """What kd-report needs from a finished run: its summary, resolved config and best checkpoint."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+    cfg: DictConfig
+    checkpoint: Path
+
+    @classmethod
+    def read(cls, run_dir: Path) -> Run:
+        if not run_dir.is_dir():
+            raise RunDirError(f"{run_dir} is not a directory; pass the run directory kd-distill printed")
+        summary_path = run_dir / "summary.json"
+        if not summary_path.is_file():
+            raise RunDirError(
+                f"{run_dir} is not a finished kd-distill run (no summary.json); pass a run directory whose "
+                "kd-distill job completed, or resume it with ckpt_path=last"
+            )
+        summary = json.loads(summary_path.read_text())
+        if "config" not in summary or "student_params" not in summary:
+            raise RunDirError(f"{summary_path} is not a kd-distill summary (kd-train runs have none to report)")
+        best = Path(summary.get("best_checkpoint") or "last.ckpt")
+        candidates = [run_dir / "checkpoints" / best.name, best]  # the first also finds a moved run dir
+        checkpoint = next((path for path in candidates if path.is_file()), None)
+        if checkpoint is None:
+            raise RunDirError(
+                f"{run_dir} has no student checkpoint ({best.name} is missing from {run_dir / 'checkpoints'}); "
+                "runs with checkpointing off (e.g. fast_dev_run) cannot be reported"
+            )
+        return cls(run_dir, summary, OmegaConf.create(summary["config"]), checkpoint)
+
+
+@dataclass
+class Measured:
+    """One model's numbers on the test split."""
+
+    accuracy: float
+    ece: float
+    params: int
+    size_bytes: int
+    latency_s: float
+
+
+def size_on_disk(model: nn.Module) -> int:
+    """Bytes of the model's state dict saved as safetensors."""
+    return len(save({name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()}))
+
+
+@torch.inference_mode()
+def predict(models: dict[str, nn.Module], loader: Any, progress: Progress) -> tuple[dict[str, Tensor], Tensor]:
+    """Logits of every model on every batch of ``loader`` and the targets."""
+    logits: dict[str, list[Tensor]] = {name: [] for name in models}
+    targets = []
+    task = progress.add_task("evaluating on the test split", total=len(loader))
+    for batch in loader:
+        x, y, _ = unpack(batch)
+        for name, model in models.items():
+            logits[name].append(model(x))
+        targets.append(y)
+        progress.advance(task)
+    return {name: torch.cat(chunks) for name, chunks in logits.items()}, torch.cat(targets)
+
+
+@torch.inference_mode()
+def latency(model: nn.Module, batch: Tensor, repeats: int, warmup: int, progress: Progress, name: str) -> float:
+    """Median wall time (s) of one forward pass on ``batch`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        model(batch)
+    times = []
+    for _ in progress.track(range(repeats), description=f"timing the {name} on the CPU"):
+        start = time.perf_counter()
+        model(batch)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def load_models(run: Run) -> tuple[dict[str, nn.Module], str | None]:
+    """The teacher (if the run had one: ``teacher_params`` set) and the student, in eval mode on the CPU,
+    with where the teacher's weights came from."""
+    cfg = run.cfg
+    student = load_weights(build(cfg.student.model, "student.model"), run.checkpoint, key="best checkpoint")
+    models = {"student": student}
+    source = None
+    if run.summary.get("teacher_params") is not None:
+        with tempfile.TemporaryDirectory() as scratch:  # obtain_teacher retrains there only if the cache is gone
+            teacher = obtain_teacher(cfg, build(cfg.teacher.model, "teacher.model"), Path(scratch))
+        models = {"teacher": teacher.model, **models}
+        source = teacher.source
+    return {name: model.cpu().eval() for name, model in models.items()}, source
+
+
+def measure(
+    run: Run, models: dict[str, nn.Module], batch_size: int, repeats: int, warmup: int
+) -> tuple[dict[str, Measured], float | None]:
+    """Every model's numbers, the student-teacher agreement (None without a teacher); writes reliability.png."""
+    datamodule = build(run.cfg.data, "data", **labelled_only(run.cfg.data))
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    loader = datamodule.test_dataloader()
+    with Progress() as progress:
+        logits, targets = predict(models, loader, progress)
+        inputs = torch.cat([unpack(batch)[0] for batch in loader])
+        batch = inputs.repeat((batch_size + len(inputs) - 1) // len(inputs), *[1] * (inputs.dim() - 1))[:batch_size]
+        seconds = {name: latency(model, batch, repeats, warmup, progress, name) for name, model in models.items()}
+    ece = {name: expected_calibration_error(out, targets) for name, out in logits.items()}
+    bins = {name: ReliabilityBins.of(out, targets) for name, out in logits.items()}
+    plot_reliability(bins, ece, run.run_dir / "reliability.png")
+    measured = {
+        name: Measured(
+            accuracy=float((logits[name].argmax(-1) == targets).float().mean()),
+            ece=ece[name],
+            params=parameter_count(model),
+            size_bytes=size_on_disk(model),
+            latency_s=seconds[name],
+        )
+        for name, model in models.items()
+    }
+    agreement = None
+    if "teacher" in logits:
+        agreement = float((logits["student"].argmax(-1) == logits["teacher"].argmax(-1)).float().mean())
+    return measured, agreement
+
+
+def rows(measured: dict[str, Measured], agreement: float | None, batch_size: int, repeats: int) -> list[list[str]]:
+    """(quantity, teacher, student, student vs teacher) rows of the report table."""
+    teacher, student = measured.get("teacher"), measured["student"]
+
+    def row(quantity: str, value: Callable[[Measured], float], fmt: str, ratio: str = "") -> list[str]:
+        times = f"{value(teacher) / value(student):.1f}x {ratio}" if teacher and ratio else ""
+        return [quantity, format(value(teacher), fmt) if teacher else "—", format(value(student), fmt), times]
+
+    return [
+        row("test accuracy (%)", lambda m: 100 * m.accuracy, ".2f"),
+        ["top-1 agreement with the teacher (%)", "—", "—" if agreement is None else f"{100 * agreement:.2f}", ""],
+        row(f"ECE, {N_BINS} bins (%)", lambda m: 100 * m.ece, ".2f"),
+        row("parameters", lambda m: m.params, ",", "fewer"),
+        row("size on disk (KiB, safetensors)", lambda m: m.size_bytes / 1024, ".1f", "smaller"),
+        row(
+            f"CPU latency per batch of {batch_size} (ms, median of {repeats})",
+            lambda m: 1000 * m.latency_s,
+            ".3f",
+            "faster",
+        ),
+    ]
+
+
+def markdown(run: Run, table: list[list[str]], teacher_source: str | None) -> str:
+    header = ["quantity", "teacher", "student", "student vs teacher"]
+    lines = [
+        f"# kd-report: {run.run_dir}",
+        "",
+        f"Student: best-validation checkpoint `{run.checkpoint}`. Teacher: {teacher_source or 'none (alpha = 0)'}.",
+        f"Measured on the test split; latency on the CPU with {torch.get_num_threads()} threads.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in table),
+        "",
+        "![reliability diagram](reliability.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def report(run_dir: Path, batch_size: int | None = None, repeats: int = 50, warmup: int = 10) -> dict[str, Any]:
+    """Measure a finished run, print the table, write ``report.md`` and ``reliability.png``; returns the numbers."""
+    run = Run.read(run_dir)
+    batch_size = batch_size or run.cfg.data.get("batch_size", 128)
+    models, teacher_source = load_models(run)
+    measured, agreement = measure(run, models, batch_size, repeats, warmup)
+    table = rows(measured, agreement, batch_size, repeats)
+    rich_table = Table(title=f"kd-report: {run_dir}")
+    for column in ("quantity", "teacher", "student", "student vs teacher"):
+        rich_table.add_column(column)
+    for row in table:
+        rich_table.add_row(*row)
+    Console().print(rich_table)
+    (run.run_dir / "report.md").write_text(markdown(run, table, teacher_source))
+    return {"agreement": agreement, **{name: vars(numbers) for name, numbers in measured.items()}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="kd-report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run_dir", type=Path, help="a kd-distill run directory (holds summary.json)")
+    parser.add_argument("--batch-size", type=int, default=None, help="latency batch size (default: data.batch_size)")
+    parser.add_argument("--repeats", type=int, default=50, help="timed forward passes per model (default: 50)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed forward passes first (default: 10)")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "repeats"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        report(args.run_dir, args.batch_size, args.repeats, args.warmup)
+    except (RunDirError, ConfigError) as error:
+        print(f"kd-report: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
