@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from datetime import datetime
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -13,6 +15,23 @@ def ensure_dir(path: str) -> str:
     return path
 
 
+def run_stamp() -> str:
+    """``${run_stamp:}``: the run directory's leaf. Under ``torchrun --rdzv-id=<id>`` every process (on
+    every node) gets ``torchrun-<id>``, so they share one run directory; otherwise the start time to the
+    microsecond (a new directory per run)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id != "none":
+        return f"torchrun-{run_id}"
+    return datetime.now().strftime("%H-%M-%S-%f")
+
+
+def home(default: str) -> str:
+    """``${kd_home:<default>}``: ``$KD_LIGHTNING_HOME`` unless unset or empty (an empty value would put
+    data and caches at the filesystem root)."""
+    return os.environ.get("KD_LIGHTNING_HOME") or default
+
+
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("ensure_dir"):
-        OmegaConf.register_new_resolver("ensure_dir", ensure_dir)
+    for name, resolver in {"ensure_dir": ensure_dir, "run_stamp": run_stamp, "kd_home": home}.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)

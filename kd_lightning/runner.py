@@ -66,7 +66,7 @@ def run_test(
     With spawned processes (``ddp_spawn``) the fit's CSV rows were written by child processes, so this
     process's CSV writer does not know the file's columns, and Lightning's header rewrite for the new
     test columns would fail ("dict contains fields not in fieldnames"): it is told the columns first."""
-    for logger in trainer.loggers:
+    for logger in trainer.loggers if trainer.is_global_zero else []:  # other ranks write no CSV
         if isinstance(logger, CSVLogger) and Path(logger.experiment.metrics_file_path).is_file():
             with open(logger.experiment.metrics_file_path, newline="") as file:
                 header = next(csv.reader(file), [])
@@ -335,7 +335,8 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         best_checkpoint=best,
         config=OmegaConf.to_container(cfg, resolve=True),
     )
-    summary.write(out_dir)
     finish_runs(trainer.loggers, summary.as_dict())
-    summary.print()
+    if trainer.is_global_zero:  # strategy=ddp runs this whole function once per process
+        summary.write(out_dir)
+        summary.print()
     return summary.as_dict()

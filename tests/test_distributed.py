@@ -4,12 +4,14 @@ feature-tap losses, and writes exactly one run."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import TINY
-from tests.test_cli import run
+from tests.test_cli import BIN, REPO, run
 
 
 # Marked slow: a spawned gloo process was seen to abort (SIGABRT) once in five runs on 2 shared cores.
@@ -64,3 +66,43 @@ def test_two_process_run_matches_one_process_run_on_the_same_global_batches(kd_h
         assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), key
     for key in ("val/acc", "val/agreement", "test/acc"):
         assert abs(two[key] - one[key]) <= 0.002, key  # at most 2 of 1,000 predictions flip
+
+
+@pytest.mark.slow
+def test_strategy_ddp_relaunching_the_script_per_process_writes_one_run(kd_home: Path) -> None:
+    """``strategy=ddp`` starts the other processes by re-running kd-distill: one run dir, one summary."""
+    run_dir = kd_home / "ddp_subprocess" / "run"
+    result = run(
+        "kd-distill",
+        *TINY,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        f"hydra.run.dir={run_dir}",
+        home=kd_home,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("kd_lightning summary") == 1
+    assert json.loads((run_dir / "summary.json").read_text())["metrics"]["test/acc"] > 0
+    assert [p.name for p in run_dir.parent.iterdir()] == [run_dir.name]
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_on_localhost_share_one_run(kd_home: Path) -> None:
+    """``torchrun --nnodes 2`` (one process per "node", both on this machine) with ``--rdzv-id``: the
+    processes rendezvous, train together and write one run directory named after the rendezvous id."""
+    port = 29_400 + os.getpid() % 1000
+    torchrun = [str(BIN / "torchrun"), "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d"]
+    torchrun += [f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=kdtest", "-m", "kd_lightning.train"]
+    overrides = [*TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2"]
+    overrides += ["trainer.precision=32-true", "logger=csv"]
+    env = {**os.environ, "KD_LIGHTNING_HOME": str(kd_home), "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
+    nodes = [subprocess.Popen([*torchrun, *overrides], env=env, cwd=kd_home, stdout=subprocess.PIPE, text=True)]
+    nodes.append(subprocess.Popen([*torchrun, *overrides], env=env, cwd=kd_home, stdout=subprocess.PIPE, text=True))
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0]
+    assert sum(out.count("kd_lightning summary") for out in outputs) == 1
+    (run_dir,) = (kd_home / "runs" / "distill").glob("*/torchrun-kdtest")
+    assert json.loads((run_dir / "summary.json").read_text())["metrics"]["test/acc"] > 0
+    assert len(list((run_dir / "csv").iterdir())) == 1
