@@ -29,6 +29,26 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 Batch = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]
 
 
+class EpochMeans:
+    """Sample-weighted running means of detached scalars over an epoch (tensor ops only: no host sync)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.count = 0
+
+    def reset(self) -> None:
+        self.sums, self.count = {}, 0
+
+    def add(self, values: dict[str, Tensor], weight: int) -> None:
+        for name, value in values.items():
+            weighted = value.detach().float() * weight
+            self.sums[name] = self.sums[name] + weighted if name in self.sums else weighted
+        self.count += weight
+
+    def means(self) -> dict[str, Tensor]:
+        return {name: total / max(self.count, 1) for name, total in self.sums.items()}
+
+
 def unpack(batch: Batch) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(x, y, index)`` from an ``(x, y)`` or ``(x, y, index)`` batch (``index`` None for the former)."""
     if len(batch) == 2:
@@ -84,6 +104,7 @@ class DistillationModule(L.LightningModule):
         self.runtime = runtime or Runtime()
         self.teacher_cache = self.runtime.build_cache() if teacher is not None else None
         self.val_teacher_logits: dict[tuple[int, int], Tensor] = {}
+        self.train_losses = EpochMeans()
         self.reuse_val_outputs = False
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -260,12 +281,16 @@ class DistillationModule(L.LightningModule):
                 "data.return_index=true (or use a datamodule whose batches are (x, y, index))"
             )
         out = self.loss(self.student_outputs(x), teacher, y, index=index, label_count=self.mean_label_count(y))
-        batch_size = x.shape[0]
-        log = {"on_step": False, "on_epoch": True, "batch_size": batch_size, "sync_dist": True}
-        self.log("train/loss", out.total, prog_bar=True, **log)
-        for name, value in out.parts.items():
-            self.log(f"train/loss_{name}", value, **log)
+        self.train_losses.add({"loss": out.total, **{f"loss_{name}": v for name, v in out.parts.items()}}, x.shape[0])
         return out.total
+
+    def on_train_epoch_start(self) -> None:
+        self.train_losses.reset()
+
+    def on_train_epoch_end(self) -> None:
+        # Logged once per epoch: a self.log call per step and value costs Lightning ~0.2 ms each.
+        for name, value in self.train_losses.means().items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", sync_dist=True)
 
     def mean_label_count(self, targets: Tensor) -> Tensor | None:
         """Under data parallelism, the mean number of labelled samples per process, so that the task
