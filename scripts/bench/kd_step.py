@@ -57,6 +57,7 @@ class Setup:
     device: torch.device
     bf16: bool
     channels_last: bool
+    compile: str | None = None
 
     def model(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
@@ -164,7 +165,7 @@ def lightning_kd(
         num_classes=classes,
         optimizer=partial(torch.optim.AdamW, lr=LR),
         loss=DistillationLoss({"kd": KLDivergence()}, alpha=ALPHA, temperature=TEMPERATURE),
-        runtime=Runtime(channels_last=setup.channels_last),
+        runtime=Runtime(channels_last=setup.channels_last, compile=setup.compile),
     )
     clock = StepClock(setup)
     trainer = L.Trainer(
@@ -207,10 +208,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", choices=["32", "bf16"], default="32")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", choices=["teacher", "student", "both"], help="runtime.compile for (c) only")
     parser.add_argument("--section", default="kd-step", help="marker name of the table in --out")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "performance.md")
     args = parser.parse_args()
-    setup = Setup(torch.device(args.device), args.precision == "bf16", args.channels_last)
+    setup = Setup(torch.device(args.device), args.precision == "bf16", args.channels_last, args.compile)
 
     rows = []
     for pair in args.pairs:
@@ -236,6 +238,7 @@ def main() -> None:
             *(["--device", args.device] if args.device != "cpu" else []),
             *(["--precision", args.precision] if args.precision != "32" else []),
             *(["--channels-last"] if args.channels_last else []),
+            *(["--compile", args.compile] if args.compile else []),
             *(["--section", args.section] if args.section != "kd-step" else []),
         ]
     )
@@ -245,6 +248,7 @@ def main() -> None:
         cpu = platform.processor() or platform.machine()
         where = f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU"
     numerics = ("bf16 autocast" if setup.bf16 else "float32") + (", channels_last" if setup.channels_last else "")
+    numerics += f", (c) with runtime.compile={setup.compile}" if setup.compile else ""
     lines = [
         "<!-- kd-step table: written by scripts/bench/kd_step.py -->",
         f"Command: `{command}`  ",
