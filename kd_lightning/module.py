@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from kd_lightning.checkpointing import TeacherOutOfCheckpoints
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import UNLABELLED, DistillationLoss, soft_kl
 from kd_lightning.runtime import Runtime
@@ -58,7 +59,7 @@ def unpack(batch: Batch) -> tuple[Tensor, Tensor, Tensor | None]:
     raise ValueError(f"batches must be (x, y) or (x, y, index), got a batch of {len(batch)} items")
 
 
-class DistillationModule(L.LightningModule):
+class DistillationModule(TeacherOutOfCheckpoints, L.LightningModule):
     """Trains ``student`` with ``loss`` against a frozen ``teacher``.
 
     - The teacher is frozen (``eval()``, ``requires_grad_(False)``), runs under ``no_grad``, stays in
@@ -109,10 +110,7 @@ class DistillationModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.save_teacher = save_teacher
-        # Checkpoints without the teacher load non-strictly: strategies that load weights before
-        # on_load_checkpoint runs (FSDP) would fail on the absent teacher keys; the student's and
-        # loss's keys are checked in on_load_checkpoint.
-        self.strict_loading = self.teacher is None or save_teacher
+        self.configure_teacher_loading()
         self.scale_lr_with_world_size = scale_lr_with_world_size
         self.student_taps = Taps(student, loss.layers("student") if teacher is not None else {})
         self.teacher_taps = Taps(self.teacher, loss.layers("teacher")) if self.teacher is not None else None
@@ -376,22 +374,3 @@ class DistillationModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
-
-    # --------------------------------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.teacher is not None and not self.save_teacher:
-            checkpoint["state_dict"] = {
-                name: value for name, value in checkpoint["state_dict"].items() if not name.startswith("teacher.")
-            }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("state_dict")
-        if self.teacher is None or state is None:  # FSDP loads (and removes) the weights before this hook
-            return
-        trained = [f"student.{name}" for name in self.student.state_dict()]
-        trained += [f"loss.{name}" for name in self.loss.state_dict()]
-        missing = [name for name in trained if name not in state]
-        if missing:
-            raise RuntimeError(f"the checkpoint lacks student/loss weights {missing[:5]}: not a checkpoint of this run")
-        if not any(name.startswith("teacher.") for name in state):
-            state.update({f"teacher.{name}": value for name, value in self.teacher.state_dict().items()})

@@ -257,14 +257,20 @@ def check_class_counts(example: torch.Tensor, num_classes: int, **models: nn.Mod
             )
 
 
-# ---------------------------------------------------------------------------------- kd-distill
-def distill(cfg: DictConfig) -> dict[str, Any]:
-    """Run a full distillation job; returns the summary (metrics included)."""
-    start = time.perf_counter()
+def start_run(cfg: DictConfig) -> tuple[Path, str | None]:
+    """The run directory and the checkpoint to resume (``ckpt_path``), checked; seeds everything."""
     out_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, out_dir)
     check_run_dir(out_dir, resuming=ckpt_path is not None)
     L.seed_everything(cfg.seed, workers=True)
+    return out_dir, ckpt_path
+
+
+# ---------------------------------------------------------------------------------- kd-distill
+def distill(cfg: DictConfig) -> dict[str, Any]:
+    """Run a full distillation job; returns the summary (metrics included)."""
+    start = time.perf_counter()
+    out_dir, ckpt_path = start_run(cfg)
 
     loss: DistillationLoss = build(cfg.loss, "loss")
     overrides = labelled_only(cfg.data) if loss.alpha == 0 else {}
