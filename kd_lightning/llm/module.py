@@ -1,0 +1,288 @@
+"""LLMDistillationModule: a frozen causal-LM teacher, a trainable student and a TokenDistillationLoss."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from kd_lightning.checkpointing import TeacherOutOfCheckpoints
+from kd_lightning.errors import ConfigError
+from kd_lightning.llm.logit_cache import LogitCache
+from kd_lightning.llm.token_loss import IGNORE_INDEX, TokenDistillationLoss, TokenLossOutput, final_hidden_states
+from kd_lightning.module import _EVAL_MODE_WARNING, OptimizerFactory, SchedulerFactory
+from kd_lightning.teacher import freeze
+
+Batch = Mapping[str, Tensor]
+
+
+@torch.no_grad()
+def check_head(model: nn.Module, key: str, input_ids: Tensor, attention_mask: Tensor) -> None:
+    """Fail unless ``model``'s logits are ``lm_head(last hidden state)`` (the chunked loss relies on it;
+    logit soft-capping or scaling breaks it). Runs the first attended tokens of one row, in eval mode."""
+    tokens = input_ids[0][attention_mask[0].bool()][:32].unsqueeze(0)
+    mask = torch.ones_like(tokens)
+    was_training = model.training
+    model.eval()
+    logits = model(input_ids=tokens, attention_mask=mask, use_cache=False).logits.float()
+    recomputed = model.get_output_embeddings()(final_hidden_states(model, tokens, mask)).float()
+    model.train(was_training)
+    if not torch.allclose(recomputed, logits, rtol=1e-3, atol=1e-3):
+        raise ConfigError(
+            f"{key}: the model's logits are not lm_head(last hidden state) (logit scaling or soft-capping?); "
+            "the chunked token loss cannot distil it"
+        )
+
+
+def sampled_batch(
+    prompt_ids: Tensor, prompt_mask: Tensor, sequences: Tensor, eos_ids: Tensor, pad_id: int
+) -> dict[str, Tensor]:
+    """A training batch from ``generate`` output: prompt (left-padded) + sampled tokens up to and including
+    the first EOS; only sampled tokens are labelled, everything after the EOS is padding."""
+    sampled = sequences[:, prompt_ids.shape[1] :]
+    is_eos = torch.isin(sampled, eos_ids).long()
+    kept = (is_eos.cumsum(dim=1) - is_eos) == 0  # up to and including the first EOS
+    sampled = torch.where(kept, sampled, torch.full_like(sampled, pad_id))
+    return {
+        "input_ids": torch.cat([prompt_ids, sampled], dim=1),
+        "attention_mask": torch.cat([prompt_mask, kept.long()], dim=1),
+        "labels": torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), sampled.masked_fill(~kept, IGNORE_INDEX)], 1),
+    }
+
+
+class LLMDistillationModule(TeacherOutOfCheckpoints, L.LightningModule):
+    """Distils a Hugging Face causal-LM ``teacher`` into ``student`` token by token.
+
+    - Teacher: frozen (``eval()``, ``requires_grad_(False)``), run under ``no_grad``, kept in eval mode,
+      never in the optimizer, left out of checkpoints unless ``save_teacher`` (put back from memory on load).
+    - Student: fully fine-tuned, or LoRA adapters only when ``lora`` (``peft.LoraConfig`` arguments) is given.
+    - Modes: off-policy (dataset sequences); on-policy with probability ``lmbda`` per batch (GKD, Agarwal
+      et al. 2024): the student samples completions of the batch's prompts (``generate``, no gradient,
+      seeded by ``seed``, epoch, batch and rank), only the sampled tokens are trained on and the teacher
+      scores them token by token; ``logit_cache``: teacher top-k log-probabilities read from a
+      :class:`~kd_lightning.llm.logit_cache.LogitCache` instead of running the teacher; ``loss.alpha = 0``:
+      supervised fine-tuning, the teacher never runs (black-box sequence KD on teacher-written data).
+    - Normalisation: the loss returns sums over valid tokens; gradients are divided by the number of valid
+      tokens of the whole accumulated batch (all micro-batches of an optimizer step, all ranks) in
+      ``on_before_optimizer_step``, before clipping, so every token weighs the same whatever the padding,
+      the accumulation or the world size.
+
+    Logged: ``train/loss``, ``train/loss_ce``, ``train/loss_distill`` (per token), ``val/loss``,
+    ``val/ppl`` (student perplexity on the validation completions), ``val/kl_to_teacher`` (forward KL
+    at T = 1 per token; over the ``k + 1`` buckets at the cache's temperature in cache mode).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        loss: TokenDistillationLoss,
+        optimizer: OptimizerFactory,
+        teacher: nn.Module | None = None,
+        scheduler: SchedulerFactory | None = None,
+        lmbda: float = 0.0,
+        generation: Mapping[str, Any] | None = None,
+        logit_cache: LogitCache | None = None,
+        lora: Mapping[str, Any] | None = None,
+        pad_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        seed: int = 0,
+        save_teacher: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= lmbda <= 1.0:
+            raise ConfigError(f"llm.mode.lmbda={lmbda} must be in [0, 1] (the fraction of on-policy batches)")
+        if lmbda > 0 and not loss.needs_teacher:
+            raise ConfigError(
+                f"llm.mode.lmbda={lmbda} samples from the student for the teacher to score: set llm.loss.alpha > 0"
+            )
+        if logit_cache is not None and lmbda > 0:
+            raise ConfigError(
+                "llm/mode=teacher_cache holds teacher outputs for dataset sequences only; on-policy samples "
+                "need the live teacher (llm/mode=on_policy)"
+            )
+        if loss.needs_teacher and teacher is None and logit_cache is None:
+            raise ConfigError("llm.loss.alpha > 0 needs a teacher or a logit cache; set llm.loss.alpha=0 for SFT")
+        if logit_cache is not None:
+            self._check_cache(logit_cache, loss, student)
+        if lora:
+            from peft import LoraConfig, get_peft_model
+
+            student = get_peft_model(student, LoraConfig(**{"task_type": "CAUSAL_LM", **lora}))
+        self.student = student
+        self.teacher = freeze(teacher) if teacher is not None else None
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.lmbda = float(lmbda)
+        self.generation = {"max_new_tokens": 64, "temperature": 1.0, "top_k": 0, "top_p": 1.0, **(generation or {})}
+        self.logit_cache = logit_cache
+        config = getattr(student, "generation_config", None)
+        eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.pad_token_id = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
+        if lmbda > 0 and (not self.eos_ids or self.pad_token_id is None):
+            raise ConfigError("on-policy sampling needs pad and eos token ids (from the tokenizer)")
+        self.seed = seed
+        self.save_teacher = save_teacher
+        self.configure_teacher_loading()
+        self.heads_checked = False
+        self.window_tokens = torch.zeros((), dtype=torch.long)
+        self.val_loss, self.val_ce, self.val_kl = MeanMetric(), MeanMetric(), MeanMetric()
+
+    @staticmethod
+    def _check_cache(cache: LogitCache, loss: TokenDistillationLoss, student: nn.Module) -> None:
+        if cache.temperature != loss.temperature:
+            raise ConfigError(
+                f"the logit cache holds teacher log-probs at T={cache.temperature} but "
+                f"llm.loss.divergence.temperature={loss.temperature}; rebuild the cache at the loss temperature"
+            )
+        vocab = loss.shared_vocab(student.get_output_embeddings().weight.shape[0], None)
+        if cache.vocab_size != vocab:
+            raise ConfigError(
+                f"the logit cache covers {cache.vocab_size} tokens but the loss compares {vocab}; "
+                "set llm.loss.vocab_size to the tokenizer size and rebuild the cache"
+            )
+
+    # ----------------------------------------------------------------------------- forward passes
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Student logits (full vocabulary: for inspection, not for the loss)."""
+        return self.student(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def train(self, mode: bool = True) -> LLMDistillationModule:
+        """Switch the student's mode; the teacher always stays in eval mode."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def token_loss(self, batch: Batch, monitor_kl: bool = False) -> TokenLossOutput:
+        """:class:`TokenDistillationLoss` sums on ``batch``; the teacher (or the cache) runs only when needed."""
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        hidden = final_hidden_states(self.student, input_ids, attention_mask)
+        teacher: dict[str, Any] = {}
+        if self.loss.needs_teacher or monitor_kl:
+            if self.logit_cache is not None:
+                teacher = {"teacher_topk": self.logit_cache.lookup(batch)}
+            elif self.teacher is not None:
+                with torch.no_grad():
+                    teacher_hidden = final_hidden_states(self.teacher, input_ids, attention_mask)
+                teacher = {"teacher_hidden": teacher_hidden, "teacher_head": self.teacher.get_output_embeddings()}
+        head = self.student.get_output_embeddings()
+        return self.loss(hidden, head, batch["labels"], monitor_kl=monitor_kl and bool(teacher), **teacher)
+
+    # ----------------------------------------------------------------------------------- on-policy
+    def _rng(self, batch_idx: int, *extra: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.current_epoch, batch_idx, *extra])
+
+    def on_policy(self, batch_idx: int) -> bool:
+        """Whether this batch is sampled from the student: probability ``lmbda``, the same on every rank."""
+        return self.lmbda > 0 and self._rng(batch_idx).random() < self.lmbda
+
+    @torch.no_grad()
+    def sample(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
+        """Completions of the batch's prompts sampled from the student (eval mode, no gradient, seeded; token
+        ids of a head padded beyond the shared vocabulary are never sampled)."""
+        if "prompt_input_ids" not in batch:
+            raise ConfigError("on-policy training needs prompts in the batches (prompt_input_ids); check llm.data")
+        prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        seed = int(self._rng(batch_idx, self.global_rank, 1).integers(2**31))
+        rows = self.student.get_output_embeddings().weight.shape[0]
+        padding = list(range(self.loss.shared_vocab(rows, None), rows))  # head rows beyond the tokenizer
+        was_training = self.student.training
+        self.student.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            torch.manual_seed(seed)
+            sequences = self.student.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                do_sample=True,
+                pad_token_id=self.pad_token_id,
+                eos_token_id=self.eos_ids,
+                suppress_tokens=padding or None,
+                **self.generation,
+            )
+        self.student.train(was_training)
+        eos_ids = torch.as_tensor(self.eos_ids, device=sequences.device)
+        return sampled_batch(prompt_ids, prompt_mask, sequences, eos_ids, self.pad_token_id)
+
+    # ------------------------------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        # Lightning warns about every module in eval mode; the teacher is meant to be.
+        warnings.filterwarnings("ignore", message=_EVAL_MODE_WARNING, category=PossibleUserWarning)
+
+    def on_train_epoch_start(self) -> None:
+        self.window_tokens = torch.zeros((), dtype=torch.long, device=self.device)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        if self.on_policy(batch_idx):
+            batch = self.sample(batch, batch_idx)
+        elif "input_ids" not in batch:
+            raise ConfigError(
+                f"training batches hold prompts only but llm.mode.lmbda={self.lmbda} < 1 also trains on dataset "
+                "completions; set llm.data.prompt_only=false"
+            )
+        if not self.heads_checked:
+            models = {"llm.student.model": self.student}
+            if self.teacher is not None and self.loss.needs_teacher and self.logit_cache is None:
+                models["llm.teacher.model"] = self.teacher
+            for key, model in models.items():
+                check_head(model, key, batch["input_ids"], batch["attention_mask"])
+            self.heads_checked = True
+        out = self.token_loss(batch)
+        self.window_tokens = self.window_tokens + out.count
+        tokens = max(int(out.count), 1)
+        log = {"on_step": False, "on_epoch": True, "batch_size": tokens, "sync_dist": True}
+        self.log("train/loss", out.total.detach() / tokens, prog_bar=True, **log)
+        for name, value in out.parts.items():
+            self.log(f"train/loss_{name}", value / tokens, **log)
+        # A sum: Lightning divides it by accumulate_grad_batches, on_before_optimizer_step by the tokens.
+        return out.total * self.trainer.accumulate_grad_batches
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide the summed gradients by the valid tokens of the accumulated batch on all ranks (DDP has
+        averaged gradients over ranks: multiply back by the world size)."""
+        tokens = self.trainer.strategy.reduce(self.window_tokens.float(), reduce_op="sum")
+        scale = self.trainer.world_size / max(float(tokens), 1.0)
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.mul_(scale)
+        self.window_tokens = torch.zeros_like(self.window_tokens)
+
+    # ---------------------------------------------------------------------------------- evaluation
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        out = self.token_loss(batch, monitor_kl=True)
+        tokens = out.count.clamp(min=1).float()
+        self.val_loss.update(out.total / tokens, weight=out.count.float())
+        self.val_ce.update(out.parts["ce"] / tokens, weight=out.count.float())
+        if "kl_to_teacher" in out.parts:
+            self.val_kl.update(out.parts["kl_to_teacher"] / tokens, weight=out.count.float())
+
+    def on_validation_epoch_end(self) -> None:
+        # torchmetrics syncs across ranks in compute(); the values are then equal on every rank.
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(self.val_ce.compute()), prog_bar=True, sync_dist=True)
+        if self.val_kl.update_called:
+            self.log("val/kl_to_teacher", self.val_kl.compute(), sync_dist=True)
+        for metric in (self.val_loss, self.val_ce, self.val_kl):
+            metric.reset()
+
+    # ---------------------------------------------------------------------------------- optimizers
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The student's trainable parameters (LoRA adapters only under LoRA); never the teacher's."""
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> OptimizerLRScheduler:
+        optimizer = self.optimizer_factory(params=self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}

@@ -1,0 +1,300 @@
+r"""The token-level LM distillation objective, computed chunk by chunk from final hidden states.
+
+Shift convention (the one Hugging Face causal LMs use): ``labels`` is ``[B, T]`` and aligned with
+``input_ids``; the model's output at position ``t`` predicts ``labels[:, t + 1]``. So position ``t``
+is *valid* when ``labels[:, t + 1] != -100`` (prompt and padding tokens carry ``-100``); the last
+position predicts nothing. :func:`next_token_targets` defines this once; the logit cache stores its
+rows in the same order (row-major over ``[B, T]``).
+
+Memory: logits are never materialised for the whole batch. Valid positions are selected first, then
+for each chunk of ``chunk_size`` tokens the student's (and the teacher's) logits ``[chunk, V]`` are
+computed from hidden states and the ``lm_head`` weight, reduced to three sums, and dropped; with
+gradients enabled each chunk runs under :func:`torch.utils.checkpoint.checkpoint`, so backward
+recomputes the chunk's logits instead of keeping them. Peak extra memory is a few ``[chunk, V]``
+float32 tensors instead of several ``[B * T, V]`` ones (measured in ``docs/results/llm_loss_memory.md``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.llm.divergences import ForwardKL, TokenDivergence
+from kd_lightning.losses.precision import at_least_fp32, autocast_off
+
+#: Label of tokens that are not predicted (prompt, padding, positions after the end of a sample).
+IGNORE_INDEX = -100
+
+
+class SparseTeacher(NamedTuple):
+    """A top-k teacher for each valid token (in :func:`next_token_targets` order): the ``k`` most likely
+    token ids ``[N, k]``, their log-probabilities ``[N, k]`` and the log of the remaining mass ``[N]``,
+    all at the loss's temperature."""
+
+    ids: Tensor
+    log_probs: Tensor
+    tail: Tensor
+
+
+class TokenLossOutput(NamedTuple):
+    """Sums over valid tokens, so callers normalise by the right count (e.g. across gradient accumulation).
+
+    ``total``: :math:`\\sum_i (1 - \\alpha)\\,\\mathrm{CE}_i + \\alpha\\,D_i` (carries the graph);
+    ``count``: the number of valid tokens; ``parts``: detached sums ``ce``, ``distill`` and, when asked
+    for, ``kl_to_teacher``. The per-token mean of one batch is ``total / count``; under gradient
+    accumulation, back-propagate the micro-batches' ``total`` and divide the gradients by the sum of their
+    ``count`` (what :class:`~kd_lightning.llm.module.LLMDistillationModule` does), since a mean of
+    micro-batch means weighs tokens unequally.
+    """
+
+    total: Tensor
+    count: Tensor
+    parts: dict[str, Tensor]
+
+
+def next_token_targets(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
+    """``(targets, positions)``: ``targets[b, t] = labels[b, t + 1]`` (``ignore_index`` at ``t = T - 1``)
+    and the flat indices into ``[B * T]`` of the valid positions, row-major."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    positions = (targets.reshape(-1) != ignore_index).nonzero().squeeze(1)
+    return targets, positions
+
+
+def final_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """``[B, T, H]``: a Hugging Face causal LM's last hidden states, the input of its ``lm_head``. Positions
+    count attended tokens only, so left- and right-padded rows give the same values."""
+    position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+    decoder = model.get_decoder()
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state
+
+
+def linear_head(head: nn.Module, key: str) -> tuple[Tensor, Tensor | None]:
+    """``(weight [V, H], bias)`` of an output layer; the chunked loss needs a plain ``nn.Linear``."""
+    if not isinstance(head, nn.Linear):
+        raise ConfigError(
+            f"{key}: the output layer is a {type(head).__name__}, not nn.Linear; the chunked token loss needs "
+            "logits = lm_head(hidden) (leave lm_head out of lora.target_modules)"
+        )
+    return head.weight, head.bias
+
+
+def bucket_log_probs(log_probs: Tensor, ids: Tensor) -> Tensor:
+    """Collapse full log-probabilities ``[N, V]`` onto ``k + 1`` buckets: the ``ids`` ``[N, k]`` and the rest."""
+    top = log_probs.gather(1, ids)
+    tail = torch.logsumexp(log_probs.scatter(1, ids, float("-inf")), dim=-1, keepdim=True)
+    return torch.cat([top, tail], dim=1)
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, vocab: int) -> Tensor:
+    """``hidden @ weight.T + bias`` in the weight's dtype (autocast off), first ``vocab`` columns, >= float32."""
+    if vocab < weight.shape[0]:
+        weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
+    with autocast_off(hidden):
+        return at_least_fp32(F.linear(hidden.to(weight.dtype), weight, bias))
+
+
+class TokenDistillationLoss(nn.Module):
+    r"""Next-token cross-entropy plus a token-level divergence to the teacher, over valid tokens.
+
+    .. math::
+        L = \frac{1}{N} \sum_{i \,\in\, \mathrm{valid}} (1 - \alpha)\,\mathrm{CE}\big(z_s^i, y_i\big)
+            + \alpha\, T^2 D\big(\mathrm{softmax}(z_s^i / T),\ \mathrm{softmax}(z_t^i / T)\big)
+
+    the LM form of Hinton et al. (2015) used by word-level KD (Kim & Rush 2016), GKD (Agarwal et al.
+    2024) and DistiLLM (Ko et al. 2024); :math:`D` is any divergence from
+    :mod:`kd_lightning.llm.divergences`. ``alpha = 0`` is supervised fine-tuning (the teacher is not
+    needed: black-box sequence KD on teacher-written data); ``alpha = 1`` distillation only.
+    :meth:`forward` returns *sums* and the token count :math:`N` (see :class:`TokenLossOutput`).
+
+    The teacher is given as hidden states plus its ``lm_head`` (chunked like the student), as full
+    logits ``[B, T, V]``, or as a :class:`SparseTeacher` (top-k + tail bucket: :math:`D` is computed over
+    ``k + 1`` buckets, the student's tail being the log-sum-exp of its non-top-k log-probabilities).
+
+    Vocabularies: with ``vocab_size`` null both heads must have the same size; a head padded beyond
+    the tokenizer is handled by setting ``vocab_size`` to the shared (tokenizer) size, which slices
+    both to it (cross-entropy and divergence alike).
+
+    Args:
+        divergence: the token divergence (owns the temperature).
+        alpha: weight of the divergence against the cross-entropy, in [0, 1].
+        chunk_size: tokens per chunk of logits; ``null`` computes all valid tokens at once (no recompute).
+        vocab_size: number of leading vocabulary entries both models share, or null.
+    """
+
+    def __init__(
+        self,
+        divergence: TokenDivergence,
+        alpha: float = 0.5,
+        chunk_size: int | None = 512,
+        vocab_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.divergence = divergence
+        if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+            raise ConfigError(
+                f"llm.loss.alpha={alpha} is outside [0, 1]; 0 is supervised fine-tuning, 1 distillation only"
+            )
+        self.alpha = float(alpha)
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ConfigError(f"llm.loss.chunk_size={chunk_size} must be a positive number of tokens (or null)")
+        self.chunk_size = chunk_size
+        if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 1):
+            raise ConfigError(f"llm.loss.vocab_size={vocab_size} must be a positive integer (or null)")
+        self.vocab_size = vocab_size
+        self.monitor = ForwardKL()
+
+    @property
+    def temperature(self) -> float:
+        return self.divergence.temperature
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether training needs teacher outputs (False for ``alpha == 0``)."""
+        return self.alpha > 0.0
+
+    def shared_vocab(self, student_vocab: int, teacher_vocab: int | None) -> int:
+        """The number of leading vocabulary entries compared; a :class:`ConfigError` if the heads cannot share one."""
+        sizes = f"student head {student_vocab}" + (f", teacher head {teacher_vocab}" if teacher_vocab else "")
+        if self.vocab_size is not None:
+            if self.vocab_size > min(student_vocab, teacher_vocab or student_vocab):
+                raise ConfigError(
+                    f"llm.loss.vocab_size={self.vocab_size} exceeds a model's vocabulary ({sizes}); "
+                    "set it to the tokenizer's size"
+                )
+            return self.vocab_size
+        if teacher_vocab is None or teacher_vocab == student_vocab:
+            return student_vocab
+        raise ConfigError(
+            f"the vocabularies differ ({sizes}); if one head is only padded, set llm.loss.vocab_size to the "
+            "shared tokenizer size, otherwise the tokenizers differ and white-box KD does not apply "
+            "(use llm.loss.alpha=0 on teacher-written data)"
+        )
+
+    def forward(
+        self,
+        student_hidden: Tensor,
+        student_head: nn.Module,
+        labels: Tensor,
+        teacher_hidden: Tensor | None = None,
+        teacher_head: nn.Module | None = None,
+        teacher_logits: Tensor | None = None,
+        teacher_topk: SparseTeacher | None = None,
+        monitor_kl: bool = False,
+    ) -> TokenLossOutput:
+        """Sums over the valid tokens of ``labels`` ``[B, T]``.
+
+        ``student_hidden`` ``[B, T, H]`` are the final hidden states (logits = ``student_head(hidden)``);
+        give the teacher as ``teacher_hidden`` + ``teacher_head``, ``teacher_logits`` ``[B, T, V_t]`` or
+        ``teacher_topk`` (one row per valid token). ``monitor_kl`` adds ``parts["kl_to_teacher"]``, the
+        forward KL at T = 1 without gradient (for a top-k teacher: over its buckets, at its temperature).
+        """
+        weight, bias = linear_head(student_head, "llm.student.model")
+        teacher_weight = teacher_bias = None
+        teacher_vocab = None
+        if teacher_hidden is not None:
+            if teacher_head is None:
+                raise ValueError("teacher_hidden needs teacher_head")
+            teacher_weight, teacher_bias = linear_head(teacher_head, "llm.teacher.model")
+            teacher_vocab = teacher_weight.shape[0]
+        elif teacher_logits is not None:
+            teacher_vocab = teacher_logits.shape[-1]
+        has_teacher = teacher_vocab is not None or teacher_topk is not None
+        if (self.needs_teacher or monitor_kl) and not has_teacher:
+            raise ValueError("this loss needs teacher outputs: alpha > 0 or monitor_kl")
+        vocab = self.shared_vocab(weight.shape[0], teacher_vocab)
+
+        batch, length = labels.shape
+        targets, positions = next_token_targets(labels)
+        targets = targets.reshape(-1).index_select(0, positions)
+        count = positions.new_tensor(positions.numel())
+        if targets.numel() and int(targets.max()) >= vocab:
+            raise ConfigError(
+                f"a label id ({int(targets.max())}) is outside the shared vocabulary ({vocab}); check that "
+                "llm.loss.vocab_size and the tokenizer match the models"
+            )
+        if teacher_topk is not None and teacher_topk.ids.shape[0] != targets.numel():
+            raise ValueError(f"teacher_topk has {teacher_topk.ids.shape[0]} rows for {targets.numel()} valid tokens")
+
+        hidden = student_hidden.reshape(batch * length, -1).index_select(0, positions)
+        if teacher_hidden is not None:
+            teacher_hidden = teacher_hidden.reshape(batch * length, -1).index_select(0, positions)
+        if teacher_logits is not None:
+            teacher_logits = teacher_logits.reshape(batch * length, -1)
+
+        # Chunks of the same size over every per-token input; `None` inputs stay None in every chunk.
+        size = self.chunk_size or max(targets.numel(), 1)
+        columns = [hidden, targets, positions, teacher_hidden, *(teacher_topk or (None, None, None))]
+        split = [t.split(size) if t is not None else None for t in columns]
+        chunked = torch.is_grad_enabled() and self.chunk_size is not None
+        chunk_sums = []
+        for i in range(len(split[0])):
+            h, y, rows, t_hidden, *topk = (None if parts is None else parts[i] for parts in split)
+            args = (h, weight, bias, y, vocab, t_hidden, teacher_weight, teacher_bias, teacher_logits, rows)
+            args += (SparseTeacher(*topk) if teacher_topk is not None else None, monitor_kl)
+            if chunked:
+                chunk_sums.append(checkpoint(self._chunk_sums, *args, use_reentrant=False, preserve_rng_state=False))
+            else:
+                chunk_sums.append(self._chunk_sums(*args))
+        if chunk_sums:
+            sums = torch.stack(chunk_sums).sum(dim=0)
+        else:  # no valid token: zeros that still reach the student's graph
+            sums = (student_hidden.sum() + weight.sum()).float().mul(0).expand(3)
+        total = (1.0 - self.alpha) * sums[0] + self.alpha * sums[1]
+        parts = {"ce": sums[0].detach(), "distill": sums[1].detach()}
+        if monitor_kl:
+            parts["kl_to_teacher"] = sums[2].detach()
+        return TokenLossOutput(total=total, count=count, parts=parts)
+
+    def _chunk_sums(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        targets: Tensor,
+        vocab: int,
+        teacher_hidden: Tensor | None,
+        teacher_weight: Tensor | None,
+        teacher_bias: Tensor | None,
+        teacher_logits: Tensor | None,
+        rows: Tensor,
+        teacher_topk: SparseTeacher | None,
+        monitor_kl: bool,
+    ) -> Tensor:
+        """``[ce_sum, divergence_sum, kl_sum]`` over one chunk of valid tokens (>= float32). Full teacher
+        logits are indexed by ``rows`` here, inside the checkpoint, so no chunk of them outlives its step."""
+        # Few [chunk, V] tensors live at once: logits are dropped once softmaxed; at T = 1 the
+        # cross-entropy and the divergence share one log-softmax.
+        logits = _logits(hidden, weight, bias, vocab)
+        log_p = F.log_softmax(logits, dim=-1)
+        ce = -log_p.gather(1, targets[:, None]).sum()
+        zero = ce.new_zeros(())
+        if not (self.needs_teacher or monitor_kl):
+            return torch.stack([ce, zero, zero])
+        student = log_p if self.temperature == 1.0 else self.divergence.log_probs(logits)
+        del logits
+        if teacher_topk is not None:
+            student = bucket_log_probs(student, teacher_topk.ids)
+        with torch.no_grad():
+            if teacher_topk is not None:
+                teacher = torch.cat([teacher_topk.log_probs, teacher_topk.tail[:, None]], dim=1).float()
+                teacher = teacher_at_1 = F.log_softmax(teacher, dim=1)  # renormalise (float16 on disk)
+                log_p = student  # the monitor compares buckets, at the cache's temperature
+            else:
+                if teacher_hidden is not None:
+                    teacher_logits = _logits(teacher_hidden, teacher_weight, teacher_bias, vocab)
+                else:
+                    teacher_logits = at_least_fp32(teacher_logits.index_select(0, rows)[:, :vocab])
+                teacher = self.divergence.log_probs(teacher_logits)
+                teacher_at_1 = teacher if self.temperature == 1.0 else F.log_softmax(teacher_logits, dim=-1)
+                del teacher_logits
+            kl = self.monitor.per_token(log_p, teacher_at_1).sum() if monitor_kl else zero
+        distill = (
+            self.divergence.per_token(student, teacher).sum() * self.temperature**2 if self.needs_teacher else zero
+        )
+        return torch.stack([ce, distill, kl])

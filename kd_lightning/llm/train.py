@@ -1,0 +1,113 @@
+"""``kd-llm-distill`` (``python -m kd_lightning.llm.train``): distil a causal-LM teacher into a student.
+
+Top to bottom: seed -> loss -> tokenizer, teacher, student (built from the teacher) -> vocabulary check
+-> data -> (teacher_cache mode: teacher top-k cached, teacher dropped) -> module -> fit -> summary.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from kd_lightning.cache import write_json_atomic
+from kd_lightning.cli import CONFIG_DIR, exit_on_config_error
+from kd_lightning.errors import ConfigError
+from kd_lightning.llm.logit_cache import LogitCache
+from kd_lightning.llm.models import check_tokenizers
+from kd_lightning.llm.module import LLMDistillationModule
+from kd_lightning.runner import build, parameter_count, start_run
+from kd_lightning.teacher import freeze
+
+log = logging.getLogger(__name__)
+
+
+def distill(cfg: DictConfig) -> dict[str, Any]:
+    """Run one LM distillation job; returns the summary (metrics included), also written to summary.json."""
+    start = time.perf_counter()
+    out_dir, ckpt_path = start_run(cfg)
+
+    loss = build(cfg.llm.loss, "llm.loss")
+    mode = cfg.llm.mode
+    tokenizer = build(cfg.llm.teacher.tokenizer, "llm.teacher.tokenizer")
+    teacher = freeze(build(cfg.llm.teacher.model, "llm.teacher.model"))
+    student = build(cfg.llm.student, "llm.student", teacher=teacher)
+    vocab = check_tokenizers(teacher, student, tokenizer)
+    if loss.vocab_size is None:
+        loss.vocab_size = vocab
+    datamodule = build(cfg.llm.data, "llm.data", tokenizer=tokenizer)
+    callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items()]
+    loggers = [build(node, f"logger.{name}") for name, node in (cfg.logger or {}).items()]
+    trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers)
+
+    cache = None
+    if mode.name == "teacher_cache" and loss.needs_teacher:
+        cache_start = time.perf_counter()
+        cache = LogitCache.build(
+            teacher.to(trainer.strategy.root_device),
+            [datamodule.train_dataloader(), datamodule.val_dataloader()],
+            Path(cfg.paths.cache_dir) / "llm_logits",
+            top_k=mode.top_k,
+            temperature=loss.temperature,
+            vocab_size=loss.vocab_size,
+        )
+        log.info("Teacher logit cache %s (%.1f s)", cache.path, time.perf_counter() - cache_start)
+    params = {"params/student": parameter_count(student), "params/teacher": parameter_count(teacher)}
+    lora = OmegaConf.to_container(cfg.llm.lora, resolve=True) if cfg.llm.lora else None
+    module = LLMDistillationModule(
+        student=student,
+        loss=loss,
+        optimizer=build(cfg.optimizer, "optimizer"),
+        # With alpha = 0 (SFT on teacher text) the teacher never runs in training, only to report
+        # val/kl_to_teacher.
+        teacher=teacher if cache is None else None,
+        scheduler=build(cfg.scheduler, "scheduler") if cfg.scheduler else None,
+        lmbda=mode.lmbda,
+        generation=OmegaConf.to_container(mode.generation, resolve=True) if mode.get("generation") else None,
+        logit_cache=cache,
+        lora=lora,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        seed=cfg.seed,
+        save_teacher=cfg.save_teacher,
+    )
+    params["params/trainable"] = sum(p.numel() for p in module.trainable_parameters())
+    for logger in trainer.loggers:
+        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **params})
+
+    fit_start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if "val/loss" not in trainer.callback_metrics:  # max_steps ended the fit before any validation
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    summary = {
+        "metrics": {name: float(value) for name, value in trainer.callback_metrics.items()},
+        **params,
+        "mode": mode.name,
+        "logit_cache": str(cache.path) if cache else None,
+        "best_checkpoint": best,
+        "seconds": {"fit": time.perf_counter() - fit_start, "total": time.perf_counter() - start},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if trainer.is_global_zero:
+        write_json_atomic(out_dir / "summary.json", summary)
+    log.info("metrics: %s", {name: round(value, 4) for name, value in summary["metrics"].items()})
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="llm_distill")
+def main(cfg: DictConfig) -> float:
+    """Run one LM distillation job and return ``optimized_metric`` (for sweepers)."""
+    metrics = exit_on_config_error(distill, cfg, "kd-llm-distill")["metrics"]
+    if cfg.optimized_metric not in metrics:
+        raise ConfigError(f"optimized_metric={cfg.optimized_metric} was not logged; pick one of {sorted(metrics)}")
+    return metrics[cfg.optimized_metric]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""kd-llm-distill end to end as a subprocess, on tiny random models (no GGUF)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import run
+
+TINY_LM = ["llm/teacher=tiny", "llm/student=tiny", "trainer.max_steps=3", "+trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["llm/loss=forward_kl"], ["llm/loss=jsd", "llm/mode=on_policy"], ["llm/loss=sft"]],
+    ids=["forward_kl", "jsd_on_policy", "sft"],
+)
+def test_kd_llm_distill_trains_and_reports_validation_metrics(overrides: list[str], kd_home: Path) -> None:
+    run_dir = kd_home / "llm_cli" / overrides[0].split("=")[1] / overrides[-1].split("=")[1]
+    result = run("kd-llm-distill", *TINY_LM, *overrides, f"hydra.run.dir={run_dir}", home=kd_home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # max_steps ends the fit before the epoch's validation: a final validation still reports metrics,
+    # and SFT (alpha = 0) runs still measure the KL to the teacher.
+    for key in ("val/loss", "val/ppl", "val/kl_to_teacher"):
+        assert summary["metrics"][key] >= 0, key
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_kd_llm_distill_names_the_key_of_a_mismatched_tokenizer(kd_home: Path) -> None:
+    result = run(
+        "kd-llm-distill",
+        *TINY_LM,
+        "llm.student.vocab_size=50",
+        f"hydra.run.dir={kd_home / 'llm_cli' / 'bad'}",
+        home=kd_home,
+    )
+    assert result.returncode == 2 and "llm.student" in result.stderr
