@@ -20,3 +20,26 @@ def test_python_api_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     exec(compile(code, str(README), "exec"), namespace)
     assert namespace["module"].teacher is namespace["teacher"]
     assert not namespace["teacher"].training
+
+
+def readme_commands(program: str) -> list[list[str]]:
+    """The overrides of every single-run ``<program> ...`` line in the README's bash blocks (comments,
+    sweeps, ``--cfg`` and lines with placeholders left out)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.DOTALL):
+        for line in block.splitlines():
+            words = line.split("#")[0].split()
+            runnable = not {"-m", "--cfg"} & set(words) and "<" not in line and not line.rstrip().endswith("\\")
+            if words[:1] == [program] and runnable:
+                commands.append(words[1:])
+    return commands
+
+
+@pytest.mark.parametrize(("program", "config"), [("kd-distill", "distill"), ("kd-llm-distill", "llm_distill")])
+def test_readme_commands_compose(program: str, config: str, tmp_path: Path) -> None:
+    from tests.conftest import compose_config
+
+    commands = readme_commands(program)
+    assert commands
+    for overrides in commands:
+        compose_config(tmp_path, overrides, config_name=config)
