@@ -294,7 +294,8 @@ def test_top_k_teacher_compares_k_plus_one_buckets(name: str) -> None:
     t_buckets = np.exp(np.concatenate([sparse.log_probs.numpy(), sparse.tail.numpy()[:, None]], 1).astype(np.float64))
     t_buckets /= t_buckets.sum(1, keepdims=True)
     expected = T**2 * reference(name, s_buckets, t_buckets, PARAMS.get(name, {}).get("beta", 0.0)).sum()
-    np.testing.assert_allclose(float(out.total.detach()), expected, rtol=1e-6)
+    # float32 loss vs a float64 reference: rounding alone reaches ~1e-6 relative (seen in CI: 1.08e-6)
+    np.testing.assert_allclose(float(out.total.detach()), expected, rtol=1e-5)
 
 
 def test_top_k_with_one_token_left_out_is_the_full_divergence() -> None:
