@@ -19,7 +19,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors.torch import save_file
 from torch import nn
 
@@ -283,7 +283,9 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     if loss.alpha > 0 and needs_index and "return_index" in cfg.data and not cfg.data.return_index:
         log.info("the loss or runtime.teacher_cache needs dataset sample indices: data.return_index set to true")
         overrides["return_index"] = True
-    datamodule = build(cfg.data, "data", **overrides)
+    with open_dict(cfg):  # recorded in the summary's config as run
+        cfg.data.update(overrides)
+    datamodule = build(cfg.data, "data")
     models = {"student": build(cfg.student.model, "student.model")}
     if loss.alpha > 0:
         models["teacher"] = build(cfg.teacher.model, "teacher.model")

@@ -167,6 +167,8 @@ def test_a_sweep_of_runs_shares_one_set_of_disk_tables(tmp_path: Path, kd_home: 
     losses = []
     for temperature in (2, 8):
         cfg = compose_config(tmp_path / f"t{temperature}", [*overrides, f"loss.temperature={temperature}"])
-        losses.append(distill(cfg)["metrics"]["train/loss"])
+        summary = distill(cfg)
+        assert summary["config"]["data"]["return_index"] is True  # turned on for the cache, and recorded
+        losses.append(summary["metrics"]["train/loss"])
     assert len(list((tmp_path / "tables").iterdir())) == 3  # train, val, test: written once, read by both
     assert np.isfinite(losses).all() and losses[0] != losses[1]

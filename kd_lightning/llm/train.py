@@ -13,6 +13,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.cache import write_json_atomic
@@ -31,6 +32,8 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     """Run one LM distillation job; returns the summary (metrics included), also written to summary.json."""
     start = time.perf_counter()
     out_dir, ckpt_path = start_run(cfg)
+    if cfg.get("cpu_threads"):
+        torch.set_num_threads(cfg.cpu_threads)
 
     loss = build(cfg.llm.loss, "llm.loss")
     mode = cfg.llm.mode
