@@ -58,19 +58,22 @@ def labelled_only(data_cfg: DictConfig) -> dict[str, int]:
     return {"transfer_samples": 0} if "transfer_samples" in data_cfg else {}
 
 
-def run_test(
-    trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: str | None = None
-) -> dict[str, float]:
-    """``trainer.test`` (weights of ``ckpt_path``, else as they are) -> metrics as floats.
-
-    With spawned processes (``ddp_spawn``) the fit's CSV rows were written by child processes, so this
-    process's CSV writer does not know the file's columns, and Lightning's header rewrite for the new
-    test columns would fail ("dict contains fields not in fieldnames"): it is told the columns first."""
+def sync_csv_columns(trainer: L.Trainer) -> None:
+    """Before another ``trainer.test`` / ``validate`` after a ``ddp_spawn`` fit: the fit's CSV rows were
+    written by child processes, so this process's CSV writer does not know the file's columns, and
+    Lightning's header rewrite for new columns would fail ("dict contains fields not in fieldnames")."""
     for logger in trainer.loggers if trainer.is_global_zero else []:  # other ranks write no CSV
         if isinstance(logger, CSVLogger) and Path(logger.experiment.metrics_file_path).is_file():
             with open(logger.experiment.metrics_file_path, newline="") as file:
                 header = next(csv.reader(file), [])
             logger.experiment.metrics_keys = sorted(set(logger.experiment.metrics_keys) | set(header))
+
+
+def run_test(
+    trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: str | None = None
+) -> dict[str, float]:
+    """``trainer.test`` (weights of ``ckpt_path``, else as they are) -> metrics as floats."""
+    sync_csv_columns(trainer)
     metrics = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)[0]
     return {name: float(value) for name, value in metrics.items()}
 

@@ -38,3 +38,14 @@ def test_kd_llm_distill_names_the_key_of_a_mismatched_tokenizer(kd_home: Path) -
         home=kd_home,
     )
     assert result.returncode == 2 and "llm.student" in result.stderr
+
+
+@pytest.mark.slow  # 2 spawned gloo processes (see tests/test_distributed.py)
+def test_kd_llm_distill_with_ddp_spawn_writes_one_run(kd_home: Path) -> None:
+    run_dir = kd_home / "llm_cli" / "ddp_spawn"
+    result = run(
+        "kd-llm-distill", *TINY_LM, "trainer=ddp_spawn", "trainer.devices=2", f"hydra.run.dir={run_dir}", home=kd_home
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["metrics"]["val/loss"] > 0
+    assert len(list((run_dir / "csv").iterdir())) == 1

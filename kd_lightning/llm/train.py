@@ -22,7 +22,7 @@ from kd_lightning.errors import ConfigError
 from kd_lightning.llm.logit_cache import LogitCache
 from kd_lightning.llm.models import check_tokenizers
 from kd_lightning.llm.module import LLMDistillationModule
-from kd_lightning.runner import build, parameter_count, start_run
+from kd_lightning.runner import build, parameter_count, start_run, sync_csv_columns
 from kd_lightning.teacher import freeze
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     fit_start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if "val/loss" not in trainer.callback_metrics:  # max_steps ended the fit before any validation
+        sync_csv_columns(trainer)
         trainer.validate(module, datamodule=datamodule, verbose=False)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     summary = {
