@@ -10,11 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 #: Data settings that change how data is served, not what a model learns from it.
 DATA_KEYS_IGNORED = ("data_dir", "num_workers", "pin_memory", "transfer_samples", "return_index")
@@ -65,3 +68,31 @@ def read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     return json.loads(path.read_text())
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of the model's class and state (names, dtypes, shapes and bytes of every tensor)."""
+    digest = hashlib.sha256(type(model).__qualname__.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def publish_directory(tmp: Path, entry: Path) -> None:
+    """Rename the fully written ``tmp`` to ``entry`` (atomic); if another job published ``entry`` first,
+    keep theirs (same key, same content) and drop ``tmp``."""
+    try:
+        os.replace(tmp, entry)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from kd_lightning.cache import file_digest, publish_directory, weights_digest
 from kd_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -41,24 +41,6 @@ class CacheableData(Protocol):
 
     def ordered_dataloader(self, split: str) -> DataLoader:
         """The split's samples in index order (0, 1, 2, ...), batches ``(x, ...)``."""
-
-
-def weights_digest(model: nn.Module) -> str:
-    """sha256 of the model's class and state (names, dtypes, shapes and bytes of every tensor)."""
-    digest = hashlib.sha256(type(model).__qualname__.encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class TeacherOutputCache:
@@ -115,7 +97,7 @@ class TeacherOutputCache:
                 table = self.compute(teacher, data.ordered_dataloader(split), device)
                 if entry is not None:
                     self.write(entry, table, {"split": split, "teacher": teacher_digest})
-                    table = self.read(entry) or table
+                    table = self.read(entry, verify=False)  # memory-mapped, like a later run's
             self.tables[split] = table
 
     def key(self, teacher_digest: str, identity: Mapping[str, Any], split: str) -> str:
@@ -158,20 +140,18 @@ class TeacherOutputCache:
             np.save(tmp / f"{name}.npy", array)
             files[name] = {"sha256": file_digest(tmp / f"{name}.npy"), "shape": list(array.shape)}
         (tmp / "meta.json").write_text(json.dumps({**meta, "files": files}, indent=2))
-        try:
-            os.replace(tmp, entry)
-        except OSError:  # another job wrote the same table first
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish_directory(tmp, entry)
 
-    def read(self, entry: Path | None) -> dict[str, np.ndarray] | None:
-        """The table at ``entry`` memory-mapped, or None if absent or failing its checksums (then rebuilt)."""
+    def read(self, entry: Path | None, verify: bool = True) -> dict[str, np.ndarray] | None:
+        """The table at ``entry`` memory-mapped, or None if absent or (``verify``) failing its checksums
+        (it is then deleted, to be rebuilt)."""
         if entry is None or not (entry / "meta.json").is_file():
             return None
         files = json.loads((entry / "meta.json").read_text())["files"]
         table = {}
         for name, expected in files.items():
             path = entry / f"{name}.npy"
-            if not path.is_file() or file_digest(path) != expected["sha256"]:
+            if verify and (not path.is_file() or file_digest(path) != expected["sha256"]):
                 log.warning("teacher-output cache %s is damaged (%s); rebuilding it", entry, name)
                 shutil.rmtree(entry, ignore_errors=True)
                 return None

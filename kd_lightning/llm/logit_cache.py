@@ -8,7 +8,7 @@ temperature. The loss then compares student and teacher over ``k + 1`` buckets
 
 Layout of ``<root>/<key>/``: ``ids.npy`` ``[N, k]``, ``log_probs.npy`` ``[N, k]``, ``tail.npy`` ``[N]``,
 ``index.json`` (example key -> first row, row count) and ``meta.json`` (what the cache was built from and
-a BLAKE2 digest of each array file). ``key`` hashes the teacher's weights, the examples, ``top_k``,
+a sha256 digest of each array file). ``key`` hashes the teacher's weights, the examples, ``top_k``,
 the temperature and the vocabulary size, so changing any of them builds a new cache. Examples are keyed
 by their content (attended tokens and labels), so shuffled or differently padded batches find their
 rows, and an example the cache does not hold is an error, not a silent miss. A cache is written into a
@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.cache import cache_key
+from kd_lightning.cache import cache_key, file_digest, publish_directory, weights_digest
 from kd_lightning.errors import ConfigError
 from kd_lightning.llm.token_loss import (
     IGNORE_INDEX,
@@ -49,16 +48,6 @@ _ARRAYS = ("ids", "log_probs", "tail")
 Batch = Mapping[str, Tensor]
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """A BLAKE2 digest of every parameter and buffer (names, dtypes, shapes and bytes)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def example_keys(batch: Batch) -> list[tuple[str, int]]:
     """``(key, valid tokens)`` per row: the key hashes the row's attended tokens and their labels, so it
     does not depend on padding side, batch composition or order."""
@@ -71,14 +60,6 @@ def example_keys(batch: Batch) -> list[tuple[str, int]]:
         digest.update(targets.numpy().astype(np.int64).tobytes())
         keys.append((digest.hexdigest(), int((targets[1:] != IGNORE_INDEX).sum())))
     return keys
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @torch.no_grad()
@@ -124,7 +105,7 @@ class LogitCache:
         self.arrays: dict[str, np.ndarray] = {}
         for name in _ARRAYS:
             file = self.path / f"{name}.npy"
-            if verify and (not file.is_file() or _file_digest(file) != self.meta["digests"][name]):
+            if verify and (not file.is_file() or file_digest(file) != self.meta["digests"][name]):
                 raise ConfigError(f"logit cache file {file} is missing or corrupt (digest mismatch); delete the cache")
             array = np.load(file, mmap_mode="r")
             if array.shape != shapes[name]:
@@ -188,7 +169,7 @@ class LogitCache:
                     num_tokens += count
         settings = {
             "format_version": FORMAT_VERSION,
-            "teacher": model_fingerprint(teacher),
+            "teacher": weights_digest(teacher),
             "top_k": top_k,
             "temperature": float(temperature),
             "vocab_size": vocab_size,
@@ -222,11 +203,8 @@ class LogitCache:
         for array in files.values():
             array.flush()
         del files
-        digests = {name: _file_digest(tmp / f"{name}.npy") for name in _ARRAYS}
+        digests = {name: file_digest(tmp / f"{name}.npy") for name in _ARRAYS}
         (tmp / "index.json").write_text(json.dumps(layout))
         (tmp / "meta.json").write_text(json.dumps({**settings, "num_tokens": num_tokens, "digests": digests}, indent=2))
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another job wrote the same cache first: use theirs
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish_directory(tmp, path)
         return cls(path, settings, verify)
