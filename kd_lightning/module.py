@@ -103,6 +103,7 @@ class DistillationModule(TeacherOutOfCheckpoints, L.LightningModule):
         self.loss = loss
         self.teacher = freeze(teacher) if teacher is not None else None
         self.runtime = runtime or Runtime()
+        self.apply_runtime()
         self.teacher_cache = self.runtime.build_cache() if teacher is not None else None
         self.val_teacher_logits: dict[tuple[int, int], Tensor] = {}
         self.train_losses = EpochMeans()
@@ -191,7 +192,6 @@ class DistillationModule(TeacherOutOfCheckpoints, L.LightningModule):
         )
 
     def setup(self, stage: str) -> None:
-        self.apply_runtime()
         datamodule = self.trainer.datamodule
         self.reuse_val_outputs = self.runtime.reuse_val_teacher_outputs and not getattr(
             datamodule, "random_augmentation", True
@@ -209,10 +209,7 @@ class DistillationModule(TeacherOutOfCheckpoints, L.LightningModule):
             )
 
     def apply_runtime(self) -> None:
-        """Memory format and compilation from ``runtime`` (once; before Lightning moves the models)."""
-        if getattr(self, "_runtime_applied", False):
-            return
-        self._runtime_applied = True
+        """Memory format and compilation from ``runtime`` (at construction, before Lightning moves the models)."""
         models = {"student": self.student, "teacher": self.teacher}
         for name, model in models.items():
             if model is None:
