@@ -42,7 +42,7 @@ from kd_lightning.module import DistillationModule
 from kd_lightning.runtime import Runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kd_step import REPO, write_section
+from kd_step import REPO, bench_trainer, write_section
 
 VARIANTS = {"student": "(i) student alone", "live": "(ii) KD, live teacher", "cached": "(iii) KD, cached teacher"}
 
@@ -87,17 +87,7 @@ def run_variant(variant: str, transfer: int, batch: int, epochs: int, device: st
         module.teacher_cache.prepare(teacher.to(device), data, ("train",), torch.device(device))
         build_seconds = time.perf_counter() - start
     clock = EpochClock(torch.device(device))
-    trainer = L.Trainer(
-        accelerator=device,
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[clock],
-    )
+    trainer = bench_trainer(device, [clock], max_epochs=epochs)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated() if device == "cuda" else peak_memory(device)

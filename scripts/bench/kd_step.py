@@ -156,6 +156,21 @@ class StepClock(L.Callback):
         self.starts.append(time.perf_counter())
 
 
+def bench_trainer(accelerator: str, callbacks: list[L.Callback], **kwargs: object) -> L.Trainer:
+    """A one-device Trainer for timing training epochs: no validation, logging, checkpoints or bars."""
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
 def lightning_kd(
     student: nn.Module, teacher: nn.Module, data: DataLoader, classes: int, warmup: int, setup: Setup
 ) -> float:
@@ -168,17 +183,8 @@ def lightning_kd(
         runtime=Runtime(channels_last=setup.channels_last, compile=setup.compile),
     )
     clock = StepClock(setup)
-    trainer = L.Trainer(
-        accelerator=setup.device.type,
-        devices=1,
-        precision="bf16-mixed" if setup.bf16 else "32-true",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[clock],
+    trainer = bench_trainer(
+        setup.device.type, [clock], max_epochs=1, precision="bf16-mixed" if setup.bf16 else "32-true"
     )
     trainer.fit(module, data)
     return median_gap(clock.starts, warmup)
