@@ -1,86 +1,139 @@
-"""Build, load and freeze a teacher.
+"""The teacher object: a frozen model a method distils from, and everything about running it.
 
-A teacher is any ``nn.Module``. Its weights come from, in order of precedence, a checkpoint file
-(``teacher.checkpoint``): a Lightning ``.ckpt`` of a kd_lightning run (or any ``.ckpt`` whose
-``state_dict`` holds the model under one prefix), a plain state_dict (``.pt`` / ``.pth``, read with
-``weights_only=True``) or a ``.safetensors`` file; or from whatever the ``_target_`` that built it
-loaded itself (e.g. a pretrained-model factory).
+In the spirit of timm's ``DistillationTeacher``: the teacher owns its eval mode and frozen weights,
+its precision (autocast of the teacher alone), its layer taps, its output cache (teacher logits looked
+up by sample index instead of computed) and the reuse of its validation outputs across epochs. Methods
+hold teachers by name (``teacher``, ``teacher_1``, ...) and register each one's ``model`` under that name.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from kd_lightning.errors import ConfigError
-
-#: Prefixes under which a LightningModule may keep the model in its ``state_dict``.
-_MODEL_PREFIXES = ("student.", "model.", "net.")
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """Put ``model`` in eval mode with every parameter frozen; returns it."""
-    model.eval()
-    model.requires_grad_(False)
-    return model
+from kd_lightning.data.contract import check_cacheable
+from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
+from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.runtime import TEACHER_DTYPES
+from kd_lightning.engine.taps import Taps
+from kd_lightning.engine.weights import freeze
 
 
-def read_state_dict(path: str | Path, key: str = "teacher.checkpoint") -> dict[str, torch.Tensor]:
-    """Read a state_dict from ``.ckpt`` / ``.pt`` / ``.pth`` / ``.safetensors`` (``key`` names the
-    config entry in error messages)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(
-            f"{key}={path} does not exist; point it at a .ckpt/.pt/.pth/.safetensors file, "
-            f"or set {key}=null to train the teacher"
-        )
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
+@dataclass
+class Provenance:
+    """Where a teacher's weights came from and what getting them cost."""
 
-        return load_file(str(path))
-    if suffix not in {".ckpt", ".pt", ".pth"}:
-        raise ConfigError(f"{key}={path}: unknown format '{suffix}'; use .ckpt, .pt, .pth or .safetensors")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ConfigError(
-            f"{key}={path} could not be read as a checkpoint ({type(error).__name__}: "
-            f"{str(error).splitlines()[0]}); pass a state_dict or Lightning checkpoint"
-        ) from None
-    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        loaded = loaded["state_dict"]
-    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise ConfigError(f"{key}={path} holds no state_dict of tensors; save model.state_dict()")
-    return _strip_prefix(loaded)
+    source: str = "given"
+    fit_seconds: float = 0.0
 
 
-def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Return the model's own keys from a LightningModule state_dict (``student.w`` -> ``w``)."""
-    for prefix in _MODEL_PREFIXES:
-        if any(name.startswith(prefix) for name in state):
-            return {name[len(prefix) :]: value for name, value in state.items() if name.startswith(prefix)}
-    return state
+class Teacher:
+    """A frozen ``model`` and how it runs.
 
+    Args:
+        model: any ``nn.Module``; frozen (``eval()``, ``requires_grad_(False)``) here.
+        name: the teacher's name: its state-dict prefix in the method and the ``model`` that loss terms
+            read (``teacher: {model: <name>}``).
+        precision: ``bf16`` / ``fp16`` runs it under autocast (outputs cast back to float32); None: as is.
+        cache: a :class:`~kd_lightning.engine.caching.teacher_outputs.TeacherOutputCache` of its logits
+            per split, looked up by sample index (``conf/teacher_cache``); None: always run the model.
+        reuse_val_outputs: keep the validation logits of the first epoch and reuse them, for data
+            that declares ``random_augmentation = False``.
+        provenance: where the weights came from (for the summary).
+    """
 
-def load_weights(model: nn.Module, path: str | Path, key: str = "teacher.checkpoint") -> nn.Module:
-    """Load the checkpoint at ``path`` into ``model`` strictly, with a one-line error on mismatch."""
-    state = read_state_dict(path, key)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(name for name in set(expected) & set(state) if expected[name].shape != state[name].shape)
-    if missing or unexpected or mismatched:
-        detail = "; ".join(
-            f"{label}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
-            for label, names in (("missing", missing), ("unexpected", unexpected), ("shape differs", mismatched))
-            if names
-        )
-        raise ConfigError(
-            f"{key}={path} does not fit the configured model ({detail}); point it at a checkpoint "
-            "of this architecture or set the model config to the one it was trained with"
-        )
-    model.load_state_dict(state)
-    return model
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str = "teacher",
+        precision: str | None = None,
+        cache: TeacherOutputCache | None = None,
+        reuse_val_outputs: bool = True,
+        provenance: Provenance | None = None,
+    ) -> None:
+        if precision is not None and precision not in TEACHER_DTYPES:
+            raise ConfigError(f"runtime.teacher_precision={precision!r}: use one of {sorted(TEACHER_DTYPES)} or null")
+        self.model = freeze(model)
+        self.name = name
+        self.precision = precision
+        self.cache = cache
+        self.reuse_val_outputs = reuse_val_outputs
+        self.provenance = provenance or Provenance()
+        self.taps = Taps(model, {})
+        self.stored_val_logits: dict[tuple[int, int], Tensor] = {}
+
+    def tap(self, paths: Mapping[str, str]) -> None:
+        """Capture these outputs (output key -> config key, see :class:`~kd_lightning.engine.taps.Taps`)."""
+        self.taps.remove()
+        self.taps = Taps(self.model, paths)
+
+    # ---------------------------------------------------------------------------------- forwards
+    def outputs(self, x: Tensor) -> dict[str, Tensor]:
+        """``{"logits": ..., "<tapped key>": ...}`` under ``inference_mode`` and, with ``precision``,
+        autocast; returned as float32 tensors usable in autograd."""
+        dtype = TEACHER_DTYPES.get(self.precision) if self.precision else None
+        autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None)
+        # Strategies that cast batches to a low precision (FSDP mixed precision) leave the teacher's
+        # weights as they are: feed it inputs of its own dtype.
+        weight = next(self.model.parameters(), None)
+        if weight is not None and x.is_floating_point() and x.dtype != weight.dtype:
+            x = x.to(weight.dtype)
+        with torch.inference_mode(), self.taps.capture() as layers, autocast:
+            logits = self.model(x)
+        # Inference tensors cannot be saved for backward: copy them (as float32) outside inference mode.
+        outputs = {"logits": logits, **layers}
+        return {
+            name: out.to(torch.float32, copy=True) if out.is_floating_point() else out.clone()
+            for name, out in outputs.items()
+        }
+
+    def logits(self, x: Tensor, split: str, index: Tensor | None) -> Tensor:
+        """The logits for ``x``: from the output cache (by sample ``index``) or a forward."""
+        if self.cache is None:
+            return self.outputs(x)["logits"]
+        if index is None:
+            raise ConfigError(
+                "teacher_cache looks teacher outputs up by sample index but batches are (x, y): "
+                "set data.return_index=true (kd-distill does this itself)"
+            )
+        return self.cache.logits(split, index)
+
+    def val_logits(self, x: Tensor, index: Tensor | None, key: tuple[int, int], store: bool) -> Tensor:
+        """Validation logits: from the cache, else computed on the first epoch and reused after (when
+        ``reuse_val_outputs`` and ``store``: deterministic data, not a sanity check), else computed."""
+        if self.cache is not None:
+            return self.logits(x, "val", index)
+        stored = self.stored_val_logits.get(key)
+        if stored is not None and stored.shape[0] == x.shape[0]:
+            return stored
+        logits = self.outputs(x)["logits"]
+        if self.reuse_val_outputs and store:
+            self.stored_val_logits[key] = logits
+        return logits
+
+    # ------------------------------------------------------------------------------------ caching
+    def check_cache(self, datamodule: object) -> None:
+        """The output cache stores logits only, for data a sample index determines; refuse anything else."""
+        if self.cache is None:
+            return
+        if self.taps.keys:
+            key, config_key = next(iter(self.taps.keys.items()))
+            raise ConfigError(
+                f"teacher_cache stores teacher logits only, but {config_key}={key} reads a layer of "
+                f"{self.name}; set teacher_cache=none for feature losses"
+            )
+        check_cacheable(datamodule, "teacher_cache")
+
+    def prepare_cache(self, datamodule: object, splits: tuple[str, ...], device: torch.device, trainer: object) -> None:
+        """Fill the cache's tables for ``splits``: global rank 0 first, so the others read its disk tables."""
+        if self.cache is None:
+            return
+        is_zero = trainer.is_global_zero  # type: ignore[attr-defined]
+        if is_zero:
+            self.cache.prepare(self.model, datamodule, splits, device)
+        trainer.strategy.barrier("teacher_cache")  # type: ignore[attr-defined]
+        if not is_zero:
+            self.cache.prepare(self.model, datamodule, splits, device)

@@ -20,14 +20,14 @@ declare -A RUNS=(
   [gpu_32-true]="trainer=gpu trainer.precision=32-true"
   [gpu_16-mixed]="trainer=gpu trainer.precision=16-mixed"
   [gpu_bf16-mixed]="trainer=gpu trainer.precision=bf16-mixed"
-  [gpu_bf16_teacher_cache]="trainer=gpu trainer.precision=bf16-mixed runtime.teacher_cache=disk"
+  [gpu_bf16_teacher_cache]="trainer=gpu trainer.precision=bf16-mixed teacher_cache=disk"
   [ddp_1gpu_bf16]="trainer=ddp trainer.devices=1"
   [fsdp_1gpu_bf16]="trainer=fsdp trainer.devices=1"
 )
 for name in gpu_32-true gpu_16-mixed gpu_bf16-mixed gpu_bf16_teacher_cache ddp_1gpu_bf16 fsdp_1gpu_bf16; do
   echo "=== kd-distill $name"
   # shellcheck disable=SC2086
-  timeout 120 $PY -m kd_lightning.train "${TINY[@]}" ${RUNS[$name]} "hydra.run.dir=$KD_LIGHTNING_HOME/gpu/$name" \
+  timeout 120 $PY -m kd_lightning.cli.distill "${TINY[@]}" ${RUNS[$name]} "hydra.run.dir=$KD_LIGHTNING_HOME/gpu/$name" \
     >"$KD_LIGHTNING_HOME/$name.log" 2>&1 && echo "ok" || { echo "FAILED"; tail -20 "$KD_LIGHTNING_HOME/$name.log"; }
 done
 $PY - "$KD_LIGHTNING_HOME/gpu" >"$OUT/gpu_runs.md" <<'EOF'

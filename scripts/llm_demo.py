@@ -4,7 +4,7 @@
     python scripts/llm_demo.py --seeds 0 1 2 --steps 60
 
 One process, teacher loaded once (kd-llm-distill would reload it for every run):
-1. teacher data (kd_lightning.llm.generate, cached and resumable under $KD_LIGHTNING_HOME/data/llm_demo):
+1. teacher data (kd_lightning.llm.generation, cached and resumable under $KD_LIGHTNING_HOME/data/llm_demo):
    greedy completions of templated instructions (train and held-out prompts, disjoint), sampled
    completions of arithmetic word problems (kept only when the verifier accepts the final answer) and
    greedy answers to held-out problems (the teacher's pass rate);
@@ -35,11 +35,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from kd_lightning.cli import CONFIG_DIR
+from kd_lightning.cli.common import CONFIG_DIR
 from kd_lightning.llm.data import LLMDataModule
-from kd_lightning.llm.generate import GenerationSettings, generate_file, keep_correct, read_records
+from kd_lightning.llm.generation import GenerationSettings, generate_file, keep_correct, read_records
 from kd_lightning.llm.models import check_tokenizers, layer_subset, load_gguf_model, load_gguf_tokenizer
-from kd_lightning.llm.module import LLMDistillationModule
+from kd_lightning.methods.llm import LLMDistillationModule
 from kd_lightning.llm.prompts import make_prompts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,7 +207,7 @@ def write_table(results: list[dict], data: dict, args: argparse.Namespace, out: 
         f"(lr {args.lr}, batch {args.batch_size}, {args.steps} steps, sequences of at most {args.max_length} tokens, "
         f"gradient clipping 1.0). {seed_note}",
         "",
-        "Teacher data (`kd_lightning.llm.generate`, generated once and cached as JSONL): greedy completions "
+        "Teacher data (`kd_lightning.llm.generation`, generated once and cached as JSONL): greedy completions "
         f"(at most {args.max_new_tokens} new tokens) of {args.train_prompts} templated instructions for training "
         f"and of {args.heldout_prompts} held-out ones (disjoint prompts); {args.arithmetic_prompts} arithmetic "
         f"word problems x {args.samples} samples (temperature 0.7, top-p 0.95), of which the verifier kept "

@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from kd_lightning.cli import CONFIG_DIR
+from kd_lightning.cli.common import CONFIG_DIR
 
 #: Overrides that make a default run take seconds: few epochs, a small transfer set, no bars.
 TINY = [

@@ -9,9 +9,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from kd_lightning.cli import CONFIG_DIR
+from kd_lightning.cli.common import CONFIG_DIR
 from kd_lightning.losses import DistillationLoss
-from kd_lightning.runner import distill
+from kd_lightning.recipes.distill import distill
 from tests.conftest import TINY, compose_config
 
 GROUPS = ["data", "teacher", "student", "loss", "optimizer", "scheduler", "trainer", "logger", "callbacks"]
@@ -66,7 +66,7 @@ def test_fast_dev_run_of_the_default(tmp_path: Path, kd_home: Path) -> None:
 
 
 def test_teacher_without_checkpoint_or_fit_is_used_as_built(tmp_path: Path, kd_home: Path) -> None:
-    from kd_lightning.runner import build, obtain_teacher
+    from kd_lightning.recipes.distill import build, obtain_teacher
 
     cfg = compose_config(tmp_path, ["teacher.fit=null"])
     model = build(cfg.teacher.model, "teacher.model")

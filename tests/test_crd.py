@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from kd_lightning.data import MNIST1DDataModule
-from kd_lightning.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.losses import CRD, DistillationLoss, KLDivergence
-from kd_lightning.module import DistillationModule
+from kd_lightning.methods.kd import DistillationModule
 from tests import reference_losses as ref
 from tests.test_taps import Net, X
 

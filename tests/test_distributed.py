@@ -94,7 +94,7 @@ def test_torchrun_two_nodes_on_localhost_share_one_run(kd_home: Path) -> None:
     processes rendezvous, train together and write one run directory named after the rendezvous id."""
     port = 29_400 + os.getpid() % 1000
     torchrun = [str(BIN / "torchrun"), "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d"]
-    torchrun += [f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=kdtest", "-m", "kd_lightning.train"]
+    torchrun += [f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=kdtest", "-m", "kd_lightning.cli.distill"]
     overrides = [*TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2"]
     overrides += ["trainer.precision=32-true", "logger=csv"]
     env = {**os.environ, "KD_LIGHTNING_HOME": str(kd_home), "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from kd_lightning.cli import CONFIG_DIR
+from kd_lightning.cli.common import CONFIG_DIR
 from tests.conftest import SWEEP_JOB
 from tests.test_cli import run
 

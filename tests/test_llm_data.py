@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from kd_lightning.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.data import IGNORE_INDEX, LLMDataModule
 from kd_lightning.llm.models import char_tokenizer
 from kd_lightning.llm.prompts import KINDS, extract_answer, is_correct, make_prompts, split_of

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kd_lightning.errors import ConfigError
-from kd_lightning.llm.generate import GenerationSettings, generate_file, keep_correct, read_records
+from kd_lightning.engine.errors import ConfigError
+from kd_lightning.llm.generation import GenerationSettings, generate_file, keep_correct, read_records
 from kd_lightning.llm.models import char_tokenizer, random_llama
 from kd_lightning.llm.prompts import Prompt, make_prompts
 
@@ -64,13 +64,13 @@ def test_sampling_several_completions_per_prompt(teacher, tmp_path: Path) -> Non
 def test_filter_keeps_correct_answers_and_fails_when_none_survive(teacher, tmp_path: Path, monkeypatch) -> None:
     model, tokenizer = teacher
     prompts = [Prompt("a", "What is 2 + 3?", "arithmetic", 5), Prompt("b", "What is 2 + 2?", "arithmetic", 4)]
-    monkeypatch.setattr("kd_lightning.llm.generate.complete", lambda *a: [["The answer is 5."], ["It is 5."]])
+    monkeypatch.setattr("kd_lightning.llm.generation.complete", lambda *a: [["The answer is 5."], ["It is 5."]])
     report = generate_file(model, tokenizer, prompts, tmp_path / "ok.jsonl", SETTINGS, filter_correct=True)
     assert (report.checkable, report.correct, report.pass_rate) == (2, 1, 0.5)
     kept = keep_correct(read_records(tmp_path / "ok.jsonl"), "llm.data.only_correct")
     assert [record["id"] for record in kept] == ["a"]
 
-    monkeypatch.setattr("kd_lightning.llm.generate.complete", lambda *a: [["6"], ["no idea"]])
+    monkeypatch.setattr("kd_lightning.llm.generation.complete", lambda *a: [["6"], ["no idea"]])
     with pytest.raises(ConfigError, match=r"kept none of 2 .*generate\.num_samples.*generate\.filter_correct=false"):
         generate_file(model, tokenizer, prompts, tmp_path / "bad.jsonl", SETTINGS, filter_correct=True)
     with pytest.raises(ConfigError, match=r"llm\.data\.only_correct=false"):
@@ -82,7 +82,7 @@ def test_console_entry_generates_with_the_tiny_teacher(tmp_path: Path) -> None:
     command = [
         sys.executable,
         "-m",
-        "kd_lightning.llm.generate",
+        "kd_lightning.llm.generation",
         "llm/teacher=tiny",
         "prompts.kind=arithmetic",
         "prompts.num_prompts=3",

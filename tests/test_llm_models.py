@@ -6,7 +6,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from kd_lightning.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.models import (
     char_tokenizer,
     check_tokenizers,

@@ -15,11 +15,11 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kd_lightning.cli import CONFIG_DIR
-from kd_lightning.errors import ConfigError
+from kd_lightning.cli.common import CONFIG_DIR
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.divergences import DIVERGENCES, ForwardKL, GeneralizedJSD
-from kd_lightning.llm.logit_cache import LogitCache, teacher_top_k
-from kd_lightning.llm.module import LLMDistillationModule, sampled_batch
+from kd_lightning.engine.caching.token_outputs import LogitCache, teacher_top_k
+from kd_lightning.methods.llm import LLMDistillationModule, sampled_batch
 from kd_lightning.llm.token_loss import TokenDistillationLoss
 
 VOCAB, PAD, EOS = 128, 0, 2

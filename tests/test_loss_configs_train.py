@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from kd_lightning.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.losses import TERMS
-from kd_lightning.runner import distill
+from kd_lightning.recipes.distill import distill
 from tests.conftest import TINY, compose_config
 
 #: Losses on conv feature maps need a conv student; the rest run with the default MLP student.

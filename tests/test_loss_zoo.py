@@ -55,9 +55,9 @@ def vid_reference(s: np.ndarray, t: np.ndarray) -> float:
 CASES = [
     Case("kd_standardized", lambda: KLDivergence(3.0, standardize=True), LOGITS, LOGITS,
          lambda s, t: ref.kd(s, t, 3.0, standardize=True)),
-    Case("dkd", lambda: DKD(alpha=1.0, beta=8.0, temperature=4.0), LOGITS, LOGITS,
+    Case("dkd", lambda: DKD(tckd_weight=1.0, nckd_weight=8.0, temperature=4.0), LOGITS, LOGITS,
          lambda s, t: ref.dkd(s, t, TARGETS, 1.0, 8.0, 4.0)),
-    Case("dist", lambda: DIST(beta=1.0, gamma=2.0, temperature=4.0), LOGITS, LOGITS,
+    Case("dist", lambda: DIST(inter_weight=1.0, intra_weight=2.0, temperature=4.0), LOGITS, LOGITS,
          lambda s, t: ref.dist(s, t, 1.0, 2.0, 4.0)),
     Case("fitnet", lambda: FitNets(beta=100.0), FEATURES, FEATURES, lambda s, t: ref.mse(s, t, 100.0)),
     Case("at", lambda: AttentionTransfer(beta=1000.0), FEATURES, (4, 5, 7), lambda s, t: ref.attention(s, t, 1000.0)),
@@ -131,8 +131,8 @@ def test_dkd_parts_recompose_kd() -> None:
     student, teacher = CASES[1].tensors()
     for b, y in enumerate(TARGETS):
         s, t, target = student[b : b + 1], teacher[b : b + 1], torch.tensor([y])
-        tckd = DKD(alpha=1.0, beta=0.0)(s, t, target)
-        nckd = DKD(alpha=0.0, beta=1.0)(s, t, target)
+        tckd = DKD(tckd_weight=1.0, nckd_weight=0.0)(s, t, target)
+        nckd = DKD(tckd_weight=0.0, nckd_weight=1.0)(s, t, target)
         p_target = torch.softmax(t / 4.0, dim=-1)[0, y]
         assert KLDivergence(4.0)(s, t).item() == pytest.approx((tckd + (1 - p_target) * nckd).item(), rel=1e-10)
 
@@ -152,7 +152,7 @@ def test_cc_taylor_series_converges_to_the_gaussian_rbf() -> None:
 
 
 def test_negative_dkd_weights_name_the_key() -> None:
-    from kd_lightning.errors import ConfigError
+    from kd_lightning.engine.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"^loss\.terms\.dkd\.alpha=-1\.0"):
-        DKD(alpha=-1.0)
+    with pytest.raises(ConfigError, match=r"^loss\.terms\.dkd\.tckd_weight=-1\.0"):
+        DKD(tckd_weight=-1.0)

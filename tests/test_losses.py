@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kd_lightning.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.losses import TERMS, UNLABELLED, DistillationLoss, KLDivergence, masked_cross_entropy
 
 torch.manual_seed(0)
@@ -55,7 +55,7 @@ def test_kd_term_is_t_squared_times_kl(temperature: float) -> None:
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.9, 1.0])
 def test_total_is_alpha_weighted_sum(alpha: float) -> None:
-    out = make_loss(alpha, 4.0)({"logits": STUDENT}, {"logits": TEACHER}, TARGETS)
+    out = make_loss(alpha, 4.0)({"student": {"logits": STUDENT}, "teacher": {"logits": TEACHER}}, TARGETS)
     expected = (1 - alpha) * hand_ce(STUDENT, TARGETS) + alpha * 16 * hand_kl(STUDENT, TEACHER, 4.0)
     assert out.total.item() == pytest.approx(expected, rel=1e-5)
     assert out.parts["ce"].item() == pytest.approx(hand_ce(STUDENT, TARGETS), rel=1e-5)
@@ -64,32 +64,32 @@ def test_total_is_alpha_weighted_sum(alpha: float) -> None:
 def test_alpha_zero_needs_no_teacher() -> None:
     loss = make_loss(0.0, 4.0)
     assert not loss.needs_teacher
-    out = loss({"logits": STUDENT}, None, TARGETS)
+    out = loss({"student": {"logits": STUDENT}}, TARGETS)
     assert out.total.item() == pytest.approx(hand_ce(STUDENT, TARGETS), rel=1e-6)
     assert set(out.parts) == {"ce"}
 
 
 def test_alpha_one_is_pure_distillation() -> None:
-    out = make_loss(1.0, 2.0)({"logits": STUDENT}, {"logits": TEACHER}, TARGETS)
+    out = make_loss(1.0, 2.0)({"student": {"logits": STUDENT}, "teacher": {"logits": TEACHER}}, TARGETS)
     assert out.total.item() == pytest.approx(4 * hand_kl(STUDENT, TEACHER, 2.0), rel=1e-5)
 
 
 def test_label_smoothing_matches_formula() -> None:
-    out = make_loss(0.0, 4.0, label_smoothing=0.1)({"logits": STUDENT}, None, TARGETS)
+    out = make_loss(0.0, 4.0, label_smoothing=0.1)({"student": {"logits": STUDENT}}, TARGETS)
     assert out.total.item() == pytest.approx(hand_ce(STUDENT, TARGETS, smoothing=0.1), rel=1e-5)
 
 
 def test_unlabelled_samples_skip_task_term_only() -> None:
     targets = TARGETS.clone()
     targets[:3] = UNLABELLED
-    out = make_loss(0.5, 4.0)({"logits": STUDENT}, {"logits": TEACHER}, targets)
+    out = make_loss(0.5, 4.0)({"student": {"logits": STUDENT}, "teacher": {"logits": TEACHER}}, targets)
     assert out.parts["ce"].item() == pytest.approx(hand_ce(STUDENT, targets), rel=1e-5)
     assert out.parts["kd"].item() == pytest.approx(16 * hand_kl(STUDENT, TEACHER, 4.0), rel=1e-5)
 
 
 def test_all_unlabelled_batch_gives_zero_task_loss_with_graph() -> None:
     student = STUDENT.clone().requires_grad_()
-    out = make_loss(0.5, 4.0)({"logits": student}, {"logits": TEACHER}, torch.full((6,), UNLABELLED))
+    out = make_loss(0.5, 4.0)({"student": {"logits": student}, "teacher": {"logits": TEACHER}}, torch.full((6,), UNLABELLED))
     assert out.parts["ce"].item() == 0.0
     out.total.backward()
     assert torch.isfinite(student.grad).all()
@@ -113,7 +113,7 @@ def test_bf16_autocast_stays_finite() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         student = (torch.randn(8, 10) * 30).bfloat16()
         teacher = (torch.randn(8, 10) * 30).bfloat16()
-        out = make_loss(0.9, 1.0)({"logits": student}, {"logits": teacher}, torch.arange(8))
+        out = make_loss(0.9, 1.0)({"student": {"logits": student}, "teacher": {"logits": teacher}}, torch.arange(8))
     assert torch.isfinite(out.total)
 
 
@@ -140,7 +140,7 @@ def test_unknown_weight_names_the_key() -> None:
 def test_registry_mirrors_loss_configs() -> None:
     from pathlib import Path
 
-    from kd_lightning.cli import CONFIG_DIR
+    from kd_lightning.cli.common import CONFIG_DIR
 
     names = {p.stem for p in (Path(CONFIG_DIR) / "loss").glob("*.yaml")}
     assert names == set(TERMS)

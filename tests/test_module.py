@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from kd_lightning.callbacks import AlphaWarmup, FrozenTeacherGuard
 from kd_lightning.losses import DistillationLoss, KLDivergence
-from kd_lightning.module import DistillationModule
+from kd_lightning.methods.kd import DistillationModule
 
 NUM_CLASSES = 3
 

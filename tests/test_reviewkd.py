@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_lightning.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.losses import DistillationLoss, ReviewKD
 from kd_lightning.losses.features import hcl
 from tests import reference_losses as ref

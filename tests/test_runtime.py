@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from kd_lightning.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.losses import DistillationLoss, KLDivergence
 from kd_lightning.models import resnet8x4
-from kd_lightning.module import DistillationModule
-from kd_lightning.runtime import Runtime
+from kd_lightning.methods.kd import DistillationModule
+from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
+from kd_lightning.engine.runtime import Runtime
 
 
 def train_steps(runtime: Runtime, steps: int = 2) -> DistillationModule:
@@ -44,8 +45,9 @@ def test_teacher_autocast_gives_float32_outputs_close_to_full_precision() -> Non
     module = train_steps(Runtime(teacher_precision="bf16"), steps=1)
     x = torch.randn(4, 3, 32, 32)
     low = module.teacher_outputs(x)["logits"]
-    module.runtime = Runtime()
+    module.teachers["teacher"].precision = None
     full = module.teacher_outputs(x)["logits"]
+    assert not torch.equal(low, full)  # the first really ran in bf16
     assert low.dtype == torch.float32 and not low.is_inference()
     assert torch.allclose(low, full, atol=0.1, rtol=0.05)
 
@@ -67,10 +69,22 @@ def test_compiled_teacher_and_student_train() -> None:
         ({"teacher_precision": "int8"}, "runtime.teacher_precision"),
         ({"compile": "everything"}, "runtime.compile"),
         ({"cpu_threads": 0}, "runtime.cpu_threads"),
-        ({"teacher_cache": "cloud"}, "runtime.teacher_cache"),
-        ({"teacher_cache": "disk"}, "runtime.teacher_cache=disk needs a directory"),
     ],
 )
 def test_bad_runtime_values_name_their_key(options: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
-        Runtime(**options).build_cache()
+        Runtime(**options)
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        ({"location": "cloud"}, "teacher_cache.location"),
+        ({"location": "disk"}, "teacher_cache=disk needs teacher_cache.directory"),
+        ({"location": "memory", "dtype": "int4"}, "teacher_cache.dtype"),
+        ({"location": "memory", "top_k": 0}, "teacher_cache.top_k"),
+    ],
+)
+def test_bad_teacher_cache_values_name_their_key(options: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        TeacherOutputCache(**options)

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from kd_lightning.adapters import connector
-from kd_lightning.errors import ConfigError
+from kd_lightning.engine.adapters import connector
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.losses import SP, VID, AttentionTransfer, DistillationLoss, FitNets, KLDivergence
-from kd_lightning.module import DistillationModule
-from kd_lightning.taps import Taps
+from kd_lightning.methods.kd import DistillationModule
+from kd_lightning.engine.taps import Taps
 
 
 class Block(nn.Module):

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from kd_lightning.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.models import MLP
-from kd_lightning.teacher import freeze, load_weights
+from kd_lightning.engine.weights import freeze, load_weights
 
 
 def reference() -> nn.Module:

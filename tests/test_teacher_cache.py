@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from kd_lightning.data import MNIST1DDataModule
-from kd_lightning.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.losses import DistillationLoss, KLDivergence
 from kd_lightning.models import MLP, ConvNet1D
-from kd_lightning.module import DistillationModule
-from kd_lightning.runner import distill
-from kd_lightning.runtime import Runtime
-from kd_lightning.teacher_cache import TeacherOutputCache
+from kd_lightning.methods.kd import DistillationModule
+from kd_lightning.recipes.distill import distill
+from kd_lightning.engine.runtime import Runtime
+from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
 from tests.conftest import TINY, compose_config
 
 
@@ -42,7 +42,9 @@ def counting(model: torch.nn.Module) -> list[int]:
     return calls
 
 
-def module(runtime: Runtime, model: torch.nn.Module | None = None) -> DistillationModule:
+def module(
+    runtime: Runtime, model: torch.nn.Module | None = None, cache: TeacherOutputCache | None = None
+) -> DistillationModule:
     torch.manual_seed(1)
     return DistillationModule(
         student=MLP(hidden=16),
@@ -51,6 +53,7 @@ def module(runtime: Runtime, model: torch.nn.Module | None = None) -> Distillati
         optimizer=partial(torch.optim.SGD, lr=0.1),
         num_classes=10,
         runtime=runtime,
+        teacher_cache=cache,
     )
 
 
@@ -79,8 +82,8 @@ def test_cached_logits_give_the_live_teachers_loss_for_the_same_batch(
     loss = DistillationLoss({"kd": KLDivergence()}, alpha=0.9, temperature=4.0)
     student = {"logits": MLP(hidden=16)(x)}
     with torch.no_grad():
-        expected = loss(student, {"logits": live(x)}, y).total
-    cached = loss(student, {"logits": cache.logits("train", index)}, y).total
+        expected = loss({"student": student, "teacher": {"logits": live(x)}}, y).total
+    cached = loss({"student": student, "teacher": {"logits": cache.logits("train", index)}}, y).total
     assert cached.item() == pytest.approx(expected.item(), rel=tolerance)
 
 
@@ -131,7 +134,7 @@ def test_top_k_keeps_the_top_probabilities_and_the_tail_mass(data: MNIST1DDataMo
 def test_training_with_the_cache_runs_no_teacher_forward(data: MNIST1DDataModule) -> None:
     model = teacher()
     calls = counting(model)
-    fit(module(Runtime(teacher_cache="memory", cache_dtype="float32"), model), data)
+    fit(module(Runtime(), model, TeacherOutputCache("memory", dtype="float32")), data)
     batches = sum(-(-len(data.splits[s]) // 512) for s in ("train", "val"))  # one pass to fill the tables
     assert len(calls) == batches
 
@@ -148,22 +151,22 @@ def test_validation_teacher_outputs_are_computed_once_and_reused(data: MNIST1DDa
 
 
 def test_cache_refuses_feature_losses_and_random_augmentation(tmp_path: Path, kd_home: Path) -> None:
-    overrides = [*TINY, "logger=none", "compare_scratch=false", "runtime.teacher_cache=memory"]
-    with pytest.raises(ConfigError, match=r"runtime.teacher_cache stores teacher logits only.*teacher_layer"):
+    overrides = [*TINY, "logger=none", "compare_scratch=false", "teacher_cache=memory"]
+    with pytest.raises(ConfigError, match=r"^teacher_cache stores teacher logits only.*teacher_layer"):
         distill(compose_config(tmp_path / "a", [*overrides, "loss=at", "student=cnn1d_narrow"]))
 
     class Augmented(MNIST1DDataModule):
         random_augmentation = True
 
-    model = module(Runtime(teacher_cache="memory"))
+    model = module(Runtime(), cache=TeacherOutputCache("memory"))
     augmented = Augmented(str(kd_home / "data"), return_index=True)
     with pytest.raises(ConfigError, match=r"random_augmentation=True.*stale"):
         fit(model, augmented)
 
 
 def test_a_sweep_of_runs_shares_one_set_of_disk_tables(tmp_path: Path, kd_home: Path) -> None:
-    overrides = [*TINY, "logger=none", "compare_scratch=false", "runtime.teacher_cache=disk"]
-    overrides.append(f"runtime.cache_dir={tmp_path / 'tables'}")
+    overrides = [*TINY, "logger=none", "compare_scratch=false", "teacher_cache=disk"]
+    overrides.append(f"teacher_cache.directory={tmp_path / 'tables'}")
     losses = []
     for temperature in (2, 8):
         cfg = compose_config(tmp_path / f"t{temperature}", [*overrides, f"loss.temperature={temperature}"])

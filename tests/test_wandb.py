@@ -27,8 +27,8 @@ import wandb
 from wandb.errors import CommError
 from wandb.proto import wandb_internal_pb2
 
-from kd_lightning.runner import distill
-from kd_lightning.tracking import RUN_ID_FILE, WandbRunLogger, resumed_run_id
+from kd_lightning.recipes.distill import distill
+from kd_lightning.reporting.tracking import RUN_ID_FILE, WandbRunLogger, resumed_run_id
 from tests.conftest import SWEEP_JOB, TINY, compose_config
 from tests.test_cli import run
 
@@ -172,7 +172,7 @@ def test_no_credentials_logs_offline_with_one_warning(
     monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     logger = WandbRunLogger(save_dir=str(tmp_path), project="kd_lightning", log_model=True)
-    with caplog.at_level(logging.WARNING, logger="kd_lightning.tracking"):
+    with caplog.at_level(logging.WARNING, logger="kd_lightning.reporting.tracking"):
         experiment = logger.experiment
         experiment.log({"x": 1.0})
         experiment.finish()
@@ -198,7 +198,7 @@ def test_unreachable_server_logs_offline_with_one_warning(
 
     monkeypatch.setattr(wandb, "init", init_without_network)
     logger = WandbRunLogger(save_dir=str(tmp_path), project="kd_lightning")
-    with caplog.at_level(logging.WARNING, logger="kd_lightning.tracking"):
+    with caplog.at_level(logging.WARNING, logger="kd_lightning.reporting.tracking"):
         logger.experiment.finish()
     warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "could not be reached" in warnings[0] and "no such host" in warnings[0]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import lightning as L
 from typing_extensions import override
 
-from kd_lightning.errors import ConfigError
-from kd_lightning.module import DistillationModule
+from kd_lightning.engine.errors import ConfigError
+from kd_lightning.losses import DistillationLoss
 
 
 class LossSchedule(L.Callback):
@@ -27,8 +27,10 @@ class LossSchedule(L.Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not isinstance(pl_module, DistillationModule):
-            raise TypeError(f"{type(self).__name__} needs a DistillationModule")
+        if not isinstance(getattr(pl_module, "loss", None), DistillationLoss):
+            raise ConfigError(
+                f"{type(self).__name__} schedules a DistillationLoss; this method has none (method=kd has)"
+            )
         self._target = getattr(pl_module.loss, self.attribute)
 
     @override
@@ -92,7 +94,8 @@ class HintPreStage(L.Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not isinstance(pl_module, DistillationModule) or self.term not in pl_module.loss.terms:
+        loss = getattr(pl_module, "loss", None)
+        if not isinstance(loss, DistillationLoss) or self.term not in loss.terms:
             raise ConfigError(
                 f"callbacks.hint_pre_stage.term={self.term!r} is not a term of the loss; "
                 "use it with loss=fitnet (or name the hint term)"

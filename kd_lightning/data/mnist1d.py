@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from kd_lightning.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.losses.base import UNLABELLED
 
 #: mnist1d's default generator settings (its official 4,000 / 1,000 split uses seed 42).

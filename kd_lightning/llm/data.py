@@ -25,8 +25,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from kd_lightning.errors import ConfigError
-from kd_lightning.llm.generate import keep_correct, left_pad, read_records
+from kd_lightning.engine.errors import ConfigError
+from kd_lightning.llm.generation import keep_correct, left_pad, read_records
 from kd_lightning.llm.prompts import chat_ids, make_prompts
 
 IGNORE_INDEX = -100

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from kd_lightning.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.divergences import ForwardKL, TokenDivergence
 from kd_lightning.losses.precision import at_least_fp32, autocast_off
 
@@ -48,7 +48,7 @@ class TokenLossOutput(NamedTuple):
     ``count``: the number of valid tokens; ``parts``: detached sums ``ce``, ``distill`` and, when asked
     for, ``kl_to_teacher``. The per-token mean of one batch is ``total / count``; under gradient
     accumulation, back-propagate the micro-batches' ``total`` and divide the gradients by the sum of their
-    ``count`` (what :class:`~kd_lightning.llm.module.LLMDistillationModule` does), since a mean of
+    ``count`` (what :class:`~kd_lightning.methods.llm.LLMDistillationModule` does), since a mean of
     micro-batch means weighs tokens unequally.
     """
 

@@ -2,13 +2,14 @@
 
 Every distillation term has the same call shape::
 
-    term(student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> Tensor  # scalar
+    term(a: Tensor, b: Tensor, targets: Tensor | None = None) -> Tensor  # scalar
 
-and declares which model output it reads (``student_key`` / ``teacher_key``, ``"logits"`` by
-default), so :class:`DistillationLoss` can route outputs to terms without knowing what they are.
+and declares what its two arguments are (:class:`~kd_lightning.losses.reads.Read`: a model by name, a
+layer, output or input; by default ``a`` is the student's and ``b`` the teacher's logits), so
+:class:`DistillationLoss` routes the outputs of every model to the terms without knowing what they are.
 Two opt-in extensions keep that shape for every other term:
 
-- a :class:`MultiLayerTerm` reads several layers per side and gets lists of tensors;
+- a :class:`MultiLayerTerm` reads several layers per argument and gets lists of tensors;
 - a term with ``uses_index = True`` (e.g. CRD's memory bank) also gets the batch's dataset sample
   indices as the keyword ``index`` and the training-set size through :meth:`DistillationTerm.setup_data`.
 """
@@ -22,29 +23,36 @@ from typing import NamedTuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.losses.precision import at_least_fp32
+from kd_lightning.losses.reads import LOGITS, ReadSpec, Routing, as_tuple, read_of, reads_of, routed
 
 #: Targets equal to this value mark unlabelled samples (e.g. a teacher-labelled transfer set):
 #: they are left out of the task term and still take part in every distillation term.
 UNLABELLED = -1
 
+#: The model whose logits the task (cross-entropy) term reads.
+TASK_MODEL = "student"
+
 
 class DistillationTerm(nn.Module):
-    """Base class of distillation terms: ``forward(student, teacher, targets=None) -> scalar``.
+    """Base class of distillation terms: ``forward(a, b, targets=None) -> scalar``.
 
-    ``student_key`` and ``teacher_key`` name the model outputs the term reads; logit terms read
-    ``"logits"``. Terms that use a temperature expose a ``temperature`` attribute, which
-    :class:`DistillationLoss` keeps equal to its own.
+    ``student`` / ``teacher`` (``{model, layer, io}``, each optional) say what ``a`` and ``b`` are; by
+    default the logits of the models named ``student`` and ``teacher``. They are kept as
+    ``student_read`` / ``teacher_read``.
     """
 
-    student_key: str = "logits"
-    teacher_key: str = "logits"
     #: Whether :meth:`setup_shapes` creates parameters (which must exist before the optimizer is built).
     has_adapters: bool = False
     #: Whether ``forward`` takes the keyword ``index`` (the batch's dataset sample indices, ``(B,)``);
     #: such terms need a datamodule that yields ``(x, y, index)`` batches (``data.return_index=true``).
     uses_index: bool = False
+
+    def __init__(self, student: ReadSpec = None, teacher: ReadSpec = None) -> None:
+        super().__init__()
+        self.student_read: Routing = read_of(student, "student")
+        self.teacher_read: Routing = read_of(teacher, "teacher")
 
     def setup_shapes(self, student: Tensor, teacher: Tensor, key: str) -> None:
         """Called once before training with the outputs of one example batch: size adapters, check
@@ -57,37 +65,48 @@ class DistillationTerm(nn.Module):
 
 class LayerTerm(DistillationTerm):
     """A term on intermediate outputs: ``student_layer`` / ``teacher_layer`` are dotted module paths
-    (e.g. ``features.2``, ``layer3``) that :class:`~kd_lightning.module.DistillationModule` taps and
-    routes here (``"logits"`` reads the model outputs); ``beta`` is the method's published weight."""
+    (e.g. ``features.2``, ``layer3``) of the student and teacher, shorthands for
+    ``student: {layer: ...}`` / ``teacher: {layer: ...}`` (which may also name another model and
+    ``io: input``); ``"logits"`` reads the model outputs. ``beta`` is the method's published weight."""
 
-    def __init__(self, student_layer: str = "logits", teacher_layer: str = "logits", beta: float = 1.0) -> None:
+    def __init__(
+        self,
+        student_layer: str = LOGITS,
+        teacher_layer: str = LOGITS,
+        beta: float = 1.0,
+        student: ReadSpec = None,
+        teacher: ReadSpec = None,
+    ) -> None:
         super().__init__()
-        self.student_key = student_layer
-        self.teacher_key = teacher_layer
+        self.student_read = read_of(student, "student", student_layer, "student_layer")
+        self.teacher_read = read_of(teacher, "teacher", teacher_layer, "teacher_layer")
         self.beta = float(beta)
 
 
 class MultiLayerTerm(DistillationTerm):
     """A term on several intermediate outputs per side: ``student_layers`` / ``teacher_layers`` are lists
     of dotted module paths, paired in order; ``forward`` and ``setup_shapes`` get lists of tensors in
-    the same order. ``beta`` is the method's published weight."""
+    the same order. ``student`` / ``teacher`` (``{model, io}``) pick other models or layer inputs.
+    ``beta`` is the method's published weight."""
 
-    def __init__(self, student_layers: Sequence[str], teacher_layers: Sequence[str], beta: float = 1.0) -> None:
+    def __init__(
+        self,
+        student_layers: Sequence[str],
+        teacher_layers: Sequence[str],
+        beta: float = 1.0,
+        student: ReadSpec = None,
+        teacher: ReadSpec = None,
+    ) -> None:
         super().__init__()
-        self.student_key = tuple(student_layers)
-        self.teacher_key = tuple(teacher_layers)
+        self.student_read = reads_of(student, "student", list(student_layers), "student_layers")
+        self.teacher_read = reads_of(teacher, "teacher", list(teacher_layers), "teacher_layers")
         name = type(self).__name__
-        if not self.student_key or len(self.student_key) != len(self.teacher_key):
+        if not self.student_read or len(self.student_read) != len(self.teacher_read):
             raise ConfigError(
-                f"{name} pairs student_layers {list(self.student_key)} with teacher_layers "
-                f"{list(self.teacher_key)} in order; give both lists the same (non-zero) length"
+                f"{name} pairs student_layers {list(student_layers)} with teacher_layers "
+                f"{list(teacher_layers)} in order; give both lists the same (non-zero) length"
             )
         self.beta = float(beta)
-
-
-def routed(outputs: Mapping[str, Tensor], key: str | tuple[str, ...]) -> Tensor | list[Tensor]:
-    """The output a term's ``student_key`` / ``teacher_key`` names: one tensor, or a list for a tuple of keys."""
-    return outputs[key] if isinstance(key, str) else [outputs[k] for k in key]
 
 
 class LossOutput(NamedTuple):
@@ -179,38 +198,42 @@ class DistillationLoss(nn.Module):
 
     @temperature.setter
     def temperature(self, value: float) -> None:
+        """The shared temperature: every term with one and no ``temperature`` of its own follows it."""
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ConfigError(f"loss.temperature={value} must be > 0 (4 is the usual default)")
         self._temperature = float(value)
         for term in self.terms.values():
-            if hasattr(term, "temperature"):
+            if getattr(term, "follows_loss_temperature", False):
                 term.temperature = self._temperature
 
-    def layers(self, side: str) -> dict[str, str]:
-        """Dotted module paths the terms read from the ``side`` (``"student"`` / ``"teacher"``) model,
-        each mapped to the config key that names it; ``"logits"`` is not a layer."""
+    def reads(self) -> dict[str, list[tuple[Routing, str]]]:
+        """Every term's two routings, with the config key of the term (``loss.terms.<name>``)."""
+        return {f"loss.terms.{name}": [term.student_read, term.teacher_read] for name, term in self.terms.items()}  # type: ignore[return-value]
+
+    def layers(self, model: str) -> dict[str, str]:
+        """The tensors the terms read from ``model`` other than its logits: output key (a dotted module
+        path, ``<path>:input`` for a layer's input) -> the config key that names it."""
         paths: dict[str, str] = {}
-        for name, term in self.terms.items():
-            key = getattr(term, f"{side}_key")
-            if isinstance(key, str):
-                named = {key: f"loss.terms.{name}.{side}_layer"}
-            else:
-                named = {path: f"loss.terms.{name}.{side}_layers[{i}]" for i, path in enumerate(key)}
-            for path, config_key in named.items():
-                if path != "logits":
-                    paths.setdefault(path, config_key)
+        for key, routings in self.reads().items():
+            for routing in routings:
+                for read in as_tuple(routing):
+                    if read.model == model and read.is_layer:
+                        paths.setdefault(read.key, f"{key}.{read.field}")
         return paths
 
-    def setup_shapes(
-        self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor], num_samples: int | None = None
-    ) -> None:
-        """Let every term size its adapters / check shapes from one example batch's outputs; terms that
-        use sample indices first get the training-set size ``num_samples``."""
+    @property
+    def models_read(self) -> set[str]:
+        """Names of the models the distillation terms read (the student's logits feed the task term)."""
+        return {read.model for routings in self.reads().values() for r in routings for read in as_tuple(r)}
+
+    def setup_shapes(self, outputs: Mapping[str, Mapping[str, Tensor]], num_samples: int | None = None) -> None:
+        """Let every term size its adapters / check shapes from one example batch's outputs (by model name);
+        terms that use sample indices first get the training-set size ``num_samples``."""
         for name, term in self.terms.items():
             if term.uses_index:
                 term.setup_data(num_samples, f"loss.terms.{name}")
             term.setup_shapes(
-                routed(student, term.student_key), routed(teacher, term.teacher_key), f"loss.terms.{name}"
+                routed(outputs, term.student_read), routed(outputs, term.teacher_read), f"loss.terms.{name}"
             )
 
     @property
@@ -227,34 +250,37 @@ class DistillationLoss(nn.Module):
     def needs_example(self) -> bool:
         """Whether some term must see one example batch before training: it reads intermediate layers
         (shape checks), sizes adapters or indexes samples. Logit-only losses need none."""
-        tapped = self.layers("student") or self.layers("teacher")
-        return bool(tapped) or self.has_adapters or self.uses_index
+        tapped = any(self.layers(model) for model in self.models_read)
+        return tapped or self.has_adapters or self.uses_index
 
     @property
     def needs_teacher(self) -> bool:
-        """Whether this step needs teacher outputs at all (False for alpha = 0 or no terms)."""
+        """Whether the distillation terms run, so the models they read are needed (False for alpha = 0
+        or no terms)."""
         return self.alpha > 0.0 and len(self.terms) > 0
 
     def forward(
         self,
-        student: Mapping[str, Tensor],
-        teacher: Mapping[str, Tensor] | None,
+        outputs: Mapping[str, Mapping[str, Tensor]],
         targets: Tensor,
         index: Tensor | None = None,
         label_count: Tensor | None = None,
     ) -> LossOutput:
-        """Combine the task term on ``student["logits"]`` with every distillation term; ``index`` (the
-        batch's dataset sample indices) goes, as a keyword, only to terms with ``uses_index``;
-        ``label_count`` is what the task term divides by (see :func:`masked_cross_entropy`)."""
-        parts = {"ce": masked_cross_entropy(student["logits"], targets, self.label_smoothing, label_count)}
+        """Combine the task term on the student's logits with every distillation term; ``outputs`` holds
+        each model's outputs by name (``{"student": {"logits": ..., "<layer>": ...}, "teacher": ...}``);
+        ``index`` (the batch's dataset sample indices) goes, as a keyword, only to terms with
+        ``uses_index``; ``label_count`` is what the task term divides by (see :func:`masked_cross_entropy`)."""
+        logits = outputs[TASK_MODEL][LOGITS]
+        parts = {"ce": masked_cross_entropy(logits, targets, self.label_smoothing, label_count)}
         total = (1.0 - self.alpha) * parts["ce"]
         if self.needs_teacher:
-            if teacher is None:
-                raise RuntimeError("DistillationLoss with alpha > 0 needs teacher outputs")
+            missing = sorted(self.models_read - set(outputs))
+            if missing:
+                raise RuntimeError(f"DistillationLoss with alpha > 0 needs the outputs of {missing}")
             for name, term in self.terms.items():
                 extra = {"index": index} if term.uses_index else {}
                 parts[name] = term(
-                    routed(student, term.student_key), routed(teacher, term.teacher_key), targets, **extra
+                    routed(outputs, term.student_read), routed(outputs, term.teacher_read), targets, **extra
                 )
                 total = total + self.alpha * self.weights[name] * parts[name]
         return LossOutput(total=total, parts=parts)

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.losses.base import LayerTerm
 from kd_lightning.losses.precision import at_least_fp32, autocast_off
+from kd_lightning.losses.reads import ReadSpec
 
 
 def nce_loss(scores: Tensor, num_samples: int, eps: float = 1e-7) -> Tensor:
@@ -75,8 +76,10 @@ class CRD(LayerTerm):
         nce_t: float = 0.07,
         momentum: float = 0.5,
         num_samples: int | None = None,
+        student: ReadSpec = None,
+        teacher: ReadSpec = None,
     ) -> None:
-        super().__init__(student_layer, teacher_layer, beta)
+        super().__init__(student_layer, teacher_layer, beta, student, teacher)
         for name, value in (("feat_dim", feat_dim), ("nce_k", nce_k)):
             if value < 1:
                 raise ConfigError(f"loss.terms.crd.{name}={value} must be >= 1")

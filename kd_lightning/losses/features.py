@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.adapters import connector, pointwise_mlp
-from kd_lightning.errors import ConfigError
+from kd_lightning.engine.adapters import connector, pointwise_mlp
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.losses.base import LayerTerm, MultiLayerTerm
 from kd_lightning.losses.precision import at_least_fp32
+from kd_lightning.losses.reads import ReadSpec
 
 
 def unsized(term: LayerTerm, student: Tensor, teacher: Tensor) -> RuntimeError:
@@ -27,7 +28,7 @@ class FitNets(LayerTerm):
     .. math::
         L_{hint} = \beta \cdot \frac{1}{N}\,\big\| r(F_s) - F_t \big\|_2^2
 
-    with :math:`r` a regressor (:func:`~kd_lightning.adapters.connector`: 1x1 conv + BN for conv
+    with :math:`r` a regressor (:func:`~kd_lightning.engine.adapters.connector`: 1x1 conv + BN for conv
     maps, linear for vectors, identity when the shapes already match) sized from one example batch
     and trained with the student, and :math:`N` the number of elements (mean squared error). By default the
     hint is trained jointly with CE, like CRD's benchmark (Tian et al., 2020), with ``beta = 100``;
@@ -37,8 +38,15 @@ class FitNets(LayerTerm):
 
     has_adapters = True
 
-    def __init__(self, student_layer: str = "logits", teacher_layer: str = "logits", beta: float = 100.0) -> None:
-        super().__init__(student_layer, teacher_layer, beta)
+    def __init__(
+        self,
+        student_layer: str = "logits",
+        teacher_layer: str = "logits",
+        beta: float = 100.0,
+        student: ReadSpec = None,
+        teacher: ReadSpec = None,
+    ) -> None:
+        super().__init__(student_layer, teacher_layer, beta, student, teacher)
         self.regressor: nn.Module | None = None
 
     def setup_shapes(self, student: Tensor, teacher: Tensor, key: str) -> None:
@@ -72,9 +80,15 @@ class AttentionTransfer(LayerTerm):
     """
 
     def __init__(
-        self, student_layer: str = "logits", teacher_layer: str = "logits", beta: float = 1000.0, p: float = 2.0
+        self,
+        student_layer: str = "logits",
+        teacher_layer: str = "logits",
+        beta: float = 1000.0,
+        p: float = 2.0,
+        student: ReadSpec = None,
+        teacher: ReadSpec = None,
     ) -> None:
-        super().__init__(student_layer, teacher_layer, beta)
+        super().__init__(student_layer, teacher_layer, beta, student, teacher)
         self.p = float(p)
 
     def setup_shapes(self, student: Tensor, teacher: Tensor, key: str) -> None:
@@ -102,7 +116,7 @@ class VID(LayerTerm):
         \qquad \sigma_c^2 = \log(1 + e^{\alpha_c}) + \epsilon
 
     over channels :math:`c` and positions :math:`x` (:math:`N` elements, constant dropped), with
-    :math:`\mu` three pointwise layers (:func:`~kd_lightning.adapters.pointwise_mlp`) and one learned
+    :math:`\mu` three pointwise layers (:func:`~kd_lightning.engine.adapters.pointwise_mlp`) and one learned
     variance per teacher channel, both trained with the student. As in CRD's implementation:
     initial variance 5, :math:`\epsilon = 10^{-5}`, ``beta = 1``. Not zero at a perfect fit: its
     minimum is the :math:`\tfrac12 \log \sigma^2` term.
@@ -117,8 +131,10 @@ class VID(LayerTerm):
         beta: float = 1.0,
         init_variance: float = 5.0,
         eps: float = 1e-5,
+        student: ReadSpec = None,
+        teacher: ReadSpec = None,
     ) -> None:
-        super().__init__(student_layer, teacher_layer, beta)
+        super().__init__(student_layer, teacher_layer, beta, student, teacher)
         self.init_variance = float(init_variance)
         self.eps = float(eps)
         self.mean: nn.Module | None = None
@@ -230,8 +246,10 @@ class ReviewKD(MultiLayerTerm):
         beta: float = 1.0,
         mid_channels: int = 64,
         levels: tuple[int, ...] = (4, 2, 1),
+        student: ReadSpec = None,
+        teacher: ReadSpec = None,
     ) -> None:
-        super().__init__(student_layers, teacher_layers, beta)
+        super().__init__(student_layers, teacher_layers, beta, student, teacher)
         if mid_channels < 1:
             raise ConfigError(f"loss.terms.reviewkd.mid_channels={mid_channels} must be >= 1")
         self.mid_channels = int(mid_channels)

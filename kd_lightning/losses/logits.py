@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_lightning.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.losses.base import UNLABELLED, DistillationTerm
 from kd_lightning.losses.precision import at_least_fp32
+from kd_lightning.losses.reads import ReadSpec
 
 
 def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -28,6 +29,10 @@ def standardize(logits: Tensor, eps: float = 1e-7) -> Tensor:
 class LogitTerm(DistillationTerm):
     """A term on temperature-softened logits, with Sun et al.'s optional standardization.
 
+    ``temperature``: the term's own T; ``None`` (the default) follows ``loss.temperature``, the one
+    value that temperature schedules and sweeps set. A term with its own T keeps it (e.g. KD at 4
+    beside DKD at 2).
+
     ``standardize=True`` applies "Logit Standardization in Knowledge Distillation" (Sun et al.,
     CVPR 2024): student and teacher logits are z-scored per sample before the temperature, so the
     student matches the teacher's logit *relations* rather than their scale. The paper's CIFAR-100
@@ -35,9 +40,17 @@ class LogitTerm(DistillationTerm):
     9 / 9.1 ~ 0.989 up to an overall factor of 9.1 absorbed by the learning rate).
     """
 
-    def __init__(self, temperature: float, standardize: bool) -> None:
-        super().__init__()
-        self.temperature = float(temperature)
+    def __init__(
+        self, temperature: float | None, standardize: bool, student: ReadSpec = None, teacher: ReadSpec = None
+    ) -> None:
+        super().__init__(student, teacher)
+        if temperature is not None and not temperature > 0:
+            raise ConfigError(
+                f"{type(self).__name__} temperature={temperature} must be > 0 (or null: loss.temperature)"
+            )
+        #: Without a temperature of its own the term follows ``loss.temperature`` (and its schedules).
+        self.follows_loss_temperature = temperature is None
+        self.temperature = 4.0 if temperature is None else float(temperature)
         self.standardize = bool(standardize)
 
     def prepare(self, logits: Tensor) -> Tensor:
@@ -58,8 +71,14 @@ class KLDivergence(LogitTerm):
     ``standardize=True``: see :class:`LogitTerm` (``loss.terms.kd.standardize=true``).
     """
 
-    def __init__(self, temperature: float = 4.0, standardize: bool = False) -> None:
-        super().__init__(temperature, standardize)
+    def __init__(
+        self,
+        temperature: float | None = None,
+        standardize: bool = False,
+        student: ReadSpec = None,
+        teacher: ReadSpec = None,
+    ) -> None:
+        super().__init__(temperature, standardize, student, teacher)
 
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> Tensor:
         return soft_kl(self.prepare(student), self.prepare(teacher), self.temperature) * self.temperature**2
@@ -72,9 +91,11 @@ class DKD(LogitTerm):
     :math:`y` and :math:`\hat p = \sigma(z_{\setminus y}/T)` the softmax over the non-target classes:
 
     .. math::
-        L_{dkd} = \alpha\, T^2\, \mathrm{KL}(b_t \,\|\, b_s) + \beta\, T^2\, \mathrm{KL}(\hat p_t \,\|\, \hat p_s)
+        L_{dkd} = w_{tc}\, T^2\, \mathrm{KL}(b_t \,\|\, b_s) + w_{nc}\, T^2\, \mathrm{KL}(\hat p_t \,\|\, \hat p_s)
 
-    (TCKD + NCKD, averaged over samples). Published CIFAR-100 setting: ``alpha = 1``, ``beta = 8``
+    (TCKD + NCKD, averaged over samples). The paper's :math:`\alpha` and :math:`\beta` are
+    ``tckd_weight`` and ``nckd_weight`` here (``loss.alpha`` is the distillation weight). Published
+    CIFAR-100 setting: ``tckd_weight = 1``, ``nckd_weight = 8``
     (6 for WRN teachers), T = 4, CE weight 1 and a linear warm-up of the DKD weight over 20 epochs.
     Here ``loss.alpha = 0.5`` gives the paper's equal CE / DKD weights (times 0.5), and
     ``callbacks=alpha_warmup callbacks.alpha_warmup.epochs=20`` ramps ``loss.alpha`` linearly like the
@@ -86,15 +107,22 @@ class DKD(LogitTerm):
     """
 
     def __init__(
-        self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, standardize: bool = False
+        self,
+        tckd_weight: float = 1.0,
+        nckd_weight: float = 8.0,
+        temperature: float | None = None,
+        standardize: bool = False,
+        student: ReadSpec = None,
+        teacher: ReadSpec = None,
     ) -> None:
-        super().__init__(temperature, standardize)
-        if alpha < 0 or beta < 0:
+        super().__init__(temperature, standardize, student, teacher)
+        if tckd_weight < 0 or nckd_weight < 0:
             raise ConfigError(
-                f"loss.terms.dkd.alpha={alpha} / loss.terms.dkd.beta={beta} must be >= 0 (published: 1 and 8)"
+                f"loss.terms.dkd.tckd_weight={tckd_weight} / loss.terms.dkd.nckd_weight={nckd_weight} must be "
+                ">= 0 (published: 1 and 8)"
             )
-        self.alpha = float(alpha)
-        self.beta = float(beta)
+        self.tckd_weight = float(tckd_weight)
+        self.nckd_weight = float(nckd_weight)
 
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> Tensor:
         zs, zt = self.prepare(student) / self.temperature, self.prepare(teacher) / self.temperature
@@ -102,7 +130,7 @@ class DKD(LogitTerm):
         is_target = F.one_hot(target, zs.shape[-1]).bool()
         tckd = binary_kl(zs, zt, is_target)
         nckd = soft_kl(non_target(zs, is_target), non_target(zt, is_target), 1.0)
-        return (self.alpha * tckd + self.beta * nckd) * self.temperature**2
+        return (self.tckd_weight * tckd + self.nckd_weight * nckd) * self.temperature**2
 
 
 def binary_kl(student: Tensor, teacher: Tensor, is_target: Tensor) -> Tensor:
@@ -138,23 +166,29 @@ class DIST(LogitTerm):
     :math:`d_p(u, v) = 1 - \rho_{\mathrm{pearson}}(u, v)`:
 
     .. math::
-        L_{dist} = \beta\, \tau^2\, \frac{1}{B}\sum_i d_p(Y_{s,i:}, Y_{t,i:})
-                 + \gamma\, \tau^2\, \frac{1}{C}\sum_j d_p(Y_{s,:j}, Y_{t,:j})
+        L_{dist} = w_{inter}\, \tau^2\, \frac{1}{B}\sum_i d_p(Y_{s,i:}, Y_{t,i:})
+                 + w_{intra}\, \tau^2\, \frac{1}{C}\sum_j d_p(Y_{s,:j}, Y_{t,:j})
 
-    (inter-class relation per sample + intra-class relation per class across the batch). Published:
-    ``beta = gamma = 1``; tau = 4 on CIFAR-100 (1 on ImageNet) with CE weight 1 and DIST weight 2.
+    (inter-class relation per sample + intra-class relation per class across the batch). The paper's
+    :math:`\beta` and :math:`\gamma` are ``inter_weight`` and ``intra_weight``. Published: both 1; tau = 4 on CIFAR-100 (1 on ImageNet) with CE weight 1 and DIST weight 2.
     """
 
     def __init__(
-        self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 4.0, standardize: bool = False
+        self,
+        inter_weight: float = 1.0,
+        intra_weight: float = 1.0,
+        temperature: float | None = None,
+        standardize: bool = False,
+        student: ReadSpec = None,
+        teacher: ReadSpec = None,
     ) -> None:
-        super().__init__(temperature, standardize)
-        self.beta = float(beta)
-        self.gamma = float(gamma)
+        super().__init__(temperature, standardize, student, teacher)
+        self.inter_weight = float(inter_weight)
+        self.intra_weight = float(intra_weight)
 
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> Tensor:
         ys = F.softmax(self.prepare(student) / self.temperature, dim=-1)
         yt = F.softmax(self.prepare(teacher) / self.temperature, dim=-1)
         inter = pearson_distance(ys, yt)
         intra = pearson_distance(ys.transpose(0, 1), yt.transpose(0, 1))
-        return (self.beta * inter + self.gamma * intra) * self.temperature**2
+        return (self.inter_weight * inter + self.intra_weight * intra) * self.temperature**2

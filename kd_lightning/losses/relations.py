@@ -11,6 +11,7 @@ from torch import Tensor
 
 from kd_lightning.losses.base import LayerTerm
 from kd_lightning.losses.precision import at_least_fp32, autocast_off
+from kd_lightning.losses.reads import ReadSpec
 
 
 def embed(features: Tensor) -> Tensor:
@@ -70,8 +71,10 @@ class RKD(LayerTerm):
         beta: float = 1.0,
         distance_weight: float = 25.0,
         angle_weight: float = 50.0,
+        student: ReadSpec = None,
+        teacher: ReadSpec = None,
     ) -> None:
-        super().__init__(student_layer, teacher_layer, beta)
+        super().__init__(student_layer, teacher_layer, beta, student, teacher)
         self.distance_weight = float(distance_weight)
         self.angle_weight = float(angle_weight)
 
@@ -99,8 +102,15 @@ class SP(RelationTerm):
     Published: ``beta = 3000``.
     """
 
-    def __init__(self, student_layer: str = "logits", teacher_layer: str = "logits", beta: float = 3000.0) -> None:
-        super().__init__(student_layer, teacher_layer, beta)
+    def __init__(
+        self,
+        student_layer: str = "logits",
+        teacher_layer: str = "logits",
+        beta: float = 3000.0,
+        student: ReadSpec = None,
+        teacher: ReadSpec = None,
+    ) -> None:
+        super().__init__(student_layer, teacher_layer, beta, student, teacher)
 
     def relation(self, e: Tensor) -> Tensor:
         return F.normalize(e @ e.T, dim=1)
@@ -117,9 +127,15 @@ class PKT(RelationTerm):
     """
 
     def __init__(
-        self, student_layer: str = "logits", teacher_layer: str = "logits", beta: float = 30000.0, eps: float = 1e-7
+        self,
+        student_layer: str = "logits",
+        teacher_layer: str = "logits",
+        beta: float = 30000.0,
+        eps: float = 1e-7,
+        student: ReadSpec = None,
+        teacher: ReadSpec = None,
     ) -> None:
-        super().__init__(student_layer, teacher_layer, beta)
+        super().__init__(student_layer, teacher_layer, beta, student, teacher)
         self.eps = float(eps)
 
     def relation(self, e: Tensor) -> Tensor:
@@ -152,8 +168,10 @@ class CC(RelationTerm):
         beta: float = 1.0,
         gamma: float = 0.4,
         order: int = 2,
+        student: ReadSpec = None,
+        teacher: ReadSpec = None,
     ) -> None:
-        super().__init__(student_layer, teacher_layer, beta)
+        super().__init__(student_layer, teacher_layer, beta, student, teacher)
         self.gamma = float(gamma)
         self.order = int(order)
 

@@ -7,7 +7,7 @@ The default MNIST-1D pair (ConvNet1D teacher, MLP student) on the real MNIST-1D 
 a Lightning Trainer (training epochs only: validation off), for:
   (i)   the student alone (alpha = 0: no teacher),
   (ii)  KD with the live teacher (alpha = 0.9, T = 4),
-  (iii) KD from the teacher-output cache (``runtime.teacher_cache=disk``; tables built beforehand,
+  (iii) KD from the teacher-output cache (``teacher_cache=disk``; tables built beforehand,
         their one-off build time reported separately).
 Rows: the default data (4,000 labelled + 20,000 transfer samples) at batch 256, then dataset size
 (transfer samples) and batch size sweeps. Time per epoch = median of the epochs after the first.
@@ -38,8 +38,9 @@ import torch
 from kd_lightning.data import MNIST1DDataModule
 from kd_lightning.losses import DistillationLoss, KLDivergence
 from kd_lightning.models import MLP, ConvNet1D
-from kd_lightning.module import DistillationModule
-from kd_lightning.runtime import Runtime
+from kd_lightning.methods.kd import DistillationModule
+from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
+from kd_lightning.engine.runtime import Runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kd_step import REPO, bench_trainer, write_section
@@ -72,19 +73,20 @@ def run_variant(variant: str, transfer: int, batch: int, epochs: int, device: st
     data.prepare_data()
     data.setup()
     teacher = None if variant == "student" else ConvNet1D(channels=64)
-    runtime = Runtime(teacher_cache="disk", cache_dir=str(home / "tables")) if variant == "cached" else Runtime()
+    cache = TeacherOutputCache("disk", str(home / "tables")) if variant == "cached" else None
     module = DistillationModule(
         student=MLP(hidden=48),
         teacher=teacher,
         loss=DistillationLoss({"kd": KLDivergence()}, alpha=0.0 if teacher is None else 0.9, temperature=4.0),
         optimizer=partial(torch.optim.AdamW, lr=3e-3),
         num_classes=10,
-        runtime=runtime,
+        runtime=Runtime(),
+        teacher_cache=cache,
     )
     build_seconds = 0.0
     if variant == "cached":  # the one-off table build, outside the timed epochs
         start = time.perf_counter()
-        module.teacher_cache.prepare(teacher.to(device), data, ("train",), torch.device(device))
+        cache.prepare(teacher.to(device), data, ("train",), torch.device(device))
         build_seconds = time.perf_counter() - start
     clock = EpochClock(torch.device(device))
     trainer = bench_trainer(device, [clock], max_epochs=epochs)

@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from kd_lightning.losses import DistillationLoss, KLDivergence
 from kd_lightning.models import MLP, ConvNet1D, resnet8x4, resnet32x4
-from kd_lightning.module import DistillationModule
-from kd_lightning.runtime import Runtime
+from kd_lightning.methods.kd import DistillationModule
+from kd_lightning.engine.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[2]
 ALPHA, TEMPERATURE, LR = 0.9, 4.0, 3e-3

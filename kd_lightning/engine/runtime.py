@@ -1,4 +1,4 @@
-"""How the teacher and student run: precision, memory format, compilation, teacher-output reuse."""
+"""How the models run: teacher precision, memory format, compilation, validation-output reuse, threads."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kd_lightning.errors import ConfigError
-from kd_lightning.teacher_cache import TeacherOutputCache
+from kd_lightning.engine.errors import ConfigError
 
 TEACHER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_TARGETS = ("teacher", "student", "both")
@@ -15,7 +14,7 @@ COMPILE_TARGETS = ("teacher", "student", "both")
 
 @dataclass
 class Runtime:
-    """Execution options of :class:`~kd_lightning.module.DistillationModule` (``conf/runtime/``).
+    """Execution options of a run (``conf/runtime/``); the teacher cache is ``conf/teacher_cache/``.
 
     Args:
         teacher_precision: ``bf16`` / ``fp16`` runs the teacher alone under autocast (its outputs are
@@ -24,11 +23,6 @@ class Runtime:
         compile: ``teacher`` / ``student`` / ``both``: ``torch.compile`` those forwards (``null``: off).
         reuse_val_teacher_outputs: compute the teacher's validation outputs once and reuse them every
             epoch, when the datamodule declares ``random_augmentation = False``.
-        teacher_cache: ``disk`` / ``memory``: distil from a table of teacher logits computed once per
-            split (see :class:`~kd_lightning.teacher_cache.TeacherOutputCache`); ``null``: run the teacher.
-        cache_dir: where ``disk`` tables live (shared by runs and sweep jobs).
-        cache_dtype: ``float16`` or ``float32`` storage.
-        cache_top_k: keep only the top-k teacher probabilities (+ tail mass) per sample.
         cpu_threads: ``torch.set_num_threads`` for this run (``null``: torch's default).
     """
 
@@ -36,10 +30,6 @@ class Runtime:
     channels_last: bool = False
     compile: str | None = None
     reuse_val_teacher_outputs: bool = True
-    teacher_cache: str | None = None
-    cache_dir: str | None = None
-    cache_dtype: str = "float16"
-    cache_top_k: int | None = None
     cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -58,8 +48,3 @@ class Runtime:
 
     def compiles(self, model: str) -> bool:
         return self.compile in (model, "both")
-
-    def build_cache(self) -> TeacherOutputCache | None:
-        if self.teacher_cache is None:
-            return None
-        return TeacherOutputCache(self.teacher_cache, self.cache_dir, self.cache_dtype, self.cache_top_k)

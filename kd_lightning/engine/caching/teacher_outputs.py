@@ -15,32 +15,20 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from kd_lightning.cache import file_digest, publish_directory, weights_digest
-from kd_lightning.errors import ConfigError
+from kd_lightning.data.contract import CacheableData
+from kd_lightning.engine.caching.store import file_digest, publish_directory, weights_digest
+from kd_lightning.engine.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
-class CacheableData(Protocol):
-    """What a datamodule offers so its teacher outputs can be cached."""
-
-    #: False when a sample index determines the model input exactly (no random augmentation).
-    random_augmentation: bool
-
-    def content_identity(self) -> Mapping[str, Any]:
-        """Everything that determines the inputs of every split (source, seeds, sizes, transforms)."""
-
-    def ordered_dataloader(self, split: str) -> DataLoader:
-        """The split's samples in index order (0, 1, 2, ...), batches ``(x, ...)``."""
 
 
 class TeacherOutputCache:
@@ -69,13 +57,15 @@ class TeacherOutputCache:
         top_k: int | None = None,
     ) -> None:
         if location not in ("disk", "memory"):
-            raise ConfigError(f"runtime.teacher_cache={location!r}: use disk, memory or null (no cache)")
+            raise ConfigError(f"teacher_cache.location={location!r}: use disk or memory (teacher_cache=none: no cache)")
         if location == "disk" and not directory:
-            raise ConfigError("runtime.teacher_cache=disk needs a directory (paths.cache_dir)")
+            raise ConfigError(
+                "teacher_cache=disk needs teacher_cache.directory (e.g. ${paths.cache_dir}/teacher_outputs)"
+            )
         if dtype not in DTYPES:
-            raise ConfigError(f"runtime.cache_dtype={dtype!r}: use one of {sorted(DTYPES)}")
+            raise ConfigError(f"teacher_cache.dtype={dtype!r}: use one of {sorted(DTYPES)}")
         if top_k is not None and top_k < 1:
-            raise ConfigError(f"runtime.cache_top_k={top_k} must be >= 1 (or null for every class)")
+            raise ConfigError(f"teacher_cache.top_k={top_k} must be >= 1 (or null for every class)")
         self.location = location
         self.directory = Path(directory) if directory else None
         self.dtype = dtype

@@ -10,11 +10,8 @@ writes ``report.md`` and ``reliability.png`` into the run directory.
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,11 +27,12 @@ from rich.table import Table
 from safetensors.torch import save
 from torch import Tensor, nn
 
-from kd_lightning.calibration import N_BINS, ReliabilityBins, expected_calibration_error, plot_reliability
-from kd_lightning.errors import ConfigError
-from kd_lightning.module import unpack
-from kd_lightning.runner import build, labelled_only, obtain_teacher, parameter_count
-from kd_lightning.teacher import load_weights
+from kd_lightning.engine.instantiate import build, parameter_count
+from kd_lightning.engine.weights import load_weights
+from kd_lightning.methods.classifier import unpack
+from kd_lightning.recipes.fit import labelled_only
+from kd_lightning.recipes.teacher import config_key, obtain_teacher, teacher_configs
+from kd_lightning.reporting.calibration import N_BINS, ReliabilityBins, expected_calibration_error, plot_reliability
 
 
 class RunDirError(ValueError):
@@ -125,11 +123,13 @@ def load_models(run: Run) -> tuple[dict[str, nn.Module], str | None]:
     student = load_weights(build(cfg.student.model, "student.model"), run.checkpoint, key="best checkpoint")
     models = {"student": student}
     source = None
-    if run.summary.get("teacher_params") is not None:
+    configs = teacher_configs(cfg)
+    if run.summary.get("teacher_params") is not None and configs:
+        name, teacher_cfg = next(iter(configs.items()))  # the teacher the run compared the student with
+        teacher = build(teacher_cfg.model, f"{config_key(name)}.model")
         with tempfile.TemporaryDirectory() as scratch:  # obtain_teacher retrains there only if the cache is gone
-            teacher = obtain_teacher(cfg, build(cfg.teacher.model, "teacher.model"), Path(scratch))
-        models = {"teacher": teacher.model, **models}
-        source = teacher.source
+            source = obtain_teacher(cfg, teacher_cfg, name, teacher, Path(scratch)).source
+        models = {"teacher": teacher, **models}
     return {name: model.cpu().eval() for name, model in models.items()}, source
 
 
@@ -221,27 +221,3 @@ def report(run_dir: Path, batch_size: int | None = None, repeats: int = 50, warm
     Console().print(rich_table)
     (run.run_dir / "report.md").write_text(markdown(run, table, teacher_source))
     return {"agreement": agreement, **{name: vars(numbers) for name, numbers in measured.items()}}
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="kd-report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("run_dir", type=Path, help="a kd-distill run directory (holds summary.json)")
-    parser.add_argument("--batch-size", type=int, default=None, help="latency batch size (default: data.batch_size)")
-    parser.add_argument("--repeats", type=int, default=50, help="timed forward passes per model (default: 50)")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed forward passes first (default: 10)")
-    args = parser.parse_args(argv)
-    for name in ("batch_size", "repeats"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        report(args.run_dir, args.batch_size, args.repeats, args.warmup)
-    except (RunDirError, ConfigError) as error:
-        print(f"kd-report: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""``kd-llm-distill`` (``python -m kd_lightning.llm.train``): distil a causal-LM teacher into a student.
+"""``kd-llm-distill`` (``python -m kd_lightning.cli.llm_distill``): distil a causal-LM teacher into a student.
 
 Top to bottom: seed -> loss -> tokenizer, teacher, student (built from the teacher) -> vocabulary check
 -> data -> (teacher_cache mode: teacher top-k cached, teacher dropped) -> module -> fit -> summary.json.
@@ -11,19 +11,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kd_lightning.cache import write_json_atomic
-from kd_lightning.cli import CONFIG_DIR, exit_on_config_error
-from kd_lightning.errors import ConfigError
-from kd_lightning.llm.logit_cache import LogitCache
+from kd_lightning.engine.caching.store import write_json_atomic
+from kd_lightning.engine.caching.token_outputs import LogitCache
+from kd_lightning.engine.instantiate import build, build_trainer, parameter_count
+from kd_lightning.engine.run_dir import start_run
+from kd_lightning.engine.weights import freeze
 from kd_lightning.llm.models import check_tokenizers
-from kd_lightning.llm.module import LLMDistillationModule
-from kd_lightning.runner import build, parameter_count, start_run, sync_csv_columns
-from kd_lightning.teacher import freeze
+from kd_lightning.methods.llm import LLMDistillationModule
+from kd_lightning.recipes.fit import sync_csv_columns
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +43,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     if loss.vocab_size is None:
         loss.vocab_size = vocab
     datamodule = build(cfg.llm.data, "llm.data", tokenizer=tokenizer)
-    callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items()]
-    loggers = [build(node, f"logger.{name}") for name, node in (cfg.logger or {}).items()]
-    trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers)
+    trainer: L.Trainer = build_trainer(cfg)
 
     cache = None
     if mode.name == "teacher_cache" and loss.needs_teacher:
@@ -102,16 +99,3 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         write_json_atomic(out_dir / "summary.json", summary)
     log.info("metrics: %s", {name: round(value, 4) for name, value in summary["metrics"].items()})
     return summary
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="llm_distill")
-def main(cfg: DictConfig) -> float:
-    """Run one LM distillation job and return ``optimized_metric`` (for sweepers)."""
-    metrics = exit_on_config_error(distill, cfg, "kd-llm-distill")["metrics"]
-    if cfg.optimized_metric not in metrics:
-        raise ConfigError(f"optimized_metric={cfg.optimized_metric} was not logged; pick one of {sorted(metrics)}")
-    return metrics[cfg.optimized_metric]
-
-
-if __name__ == "__main__":
-    main()

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.cache import cache_key, file_digest, publish_directory, weights_digest
-from kd_lightning.errors import ConfigError
+from kd_lightning.engine.caching.store import cache_key, file_digest, publish_directory, weights_digest
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.token_loss import (
     IGNORE_INDEX,
     SparseTeacher,

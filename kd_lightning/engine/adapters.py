@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from kd_lightning.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError
 
 #: Per-sample rank -> (pointwise layer, its BatchNorm): vectors, 1-D maps, 2-D maps.
 _POINTWISE: dict[int, tuple[type[nn.Module], type[nn.Module]]] = {

@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from kd_lightning.cli import in_multirun
+from kd_lightning.cli.common import in_multirun
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class WandbRunLogger(WandbLogger):
 
 
 def summary_entries(summary: dict[str, Any]) -> dict[str, Any]:
-    """The final :class:`~kd_lightning.summary.Summary` (``as_dict()``) as flat W&B summary keys:
+    """The final :class:`~kd_lightning.reporting.summary.Summary` (``as_dict()``) as flat W&B summary keys:
     ``summary/<metric>`` and ``summary/<field>`` (``summary/seconds/total``, ``summary/scratch/test_acc``);
     the config is left out (it is the run's config)."""
     entries = {f"summary/{name}": value for name, value in summary["metrics"].items()}

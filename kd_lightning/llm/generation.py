@@ -20,16 +20,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kd_lightning.cli import CONFIG_DIR, exit_on_config_error
-from kd_lightning.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.instantiate import build
 from kd_lightning.llm.prompts import Prompt, chat_ids, is_correct, make_prompts
-from kd_lightning.runner import build
 
 log = logging.getLogger(__name__)
 
@@ -248,13 +246,3 @@ def run(cfg: DictConfig) -> GenerationReport:
     rate = "" if report.pass_rate is None else f", verifier pass rate {report.pass_rate:.1%}"
     log.info("%s: %d completions of %d prompts%s", report.path, report.completions, report.prompts, rate)
     return report
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="llm_generate")
-def main(cfg: DictConfig) -> None:
-    """Generate (or finish generating) the teacher completions file."""
-    exit_on_config_error(run, cfg, "kd-llm-generate")
-
-
-if __name__ == "__main__":
-    main()

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities.types import OptimizerLRScheduler
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from kd_lightning.checkpointing import TeacherOutOfCheckpoints
-from kd_lightning.errors import ConfigError
-from kd_lightning.llm.logit_cache import LogitCache
+from kd_lightning.engine.caching.token_outputs import LogitCache
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.token_loss import IGNORE_INDEX, TokenDistillationLoss, TokenLossOutput, final_hidden_states
-from kd_lightning.module import _EVAL_MODE_WARNING, OptimizerFactory, SchedulerFactory
-from kd_lightning.teacher import freeze
+from kd_lightning.methods.base import Method, OptimizerFactory, SchedulerFactory
 
 Batch = Mapping[str, Tensor]
 
@@ -58,7 +52,7 @@ def sampled_batch(
     }
 
 
-class LLMDistillationModule(TeacherOutOfCheckpoints, L.LightningModule):
+class LLMDistillationModule(Method):
     """Distils a Hugging Face causal-LM ``teacher`` into ``student`` token by token.
 
     - Teacher: frozen (``eval()``, ``requires_grad_(False)``), run under ``no_grad``, kept in eval mode,
@@ -68,7 +62,7 @@ class LLMDistillationModule(TeacherOutOfCheckpoints, L.LightningModule):
       et al. 2024): the student samples completions of the batch's prompts (``generate``, no gradient,
       seeded by ``seed``, epoch, batch and rank), only the sampled tokens are trained on and the teacher
       scores them token by token; ``logit_cache``: teacher top-k log-probabilities read from a
-      :class:`~kd_lightning.llm.logit_cache.LogitCache` instead of running the teacher; ``loss.alpha = 0``:
+      :class:`~kd_lightning.engine.caching.token_outputs.LogitCache` instead of running the teacher; ``loss.alpha = 0``:
       supervised fine-tuning, the teacher never runs (black-box sequence KD on teacher-written data).
     - Normalisation: the loss returns sums over valid tokens; gradients are divided by the number of valid
       tokens of the whole accumulated batch (all micro-batches of an optimizer step, all ranks) in
@@ -96,7 +90,7 @@ class LLMDistillationModule(TeacherOutOfCheckpoints, L.LightningModule):
         seed: int = 0,
         save_teacher: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer, scheduler, save_teacher=save_teacher)
         if not 0.0 <= lmbda <= 1.0:
             raise ConfigError(f"llm.mode.lmbda={lmbda} must be in [0, 1] (the fraction of on-policy batches)")
         if lmbda > 0 and not loss.needs_teacher:
@@ -117,10 +111,11 @@ class LLMDistillationModule(TeacherOutOfCheckpoints, L.LightningModule):
 
             student = get_peft_model(student, LoraConfig(**{"task_type": "CAUSAL_LM", **lora}))
         self.student = student
-        self.teacher = freeze(teacher) if teacher is not None else None
+        if teacher is not None:
+            self.add_frozen("teacher", teacher)
+        else:
+            self.teacher = None
         self.loss = loss
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
         self.lmbda = float(lmbda)
         self.generation = {"max_new_tokens": 64, "temperature": 1.0, "top_k": 0, "top_p": 1.0, **(generation or {})}
         self.logit_cache = logit_cache
@@ -131,8 +126,6 @@ class LLMDistillationModule(TeacherOutOfCheckpoints, L.LightningModule):
         if lmbda > 0 and (not self.eos_ids or self.pad_token_id is None):
             raise ConfigError("on-policy sampling needs pad and eos token ids (from the tokenizer)")
         self.seed = seed
-        self.save_teacher = save_teacher
-        self.configure_teacher_loading()
         self.heads_checked = False
         self.window_tokens = torch.zeros((), dtype=torch.long)
         self.val_loss, self.val_ce, self.val_kl = MeanMetric(), MeanMetric(), MeanMetric()
@@ -155,13 +148,6 @@ class LLMDistillationModule(TeacherOutOfCheckpoints, L.LightningModule):
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Student logits (full vocabulary: for inspection, not for the loss)."""
         return self.student(input_ids=input_ids, attention_mask=attention_mask).logits
-
-    def train(self, mode: bool = True) -> LLMDistillationModule:
-        """Switch the student's mode; the teacher always stays in eval mode."""
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
 
     def token_loss(self, batch: Batch, monitor_kl: bool = False) -> TokenLossOutput:
         """:class:`TokenDistillationLoss` sums on ``batch``; the teacher (or the cache) runs only when needed."""
@@ -215,10 +201,6 @@ class LLMDistillationModule(TeacherOutOfCheckpoints, L.LightningModule):
         return sampled_batch(prompt_ids, prompt_mask, sequences, eos_ids, self.pad_token_id)
 
     # ------------------------------------------------------------------------------------ training
-    def on_fit_start(self) -> None:
-        # Lightning warns about every module in eval mode; the teacher is meant to be.
-        warnings.filterwarnings("ignore", message=_EVAL_MODE_WARNING, category=PossibleUserWarning)
-
     def on_train_epoch_start(self) -> None:
         self.window_tokens = torch.zeros((), dtype=torch.long, device=self.device)
 
@@ -275,14 +257,3 @@ class LLMDistillationModule(TeacherOutOfCheckpoints, L.LightningModule):
             self.log("val/kl_to_teacher", self.val_kl.compute(), sync_dist=True)
         for metric in (self.val_loss, self.val_ce, self.val_kl):
             metric.reset()
-
-    # ---------------------------------------------------------------------------------- optimizers
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The student's trainable parameters (LoRA adapters only under LoRA); never the teacher's."""
-        return [p for p in self.student.parameters() if p.requires_grad]
-
-    def configure_optimizers(self) -> OptimizerLRScheduler:
-        optimizer = self.optimizer_factory(params=self.trainable_parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}

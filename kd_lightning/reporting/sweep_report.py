@@ -8,7 +8,6 @@ of the metric over them is drawn (e.g. temperature x alpha).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -120,21 +119,3 @@ def write_heatmap(records: list[dict[str, Any]], varying: list[str], metric: str
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="kd-sweep-report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("sweep_dir", type=Path, help="a multirun directory (hydra.sweep.dir)")
-    parser.add_argument("--metric", default=None, help="metric to tabulate (default: the jobs' optimized_metric)")
-    args = parser.parse_args(argv)
-    varying, records, metric = read_jobs(args.sweep_dir, args.metric)
-    table = write_table(records, varying, metric, args.sweep_dir)
-    heatmap = write_heatmap(records, varying, metric, args.sweep_dir)
-    print(table.read_text())
-    print(f"wrote {table}, {table.with_suffix('.csv')}" + (f", {heatmap}" if heatmap else ""))
-
-
-if __name__ == "__main__":
-    main()

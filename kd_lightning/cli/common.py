@@ -1,0 +1,61 @@
+"""Shared plumbing of the console entry points: where the configs are, one-line errors, the sweep value."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.resolvers import register_resolvers
+
+_PACKAGE = Path(__file__).resolve().parent.parent
+
+
+def config_dir() -> str:
+    """The Hydra config tree: ``kd_lightning/conf`` in an installed wheel, else ``conf/`` of the source tree
+    (a checkout or an editable install)."""
+    shipped = _PACKAGE / "conf"
+    return str(shipped if (shipped / "distill.yaml").is_file() else _PACKAGE.parent / "conf")
+
+
+#: The Hydra config tree the entry points compose from.
+CONFIG_DIR = config_dir()
+
+log = logging.getLogger("kd_lightning")
+
+register_resolvers()  # before @hydra.main composes any config
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def exit_on_config_error(job: Callable[[DictConfig], Any], cfg: DictConfig, program: str) -> Any:
+    """Run ``job(cfg)``; a :class:`ConfigError` ends a single run with one line and exit code 2.
+
+    In a multirun the error is logged and re-raised instead, so Hydra records this job as failed
+    and still runs the others (it reports the failure after the batch).
+    """
+    try:
+        return job(cfg)
+    except ConfigError as error:
+        log.error("%s", error)
+        if in_multirun():
+            raise
+        print(f"{program}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run_for_sweeper(job: Callable[[DictConfig], Mapping[str, Any]], cfg: DictConfig, program: str) -> float:
+    """Run a training job (one-line config errors) and return its ``optimized_metric`` for sweepers."""
+    metrics = exit_on_config_error(job, cfg, program)["metrics"]
+    if cfg.optimized_metric not in metrics:
+        raise ConfigError(f"optimized_metric={cfg.optimized_metric} was not logged; pick one of {sorted(metrics)}")
+    return metrics[cfg.optimized_metric]

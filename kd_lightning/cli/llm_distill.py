@@ -1,0 +1,19 @@
+"""``kd-llm-distill`` (``python -m kd_lightning.cli.llm_distill``): distil a causal-LM teacher into a student."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from kd_lightning.cli.common import CONFIG_DIR, run_for_sweeper
+from kd_lightning.recipes.llm_distill import distill
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="llm_distill")
+def main(cfg: DictConfig) -> float:
+    """Run one LM distillation job and return ``optimized_metric`` (for sweepers)."""
+    return run_for_sweeper(distill, cfg, "kd-llm-distill")
+
+
+if __name__ == "__main__":
+    main()

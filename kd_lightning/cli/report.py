@@ -1,0 +1,36 @@
+"""``kd-report RUN_DIR``: teacher and student of a finished kd-distill run, side by side on the test split."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from kd_lightning.engine.errors import ConfigError
+from kd_lightning.reporting.report import RunDirError, report
+from kd_lightning.reporting.report import __doc__ as DESCRIPTION
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="kd-report", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run_dir", type=Path, help="a kd-distill run directory (holds summary.json)")
+    parser.add_argument("--batch-size", type=int, default=None, help="latency batch size (default: data.batch_size)")
+    parser.add_argument("--repeats", type=int, default=50, help="timed forward passes per model (default: 50)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed forward passes first (default: 10)")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "repeats"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        report(args.run_dir, args.batch_size, args.repeats, args.warmup)
+    except (RunDirError, ConfigError) as error:
+        print(f"kd-report: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""What a datamodule may offer kd_lightning, declared in one place.
+
+A datamodule is any ``LightningDataModule`` whose batches are ``(x, y)`` or, with sample indices,
+``(x, y, index)``; target ``-1`` (:data:`~kd_lightning.losses.UNLABELLED`) marks an unlabelled sample.
+Everything below is optional; each member unlocks something, and the library checks for the protocol
+that a feature needs (``isinstance(datamodule, ...)``) instead of probing attributes one by one.
+
+=====================  =========================================================================
+member                 unlocks
+=====================  =========================================================================
+``example_input()``    shape checks, adapter sizing and class-count checks before any training
+``num_train_samples``  terms with a per-sample memory (CRD's bank) sized without a config value
+``random_augmentation``  ``False`` declares that a sample index fixes the input: teacher validation
+                       outputs are reused across epochs and the teacher-output cache is allowed
+``content_identity()``  the cache key of the inputs (what determines every split)
+``ordered_dataloader(split)``  the split in index order, to fill the teacher-output cache
+``return_index``       a constructor argument: batches carry sample indices (CRD, the cache)
+``transfer_samples``   a constructor argument: unlabelled samples added to training (left out when
+                       the method does not learn from them)
+=====================  =========================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch.utils.data import DataLoader
+
+from kd_lightning.engine.errors import ConfigError
+
+
+@runtime_checkable
+class HasExampleInput(Protocol):
+    def example_input(self) -> torch.Tensor:
+        """A small batch of inputs (e.g. two samples) of the shape the models receive."""
+
+
+@runtime_checkable
+class HasTrainSize(Protocol):
+    @property
+    def num_train_samples(self) -> int:
+        """Size of the training set: the range of training sample indices."""
+
+
+@runtime_checkable
+class CacheableData(Protocol):
+    """Data whose teacher outputs can be computed once per sample and reused."""
+
+    #: False when a sample index determines the model input exactly (no random augmentation).
+    random_augmentation: bool
+
+    def content_identity(self) -> Mapping[str, Any]:
+        """Everything that determines the inputs of every split (source, seeds, sizes, transforms)."""
+
+    def ordered_dataloader(self, split: str) -> DataLoader:
+        """The split's samples in index order (0, 1, 2, ...), batches ``(x, ...)``."""
+
+
+def is_deterministic(datamodule: object) -> bool:
+    """Whether the datamodule declares that a sample index fixes its input (``random_augmentation=False``)."""
+    return getattr(datamodule, "random_augmentation", True) is False
+
+
+def check_cacheable(datamodule: object, key: str) -> None:
+    """Refuse (naming ``key``) data whose per-sample outputs cannot be cached."""
+    if not isinstance(datamodule, CacheableData) or not is_deterministic(datamodule):
+        reason = (
+            "declares random_augmentation=True"
+            if isinstance(datamodule, CacheableData)
+            else "lacks content_identity / ordered_dataloader / random_augmentation"
+        )
+        raise ConfigError(
+            f"{key} needs inputs fixed per sample, but the datamodule ({type(datamodule).__name__}) {reason}: "
+            f"cached teacher outputs would be stale; set {key}=none"
+        )

@@ -1,0 +1,44 @@
+"""Building objects from config nodes: one-line errors, callbacks, loggers, trainers, parameter counts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from kd_lightning.engine.errors import ConfigError
+
+
+def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that surfaces a :class:`ConfigError` raised inside as itself and turns
+    any other failure into a :class:`ConfigError` naming ``key``."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause: BaseException = error
+        while cause.__cause__ is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise ConfigError(f"{key} could not be built: {reason}; check the {key} config") from error
+
+
+def build_group(nodes: DictConfig | None, key: str) -> list[Any]:
+    """Every entry of a dict-of-configs group (``callbacks``, ``logger``), built in order."""
+    return [build(node, f"{key}.{name}") for name, node in (nodes or {}).items()]
+
+
+def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
+    """The ``trainer`` of ``cfg`` with the ``callbacks`` and ``logger`` groups it composes."""
+    callbacks = build_group(cfg.get("callbacks"), "callbacks")
+    loggers = build_group(cfg.get("logger"), "logger")
+    return build(cfg.trainer, "trainer", **{"callbacks": callbacks, "logger": loggers, **overrides})
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

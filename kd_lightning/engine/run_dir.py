@@ -1,0 +1,47 @@
+"""The run directory: which checkpoint a run resumes, and never two runs in one directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig
+
+from kd_lightning.engine.errors import ConfigError
+
+
+def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
+    """``ckpt_path``: null (fresh run), a checkpoint path, ``last`` (this run dir's ``last.ckpt``, which
+    must exist) or ``auto`` (``last.ckpt`` if this run dir has one, else a fresh run: what a requeued
+    SLURM job wants)."""
+    if ckpt_path is None:
+        return None
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if ckpt_path == "auto":
+        return str(last) if last.is_file() else None
+    path = last if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(
+            f"ckpt_path={ckpt_path}: {path} does not exist; point ckpt_path at a checkpoint, or set "
+            "hydra.run.dir to the run to resume with ckpt_path=last (ckpt_path=auto starts fresh if none)"
+        )
+    return str(path)
+
+
+def check_run_dir(out_dir: Path, resuming: bool) -> None:
+    """Refuse to write into a directory that already holds another run's results."""
+    taken = [p for p in (out_dir / "checkpoints", out_dir / "summary.json") if p.exists()]
+    if taken and not resuming:
+        raise ConfigError(
+            f"hydra.run.dir={out_dir} already holds a run ({taken[0].name}); pick a new "
+            "hydra.run.dir or resume it with ckpt_path=<its checkpoint>"
+        )
+
+
+def start_run(cfg: DictConfig) -> tuple[Path, str | None]:
+    """The run directory and the checkpoint to resume (``ckpt_path``), checked; seeds everything."""
+    out_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, out_dir)
+    check_run_dir(out_dir, resuming=ckpt_path is not None)
+    L.seed_everything(cfg.seed, workers=True)
+    return out_dir, ckpt_path

@@ -1,0 +1,86 @@
+"""Load a model's weights from a checkpoint file, strictly, with one-line errors.
+
+A teacher is any ``nn.Module``. Its weights come from, in order of precedence, a checkpoint file
+(``teacher.checkpoint``): a Lightning ``.ckpt`` of a kd_lightning run (or any ``.ckpt`` whose
+``state_dict`` holds the model under one prefix), a plain state_dict (``.pt`` / ``.pth``, read with
+``weights_only=True``) or a ``.safetensors`` file; or from whatever the ``_target_`` that built it
+loaded itself (e.g. a pretrained-model factory).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kd_lightning.engine.errors import ConfigError
+
+#: Prefixes under which a LightningModule may keep the model in its ``state_dict``.
+_MODEL_PREFIXES = ("student.", "model.", "net.")
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Put ``model`` in eval mode with every parameter frozen; returns it."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def read_state_dict(path: str | Path, key: str = "teacher.checkpoint") -> dict[str, torch.Tensor]:
+    """Read a state_dict from ``.ckpt`` / ``.pt`` / ``.pth`` / ``.safetensors`` (``key`` names the
+    config entry in error messages)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"{key}={path} does not exist; point it at a .ckpt/.pt/.pth/.safetensors file, "
+            f"or set {key}=null to train the teacher"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if suffix not in {".ckpt", ".pt", ".pth"}:
+        raise ConfigError(f"{key}={path}: unknown format '{suffix}'; use .ckpt, .pt, .pth or .safetensors")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ConfigError(
+            f"{key}={path} could not be read as a checkpoint ({type(error).__name__}: "
+            f"{str(error).splitlines()[0]}); pass a state_dict or Lightning checkpoint"
+        ) from None
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise ConfigError(f"{key}={path} holds no state_dict of tensors; save model.state_dict()")
+    return _strip_prefix(loaded)
+
+
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Return the model's own keys from a LightningModule state_dict (``student.w`` -> ``w``)."""
+    for prefix in _MODEL_PREFIXES:
+        if any(name.startswith(prefix) for name in state):
+            return {name[len(prefix) :]: value for name, value in state.items() if name.startswith(prefix)}
+    return state
+
+
+def load_weights(model: nn.Module, path: str | Path, key: str = "teacher.checkpoint") -> nn.Module:
+    """Load the checkpoint at ``path`` into ``model`` strictly, with a one-line error on mismatch."""
+    state = read_state_dict(path, key)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(name for name in set(expected) & set(state) if expected[name].shape != state[name].shape)
+    if missing or unexpected or mismatched:
+        detail = "; ".join(
+            f"{label}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+            for label, names in (("missing", missing), ("unexpected", unexpected), ("shape differs", mismatched))
+            if names
+        )
+        raise ConfigError(
+            f"{key}={path} does not fit the configured model ({detail}); point it at a checkpoint "
+            "of this architecture or set the model config to the one it was trained with"
+        )
+    model.load_state_dict(state)
+    return model

@@ -1,0 +1,8 @@
+"""Training methods: one LightningModule per scheme, built from ``conf/method/*.yaml``."""
+
+from kd_lightning.methods.base import HasFrozenModels, Method
+from kd_lightning.methods.classifier import ClassifierMethod
+from kd_lightning.methods.kd import DistillationModule
+from kd_lightning.methods.supervised import Supervised
+
+__all__ = ["ClassifierMethod", "DistillationModule", "HasFrozenModels", "Method", "Supervised"]

@@ -1,0 +1,118 @@
+"""What every training method shares: frozen models by name, the optimizer from the trainable
+parameters, eval-mode handling, learning-rate scaling and checkpoints without the frozen models."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from torch import nn
+
+from kd_lightning.engine.checkpointing import FrozenOutOfCheckpoints
+from kd_lightning.engine.weights import freeze
+
+_EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+@runtime_checkable
+class HasFrozenModels(Protocol):
+    """A LightningModule that holds frozen models (what the frozen-model guard checks)."""
+
+    def frozen_models(self) -> Mapping[str, nn.Module]: ...
+
+
+class Method(FrozenOutOfCheckpoints, L.LightningModule):
+    """Base class of training methods (``conf/method/*.yaml``): one scheme, one LightningModule.
+
+    - Frozen models (teachers) are registered by name with :meth:`add_frozen` (state-dict prefix
+      ``<name>.``): frozen (``eval()``, ``requires_grad_(False)``), kept in eval mode whatever Lightning
+      switches, never in the optimizer, left out of checkpoints unless ``save_teacher`` (put back from
+      memory on load).
+    - The optimizer gets every trainable parameter the module owns (models, loss adapters, heads).
+    - ``scale_lr_with_world_size`` multiplies the learning rate by the number of processes (linear
+      scaling rule, Goyal et al. 2017).
+
+    Class attributes a method declares for the recipe that builds it:
+
+    - ``uses_unlabelled_data``: the method learns from unlabelled samples (target ``-1``, e.g. a
+      teacher-labelled transfer set); without it the recipe leaves such samples out of the data.
+    """
+
+    uses_unlabelled_data: bool = False
+
+    def __init__(
+        self,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        scale_lr_with_world_size: bool = False,
+        save_teacher: bool = False,
+    ) -> None:
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scale_lr_with_world_size = scale_lr_with_world_size
+        self.save_teacher = save_teacher
+        self.frozen_names: list[str] = []
+        self.strict_loading = True
+
+    @classmethod
+    def needs_sample_index(cls, loss: nn.Module | None, cached_teachers: bool) -> bool:
+        """Whether batches must carry dataset sample indices (``(x, y, index)``) for this method with
+        ``loss`` and, when ``cached_teachers``, teacher outputs looked up by index."""
+        return False
+
+    def prepare(self, datamodule: L.LightningDataModule) -> None:
+        """Called by the recipe before ``fit`` (and before parameters are counted): e.g. size adapters
+        from an example batch. Nothing by default."""
+
+    # ------------------------------------------------------------------------------------- models
+    def add_frozen(self, name: str, model: nn.Module) -> nn.Module:
+        """Register ``model`` frozen under ``name`` (its state-dict prefix); returns it."""
+        self.add_module(name, freeze(model))
+        self.frozen_names.append(name)
+        self.configure_frozen_loading()
+        return model
+
+    def frozen_models(self) -> dict[str, nn.Module]:
+        return {name: getattr(self, name) for name in self.frozen_names}
+
+    def train(self, mode: bool = True) -> Method:
+        """Switch the trainable models' mode; frozen models always stay in eval mode."""
+        super().train(mode)
+        for model in self.frozen_models().values():
+            model.eval()
+        return self
+
+    def on_fit_start(self) -> None:
+        # Lightning warns about every module in eval mode; frozen models are meant to be, so the
+        # warning is replaced by one about the trainable modules alone (warn_modules_in_eval).
+        warnings.filterwarnings("ignore", message=_EVAL_MODE_WARNING, category=PossibleUserWarning)
+
+    def warn_modules_in_eval(self, model: nn.Module, name: str) -> None:
+        in_eval = [path or "<root>" for path, m in model.named_modules() if not m.training]
+        if in_eval:
+            rank_zero_warn(f"{name} modules in eval mode at the start of training: {in_eval[:5]}")
+
+    # --------------------------------------------------------------------------------- optimizers
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that requires grad, in registration order; never a frozen model's."""
+        frozen = {id(p) for model in self.frozen_models().values() for p in model.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in frozen]
+
+    def configure_optimizers(self) -> OptimizerLRScheduler:
+        optimizer = self.optimizer_factory(params=self.trainable_parameters())
+        if self.scale_lr_with_world_size:
+            for group in optimizer.param_groups:
+                group["lr"] *= self.trainer.world_size
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}

@@ -1,0 +1,47 @@
+"""``method=supervised``: the student alone, on the labelled data (``kd-train``, scratch baselines)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.runtime import Runtime
+from kd_lightning.losses import masked_cross_entropy
+from kd_lightning.methods.base import OptimizerFactory, SchedulerFactory
+from kd_lightning.methods.classifier import Batch, ClassifierMethod, unpack
+
+
+class Supervised(ClassifierMethod):
+    r"""Plain supervised training: :math:`L = \mathrm{CE}_{\epsilon}(z_s, y)` over the labelled samples,
+    :math:`\epsilon` the label smoothing. No teacher; unlabelled samples are left out of the data.
+    Logs ``train/loss``, ``train/loss_ce``, ``val/acc``, ``val/acc_best``, ``test/acc``."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        num_classes: int,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        label_smoothing: float = 0.0,
+        scale_lr_with_world_size: bool = False,
+        runtime: Runtime | None = None,
+    ) -> None:
+        super().__init__(student, num_classes, optimizer, scheduler, scale_lr_with_world_size, runtime=runtime)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"method.label_smoothing={label_smoothing} must be in [0, 1); 0 disables it")
+        self.label_smoothing = float(label_smoothing)
+        self.apply_runtime([("student", student)])
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        x, y, _ = unpack(batch)
+        ce = masked_cross_entropy(self.student(self.formatted(x)), y, self.label_smoothing, self.mean_label_count(y))
+        self.record_losses(ce, {"ce": ce}, x.shape[0])
+        return ce
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        x, y, _ = unpack(batch)
+        self.log_student_val(self.student(self.formatted(x)), y)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        x, y, _ = unpack(batch)
+        self.log_student_test(self.student(self.formatted(x)), y)

@@ -1,0 +1,134 @@
+"""Teachers for a recipe: weights from a checkpoint, a pretrained factory, the cache, or a supervised fit;
+the scratch-student baseline; and ``kd-train``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+from torch import nn
+
+from kd_lightning.engine.caching.store import cache_key, data_identity, read_json, trainer_identity, write_json_atomic
+from kd_lightning.engine.checks import check_class_counts
+from kd_lightning.engine.instantiate import build
+from kd_lightning.engine.run_dir import check_run_dir
+from kd_lightning.engine.weights import load_weights
+from kd_lightning.recipes.fit import FitResult, fit_supervised
+from kd_lightning.teacher import Provenance
+
+log = logging.getLogger(__name__)
+
+
+def teacher_configs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The teachers a run's method distils from, by name (``method.teachers``; summaries written before
+    methods were a config group have the single ``teacher``)."""
+    if "method" in cfg:
+        return dict((cfg.method.get("teachers") or {}).items())
+    return {"teacher": cfg.teacher}
+
+
+def config_key(name: str) -> str:
+    """Where teacher ``name`` is configured: ``teacher`` (the default group) or ``method.teachers.<name>``."""
+    return "teacher" if name == "teacher" else f"method.teachers.{name}"
+
+
+def train_teacher(cfg: DictConfig, teacher_cfg: DictConfig, model: nn.Module, out_dir: Path) -> FitResult:
+    """Train the teacher ``model`` supervised with its ``fit`` recipe; loads its best weights."""
+    fit = teacher_cfg.fit
+    result = fit_supervised(cfg, model, out_dir, fit.max_epochs, fit.optimizer, fit.get("scheduler"))
+    if result.best_checkpoint:
+        load_weights(model, result.best_checkpoint, key="teacher.checkpoint")
+    return result
+
+
+def obtain_teacher(cfg: DictConfig, teacher_cfg: DictConfig, name: str, model: nn.Module, out_dir: Path) -> Provenance:
+    """Weights for the teacher ``model`` (loaded in place): ``checkpoint``; else, without a ``fit``
+    recipe, the weights its ``_target_`` built (a pretrained factory); else the cache; else trained and cached."""
+    key = config_key(name)
+    if teacher_cfg.checkpoint:
+        load_weights(model, teacher_cfg.checkpoint, key=f"{key}.checkpoint")
+        return Provenance(f"checkpoint {teacher_cfg.checkpoint}")
+    if not teacher_cfg.get("fit"):
+        return Provenance(f"as built by {teacher_cfg.model._target_}")
+    entry_key = cache_key(
+        model=teacher_cfg.model,
+        fit=teacher_cfg.fit,
+        data=data_identity(cfg.data),
+        trainer=trainer_identity(cfg.trainer),
+        seed=cfg.seed,
+    )
+    entry = Path(cfg.paths.cache_dir) / "teachers" / entry_key
+    weights = entry / "model.safetensors"
+    if weights.is_file():
+        log.info("Reusing cached teacher %s", weights)
+        load_weights(model, weights, key="teacher cache")
+        return Provenance(f"cache {weights}")
+    log.info("No %s.checkpoint and none cached: training %s (%s epochs)", key, name, teacher_cfg.fit.max_epochs)
+    L.seed_everything(cfg.seed, workers=True)
+    result = train_teacher(cfg, teacher_cfg, model, out_dir / name)
+    entry.mkdir(parents=True, exist_ok=True)
+    tmp = entry / f".model.{time.time_ns()}.safetensors"
+    save_file({param: t.contiguous() for param, t in model.state_dict().items()}, str(tmp))
+    tmp.replace(weights)
+    meta = {
+        "val_acc_best": result.val_acc_best,
+        "test_acc": result.test_acc,
+        "fit_seconds": result.seconds,
+        "config": OmegaConf.to_container(teacher_cfg, resolve=True),
+    }
+    write_json_atomic(entry / "meta.json", meta)
+    return Provenance(f"trained, cached at {weights}", result.seconds)
+
+
+def scratch_baseline(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
+    """The same student, data (labelled only), budget and seed trained supervised (``method=supervised``); cached."""
+    label_smoothing = cfg.loss.get("label_smoothing", 0.0)
+    key = cache_key(
+        model=cfg.student.model,
+        data=data_identity(cfg.data),
+        optimizer=cfg.optimizer,
+        scheduler=cfg.scheduler,
+        epochs=cfg.trainer.max_epochs,
+        trainer=trainer_identity(cfg.trainer),
+        label_smoothing=label_smoothing,
+        seed=cfg.seed,
+    )
+    path = Path(cfg.paths.cache_dir) / "scratch" / f"{key}.json"
+    cached = read_json(path)
+    if cached is not None:
+        return cached
+    L.seed_everything(cfg.seed, workers=True)
+    result = fit_supervised(
+        cfg,
+        build(cfg.student.model, "student.model"),
+        out_dir / "scratch",
+        cfg.trainer.max_epochs,
+        cfg.optimizer,
+        cfg.scheduler or None,
+        label_smoothing=label_smoothing,
+    )
+    record = {"val_acc_best": result.val_acc_best, "test_acc": result.test_acc, "fit_seconds": result.seconds}
+    write_json_atomic(path, record)
+    return record
+
+
+def train_model(cfg: DictConfig) -> float:
+    """``kd-train``: supervised training of the ``teacher`` model with its fit recipe; prints the checkpoint."""
+    out_dir = Path(cfg.paths.output_dir)
+    check_run_dir(out_dir, resuming=False)
+    L.seed_everything(cfg.seed, workers=True)
+    model = build(cfg.teacher.model, "teacher.model")
+    check_class_counts(build(cfg.data, "data").example_input(), cfg.data.num_classes, teacher=model)
+    result = train_teacher(cfg, cfg.teacher, model, out_dir)
+    teacher_choice = HydraConfig.get().runtime.choices["teacher"]
+    print(
+        f"kd-train: val acc (best) {100 * result.val_acc_best:.2f}%, test acc {100 * result.test_acc:.2f}% "
+        f"in {result.seconds:.1f} s\ncheckpoint: {result.best_checkpoint}\n"
+        f"distill from it with: kd-distill teacher={teacher_choice} teacher.checkpoint={result.best_checkpoint}"
+    )
+    return result.val_acc_best
