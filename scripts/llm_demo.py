@@ -39,8 +39,8 @@ from kd_lightning.cli.common import CONFIG_DIR
 from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.generation import GenerationSettings, generate_file, keep_correct, read_records
 from kd_lightning.llm.models import check_tokenizers, layer_subset, load_gguf_model, load_gguf_tokenizer
-from kd_lightning.methods.llm import LLMDistillationModule
 from kd_lightning.llm.prompts import make_prompts
+from kd_lightning.methods.llm import LLMDistillationModule
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "results" / "llm.md"

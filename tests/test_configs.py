@@ -66,14 +66,15 @@ def test_fast_dev_run_of_the_default(tmp_path: Path, kd_home: Path) -> None:
 
 
 def test_teacher_without_checkpoint_or_fit_is_used_as_built(tmp_path: Path, kd_home: Path) -> None:
-    from kd_lightning.recipes.distill import build, obtain_teacher
+    from kd_lightning.engine.instantiate import build
+    from kd_lightning.recipes.teacher import obtain_teacher
 
     cfg = compose_config(tmp_path, ["teacher.fit=null"])
     model = build(cfg.teacher.model, "teacher.model")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    info = obtain_teacher(cfg, model, tmp_path)
+    info = obtain_teacher(cfg, cfg.teacher, "teacher", model, tmp_path)
     assert info.source == "as built by kd_lightning.models.ConvNet1D" and info.fit_seconds == 0.0
-    assert all(torch.equal(v, before[k]) for k, v in info.model.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_terms_combine_from_the_command_line(tmp_path: Path) -> None:

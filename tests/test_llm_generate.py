@@ -82,7 +82,7 @@ def test_console_entry_generates_with_the_tiny_teacher(tmp_path: Path) -> None:
     command = [
         sys.executable,
         "-m",
-        "kd_lightning.llm.generation",
+        "kd_lightning.cli.llm_generate",
         "llm/teacher=tiny",
         "prompts.kind=arithmetic",
         "prompts.num_prompts=3",

@@ -16,11 +16,11 @@ from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kd_lightning.cli.common import CONFIG_DIR
+from kd_lightning.engine.caching.token_outputs import LogitCache, teacher_top_k
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.divergences import DIVERGENCES, ForwardKL, GeneralizedJSD
-from kd_lightning.engine.caching.token_outputs import LogitCache, teacher_top_k
-from kd_lightning.methods.llm import LLMDistillationModule, sampled_batch
 from kd_lightning.llm.token_loss import TokenDistillationLoss
+from kd_lightning.methods.llm import LLMDistillationModule, sampled_batch
 
 VOCAB, PAD, EOS = 128, 0, 2
 

@@ -89,7 +89,9 @@ def test_unlabelled_samples_skip_task_term_only() -> None:
 
 def test_all_unlabelled_batch_gives_zero_task_loss_with_graph() -> None:
     student = STUDENT.clone().requires_grad_()
-    out = make_loss(0.5, 4.0)({"student": {"logits": student}, "teacher": {"logits": TEACHER}}, torch.full((6,), UNLABELLED))
+    out = make_loss(0.5, 4.0)(
+        {"student": {"logits": student}, "teacher": {"logits": TEACHER}}, torch.full((6,), UNLABELLED)
+    )
     assert out.parts["ce"].item() == 0.0
     out.total.backward()
     assert torch.isfinite(student.grad).all()

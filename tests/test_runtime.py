@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from kd_lightning.engine.errors import ConfigError
-from kd_lightning.losses import DistillationLoss, KLDivergence
-from kd_lightning.models import resnet8x4
-from kd_lightning.methods.kd import DistillationModule
 from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.runtime import Runtime
+from kd_lightning.losses import DistillationLoss, KLDivergence
+from kd_lightning.methods.kd import DistillationModule
+from kd_lightning.models import resnet8x4
 
 
 def train_steps(runtime: Runtime, steps: int = 2) -> DistillationModule:

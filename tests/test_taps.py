@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from kd_lightning.engine.adapters import connector
 from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.taps import Taps
 from kd_lightning.losses import SP, VID, AttentionTransfer, DistillationLoss, FitNets, KLDivergence
 from kd_lightning.methods.kd import DistillationModule
-from kd_lightning.engine.taps import Taps
 
 
 class Block(nn.Module):

@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from kd_lightning.engine.errors import ConfigError
-from kd_lightning.models import MLP
 from kd_lightning.engine.weights import freeze, load_weights
+from kd_lightning.models import MLP
 
 
 def reference() -> nn.Module:

@@ -7,7 +7,7 @@ from typing import Any
 import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kd_lightning.engine.errors import ConfigError
@@ -38,6 +38,12 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     callbacks = build_group(cfg.get("callbacks"), "callbacks")
     loggers = build_group(cfg.get("logger"), "logger")
     return build(cfg.trainer, "trainer", **{"callbacks": callbacks, "logger": loggers, **overrides})
+
+
+def log_run_config(trainer: L.Trainer, cfg: DictConfig, params: dict[str, int]) -> None:
+    """Every logger of ``trainer`` gets the resolved config and the parameter counts as hyper-parameters."""
+    for logger in trainer.loggers:
+        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **params})
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -28,8 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.generation import keep_correct, left_pad, read_records
 from kd_lightning.llm.prompts import chat_ids, make_prompts
-
-IGNORE_INDEX = -100
+from kd_lightning.llm.token_loss import IGNORE_INDEX
 
 
 def reference_completion(answer: int) -> str:

@@ -170,7 +170,8 @@ class DIST(LogitTerm):
                  + w_{intra}\, \tau^2\, \frac{1}{C}\sum_j d_p(Y_{s,:j}, Y_{t,:j})
 
     (inter-class relation per sample + intra-class relation per class across the batch). The paper's
-    :math:`\beta` and :math:`\gamma` are ``inter_weight`` and ``intra_weight``. Published: both 1; tau = 4 on CIFAR-100 (1 on ImageNet) with CE weight 1 and DIST weight 2.
+    :math:`\beta` and :math:`\gamma` are ``inter_weight`` and ``intra_weight``. Published: both 1;
+    tau = 4 on CIFAR-100 (1 on ImageNet) with CE weight 1 and DIST weight 2.
     """
 
     def __init__(

@@ -100,7 +100,8 @@ class DistillationModule(ClassifierMethod):
     def prepare(self, datamodule: L.LightningDataModule) -> None:
         """Size the loss's adapters (and per-sample memories) from the datamodule's example batch."""
         if isinstance(datamodule, HasExampleInput):
-            self.setup_for(datamodule.example_input(), getattr(datamodule, "num_train_samples", None))
+            size = datamodule.num_train_samples if isinstance(datamodule, HasTrainSize) else None
+            self.setup_for(datamodule.example_input(), size)
 
     def wrap(self, model: nn.Module, name: str, cache: TeacherOutputCache | None) -> Teacher:
         """A bare teacher module as a :class:`Teacher` run by ``runtime``."""

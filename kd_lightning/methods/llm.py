@@ -91,7 +91,7 @@ class LLMDistillationModule(Method):
         save_teacher: bool = False,
     ) -> None:
         super().__init__(optimizer, scheduler, save_teacher=save_teacher)
-        if not 0.0 <= lmbda <= 1.0:
+        if not 0.0 <= lmbda <= 1.0:  # also checked by the mode (conf/llm/mode) for command-line runs
             raise ConfigError(f"llm.mode.lmbda={lmbda} must be in [0, 1] (the fraction of on-policy batches)")
         if lmbda > 0 and not loss.needs_teacher:
             raise ConfigError(

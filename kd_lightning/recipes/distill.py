@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_lightning.engine.checks import check_class_counts
 from kd_lightning.engine.errors import ConfigError
-from kd_lightning.engine.instantiate import build, build_trainer, parameter_count
+from kd_lightning.engine.instantiate import build, build_trainer, log_run_config, parameter_count
 from kd_lightning.engine.run_dir import start_run
 from kd_lightning.engine.runtime import Runtime
 from kd_lightning.methods.base import Method
@@ -144,8 +144,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     method.prepare(datamodule)  # sizes adapters (and per-sample memories) now, so they are counted below
     trainer = build_trainer(cfg)
     params = parameter_counts(method, student)
-    for logger in trainer.loggers:
-        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **params})
+    log_run_config(trainer, cfg, params)
 
     distill_start = time.perf_counter()
     trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -1,7 +1,7 @@
 """``kd-llm-distill`` (``python -m kd_lightning.cli.llm_distill``): distil a causal-LM teacher into a student.
 
 Top to bottom: seed -> loss -> tokenizer, teacher, student (built from the teacher) -> vocabulary check
--> data -> (teacher_cache mode: teacher top-k cached, teacher dropped) -> module -> fit -> summary.json.
+-> data -> mode (``conf/llm/mode``: e.g. teacher top-k cached, teacher dropped) -> module -> fit -> summary.json.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.engine.caching.store import write_json_atomic
-from kd_lightning.engine.caching.token_outputs import LogitCache
-from kd_lightning.engine.instantiate import build, build_trainer, parameter_count
+from kd_lightning.engine.instantiate import build, build_trainer, log_run_config, parameter_count
 from kd_lightning.engine.run_dir import start_run
 from kd_lightning.engine.weights import freeze
 from kd_lightning.llm.models import check_tokenizers
+from kd_lightning.llm.modes import TrainingMode
 from kd_lightning.methods.llm import LLMDistillationModule
 from kd_lightning.recipes.fit import sync_csv_columns
 
@@ -35,7 +35,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.cpu_threads)
 
     loss = build(cfg.llm.loss, "llm.loss")
-    mode = cfg.llm.mode
+    mode: TrainingMode = build(cfg.llm.mode, "llm.mode")
     tokenizer = build(cfg.llm.teacher.tokenizer, "llm.teacher.tokenizer")
     teacher = freeze(build(cfg.llm.teacher.model, "llm.teacher.model"))
     student = build(cfg.llm.student, "llm.student", teacher=teacher)
@@ -45,18 +45,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build(cfg.llm.data, "llm.data", tokenizer=tokenizer)
     trainer: L.Trainer = build_trainer(cfg)
 
-    cache = None
-    if mode.name == "teacher_cache" and loss.needs_teacher:
-        cache_start = time.perf_counter()
-        cache = LogitCache.build(
-            teacher.to(trainer.strategy.root_device),
-            [datamodule.train_dataloader(), datamodule.val_dataloader()],
-            Path(cfg.paths.cache_dir) / "llm_logits",
-            top_k=mode.top_k,
-            temperature=loss.temperature,
-            vocab_size=loss.vocab_size,
-        )
-        log.info("Teacher logit cache %s (%.1f s)", cache.path, time.perf_counter() - cache_start)
+    cache = mode.teacher_cache(teacher, datamodule, loss, trainer, Path(cfg.paths.cache_dir))
     params = {"params/student": parameter_count(student), "params/teacher": parameter_count(teacher)}
     lora = OmegaConf.to_container(cfg.llm.lora, resolve=True) if cfg.llm.lora else None
     module = LLMDistillationModule(
@@ -68,7 +57,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         teacher=teacher if cache is None else None,
         scheduler=build(cfg.scheduler, "scheduler") if cfg.scheduler else None,
         lmbda=mode.lmbda,
-        generation=OmegaConf.to_container(mode.generation, resolve=True) if mode.get("generation") else None,
+        generation=mode.generation,
         logit_cache=cache,
         lora=lora,
         pad_token_id=tokenizer.pad_token_id,
@@ -77,8 +66,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         save_teacher=cfg.save_teacher,
     )
     params["params/trainable"] = sum(p.numel() for p in module.trainable_parameters())
-    for logger in trainer.loggers:
-        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **params})
+    log_run_config(trainer, cfg, params)
 
     fit_start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

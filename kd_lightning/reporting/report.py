@@ -193,7 +193,7 @@ def markdown(run: Run, table: list[list[str]], teacher_source: str | None) -> st
     lines = [
         f"# kd-report: {run.run_dir}",
         "",
-        f"Student: best-validation checkpoint `{run.checkpoint}`. Teacher: {teacher_source or 'none (alpha = 0)'}.",
+        f"Student: best-validation checkpoint `{run.checkpoint}`. Teacher: {teacher_source or 'none'}.",
         f"Measured on the test split; latency on the CPU with {torch.get_num_threads()} threads.",
         "",
         "| " + " | ".join(header) + " |",

@@ -60,7 +60,7 @@ class Summary:
             ]
         if self.scratch is not None:
             rows += [
-                ("scratch student test acc", _pct(self.scratch["test_acc"]), "alpha = 0, same budget and seed"),
+                ("scratch student test acc", _pct(self.scratch["test_acc"]), "method=supervised, same budget, seed"),
                 ("KD gain over scratch", f"{100 * self.kd_gain:+.2f} points" if self.kd_gain is not None else "—", ""),
             ]
         rows.append(("student parameters", f"{self.student_params:,}", ""))

@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from kd_lightning.losses import DistillationLoss, KLDivergence
-from kd_lightning.models import MLP, ConvNet1D, resnet8x4, resnet32x4
-from kd_lightning.methods.kd import DistillationModule
 from kd_lightning.engine.runtime import Runtime
+from kd_lightning.losses import DistillationLoss, KLDivergence
+from kd_lightning.methods.kd import DistillationModule
+from kd_lightning.models import MLP, ConvNet1D, resnet8x4, resnet32x4
 
 REPO = Path(__file__).resolve().parents[2]
 ALPHA, TEMPERATURE, LR = 0.9, 4.0, 3e-3

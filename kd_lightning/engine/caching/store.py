@@ -1,8 +1,11 @@
-"""Content-addressed cache for trained teachers and scratch-student results.
+"""The content-addressed store under every cache: keys, digests, verified arrays, atomic publishing.
 
-A key is the hash of everything that determines the result (resolved model, data and fit
-configs, seed), so any later run with the same ingredients reuses it, and a changed ingredient
-misses. Writes are atomic, so parallel sweep jobs may share a cache.
+A key is the hash of everything that determines the result (resolved model, data and fit configs,
+teacher weights, seed), so any later run with the same ingredients reuses it, and a changed ingredient
+misses. Entries are written to a temporary directory and renamed into place, so parallel sweep jobs may
+share a cache; array files are recorded with their sha256 and shape and checked when opened. Used by
+the trained-teacher and scratch-baseline caches and by both teacher-output caches (classifier logits,
+LM top-k token log-probabilities).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -96,3 +100,17 @@ def publish_directory(tmp: Path, entry: Path) -> None:
         os.replace(tmp, entry)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def array_record(path: Path) -> dict[str, Any]:
+    """What ``meta.json`` records of an ``.npy`` file: its sha256 and shape."""
+    return {"sha256": file_digest(path), "shape": list(np.load(path, mmap_mode="r").shape)}
+
+
+def open_array(path: Path, record: dict[str, Any], verify: bool = True) -> np.ndarray | None:
+    """The ``.npy`` file at ``path`` memory-mapped, or None if it is missing, has another shape than
+    ``record`` says or (``verify``) another sha256."""
+    if not path.is_file() or (verify and file_digest(path) != record["sha256"]):
+        return None
+    array = np.load(path, mmap_mode="r")
+    return array if list(array.shape) == list(record["shape"]) else None

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from kd_lightning.data.contract import CacheableData
-from kd_lightning.engine.caching.store import file_digest, publish_directory, weights_digest
+from kd_lightning.engine.caching.store import array_record, open_array, publish_directory, weights_digest
 from kd_lightning.engine.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class TeacherOutputCache:
         files = {}
         for name, array in table.items():
             np.save(tmp / f"{name}.npy", array)
-            files[name] = {"sha256": file_digest(tmp / f"{name}.npy"), "shape": list(array.shape)}
+            files[name] = array_record(tmp / f"{name}.npy")
         (tmp / "meta.json").write_text(json.dumps({**meta, "files": files}, indent=2))
         publish_directory(tmp, entry)
 
@@ -139,13 +139,13 @@ class TeacherOutputCache:
             return None
         files = json.loads((entry / "meta.json").read_text())["files"]
         table = {}
-        for name, expected in files.items():
-            path = entry / f"{name}.npy"
-            if verify and (not path.is_file() or file_digest(path) != expected["sha256"]):
+        for name, record in files.items():
+            array = open_array(entry / f"{name}.npy", record, verify)
+            if array is None:
                 log.warning("teacher-output cache %s is damaged (%s); rebuilding it", entry, name)
                 shutil.rmtree(entry, ignore_errors=True)
                 return None
-            table[name] = np.load(path, mmap_mode="r")
+            table[name] = array
         log.info("Reusing cached teacher outputs %s", entry)
         return table
 

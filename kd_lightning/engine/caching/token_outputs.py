@@ -7,13 +7,14 @@ temperature. The loss then compares student and teacher over ``k + 1`` buckets
 (:class:`~kd_lightning.llm.token_loss.SparseTeacher`).
 
 Layout of ``<root>/<key>/``: ``ids.npy`` ``[N, k]``, ``log_probs.npy`` ``[N, k]``, ``tail.npy`` ``[N]``,
-``index.json`` (example key -> first row, row count) and ``meta.json`` (what the cache was built from and
-a sha256 digest of each array file). ``key`` hashes the teacher's weights, the examples, ``top_k``,
-the temperature and the vocabulary size, so changing any of them builds a new cache. Examples are keyed
-by their content (attended tokens and labels), so shuffled or differently padded batches find their
-rows, and an example the cache does not hold is an error, not a silent miss. A cache is written into a
-temporary directory and renamed into place, so parallel jobs never read a half-written one; opening a
-cache checks its metadata, array shapes and digests.
+``index.json`` (example key -> first row, row count) and ``meta.json`` (what the cache was built from
+and the sha256 and shape of each array file, see :mod:`~kd_lightning.engine.caching.store`). ``key``
+hashes the teacher's weights, the examples, ``top_k``, the temperature and the vocabulary size, so
+changing any of them builds a new cache. Examples are keyed by their content (attended tokens and
+labels), so shuffled or differently padded batches find their rows, and an example the cache does not
+hold is an error, not a silent miss. A cache is written into a temporary directory and renamed into
+place, so parallel jobs never read a half-written one; opening a cache checks its metadata, array shapes
+and digests.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.engine.caching.store import cache_key, file_digest, publish_directory, weights_digest
+from kd_lightning.engine.caching.store import array_record, cache_key, open_array, publish_directory, weights_digest
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.token_loss import (
     IGNORE_INDEX,
@@ -43,7 +44,7 @@ from kd_lightning.llm.token_loss import (
 )
 
 #: Bumped when the on-disk layout changes; older caches are then rebuilt under a new key.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _ARRAYS = ("ids", "log_probs", "tail")
 Batch = Mapping[str, Tensor]
 
@@ -105,9 +106,9 @@ class LogitCache:
         self.arrays: dict[str, np.ndarray] = {}
         for name in _ARRAYS:
             file = self.path / f"{name}.npy"
-            if verify and (not file.is_file() or file_digest(file) != self.meta["digests"][name]):
+            array = open_array(file, self.meta["files"][name], verify)
+            if array is None:
                 raise ConfigError(f"logit cache file {file} is missing or corrupt (digest mismatch); delete the cache")
-            array = np.load(file, mmap_mode="r")
             if array.shape != shapes[name]:
                 raise ConfigError(
                     f"logit cache file {file} has shape {array.shape}, meta.json says {shapes[name]}; delete the cache"
@@ -203,8 +204,8 @@ class LogitCache:
         for array in files.values():
             array.flush()
         del files
-        digests = {name: file_digest(tmp / f"{name}.npy") for name in _ARRAYS}
+        records = {name: array_record(tmp / f"{name}.npy") for name in _ARRAYS}
         (tmp / "index.json").write_text(json.dumps(layout))
-        (tmp / "meta.json").write_text(json.dumps({**settings, "num_tokens": num_tokens, "digests": digests}, indent=2))
+        (tmp / "meta.json").write_text(json.dumps({**settings, "num_tokens": num_tokens, "files": records}, indent=2))
         publish_directory(tmp, path)
         return cls(path, settings, verify)
