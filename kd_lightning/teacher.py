@@ -56,19 +56,30 @@ class Teacher:
     ) -> None:
         if precision is not None and precision not in TEACHER_DTYPES:
             raise ConfigError(f"runtime.teacher_precision={precision!r}: use one of {sorted(TEACHER_DTYPES)} or null")
-        self.model = freeze(model)
+        self._model = freeze(model)
+        self._owner: nn.Module | None = None
         self.name = name
         self.precision = precision
         self.cache = cache
         self.reuse_val_outputs = reuse_val_outputs
         self.provenance = provenance or Provenance()
-        self.taps = Taps(model, {})
+        self.taps = Taps(self._model, {})
         self.stored_val_logits: dict[tuple[int, int], Tensor] = {}
+
+    @property
+    def model(self) -> nn.Module:
+        """The frozen model; once :meth:`bind` to a method, the module registered there under ``name``
+        (what a strategy that wraps submodules, e.g. FSDP, runs)."""
+        return getattr(self._owner, self.name) if self._owner is not None else self._model
+
+    def bind(self, owner: nn.Module) -> None:
+        """Run the model as ``owner`` holds it (``owner.<name>``, registered by the method)."""
+        self._owner = owner
 
     def tap(self, paths: Mapping[str, str]) -> None:
         """Capture these outputs (output key -> config key, see :class:`~kd_lightning.engine.taps.Taps`)."""
         self.taps.remove()
-        self.taps = Taps(self.model, paths)
+        self.taps = Taps(self._model, paths)
 
     # ---------------------------------------------------------------------------------- forwards
     def outputs(self, x: Tensor) -> dict[str, Tensor]:

@@ -4,9 +4,9 @@
     python scripts/kd_vs_scratch.py --seeds 0 1 2 3 4 -- loss.temperature=2
 
 Runs, in a fresh KD_LIGHTNING_HOME (so every teacher is trained and timed):
-1. ``kd-distill -m seed=...``: the default; each job also trains its scratch baseline (alpha = 0, same
+1. ``kd-distill -m seed=...``: the default; each job also trains its scratch baseline (method=supervised, same
    epochs, seed and optimizer, labelled samples only);
-2. ``kd-distill -m seed=... loss.alpha=0 trainer.max_epochs=<factor x epochs>``: a scratch student with
+2. ``kd-distill -m seed=... method=supervised trainer.max_epochs=<factor x epochs>``: a scratch student with
    at least as many optimizer steps as the distilled one;
 3. ``kd-distill -m seed=... data.transfer_samples=0``: plain KD on the labelled samples only.
 """
@@ -68,7 +68,7 @@ def main() -> None:
         epochs = kd[0]["config"]["trainer"]["max_epochs"]
         long_scratch = sweep(
             args.seeds,
-            [*args.overrides, "loss.alpha=0", f"trainer.max_epochs={epochs * args.long_scratch_factor}"],
+            [*args.overrides, "method=supervised", f"trainer.max_epochs={epochs * args.long_scratch_factor}"],
             Path(tmp) / "scratch_long",
         )
         labelled_only = sweep(

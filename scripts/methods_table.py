@@ -5,7 +5,7 @@
 
 For each method, one Hydra multirun over the seeds (``kd-distill -m seed=... loss=<method> ...``) in a
 fresh KD_LIGHTNING_HOME shared by all methods, so each seed's teacher is trained once and reused.
-Every job also trains (or reuses) its scratch student (alpha = 0, same student, epochs, optimizer and
+Every job also trains (or reuses) its scratch student (method=supervised, same student, epochs, optimizer and
 seed), which gives the gain and the fraction of the teacher-student gap recovered:
 ``(acc - scratch) / (teacher - scratch)``. Writes ``docs/results/methods.md`` and ``methods.png``.
 """
@@ -156,9 +156,9 @@ def main() -> None:
         f"epochs, AdamW lr {config['optimizer']['lr']}, batch {config['data']['batch_size']}, "
         f"seeds {', '.join(map(str, args.seeds))}; mean ± std over seeds. Each method as configured in "
         "`conf/loss/<method>.yaml` (its task/distillation weights and layers); `kd_ls` = KD with logit "
-        "standardization (T = 2). Scratch = the same student with alpha = 0 on the labelled samples, same "
-        "epochs and seed. Gap recovered = (acc - scratch) / (teacher - scratch). Time = distillation wall "
-        "time per epoch on 2 CPU cores (validation included). Per-method overrides: "
+        "standardization (T = 2). Scratch = the same student trained supervised (method=supervised) on the "
+        "labelled samples, same epochs and seed. Gap recovered = (acc - scratch) / (teacher - scratch). "
+        "Time = distillation wall time per epoch on 2 CPU cores (validation included). Per-method overrides: "
         + "; ".join(f"{m}: `{' '.join(METHODS[m])}`" for m in args.methods if METHODS[m])
         + ".",
         "",

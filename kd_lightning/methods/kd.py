@@ -75,6 +75,7 @@ class DistillationModule(ClassifierMethod):
         for name, model in given.items():
             wrapped = model if isinstance(model, Teacher) else self.wrap(model, name, teacher_cache)
             self.add_frozen(name, wrapped.model)
+            wrapped.bind(self)
             self.teachers[name] = wrapped
         if "teacher" not in self.teachers:
             self.teacher = None  # ``module.teacher``: the default teacher's model, None without one
