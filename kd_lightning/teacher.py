@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from kd_lightning.data.contract import check_cacheable
 from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
 from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.resume import side_rng
 from kd_lightning.engine.runtime import TEACHER_DTYPES
 from kd_lightning.engine.taps import Taps
 from kd_lightning.engine.weights import freeze
@@ -139,12 +140,15 @@ class Teacher:
         check_cacheable(datamodule, "teacher_cache")
 
     def prepare_cache(self, datamodule: object, splits: tuple[str, ...], device: torch.device, trainer: object) -> None:
-        """Fill the cache's tables for ``splits``: global rank 0 first, so the others read its disk tables."""
+        """Fill the cache's tables for ``splits``: global rank 0 first, so the others read its disk tables.
+        Filling draws nothing from the run's random number generators (a hit and a miss train alike)."""
         if self.cache is None:
             return
         is_zero = trainer.is_global_zero  # type: ignore[attr-defined]
         if is_zero:
-            self.cache.prepare(self.model, datamodule, splits, device)
+            with side_rng():
+                self.cache.prepare(self.model, datamodule, splits, device)
         trainer.strategy.barrier("teacher_cache")  # type: ignore[attr-defined]
         if not is_zero:
-            self.cache.prepare(self.model, datamodule, splits, device)
+            with side_rng():
+                self.cache.prepare(self.model, datamodule, splits, device)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import signal
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import TINY
@@ -38,3 +41,62 @@ def test_auto_starts_fresh_and_last_without_checkpoint_is_a_one_line_error(kd_ho
     missing = run("kd-distill", *NO_SCRATCH, "ckpt_path=last", f"hydra.run.dir={kd_home / 'never_ran'}", home=kd_home)
     assert missing.returncode == 2
     assert "kd-distill: error: ckpt_path=last:" in missing.stderr and "does not exist" in missing.stderr
+
+
+def student_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    return {name: value for name, value in state.items() if name.startswith("student.")}
+
+
+def test_a_run_killed_mid_training_resumes_to_exactly_the_uninterrupted_run(kd_home: Path) -> None:
+    common = [*NO_SCRATCH, "trainer.max_epochs=4", "trainer.deterministic=true"]
+    whole, killed = kd_home / "uninterrupted", kd_home / "killed"
+    done = run("kd-distill", *common, f"hydra.run.dir={whole}", home=kd_home)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kill = ["+callbacks.kill._target_=tests.custom_callbacks.KillAtEpoch", "+callbacks.kill.epoch=2"]
+    crashed = run("kd-distill", *common, *kill, f"hydra.run.dir={killed}", home=kd_home)
+    assert crashed.returncode == -signal.SIGKILL and not (killed / "summary.json").exists()
+    assert last_epoch(killed) == 1  # the last checkpoint is from the end of epoch 1
+    resumed = run("kd-distill", *common, "ckpt_path=last", f"hydra.run.dir={killed}", home=kd_home)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = student_weights(whole), student_weights(killed)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    metrics = [json.loads((d / "summary.json").read_text())["metrics"] for d in (whole, killed)]
+    for key in ("val/acc_best", "val/acc", "test/acc", "test/acc_last", "train/loss"):
+        assert metrics[0][key] == metrics[1][key], key  # val/acc_best spans the kill: it is checkpointed
+
+
+def test_a_finished_run_requeued_exits_zero_and_stays_intact(kd_home: Path) -> None:
+    run_dir = kd_home / "finished"
+    first = run("kd-distill", *NO_SCRATCH, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}", home=kd_home)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {
+        path.name: path.read_bytes() for path in (run_dir / "summary.json", run_dir / "checkpoints" / "last.ckpt")
+    }
+    again = run(
+        "kd-distill", *NO_SCRATCH, "trainer.max_epochs=1", "ckpt_path=auto", f"hydra.run.dir={run_dir}", home=kd_home
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already finished" in again.stdout + again.stderr
+    after = {path.name: path.read_bytes() for path in (run_dir / "summary.json", run_dir / "checkpoints" / "last.ckpt")}
+    assert after == before
+
+
+def test_a_checkpoint_save_that_dies_leaves_the_previous_one(tmp_path: Path, monkeypatch) -> None:
+    from lightning.fabric.plugins import TorchCheckpointIO
+
+    from kd_lightning.engine.checkpointing import AtomicCheckpointIO
+
+    io, target = AtomicCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, target)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "elsewhere"))  # a TMPDIR on another filesystem is never used
+
+    def dies_half_way(self, checkpoint, path, storage_options=None) -> None:
+        Path(path).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, target)
+    assert torch.equal(torch.load(target, weights_only=True)["state_dict"]["w"], torch.ones(3))
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]  # no partial file left

@@ -205,6 +205,33 @@ def test_unreachable_server_logs_offline_with_one_warning(
     assert len(offline_runs(tmp_path)) == 1
 
 
+def test_after_one_unreachable_job_the_sweeps_later_jobs_go_offline_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from kd_lightning.reporting import tracking
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setattr(tracking, "unreachable_marker", lambda: tmp_path / ".wandb_unreachable")
+    real_init, online_tries = wandb.init, []
+
+    def init_without_network(**kwargs: Any) -> Any:
+        if kwargs.get("mode") != "offline":
+            online_tries.append(1)
+            raise CommError("Timed out while retrying: dial tcp: lookup api.wandb.ai: no such host")
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", init_without_network)
+    with caplog.at_level(logging.WARNING, logger="kd_lightning.reporting.tracking"):
+        for job in ("0", "1", "2"):
+            WandbRunLogger(save_dir=str(tmp_path / job), project="kd_lightning").experiment.finish()
+    assert len(online_tries) == 1  # only the first job waited for the server
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name == tracking.log.name]
+    assert len(warnings) == 3 and all("earlier job of this sweep" in w for w in warnings[1:])
+    assert all(len(offline_runs(tmp_path / job)) == 1 for job in ("0", "1", "2"))
+
+
 def test_sweep_jobs_are_separate_runs_in_one_group(kd_home: Path, offline: None) -> None:
     sweep_dir = kd_home / "wandb_sweep"
     job = [override for override in SWEEP_JOB if not override.startswith("logger=")]

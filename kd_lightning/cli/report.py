@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.trusted import DEFAULT_TRUSTED
 from kd_lightning.reporting.report import RunDirError, report
 from kd_lightning.reporting.report import __doc__ as DESCRIPTION
 
@@ -20,13 +21,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="latency batch size (default: data.batch_size)")
     parser.add_argument("--repeats", type=int, default=50, help="timed forward passes per model (default: 50)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed forward passes first (default: 10)")
+    parser.add_argument(
+        "--allow-target",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="also instantiate _target_s starting with PREFIX (e.g. my_pkg.) from the run's summary; by default "
+        f"only {', '.join(DEFAULT_TRUSTED)}",
+    )
     args = parser.parse_args(argv)
     for name in ("batch_size", "repeats"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        report(args.run_dir, args.batch_size, args.repeats, args.warmup)
+        report(args.run_dir, args.batch_size, args.repeats, args.warmup, (*DEFAULT_TRUSTED, *args.allow_target))
     except (RunDirError, ConfigError) as error:
         print(f"kd-report: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -11,8 +13,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.caching.store import file_digest, write_text_atomic
+from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.losses.base import UNLABELLED
+
+log = logging.getLogger(__name__)
 
 #: mnist1d's default generator settings (its official 4,000 / 1,000 split uses seed 42).
 OFFICIAL_SEED = 42
@@ -30,15 +35,21 @@ def generate_mnist1d(num_samples: int, seed: int, train_split: float = 0.8) -> d
     return {key: np.asarray(data[key]) for key in ("x", "y", "x_test", "y_test")}
 
 
-def _cached(path: Path, build) -> dict[str, np.ndarray]:
-    """Load ``path`` or build and atomically write it (safe for parallel sweep jobs)."""
+def _cached(path: Path, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Load ``path`` if it is intact (its sha256 as recorded beside it), else build and atomically write it
+    (safe for parallel sweep jobs); a damaged file is rebuilt with a warning."""
+    digest_file = path.with_name(path.name + ".sha256")
     if path.exists():
-        with np.load(path) as arrays:
-            return dict(arrays)
+        recorded = digest_file.read_text().strip() if digest_file.is_file() else None
+        if recorded == file_digest(path):
+            with np.load(path) as arrays:
+                return dict(arrays)
+        log.warning("generated data %s is damaged or unverified; generating it again", path)
     arrays = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
         np.savez(tmp, **arrays)
+    write_text_atomic(digest_file, file_digest(Path(tmp.name)))
     os.replace(tmp.name, path)
     return arrays
 
@@ -59,7 +70,7 @@ class MNIST1DDataModule(L.LightningDataModule):
     """
 
     num_classes = 10
-    #: A sample index fixes the input exactly, so teacher outputs can be cached (``runtime.teacher_cache``).
+    #: A sample index fixes the input exactly, so teacher outputs can be cached (``teacher_cache``).
     random_augmentation = False
 
     def __init__(
@@ -74,6 +85,14 @@ class MNIST1DDataModule(L.LightningDataModule):
         return_index: bool = False,
     ) -> None:
         super().__init__()
+        for key, value in (("num_classes", num_classes), ("batch_size", batch_size), ("num_workers", num_workers)):
+            check_type(value, int, f"data.{key}")
+        for key, value in (("val_samples", val_samples), ("transfer_samples", transfer_samples)):
+            check_type(value, int, f"data.{key}")
+        check_type(pin_memory, bool, "data.pin_memory")
+        check_type(return_index, bool, "data.return_index")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers={num_workers} must be >= 0 (0: load in the main process)")
         if num_classes != self.num_classes:
             raise ConfigError(f"data.num_classes={num_classes} but MNIST-1D has 10 classes; set data.num_classes=10")
         if batch_size < 1:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+from lightning.fabric.plugins import TorchCheckpointIO
 from torch import nn
 
 
@@ -48,3 +51,19 @@ class FrozenOutOfCheckpoints:
         for name, model in self.frozen_models().items():
             if not any(key.startswith(f"{name}.") for key in state):
                 state.update({f"{name}.{key}": value for key, value in model.state_dict().items()})
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Saves a checkpoint into a temporary file beside the target and renames it over the target: a run
+    killed while saving leaves the previous ``last.ckpt`` intact, whatever ``TMPDIR`` is (the temporary
+    file is in the checkpoint's own directory, so the rename never crosses filesystems)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from kd_lightning.engine.checkpointing import AtomicCheckpointIO
 from kd_lightning.engine.errors import ConfigError
 
 
@@ -34,10 +35,15 @@ def build_group(nodes: DictConfig | None, key: str) -> list[Any]:
 
 
 def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
-    """The ``trainer`` of ``cfg`` with the ``callbacks`` and ``logger`` groups it composes."""
+    """The ``trainer`` of ``cfg`` with the ``callbacks`` and ``logger`` groups it composes, saving
+    checkpoints atomically (:class:`~kd_lightning.engine.checkpointing.AtomicCheckpointIO`) unless the
+    trainer config brings its own plugins or DeepSpeed (which writes its own)."""
     callbacks = build_group(cfg.get("callbacks"), "callbacks")
     loggers = build_group(cfg.get("logger"), "logger")
-    return build(cfg.trainer, "trainer", **{"callbacks": callbacks, "logger": loggers, **overrides})
+    extra: dict[str, Any] = {"callbacks": callbacks, "logger": loggers}
+    if "plugins" not in cfg.trainer and "deepspeed" not in str(cfg.trainer.get("strategy", "")):
+        extra["plugins"] = [AtomicCheckpointIO()]
+    return build(cfg.trainer, "trainer", **{**extra, **overrides})
 
 
 def log_run_config(trainer: L.Trainer, cfg: DictConfig, params: dict[str, int]) -> None:

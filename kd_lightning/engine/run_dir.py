@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from omegaconf import DictConfig
 
 from kd_lightning.engine.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
@@ -38,10 +44,41 @@ def check_run_dir(out_dir: Path, resuming: bool) -> None:
         )
 
 
-def start_run(cfg: DictConfig) -> tuple[Path, str | None]:
+@dataclass
+class RunStart:
+    """Where a run writes, the checkpoint it resumes, and, for a run that already finished (a requeued
+    job resuming it), its summary: the recipe then returns that and touches nothing."""
+
+    out_dir: Path
+    ckpt_path: str | None
+    finished: dict[str, Any] | None = None
+
+
+def finished_summary(out_dir: Path, trainer_cfg: DictConfig) -> dict[str, Any] | None:
+    """The summary of a run in ``out_dir`` that finished the budget ``trainer_cfg`` asks for (``summary.json``
+    is written last, atomically); None when there is none, or the budget grew (the resumed run extends it)."""
+    path = out_dir / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(summary, dict) or not isinstance(summary.get("metrics"), dict):
+        return None
+    ran = (summary.get("config") or {}).get("trainer") or {}
+    budget = ("max_epochs", "max_steps")
+    grew = any((trainer_cfg.get(key) or -1) > (ran.get(key) or -1) for key in budget)
+    return None if grew else summary
+
+
+def start_run(cfg: DictConfig) -> RunStart:
     """The run directory and the checkpoint to resume (``ckpt_path``), checked; seeds everything."""
     out_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, out_dir)
     check_run_dir(out_dir, resuming=ckpt_path is not None)
     L.seed_everything(cfg.seed, workers=True)
-    return out_dir, ckpt_path
+    finished = finished_summary(out_dir, cfg.trainer) if ckpt_path is not None else None
+    if finished is not None:
+        log.info("%s already finished (summary.json): nothing to resume, its results are kept", out_dir)
+    return RunStart(out_dir, ckpt_path, finished)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError, check_type
 
 TEACHER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_TARGETS = ("teacher", "student", "both")
@@ -24,6 +24,8 @@ class Runtime:
         reuse_val_teacher_outputs: compute the teacher's validation outputs once and reuse them every
             epoch, when the datamodule declares ``random_augmentation = False``.
         cpu_threads: ``torch.set_num_threads`` for this run (``null``: torch's default).
+        nonfinite: ``error`` stops the run at the first non-finite training loss, naming the step and
+            the parts; ``skip`` skips such steps with a warning and counts them (``train/nonfinite_steps``).
     """
 
     teacher_precision: str | None = None
@@ -31,8 +33,14 @@ class Runtime:
     compile: str | None = None
     reuse_val_teacher_outputs: bool = True
     cpu_threads: int | None = None
+    nonfinite: str = "error"
 
     def __post_init__(self) -> None:
+        for name in ("channels_last", "reuse_val_teacher_outputs"):
+            check_type(getattr(self, name), bool, f"runtime.{name}")
+        check_type(self.cpu_threads, (int, type(None)), "runtime.cpu_threads")
+        if self.nonfinite not in ("error", "skip"):
+            raise ConfigError(f"runtime.nonfinite={self.nonfinite!r}: use error or skip")
         if self.teacher_precision is not None and self.teacher_precision not in TEACHER_DTYPES:
             raise ConfigError(
                 f"runtime.teacher_precision={self.teacher_precision!r}: use one of {sorted(TEACHER_DTYPES)} or null"
@@ -41,10 +49,6 @@ class Runtime:
             raise ConfigError(f"runtime.compile={self.compile!r}: use one of {list(COMPILE_TARGETS)} or null")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ConfigError(f"runtime.cpu_threads={self.cpu_threads} must be >= 1 (or null for torch's default)")
-
-    @property
-    def teacher_dtype(self) -> torch.dtype | None:
-        return TEACHER_DTYPES.get(self.teacher_precision) if self.teacher_precision else None
 
     def compiles(self, model: str) -> bool:
         return self.compile in (model, "both")

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kd_lightning.engine.caching.store import write_text_atomic
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.instantiate import build
 from kd_lightning.llm.prompts import Prompt, chat_ids, is_correct, make_prompts
@@ -99,7 +100,7 @@ def _check_settings(path: Path, settings: GenerationSettings, model: PreTrainedM
                 f"use a new {key} or the stored settings"
             )
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps(wanted, indent=1))
+    write_text_atomic(meta, json.dumps(wanted, indent=1))
 
 
 def _batch_seed(seed: int, prompts: Sequence[Prompt]) -> int:

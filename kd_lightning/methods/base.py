@@ -12,15 +12,18 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
-from torch import nn
+from torch import Tensor, nn
 
 from kd_lightning.engine.checkpointing import FrozenOutOfCheckpoints
+from kd_lightning.engine.errors import ConfigError, TrainingDiverged
+from kd_lightning.engine.resume import rng_states, set_rng_states
 from kd_lightning.engine.weights import freeze
 
 _EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+NONFINITE = ("error", "skip")
 
 
 @runtime_checkable
@@ -40,6 +43,12 @@ class Method(FrozenOutOfCheckpoints, L.LightningModule):
     - The optimizer gets every trainable parameter the module owns (models, loss adapters, heads).
     - ``scale_lr_with_world_size`` multiplies the learning rate by the number of processes (linear
       scaling rule, Goyal et al. 2017).
+    - A non-finite training loss (:meth:`finite_step`) stops the run with a
+      :class:`~kd_lightning.engine.errors.TrainingDiverged` naming the step, the non-finite loss parts and
+      model outputs (``nonfinite="error"``), or skips the step with a warning and counts it in
+      ``train/nonfinite_steps`` (``"skip"``); every process decides alike.
+    - Checkpoints also carry the random number generators' states (put back when the resumed run's
+      first epoch starts, so it draws what the uninterrupted run drew) and :meth:`resume_state`.
 
     Class attributes a method declares for the recipe that builds it:
 
@@ -55,8 +64,14 @@ class Method(FrozenOutOfCheckpoints, L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         scale_lr_with_world_size: bool = False,
         save_teacher: bool = False,
+        nonfinite: str = "error",
     ) -> None:
         super().__init__()
+        if nonfinite not in NONFINITE:
+            raise ConfigError(f"runtime.nonfinite={nonfinite!r}: use one of {list(NONFINITE)}")
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        self.restored_rng: dict[str, Any] | None = None
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scale_lr_with_world_size = scale_lr_with_world_size
@@ -96,11 +111,82 @@ class Method(FrozenOutOfCheckpoints, L.LightningModule):
         # Lightning warns about every module in eval mode; frozen models are meant to be, so the
         # warning is replaced by one about the trainable modules alone (warn_modules_in_eval).
         warnings.filterwarnings("ignore", message=_EVAL_MODE_WARNING, category=PossibleUserWarning)
+        self.put_back_rng()
 
     def warn_modules_in_eval(self, model: nn.Module, name: str) -> None:
         in_eval = [path or "<root>" for path, m in model.named_modules() if not m.training]
         if in_eval:
             rank_zero_warn(f"{name} modules in eval mode at the start of training: {in_eval[:5]}")
+
+    # --------------------------------------------------------------------------------- divergence
+    def finite_step(
+        self, total: Tensor, parts: Mapping[str, Tensor], outputs: Mapping[str, Mapping[str, Tensor]]
+    ) -> bool:
+        """Whether to back-propagate ``total``: True when it is finite on every process; else raise
+        (``nonfinite="error"``) or count and skip the step (``"skip"``). ``parts`` / ``outputs`` (model
+        outputs by name) say what went non-finite."""
+        finite = torch.isfinite(total.detach()).float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+        if bool(finite):
+            return True
+        bad_parts = [name for name, value in parts.items() if not torch.isfinite(value.detach()).all()]
+        bad_models = [
+            name
+            for name, tensors in outputs.items()
+            if any(t.is_floating_point() and not torch.isfinite(t.detach()).all() for t in tensors.values())
+        ]
+        where = f"epoch {self.current_epoch}, step {self.global_step}"
+        if self.nonfinite == "skip":
+            self.skipped_steps += 1
+            rank_zero_warn(f"non-finite training loss at {where} (parts {bad_parts}): step skipped")
+            return False
+        raise TrainingDiverged(
+            f"the training loss is non-finite at {where} (non-finite loss parts: {bad_parts or 'the total'}; "
+            f"non-finite outputs of: {bad_models or 'no model'}): lower optimizer.lr, check the teacher's "
+            "weights (teacher.checkpoint), or set runtime.nonfinite=skip to skip such steps"
+        )
+
+    def on_train_epoch_end(self) -> None:
+        if self.nonfinite == "skip":
+            self.log("train/nonfinite_steps", float(self.skipped_steps), reduce_fx="max", sync_dist=True)
+
+    # ----------------------------------------------------------------------------------- resuming
+    def resume_state(self) -> dict[str, Any]:
+        """State spanning epochs that a resumed run needs besides weights, optimizer and loops (tensors and
+        plain values); see :meth:`restore`."""
+        return {"skipped_steps": self.skipped_steps}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["kd_lightning"] = {"rng": rng_states(), **self.resume_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("kd_lightning") or {}
+        self.restore(state)
+        self.restored_rng = state.get("rng")
+
+    def put_back_rng(self) -> None:
+        """The generators as they were when the resumed checkpoint was saved. The uninterrupted run went on
+        from that state to its next training epoch; a resumed run's first training iterator is created
+        right after the sanity-check validation (which draws too), so the states are put back when fitting
+        starts and again after the sanity check, and no longer once training starts."""
+        if self.restored_rng is not None:
+            set_rng_states(self.restored_rng)
+
+    def on_validation_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self.put_back_rng()
+
+    def on_train_start(self) -> None:
+        self.restored_rng = None
+
+    def on_train_epoch_start(self) -> None:
+        """Nothing here; subclasses call it for a stable chain of hooks."""
 
     # --------------------------------------------------------------------------------- optimizers
     def trainable_parameters(self) -> list[nn.Parameter]:

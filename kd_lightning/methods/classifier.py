@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -63,9 +64,10 @@ class ClassifierMethod(Method):
         save_teacher: bool = False,
         runtime: Runtime | None = None,
     ) -> None:
-        super().__init__(optimizer, scheduler, scale_lr_with_world_size, save_teacher)
+        runtime = runtime or Runtime()
+        super().__init__(optimizer, scheduler, scale_lr_with_world_size, save_teacher, runtime.nonfinite)
         self.student = student
-        self.runtime = runtime or Runtime()
+        self.runtime = runtime
         self.train_losses = EpochMeans()
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_best = MaxMetric()
@@ -105,17 +107,31 @@ class ClassifierMethod(Method):
         self.train_losses.add({"loss": total, **{f"loss_{name}": value for name, value in parts.items()}}, batch_size)
 
     def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
         self.train_losses.reset()
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         # Logged once per epoch: a self.log call per step and value costs Lightning ~0.2 ms each.
         for name, value in self.train_losses.means().items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", sync_dist=True)
 
     def on_train_start(self) -> None:
-        # The sanity-check validation must not count towards the best accuracy.
-        self.val_acc_best.reset()
+        super().on_train_start()
+        if self.trainer.ckpt_path is None:  # a fresh fit starts its best accuracy afresh; a resumed one keeps it
+            self.val_acc_best.reset()
         self.warn_modules_in_eval(self.student, "student")
+
+    def resume_state(self) -> dict[str, Any]:
+        """The best validation accuracy so far (it spans epochs: a resumed run must not restart it)."""
+        best = self.val_acc_best.compute() if self.val_acc_best.update_called else None
+        return {**super().resume_state(), "val_acc_best": best}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        super().restore(state)
+        self.val_acc_best.reset()
+        if state.get("val_acc_best") is not None:
+            self.val_acc_best(torch.as_tensor(state["val_acc_best"]))
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:

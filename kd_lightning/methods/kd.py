@@ -183,7 +183,7 @@ class DistillationModule(ClassifierMethod):
             wrapped.prepare_cache(self.trainer.datamodule, splits, self.device, self.trainer)
 
     # ------------------------------------------------------------------------------------ training
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         x, y, index = unpack(batch)
         x = self.formatted(x)
         outputs: dict[str, dict[str, Tensor]] = {}
@@ -198,6 +198,8 @@ class DistillationModule(ClassifierMethod):
         outputs[TASK_MODEL] = self.student_outputs(x)
         label_count = None if self.loss.alpha == 1.0 else self.mean_label_count(y)
         out = self.loss(outputs, y, index=index, label_count=label_count)
+        if not self.finite_step(out.total, out.parts, outputs):
+            return None  # skipped (runtime.nonfinite=skip): no backward, no optimizer step
         self.record_losses(out.total, out.parts, x.shape[0])
         return out.total
 

@@ -202,9 +202,10 @@ class LLMDistillationModule(Method):
 
     # ------------------------------------------------------------------------------------ training
     def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
         self.window_tokens = torch.zeros((), dtype=torch.long, device=self.device)
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         if self.on_policy(batch_idx):
             batch = self.sample(batch, batch_idx)
         elif "input_ids" not in batch:
@@ -220,6 +221,8 @@ class LLMDistillationModule(Method):
                 check_head(model, key, batch["input_ids"], batch["attention_mask"])
             self.heads_checked = True
         out = self.token_loss(batch)
+        if not self.finite_step(out.total, out.parts, {}):
+            return None
         self.window_tokens = self.window_tokens + out.count
         tokens = max(int(out.count), 1)
         log = {"on_step": False, "on_epoch": True, "batch_size": tokens, "sync_dist": True}

@@ -32,9 +32,12 @@ class Supervised(ClassifierMethod):
         self.label_smoothing = float(label_smoothing)
         self.apply_runtime([("student", student)])
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         x, y, _ = unpack(batch)
-        ce = masked_cross_entropy(self.student(self.formatted(x)), y, self.label_smoothing, self.mean_label_count(y))
+        logits = self.student(self.formatted(x))
+        ce = masked_cross_entropy(logits, y, self.label_smoothing, self.mean_label_count(y))
+        if not self.finite_step(ce, {"ce": ce}, {"student": {"logits": logits}}):
+            return None  # skipped (runtime.nonfinite=skip)
         self.record_losses(ce, {"ce": ce}, x.shape[0])
         return ce
 

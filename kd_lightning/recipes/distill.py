@@ -110,7 +110,10 @@ def evaluate(trainer: L.Trainer, method: Method, datamodule: L.LightningDataModu
 def distill(cfg: DictConfig) -> dict[str, Any]:
     """Run a full distillation job; returns the summary (metrics included)."""
     start = time.perf_counter()
-    out_dir, ckpt_path = start_run(cfg)
+    run = start_run(cfg)
+    if run.finished is not None:  # a requeued job of a run that already finished
+        return run.finished
+    out_dir, ckpt_path = run.out_dir, run.ckpt_path
     runtime: Runtime = build(cfg.runtime, "runtime")
     if runtime.cpu_threads:
         torch.set_num_threads(runtime.cpu_threads)

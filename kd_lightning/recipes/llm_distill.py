@@ -30,7 +30,10 @@ log = logging.getLogger(__name__)
 def distill(cfg: DictConfig) -> dict[str, Any]:
     """Run one LM distillation job; returns the summary (metrics included), also written to summary.json."""
     start = time.perf_counter()
-    out_dir, ckpt_path = start_run(cfg)
+    run = start_run(cfg)
+    if run.finished is not None:  # a requeued job of a run that already finished
+        return run.finished
+    out_dir, ckpt_path = run.out_dir, run.ckpt_path
     if cfg.get("cpu_threads"):
         torch.set_num_threads(cfg.cpu_threads)
 

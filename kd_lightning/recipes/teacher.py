@@ -4,6 +4,7 @@ the scratch-student baseline; and ``kd-train``."""
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -13,9 +14,18 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
-from kd_lightning.engine.caching.store import cache_key, data_identity, read_json, trainer_identity, write_json_atomic
+from kd_lightning.engine.caching.store import (
+    cache_key,
+    code_digest,
+    data_identity,
+    file_digest,
+    read_verified_json,
+    trainer_identity,
+    write_verified_json,
+)
 from kd_lightning.engine.checks import check_class_counts
 from kd_lightning.engine.instantiate import build
+from kd_lightning.engine.resume import side_rng
 from kd_lightning.engine.run_dir import check_run_dir
 from kd_lightning.engine.weights import load_weights
 from kd_lightning.recipes.fit import FitResult, fit_supervised
@@ -57,39 +67,58 @@ def obtain_teacher(cfg: DictConfig, teacher_cfg: DictConfig, name: str, model: n
         return Provenance(f"as built by {teacher_cfg.model._target_}")
     entry_key = cache_key(
         model=teacher_cfg.model,
+        code=code_digest(model),
         fit=teacher_cfg.fit,
         data=data_identity(cfg.data),
         trainer=trainer_identity(cfg.trainer),
         seed=cfg.seed,
     )
     entry = Path(cfg.paths.cache_dir) / "teachers" / entry_key
-    weights = entry / "model.safetensors"
-    if weights.is_file():
-        log.info("Reusing cached teacher %s", weights)
-        load_weights(model, weights, key="teacher cache")
-        return Provenance(f"cache {weights}")
+    if cached_teacher(entry, model):
+        return Provenance(f"cache {entry / 'model.safetensors'}")
     log.info("No %s.checkpoint and none cached: training %s (%s epochs)", key, name, teacher_cfg.fit.max_epochs)
-    L.seed_everything(cfg.seed, workers=True)
-    result = train_teacher(cfg, teacher_cfg, model, out_dir / name)
+    with side_rng():  # the run's own draws do not depend on whether the teacher was cached
+        L.seed_everything(cfg.seed, workers=True)
+        result = train_teacher(cfg, teacher_cfg, model, out_dir / name)
+    weights = entry / "model.safetensors"
     entry.mkdir(parents=True, exist_ok=True)
     tmp = entry / f".model.{time.time_ns()}.safetensors"
     save_file({param: t.contiguous() for param, t in model.state_dict().items()}, str(tmp))
     tmp.replace(weights)
     meta = {
+        "sha256": file_digest(weights),
         "val_acc_best": result.val_acc_best,
         "test_acc": result.test_acc,
         "fit_seconds": result.seconds,
         "config": OmegaConf.to_container(teacher_cfg, resolve=True),
     }
-    write_json_atomic(entry / "meta.json", meta)
+    write_verified_json(entry / "meta.json", meta)
     return Provenance(f"trained, cached at {weights}", result.seconds)
+
+
+def cached_teacher(entry: Path, model: nn.Module) -> bool:
+    """Load the cached teacher at ``entry`` into ``model`` if it is there and intact (its weights' sha256 as
+    recorded); a damaged entry is removed with a warning (the teacher is then trained again)."""
+    weights = entry / "model.safetensors"
+    meta = read_verified_json(entry / "meta.json")
+    if meta is None or not weights.is_file():
+        return False
+    if file_digest(weights) != meta.get("sha256"):
+        log.warning("cached teacher %s is damaged (checksum mismatch); training it again", weights)
+        shutil.rmtree(entry, ignore_errors=True)
+        return False
+    log.info("Reusing cached teacher %s", weights)
+    load_weights(model, weights, key="teacher cache")
+    return True
 
 
 def scratch_baseline(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     """The same student, data (labelled only), budget and seed trained supervised (``method=supervised``); cached."""
     label_smoothing = cfg.loss.get("label_smoothing", 0.0)
+    student = build(cfg.student.model, "student.model")
     key = cache_key(
         model=cfg.student.model,
+        code=code_digest(student),
         data=data_identity(cfg.data),
         optimizer=cfg.optimizer,
         scheduler=cfg.scheduler,
@@ -99,13 +128,13 @@ def scratch_baseline(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
         seed=cfg.seed,
     )
     path = Path(cfg.paths.cache_dir) / "scratch" / f"{key}.json"
-    cached = read_json(path)
+    cached = read_verified_json(path)
     if cached is not None:
         return cached
     L.seed_everything(cfg.seed, workers=True)
     result = fit_supervised(
         cfg,
-        build(cfg.student.model, "student.model"),
+        student,
         out_dir / "scratch",
         cfg.trainer.max_epochs,
         cfg.optimizer,
@@ -113,7 +142,7 @@ def scratch_baseline(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
         label_smoothing=label_smoothing,
     )
     record = {"val_acc_best": result.val_acc_best, "test_acc": result.test_acc, "fit_seconds": result.seconds}
-    write_json_atomic(path, record)
+    write_verified_json(path, record)
     return record
 
 

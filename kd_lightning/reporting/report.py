@@ -14,7 +14,7 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,9 @@ from rich.table import Table
 from safetensors.torch import save
 from torch import Tensor, nn
 
+from kd_lightning.engine.caching.store import write_text_atomic
 from kd_lightning.engine.instantiate import build, parameter_count
+from kd_lightning.engine.trusted import DEFAULT_TRUSTED, check_trusted
 from kd_lightning.engine.weights import load_weights
 from kd_lightning.methods.classifier import unpack
 from kd_lightning.recipes.fit import labelled_only
@@ -49,7 +51,9 @@ class Run:
     checkpoint: Path
 
     @classmethod
-    def read(cls, run_dir: Path) -> Run:
+    def read(cls, run_dir: Path, trusted: Sequence[str] = DEFAULT_TRUSTED) -> Run:
+        """The run at ``run_dir``; every ``_target_`` its summary would have kd-report build (student,
+        teachers, data) must be in ``trusted``, and the checkpoint must lie in the run's ``checkpoints/``."""
         if not run_dir.is_dir():
             raise RunDirError(f"{run_dir} is not a directory; pass the run directory kd-distill printed")
         summary_path = run_dir / "summary.json"
@@ -58,18 +62,24 @@ class Run:
                 f"{run_dir} is not a finished kd-distill run (no summary.json); pass a run directory whose "
                 "kd-distill job completed, or resume it with ckpt_path=last"
             )
-        summary = json.loads(summary_path.read_text())
-        if "config" not in summary or "student_params" not in summary:
+        try:
+            summary = json.loads(summary_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RunDirError(f"{summary_path} is not valid JSON ({error}); the run's summary is damaged") from None
+        if not isinstance(summary, dict) or "config" not in summary or "student_params" not in summary:
             raise RunDirError(f"{summary_path} is not a kd-distill summary (kd-train runs have none to report)")
-        best = Path(summary.get("best_checkpoint") or "last.ckpt")
-        candidates = [run_dir / "checkpoints" / best.name, best]  # the first also finds a moved run dir
-        checkpoint = next((path for path in candidates if path.is_file()), None)
-        if checkpoint is None:
+        config = summary["config"]
+        rebuilt = {key: config.get(key) for key in ("student", "teacher", "data")}
+        rebuilt["method.teachers"] = (config.get("method") or {}).get("teachers")
+        check_trusted(rebuilt, str(summary_path), trusted)
+        best = Path(str(summary.get("best_checkpoint") or "last.ckpt"))
+        checkpoint = run_dir / "checkpoints" / best.name  # only inside the run (which may have been moved)
+        if not checkpoint.is_file():
             raise RunDirError(
                 f"{run_dir} has no student checkpoint ({best.name} is missing from {run_dir / 'checkpoints'}); "
                 "runs with checkpointing off (e.g. fast_dev_run) cannot be reported"
             )
-        return cls(run_dir, summary, OmegaConf.create(summary["config"]), checkpoint)
+        return cls(run_dir, summary, OmegaConf.create(config), checkpoint)
 
 
 @dataclass
@@ -206,9 +216,16 @@ def markdown(run: Run, table: list[list[str]], teacher_source: str | None) -> st
     return "\n".join(lines)
 
 
-def report(run_dir: Path, batch_size: int | None = None, repeats: int = 50, warmup: int = 10) -> dict[str, Any]:
-    """Measure a finished run, print the table, write ``report.md`` and ``reliability.png``; returns the numbers."""
-    run = Run.read(run_dir)
+def report(
+    run_dir: Path,
+    batch_size: int | None = None,
+    repeats: int = 50,
+    warmup: int = 10,
+    trusted: Sequence[str] = DEFAULT_TRUSTED,
+) -> dict[str, Any]:
+    """Measure a finished run, print the table, write ``report.md`` and ``reliability.png``; returns the numbers.
+    ``trusted``: module prefixes the run's stored configs may instantiate (see :mod:`kd_lightning.engine.trusted`)."""
+    run = Run.read(run_dir, trusted)
     batch_size = batch_size or run.cfg.data.get("batch_size", 128)
     models, teacher_source = load_models(run)
     measured, agreement = measure(run, models, batch_size, repeats, warmup)
@@ -219,5 +236,5 @@ def report(run_dir: Path, batch_size: int | None = None, repeats: int = 50, warm
     for row in table:
         rich_table.add_row(*row)
     Console().print(rich_table)
-    (run.run_dir / "report.md").write_text(markdown(run, table, teacher_source))
+    write_text_atomic(run.run_dir / "report.md", markdown(run, table, teacher_source))
     return {"agreement": agreement, **{name: vars(numbers) for name, numbers in measured.items()}}

@@ -10,6 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from kd_lightning.engine.caching.store import write_text_atomic
+
 
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}%"
@@ -89,8 +91,9 @@ class Summary:
 
     def write(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "summary.json").write_text(json.dumps(self.as_dict(), indent=2, sort_keys=True))
-        (out_dir / "summary.md").write_text(self.markdown())
+        # Markdown first: summary.json is the marker of a finished run, written (atomically) last.
+        write_text_atomic(out_dir / "summary.md", self.markdown())
+        write_text_atomic(out_dir / "summary.json", json.dumps(self.as_dict(), indent=2, sort_keys=True))
 
     def print(self) -> None:
         Console().print(self.table())

@@ -9,12 +9,15 @@ of the metric over them is drawn (e.g. temperature x alpha).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from kd_lightning.engine.caching.store import write_text_atomic
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -23,8 +26,26 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def parse_overrides(job: Path) -> dict[str, str]:
-    overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
-    return dict(item.lstrip("+~").split("=", 1) for item in overrides if "=" in item)
+    try:
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return {}
+    items = overrides if isinstance(overrides, list) else []
+    return dict(str(item).lstrip("+~").split("=", 1) for item in items if "=" in str(item))
+
+
+def read_summary(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """A job's summary and status: ``ok``, ``failed`` (no summary: the job did not finish) or
+    ``unreadable`` (a truncated or damaged summary.json, reported without stopping the report)."""
+    if not path.is_file():
+        return None, "failed"
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, "unreadable"
+    if not isinstance(summary, dict) or not isinstance(summary.get("metrics"), dict):
+        return None, "unreadable"
+    return summary, "ok"
 
 
 def read_jobs(sweep_dir: Path, metric: str | None) -> tuple[list[str], list[dict[str, Any]], str]:
@@ -37,17 +58,16 @@ def read_jobs(sweep_dir: Path, metric: str | None) -> tuple[list[str], list[dict
     varying = [key for key in keys if len({o.get(key) for o in overrides}) > 1]
     records = []
     for job, override in zip(jobs, overrides, strict=True):
-        summary_path = job / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+        summary, status = read_summary(job / "summary.json")
         if summary is not None and metric is None:
-            metric = summary["config"]["optimized_metric"]
+            metric = (summary.get("config") or {}).get("optimized_metric")
         value = summary["metrics"].get(metric) if summary and metric else None
         records.append(
             {
                 "job": job.name,
                 **{k: override.get(k, "") for k in varying},
                 "value": value,
-                "status": "ok" if summary else "failed",
+                "status": status,
             }
         )
     return varying, records, metric or "val/acc_best"
@@ -59,10 +79,11 @@ def write_table(records: list[dict[str, Any]], varying: list[str], metric: str, 
         [r["job"], *(r[k] for k in varying), "" if r["value"] is None else f"{r['value']:.4f}", r["status"]]
         for r in records
     ]
-    with (out_dir / "sweep_summary.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        writer.writerows(rows)
+    handle = io.StringIO(newline="")
+    writer = csv.writer(handle)
+    writer.writerow(columns)
+    writer.writerows(rows)
+    write_text_atomic(out_dir / "sweep_summary.csv", handle.getvalue())
     best = max((r for r in records if r["value"] is not None), key=lambda r: r["value"], default=None)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
@@ -74,7 +95,7 @@ def write_table(records: list[dict[str, Any]], varying: list[str], metric: str, 
             + ")",
         ]
     path = out_dir / "sweep_summary.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -18,6 +18,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
 from kd_lightning.cli.common import in_multirun
+from kd_lightning.engine.caching.store import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,14 @@ def sweep_group() -> str | None:
     if not in_multirun():
         return None
     return Path(HydraConfig.get().sweep.dir).name
+
+
+def unreachable_marker() -> Path | None:
+    """In a multirun, a file in the sweep directory that says W&B was out of reach for an earlier job, so
+    later jobs (in this process or another) go offline at once instead of waiting out ``init_timeout``."""
+    if not in_multirun():
+        return None
+    return Path(HydraConfig.get().sweep.dir) / ".wandb_unreachable"
 
 
 def resumed_run_id(ckpt_path: str | None, run_dir: Path) -> str | None:
@@ -69,7 +78,8 @@ class WandbRunLogger(WandbLogger):
     - ``ckpt_path`` is the job's ``ckpt_path``: resuming a checkpoint continues the W&B run that wrote it
       (its id is kept in ``<run dir>/wandb_run_id``), which a requeued SLURM job relies on.
     - The run starts on first use. Without credentials, or when W&B cannot be reached or refuses them,
-      it logs offline under ``<save_dir>/wandb`` (upload later with ``wandb sync``) after one warning.
+      it logs offline under ``<save_dir>/wandb`` (upload later with ``wandb sync``) after one warning;
+      in a sweep, once one job found W&B out of reach, the later jobs go offline without trying.
     - A run still open in this process (left by an earlier job that failed) is finished first, and
       :func:`finish_runs` finishes this one at the end of the job, so jobs never merge.
     """
@@ -113,14 +123,20 @@ class WandbRunLogger(WandbLogger):
 
         if wandb.run is not None:
             wandb.finish(exit_code=1)
+        marker = unreachable_marker()
         if not self.is_offline and not has_credentials():
             self._go_offline("no W&B credentials (set WANDB_API_KEY or run `wandb login`)")
+        elif not self.is_offline and marker is not None and marker.is_file():
+            self._go_offline(f"W&B could not be reached by an earlier job of this sweep ({marker.read_text()})")
         try:
             run = super().experiment
         except (CommError, AuthenticationError) as error:
-            self._go_offline(f"W&B could not be reached or refused the credentials ({str(error).splitlines()[0]})")
+            reason = str(error).splitlines()[0]
+            if marker is not None:
+                write_text_atomic(marker, reason)
+            self._go_offline(f"W&B could not be reached or refused the credentials ({reason})")
             run = super().experiment
-        Path(self.save_dir, RUN_ID_FILE).write_text(run.id)
+        write_text_atomic(Path(self.save_dir, RUN_ID_FILE), run.id)
         return run
 
     @property

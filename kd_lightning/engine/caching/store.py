@@ -10,8 +10,11 @@ LM top-k token log-probabilities).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +25,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 #: Data settings that change how data is served, not what a model learns from it.
 DATA_KEYS_IGNORED = ("data_dir", "num_workers", "pin_memory", "transfer_samples", "return_index")
@@ -61,17 +66,60 @@ def cache_key(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file in ``path``'s directory and rename it over ``path``: a reader (or a
+    crash) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".json", delete=False) as tmp:
-        json.dump(payload, tmp, indent=2, sort_keys=True, default=str)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.write(text)
     os.replace(tmp.name, path)
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+def payload_digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_verified_json(path: Path, payload: dict[str, Any]) -> None:
+    """A JSON cache entry with the sha256 of its own content, checked by :func:`read_verified_json`."""
+    write_json_atomic(path, {"payload": payload, "sha256": payload_digest(payload)})
+
+
+def read_verified_json(path: Path) -> dict[str, Any] | None:
+    """The payload of a :func:`write_verified_json` entry; None if absent, or damaged (unreadable JSON or a
+    checksum that does not match: then a warning, and the entry is removed to be rebuilt)."""
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        entry = json.loads(path.read_text())
+        if entry["sha256"] == payload_digest(entry["payload"]):
+            return entry["payload"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        pass
+    log.warning("cache entry %s is damaged; rebuilding it", path)
+    path.unlink(missing_ok=True)
+    return None
+
+
+def code_digest(model: nn.Module) -> str:
+    """sha256 of what a model's code and layout are: the source files of every class in it outside torch
+    (so editing the model's code misses a cache keyed on its config alone) and its state-dict layout."""
+    digest = hashlib.sha256()
+    files = set()
+    for module in model.modules():
+        cls = type(module)
+        digest.update(f"{cls.__module__}.{cls.__qualname__}".encode())
+        if not cls.__module__.startswith("torch."):
+            with contextlib.suppress(TypeError, OSError):
+                files.add(inspect.getsourcefile(cls))
+    for name in sorted(f for f in files if f):
+        digest.update(Path(name).read_bytes())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+    return digest.hexdigest()[:16]
 
 
 def weights_digest(model: nn.Module) -> str:

@@ -1,0 +1,19 @@
+"""Callbacks the tests add from the command line (``+callbacks.<name>._target_=tests.custom_callbacks...``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning as L
+
+
+class KillAtEpoch(L.Callback):
+    """SIGKILLs its own process when training epoch ``epoch`` starts: a crash with no clean-up at all."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
