@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from kd_lightning.data.contract import check_cacheable
+from kd_lightning.engine.caching.store import weights_digest
 from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.resume import side_rng
@@ -59,6 +60,7 @@ class Teacher:
             raise ConfigError(f"runtime.teacher_precision={precision!r}: use one of {sorted(TEACHER_DTYPES)} or null")
         self._model = freeze(model)
         self._owner: nn.Module | None = None
+        self._digest: str | None = None
         self.name = name
         self.precision = precision
         self.cache = cache
@@ -72,6 +74,13 @@ class Teacher:
         """The frozen model; once :meth:`bind` to a method, the module registered there under ``name``
         (what a strategy that wraps submodules, e.g. FSDP, runs)."""
         return getattr(self._owner, self.name) if self._owner is not None else self._model
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the frozen weights (computed once: they never change), recorded in checkpoints."""
+        if self._digest is None:
+            self._digest = weights_digest(self._model)
+        return self._digest
 
     def bind(self, owner: nn.Module) -> None:
         """Run the model as ``owner`` holds it (``owner.<name>``, registered by the method)."""

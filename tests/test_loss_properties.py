@@ -385,7 +385,7 @@ def test_pkt_compare_can_be_slightly_negative() -> None:
 @given(data=st.data())
 def test_rkd_angle_cosines_are_cosines(data: st.DataObject) -> None:
     """The angle terms RKD compares are cosines: in [-1, 1] (+1e-9, float64) for distinct samples on a 0.4
-    grid in [-20, 20]. In float32 the Gram-matrix expansion breaks this for close samples (xfail below)."""
+    grid in [-20, 20] (float32 close samples: see NEAR_DUPLICATES below)."""
     batch, width = integer(data, 3, 8, "batch"), integer(data, 1, 12, "features")
     row = st.lists(st.integers(-50, 50), min_size=width, max_size=width)
     rows = data.draw(st.lists(row, min_size=batch, max_size=batch, unique_by=tuple), label="rows")
@@ -393,22 +393,33 @@ def test_rkd_angle_cosines_are_cosines(data: st.DataObject) -> None:
     assert angle_cosines(features).abs().max().item() <= 1.0 + 1e-9
 
 
-#: Two samples 1e-3 apart with feature norms ~14: the Gram-matrix expansion ||a||^2 + ||b||^2 - 2 a.b
-#: cancels catastrophically in float32.
-NEAR_DUPLICATES = torch.tensor([[10.0, 10.0], [10.001, 10.0], [0.0, 1.0]])
+#: float32 batches whose angle cosines left [-1, 1] while angle_cosines expanded the Gram matrix
+#: (||a||^2 + ||b||^2 - 2 a.b cancels catastrophically for close samples); now computed from differences.
+NEAR_DUPLICATES = {
+    # hypothesis' shrunk example: 1-D features, d(16.308594, 16.25) = 0.0586 comes out as 0.0585, |cos| = 1.0022
+    # (RKD against OTHER: 5.5366 in float32, 5.5258 in float64).
+    "shrunk": [[0.0], [16.308594], [16.25]],
+    # two samples 1e-3 apart with norms ~14: the distance comes out as the 1e-6 clamp, |cos| = 744
+    # (RKD against OTHER: 5517.4 in float32, 11.64 in float64).
+    "near_duplicates": [[10.0, 10.0], [10.001, 10.0], [0.0, 1.0]],
+}
+OTHER = [[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: RKD's angle_cosines (and pairwise_distances) expand the Gram matrix, which cancels in float32 "
-    "for near-duplicate samples: distance 1e-3 comes out as the 1e-6 clamp, |cos| = 744, and the RKD loss "
-    "is ~1e8 instead of the float64 ~10",
-)
-def test_rkd_angle_cosines_of_near_duplicate_samples() -> None:
-    assert angle_cosines(NEAR_DUPLICATES).abs().max().item() <= 1.0 + 1e-5
-    other = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
-    exact = RKD()(NEAR_DUPLICATES.double(), other.double()).item()
-    assert RKD()(NEAR_DUPLICATES, other).item() == pytest.approx(exact, rel=1e-3)
+@pytest.mark.parametrize("rows", list(NEAR_DUPLICATES.values()), ids=list(NEAR_DUPLICATES))
+def test_rkd_angle_cosines_of_close_samples_in_float32(rows: list[list[float]]) -> None:
+    assert angle_cosines(torch.tensor(rows)).abs().max().item() <= 1.0 + 1e-5
+    single, double = (
+        RKD()(torch.tensor(rows, dtype=t), torch.tensor(OTHER, dtype=t)).item() for t in (torch.float32, torch.float64)
+    )
+    assert single == pytest.approx(double, rel=1e-3)
+
+
+def test_rkd_of_close_samples_is_fine_in_float64() -> None:
+    """The same batch in float64: cosines in [-1, 1] and the RKD value float32 must now match."""
+    rows, other = torch.tensor(NEAR_DUPLICATES["near_duplicates"]), torch.tensor(OTHER)
+    assert angle_cosines(rows.double()).abs().max().item() <= 1.0 + 1e-9
+    assert RKD()(rows.double(), other.double()).item() == pytest.approx(11.64, abs=0.01)
 
 
 # -------------------------------------------------------------------------------------- token divergences

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import os
+from typing import Any
+
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
-from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError, check_type
 
 
 def check_class_counts(example: torch.Tensor, num_classes: int, **models: nn.Module) -> None:
@@ -17,8 +22,87 @@ def check_class_counts(example: torch.Tensor, num_classes: int, **models: nn.Mod
         with torch.no_grad():
             out = model(example)
         model.train(was_training)
+        check_output_shape(out, key)
         if out.shape[-1] != num_classes:
             raise ConfigError(
                 f"{key}.model outputs {out.shape[-1]} classes but data.num_classes={num_classes}; "
                 f"set {key}.model.num_classes={num_classes} (or pick matching data)"
+            )
+
+
+def check_output_shape(out: torch.Tensor, key: str) -> None:
+    """A classifier's output must be ``(B, classes)`` logits."""
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(
+            f"{key}.model outputs {shape} for a batch, not (batch, classes) logits; make its forward return "
+            "one (B, num_classes) tensor (e.g. flatten or pool before the head)"
+        )
+
+
+def check_run_options(cfg: DictConfig) -> None:
+    """Top-level options of a run: types a typo or a shell quirk would silently coerce."""
+    check_type(cfg.seed, int, "seed")
+    for key in ("compare_scratch", "save_teacher", "scale_lr_with_world_size"):
+        if key in cfg:
+            check_type(cfg[key], bool, key)
+    check_type(cfg.optimized_metric, str, "optimized_metric")
+
+
+def check_trainer(trainer_cfg: DictConfig, key: str = "trainer") -> None:
+    """A training budget that ends, and no more CPU processes than cores."""
+    max_epochs, max_steps = trainer_cfg.get("max_epochs"), trainer_cfg.get("max_steps", -1)
+    for name, value in (("max_epochs", max_epochs), ("max_steps", max_steps)):
+        check_type(value, (int, type(None)), f"{key}.{name}")
+    if trainer_cfg.get("fast_dev_run"):
+        return
+    if (max_steps is None or max_steps < 1) and (max_epochs is None or max_epochs < 1):
+        raise ConfigError(
+            f"{key}.max_epochs={max_epochs} gives no training budget (-1 would train forever, 0 not at all); "
+            f"set {key}.max_epochs >= 1 (or {key}.max_steps >= 1)"
+        )
+    devices, accelerator = trainer_cfg.get("devices"), str(trainer_cfg.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if on_cpu and isinstance(devices, int) and not isinstance(devices, bool) and devices > cores:
+        raise ConfigError(
+            f"{key}.devices={devices} starts {devices} CPU processes on {cores} cores; set {key}.devices to at "
+            f"most {cores} (or run on GPUs: {key}.accelerator=gpu)"
+        )
+
+
+def check_factory(factory: Any, key: str) -> None:
+    """An optimizer / scheduler factory (``_partial_: true``): a finite, non-negative learning rate and a
+    positive schedule length, checked before any training."""
+    keywords = getattr(factory, "keywords", {}) or {}
+    for name in ("lr", "weight_decay", "momentum"):
+        if name in keywords:
+            value = keywords[name]
+            check_type(value, (int, float), f"{key}.{name}")
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{key}.{name}={value} must be a finite number >= 0")
+    for name in ("T_max", "step_size", "total_iters", "T_0"):
+        if name in keywords:
+            check_type(keywords[name], int, f"{key}.{name}")
+            if keywords[name] < 1:
+                raise ConfigError(f"{key}.{name}={keywords[name]} must be >= 1 (a schedule of at least one step)")
+
+
+def check_monitored(metrics: set[str], trainer_callbacks: list[Any], optimized_metric: str) -> None:
+    """``optimized_metric`` and every callback's ``monitor`` must be metrics the method logs."""
+
+    def known(name: str) -> bool:
+        return name in metrics or name.startswith("schedule/")
+
+    if not known(optimized_metric):
+        raise ConfigError(
+            f"optimized_metric={optimized_metric} is never logged by this method; use one of {sorted(metrics)}"
+        )
+    for callback in trainer_callbacks:
+        monitor = getattr(callback, "monitor", None)
+        if isinstance(monitor, str) and not known(monitor):
+            name = type(callback).__name__
+            raise ConfigError(
+                f"the {name} callback monitors {monitor}, which this method never logs; set its monitor to one "
+                f"of {sorted(metrics)}"
             )

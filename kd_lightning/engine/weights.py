@@ -38,9 +38,16 @@ def read_state_dict(path: str | Path, key: str = "teacher.checkpoint") -> dict[s
         )
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ConfigError(
+                f"{key}={path} is not a readable .safetensors file ({str(error).splitlines()[0]}); "
+                "point it at an intact checkpoint"
+            ) from None
     if suffix not in {".ckpt", ".pt", ".pth"}:
         raise ConfigError(f"{key}={path}: unknown format '{suffix}'; use .ckpt, .pt, .pth or .safetensors")
     try:

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.losses.precision import at_least_fp32
 from kd_lightning.losses.reads import LOGITS, ReadSpec, Routing, as_tuple, read_of, reads_of, routed
 
@@ -167,6 +167,7 @@ class DistillationLoss(nn.Module):
         self.terms = nn.ModuleDict(dict(terms or {}))
         self.alpha = alpha
         self.temperature = temperature
+        check_type(label_smoothing, (int, float), "loss.label_smoothing")
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"loss.label_smoothing={label_smoothing} must be in [0, 1); 0 disables it")
         self.label_smoothing = float(label_smoothing)
@@ -177,6 +178,8 @@ class DistillationLoss(nn.Module):
                 f"loss.weights names {unknown}, which are not in loss.terms {sorted(self.terms)}; "
                 "weight only configured terms"
             )
+        for name, weight in weights.items():
+            check_type(weight, (int, float), f"loss.weights.{name}")
         self.weights = {name: float(weights.get(name, 1.0)) for name in self.terms}
 
     @property
@@ -185,7 +188,8 @@ class DistillationLoss(nn.Module):
 
     @alpha.setter
     def alpha(self, value: float) -> None:
-        if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        check_type(value, (int, float), "loss.alpha")
+        if not 0.0 <= value <= 1.0:
             raise ConfigError(
                 f"loss.alpha={value} is outside [0, 1]; set loss.alpha between 0 "
                 "(supervised only) and 1 (distillation only)"
@@ -199,7 +203,8 @@ class DistillationLoss(nn.Module):
     @temperature.setter
     def temperature(self, value: float) -> None:
         """The shared temperature: every term with one and no ``temperature`` of its own follows it."""
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        check_type(value, (int, float), "loss.temperature")
+        if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"loss.temperature={value} must be > 0 (4 is the usual default)")
         self._temperature = float(value)
         for term in self.terms.values():

@@ -19,22 +19,27 @@ def embed(features: Tensor) -> Tensor:
     return at_least_fp32(features).flatten(1)
 
 
+def differences(e: Tensor) -> Tensor:
+    """``(B, B, D)`` difference vectors ``e_j - e_i`` at ``[i, j]``, computed directly: expanding the Gram
+    matrix (``|a|^2 + |b|^2 - 2 a.b``) cancels catastrophically in float32 for close samples."""
+    return e[None, :, :] - e[:, None, :]
+
+
 def pairwise_distances(e: Tensor, eps: float = 1e-12) -> Tensor:
     """Euclidean distances between rows, exactly 0 on the diagonal (differentiable everywhere)."""
-    squared = e.pow(2).sum(dim=1)
-    d2 = squared[:, None] + squared[None, :] - 2 * e @ e.T
+    d2 = differences(e).pow(2).sum(dim=-1)
     off_diagonal = ~torch.eye(e.shape[0], dtype=torch.bool, device=e.device)
     return torch.where(off_diagonal, d2.clamp_min(eps).sqrt(), torch.zeros_like(d2))
 
 
 def angle_cosines(e: Tensor, eps: float = 1e-12) -> Tensor:
     """``cos`` of the angle at ``e_i`` between ``e_j`` and ``e_k``, as a ``(B, B, B)`` tensor ``[i, j, k]``
-    (0 where ``j == i`` or ``k == i``), from the Gram matrix instead of ``B^2`` difference vectors."""
-    gram = e @ e.T
-    dot = gram[None, :, :] - gram[:, :, None] - gram[:, None, :] + gram.diagonal()[:, None, None]
-    d = pairwise_distances(e)
-    norms = d[:, :, None] * d[:, None, :]
-    return torch.where(norms > 0, dot / norms.clamp_min(eps), torch.zeros_like(dot))
+    (0 where ``j == i`` or ``k == i``): unit difference vectors, batched dot products (as in Park et al.'s
+    code)."""
+    diff = differences(e)
+    norms = diff.pow(2).sum(dim=-1, keepdim=True).clamp_min(eps).sqrt()
+    unit = torch.where(norms > eps**0.5, diff / norms, torch.zeros_like(diff))
+    return torch.bmm(unit, unit.transpose(1, 2))
 
 
 class RelationTerm(LayerTerm):

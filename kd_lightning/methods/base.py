@@ -4,7 +4,7 @@ parameters, eval-mode handling, learning-rate scaling and checkpoints without th
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
@@ -84,6 +84,16 @@ class Method(FrozenOutOfCheckpoints, L.LightningModule):
         """Whether batches must carry dataset sample indices (``(x, y, index)``) for this method with
         ``loss`` and, when ``cached_teachers``, teacher outputs looked up by index."""
         return False
+
+    @classmethod
+    def check_config(cls, loss: nn.Module | None, models: Mapping[str, nn.Module]) -> None:
+        """Checks of this method's configuration that need no training (e.g. layer paths), run by the
+        recipe before any teacher is trained; ``models`` by name (``student``, teachers). Nothing by default."""
+
+    @classmethod
+    def metric_names(cls, loss: nn.Module | None, teachers: Sequence[str]) -> set[str]:
+        """The metric keys this method logs (``optimized_metric`` and checkpoint monitors must be one)."""
+        return {"train/nonfinite_steps"}
 
     def prepare(self, datamodule: L.LightningDataModule) -> None:
         """Called by the recipe before ``fit`` (and before parameters are counted): e.g. size adapters

@@ -73,6 +73,11 @@ class ClassifierMethod(Method):
         self.val_acc_best = MaxMetric()
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
+    @classmethod
+    def metric_names(cls, loss: nn.Module | None, teachers: Sequence[str]) -> set[str]:
+        student = {"train/loss", "val/acc", "val/acc_best", "test/acc", "test/acc_last"}
+        return super().metric_names(loss, teachers) | student
+
     def forward(self, x: Tensor) -> Tensor:
         """Student logits."""
         return self.student(x)

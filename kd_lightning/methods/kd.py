@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -79,7 +80,7 @@ class DistillationModule(ClassifierMethod):
             self.teachers[name] = wrapped
         if "teacher" not in self.teachers:
             self.teacher = None  # ``module.teacher``: the default teacher's model, None without one
-        self.check_reads()
+        self.check_config(loss, {TASK_MODEL: student, **{name: t.model for name, t in self.teachers.items()}})
         self.apply_runtime([("student", student), *(("teacher", t.model) for t in self.teachers.values())])
         distills = loss.needs_teacher
         self.student_taps = Taps(student, loss.layers(TASK_MODEL) if distills else {})
@@ -108,17 +109,34 @@ class DistillationModule(ClassifierMethod):
         """A bare teacher module as a :class:`Teacher` run by ``runtime``."""
         return Teacher(model, name, self.runtime.teacher_precision, cache, self.runtime.reuse_val_teacher_outputs)
 
-    def check_reads(self) -> None:
-        """Every model a loss term reads must be the student or one of the teachers."""
-        known = {TASK_MODEL, *self.teachers}
-        for key, routings in self.loss.reads().items():
+    @classmethod
+    def check_config(cls, loss: nn.Module | None, models: Mapping[str, nn.Module]) -> None:
+        """Every model a loss term reads must be the student or a teacher, and every layer it names must
+        exist (checked on the untrained models, before any teacher is trained)."""
+        if not isinstance(loss, DistillationLoss) or not loss.needs_teacher:
+            return
+        for key, routings in loss.reads().items():
             for routing in routings:
                 for read in routing if isinstance(routing, tuple) else (routing,):
-                    if read.model not in known and self.loss.needs_teacher:
+                    if read.model not in models:
                         raise ConfigError(
                             f"{key}.{read.field.split('.')[0]} reads model {read.model!r}, which this method does "
-                            f"not have ({sorted(known)}); name one of them, or add it to method.teachers"
+                            f"not have ({sorted(models)}); name one of them, or add it to method.teachers"
                         )
+        for name in loss.models_read & set(models):
+            Taps(models[name], loss.layers(name)).remove()
+
+    @classmethod
+    def metric_names(cls, loss: nn.Module | None, teachers: Sequence[str]) -> set[str]:
+        terms = {f"train/loss_{name}" for name in loss.terms} if isinstance(loss, DistillationLoss) else set()
+        compared = {
+            "val/agreement",
+            "val/kl_to_teacher",
+            "teacher/val_acc",
+            "teacher/test_acc",
+            "teacher/test_acc_last",
+        }
+        return super().metric_names(loss, teachers) | {"train/loss_ce"} | terms | (compared if teachers else set())
 
     # ----------------------------------------------------------------------------- forward passes
     def student_outputs(self, x: Tensor) -> dict[str, Tensor]:
@@ -155,6 +173,10 @@ class DistillationModule(ClassifierMethod):
         outputs |= {name: self.teachers[name].outputs(example) for name in self.loss.models_read & set(self.teachers)}
         self.loss.setup_shapes(outputs, num_samples)
         self.shapes_ready = True
+
+    def resume_state(self) -> dict[str, Any]:
+        """Also the digests of the teachers' weights: resuming with other teachers gets a warning."""
+        return {**super().resume_state(), "teachers": {name: t.digest for name, t in self.teachers.items()}}
 
     @property
     def needs_setup(self) -> bool:

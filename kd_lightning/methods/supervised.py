@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
 from kd_lightning.engine.errors import ConfigError
@@ -31,6 +33,10 @@ class Supervised(ClassifierMethod):
             raise ConfigError(f"method.label_smoothing={label_smoothing} must be in [0, 1); 0 disables it")
         self.label_smoothing = float(label_smoothing)
         self.apply_runtime([("student", student)])
+
+    @classmethod
+    def metric_names(cls, loss: nn.Module | None, teachers: Sequence[str]) -> set[str]:
+        return super().metric_names(loss, teachers) | {"train/loss_ce"}
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         x, y, _ = unpack(batch)

@@ -137,10 +137,13 @@ class TeacherOutputCache:
         (it is then deleted, to be rebuilt)."""
         if entry is None or not (entry / "meta.json").is_file():
             return None
-        files = json.loads((entry / "meta.json").read_text())["files"]
+        try:
+            files = json.loads((entry / "meta.json").read_text())["files"]
+        except (ValueError, KeyError, TypeError):
+            files = {"meta.json": None}
         table = {}
         for name, record in files.items():
-            array = open_array(entry / f"{name}.npy", record, verify)
+            array = open_array(entry / f"{name}.npy", record, verify) if record is not None else None
             if array is None:
                 log.warning("teacher-output cache %s is damaged (%s); rebuilding it", entry, name)
                 shutil.rmtree(entry, ignore_errors=True)

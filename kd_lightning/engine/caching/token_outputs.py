@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -42,6 +44,8 @@ from kd_lightning.llm.token_loss import (
     linear_head,
     next_token_targets,
 )
+
+log = logging.getLogger(__name__)
 
 #: Bumped when the on-disk layout changes; older caches are then rebuilt under a new key.
 FORMAT_VERSION = 2
@@ -177,7 +181,11 @@ class LogitCache:
         }
         path = Path(root) / cache_key(data=sorted(layout.items()), **settings)
         if (path / "meta.json").is_file():
-            return cls(path, settings, verify)
+            try:
+                return cls(path, settings, verify)
+            except (ConfigError, ValueError, KeyError) as error:  # damaged: rebuilt below
+                log.warning("teacher logit cache %s is damaged (%s); rebuilding it", path, error)
+                shutil.rmtree(path, ignore_errors=True)
         tmp = Path(root) / f".tmp-{path.name}-{os.getpid()}-{time.time_ns()}"
         tmp.mkdir(parents=True)
         files = {

@@ -1,0 +1,86 @@
+"""The pieces a recipe assembles a method from: the method's constructor, what it needs of the data, its
+teachers, and what it trains."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, open_dict
+
+from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.instantiate import build, parameter_count
+from kd_lightning.engine.runtime import Runtime
+from kd_lightning.methods.base import Method
+from kd_lightning.recipes.fit import labelled_only
+from kd_lightning.recipes.teacher import obtain_teacher
+from kd_lightning.teacher import Teacher
+
+log = logging.getLogger(__name__)
+
+
+def method_factory(cfg: DictConfig) -> tuple[Callable[..., Method], dict[str, DictConfig]]:
+    """The method's constructor (``method`` without its ``teachers``) and its teacher configs by name."""
+    method_cfg = cfg.method.copy()
+    with open_dict(method_cfg):
+        teachers = dict((method_cfg.pop("teachers", None) or {}).items())
+    factory = build(method_cfg, "method")
+    cls = getattr(factory, "func", None)
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ConfigError(
+            f"method._target_={cfg.method.get('_target_')} is not a kd_lightning Method built with _partial_: true; "
+            "subclass kd_lightning.methods.Method and set _partial_: true"
+        )
+    return factory, teachers
+
+
+def offer(factory: Callable[..., Method], **ingredients: Any) -> Method:
+    """Call the method's constructor with the ingredients it names (a recipe offers the same set to every
+    method: student, teachers, loss, optimizer, scheduler, num_classes, runtime)."""
+    parameters = inspect.signature(factory).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    return factory(**{name: value for name, value in ingredients.items() if takes_all or name in parameters})
+
+
+def data_overrides(cfg: DictConfig, method: type[Method], loss: Any, cached_teachers: bool) -> dict[str, Any]:
+    """What the method needs of the data: no unlabelled transfer set if it cannot learn from one, sample
+    indices if it (or the teacher-output cache) needs them."""
+    overrides: dict[str, Any] = {}
+    if not method.uses_unlabelled_data:
+        overrides |= labelled_only(cfg.data)
+        if cfg.data.get("transfer_samples"):
+            log.info("%s learns from labelled samples only: the unlabelled transfer set is left out", method.__name__)
+    if method.needs_sample_index(loss, cached_teachers) and "return_index" in cfg.data and not cfg.data.return_index:
+        log.info("the loss or teacher_cache needs dataset sample indices: data.return_index set to true")
+        overrides["return_index"] = True
+    return overrides
+
+
+def teachers_for(
+    cfg: DictConfig, configs: dict[str, DictConfig], models: dict[str, torch.nn.Module], out_dir: Path, runtime: Runtime
+) -> dict[str, Teacher]:
+    """Every teacher with its weights (checkpoint, factory, cache or trained) and how it runs."""
+    teachers = {}
+    for name, teacher_cfg in configs.items():
+        provenance = obtain_teacher(cfg, teacher_cfg, name, models[name], out_dir)
+        cache = build(cfg.teacher_cache, "teacher_cache") if cfg.get("teacher_cache") else None
+        teachers[name] = Teacher(
+            models[name], name, runtime.teacher_precision, cache, runtime.reuse_val_teacher_outputs, provenance
+        )
+    return teachers
+
+
+def parameter_counts(method: Method, student: torch.nn.Module) -> dict[str, int]:
+    """``params/student``, ``params/adapters`` (what else the method trains: loss adapters, heads) and
+    ``params/teacher`` (every frozen model), the last two only when non-zero."""
+    frozen = sum(parameter_count(model) for model in method.frozen_models().values())
+    counts = {
+        "params/student": parameter_count(student),
+        "params/adapters": parameter_count(method) - parameter_count(student) - frozen,
+        "params/teacher": frozen,
+    }
+    return {name: count for name, count in counts.items() if count or name == "params/student"}

@@ -1,0 +1,85 @@
+"""Everything a run can check before any training: run after the models and data are built, before a
+teacher is trained or a step is taken, so bad input costs seconds, not a teacher fit."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from kd_lightning.data.contract import HasTrainSize
+from kd_lightning.engine.checks import check_factory, check_monitored, check_trainer
+from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.instantiate import build
+from kd_lightning.methods.base import Method
+from kd_lightning.recipes.teacher import config_key
+
+log = logging.getLogger(__name__)
+
+
+def optimizer_factories(optimizer_cfg: DictConfig, scheduler_cfg: DictConfig | None, prefix: str) -> tuple[Any, Any]:
+    """The optimizer and scheduler factories of a fit, checked (``prefix``: where they are configured)."""
+    optimizer = build(optimizer_cfg, f"{prefix}optimizer")
+    check_factory(optimizer, f"{prefix}optimizer")
+    scheduler = build(scheduler_cfg, f"{prefix}scheduler") if scheduler_cfg else None
+    if scheduler is not None:
+        check_factory(scheduler, f"{prefix}scheduler")
+    return optimizer, scheduler
+
+
+def preflight(
+    cfg: DictConfig,
+    method: type[Method],
+    loss: Any,
+    datamodule: L.LightningDataModule,
+    models: Mapping[str, nn.Module],
+    teacher_cfgs: Mapping[str, DictConfig],
+    trainer: L.Trainer,
+) -> None:
+    """The method's own checks (layer paths, models read), the teachers' fit recipes, a non-empty training
+    set, and that ``optimized_metric`` and every monitored metric will be logged."""
+    method.check_config(loss, models)
+    for name, teacher_cfg in teacher_cfgs.items():
+        fit = teacher_cfg.get("fit")
+        if fit and not teacher_cfg.get("checkpoint"):
+            key = f"{config_key(name)}.fit"
+            check_trainer(DictConfig({"max_epochs": fit.get("max_epochs")}), key)
+            optimizer_factories(fit.optimizer, fit.get("scheduler"), f"{key}.")
+    if isinstance(datamodule, HasTrainSize) and datamodule.num_train_samples < 1:
+        raise ConfigError("the training set is empty (data.num_train_samples = 0); check the data config")
+    check_monitored(method.metric_names(loss, list(teacher_cfgs)), trainer.callbacks, cfg.optimized_metric)
+
+
+def check_resume_checkpoint(ckpt_path: str, method: Method) -> None:
+    """The checkpoint to resume must hold this method's trainable weights with their shapes (a checkpoint of
+    another student architecture is refused by name); one distilled from other teachers gets a warning."""
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} could not be read as a checkpoint ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); point ckpt_path at a kd-distill checkpoint"
+        ) from None
+    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
+    frozen = tuple(f"{name}." for name in method.frozen_models())
+    expected = {name: tensor.shape for name, tensor in method.state_dict().items() if not name.startswith(frozen)}
+    missing = sorted(name for name in expected if name not in state)
+    mismatched = sorted(n for n in expected if n in state and tuple(state[n].shape) != tuple(expected[n]))
+    if missing or mismatched:
+        what = f"missing: {missing[:3]}" if missing else f"shape differs: {mismatched[:3]}"
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} is not a checkpoint of this student/method ({what}); resume with the "
+            "student config it was trained with, or start a fresh run"
+        )
+    stored = ((checkpoint.get("kd_lightning") or {}) if isinstance(checkpoint, dict) else {}).get("teachers") or {}
+    current = method.resume_state().get("teachers") or {}
+    differing = sorted(name for name in stored if name in current and stored[name] != current[name])
+    if differing:
+        log.warning(
+            "ckpt_path=%s was distilled from other weights of %s than this run's; resuming anyway", ckpt_path, differing
+        )
