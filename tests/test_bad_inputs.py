@@ -281,7 +281,9 @@ assert len(CASES) >= 45 and len({case.id for case in CASES}) == len(CASES)
 
 # ------------------------------------------------------------------------------------------ running
 def fill(text: str, paths: Paths) -> str:
-    return text.format(case=paths.case, finished=paths.finished, checkpoint=paths.checkpoint)
+    for name, value in (("case", paths.case), ("finished", paths.finished), ("checkpoint", paths.checkpoint)):
+        text = text.replace(f"{{{name}}}", str(value))
+    return text
 
 
 def override_key(override: str) -> str:
@@ -292,9 +294,14 @@ def argv(case: Case, paths: Paths) -> list[str]:
     args = [fill(arg, paths) for arg in case.args]
     if case.program == "kd-report":
         return args
-    set_keys = {override_key(arg) for arg in args}
-    tiny = [arg for arg in TINY if override_key(arg) not in set_keys] if case.tiny else []
+    tiny = tiny_without(args) if case.tiny else []
     return [*tiny, *args, f"hydra.run.dir={fill(case.run_dir, paths)}"]
+
+
+def tiny_without(overrides: tuple[str, ...] | list[str]) -> list[str]:
+    """The TINY budget less the keys ``overrides`` set."""
+    keys = {override_key(override) for override in overrides}
+    return [override for override in TINY if override_key(override) not in keys]
 
 
 def snapshot(run_dir: Path) -> dict[str, str]:
@@ -349,8 +356,11 @@ def results(kd_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     """Every case's result; first one finished run (a cnn1d_narrow student, which also caches the teacher)."""
     base = tmp_path_factory.mktemp("bad_inputs")
     finished = base / "finished_narrow_run"
-    made = run("kd-distill", *TINY, *NARROW, *FINISHED_RUN, f"hydra.run.dir={finished}", home=kd_home)
+    start = time.perf_counter()
+    finished_args = [*tiny_without(FINISHED_RUN), *NARROW, *FINISHED_RUN, f"hydra.run.dir={finished}"]
+    made = run("kd-distill", *finished_args, home=kd_home)
     assert made.returncode == 0, made.stderr[-3000:]
+    print(f"\nthe finished run (and its teacher) in {time.perf_counter() - start:.1f} s")
     assert (finished / "checkpoints" / "last.ckpt").is_file() and (finished / "summary.json").is_file()
 
     prepared = []

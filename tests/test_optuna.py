@@ -25,6 +25,10 @@ def test_optuna_study_runs_and_resumes(kd_home: Path) -> None:
         result = run("kd-distill", *TINY_SEARCH, f"hydra.sweep.dir={kd_home / f'optuna_{attempt}'}", home=kd_home)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "Best value" in result.stdout + result.stderr
+        sweep_dir = kd_home / f"optuna_{attempt}"
+        assert (
+            f"kd_lightning: sweep finished: {sweep_dir}; table and plot: kd-sweep-report {sweep_dir}" in result.stdout
+        )
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{kd_home}/optuna.db")
     trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(trials) == 4  # the second search continued the same study

@@ -23,6 +23,7 @@ def test_sweep_with_a_failing_job_and_its_report(kd_home: Path) -> None:
     )
     assert result.returncode != 0  # Hydra reports the failed jobs after running the whole batch
     assert "loss.alpha=1.5 is outside [0, 1]" in result.stderr
+    assert f"kd_lightning: sweep directory: {sweep_dir}" in result.stdout  # where the jobs went, printed first
     summaries = sorted(sweep_dir.glob("*/summary.json"))
     assert len(summaries) == 2  # both alpha = 0.5 jobs finished, each in its own run dir
 

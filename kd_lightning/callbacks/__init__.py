@@ -1,6 +1,7 @@
-"""Lightning callbacks: loss schedules and the frozen-teacher guard."""
+"""Lightning callbacks: loss schedules, the frozen-teacher guard, epoch lines for log files."""
 
 from kd_lightning.callbacks.guard import FrozenTeacherGuard
+from kd_lightning.callbacks.progress import EpochLines
 from kd_lightning.callbacks.schedules import AlphaWarmup, HintPreStage, LossSchedule, TemperatureAnneal
 
-__all__ = ["AlphaWarmup", "FrozenTeacherGuard", "HintPreStage", "LossSchedule", "TemperatureAnneal"]
+__all__ = ["AlphaWarmup", "EpochLines", "FrozenTeacherGuard", "HintPreStage", "LossSchedule", "TemperatureAnneal"]

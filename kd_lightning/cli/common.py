@@ -13,6 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.quiet import quiet_third_party
 from kd_lightning.engine.resolvers import register_resolvers
 
 _PACKAGE = Path(__file__).resolve().parent.parent
@@ -31,6 +32,7 @@ CONFIG_DIR = config_dir()
 log = logging.getLogger("kd_lightning")
 
 register_resolvers()  # before @hydra.main composes any config
+quiet_third_party()
 
 
 def in_multirun() -> bool:

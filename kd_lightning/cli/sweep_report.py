@@ -1,4 +1,4 @@
-"""``kd-sweep-report MULTIRUN_DIR``: one table (markdown + CSV) and a heatmap of a Hydra sweep."""
+"""``kd-sweep-report MULTIRUN_DIR``: one table (markdown + CSV) and a plot of a Hydra sweep or Optuna search."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from kd_lightning.reporting.sweep_report import __doc__ as DESCRIPTION
-from kd_lightning.reporting.sweep_report import read_jobs, write_heatmap, write_table
+from kd_lightning.reporting.sweep_report import read_jobs, write_sweep_plot, write_table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,9 +18,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     varying, records, metric = read_jobs(args.sweep_dir, args.metric)
     table = write_table(records, varying, metric, args.sweep_dir)
-    heatmap = write_heatmap(records, varying, metric, args.sweep_dir)
+    plot = write_sweep_plot(records, varying, metric, args.sweep_dir)
     print(table.read_text())
-    print(f"wrote {table}, {table.with_suffix('.csv')}" + (f", {heatmap}" if heatmap else ""))
+    print(f"wrote {table}, {table.with_suffix('.csv')}" + (f", {plot}" if plot else ""))
 
 
 if __name__ == "__main__":

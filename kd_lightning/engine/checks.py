@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -13,9 +14,14 @@ from torch import nn
 from kd_lightning.engine.errors import ConfigError, check_type
 
 
-def check_class_counts(example: torch.Tensor, num_classes: int, **models: nn.Module) -> None:
-    """Run one example batch through each model (keyword: its config key) and compare its logits to
-    ``data.num_classes``."""
+def check_class_counts(
+    example: torch.Tensor,
+    num_classes: int,
+    models: Mapping[str, nn.Module],
+    configs: Mapping[str, Any] | None = None,
+) -> None:
+    """Run one example batch through each model (by config key) and compare its logits to
+    ``data.num_classes``; the error names the argument of the model's config (``configs``) that sets them."""
     for key, model in models.items():
         was_training = model.training
         model.eval()
@@ -24,10 +30,20 @@ def check_class_counts(example: torch.Tensor, num_classes: int, **models: nn.Mod
         model.train(was_training)
         check_output_shape(out, key)
         if out.shape[-1] != num_classes:
+            field = class_count_field((configs or {}).get(key), out.shape[-1])
             raise ConfigError(
                 f"{key}.model outputs {out.shape[-1]} classes but data.num_classes={num_classes}; "
-                f"set {key}.model.num_classes={num_classes} (or pick matching data)"
+                f"set {key}.model.{field}={num_classes} (or pick matching data)"
             )
+
+
+def class_count_field(model_cfg: Any, produced: int) -> str:
+    """The model config's argument that sets its number of outputs: the one holding ``produced`` (a name with
+    "class" first, e.g. ``classes``, ``n_classes``), else ``num_classes``."""
+    items = dict(model_cfg.items()) if isinstance(model_cfg, Mapping | DictConfig) else {}
+    candidates = [name for name, value in items.items() if isinstance(value, int) and value == produced]
+    candidates.sort(key=lambda name: "class" not in name)
+    return candidates[0] if candidates else "num_classes"
 
 
 def check_output_shape(out: torch.Tensor, key: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import lightning as L
@@ -37,13 +38,21 @@ def build_group(nodes: DictConfig | None, key: str) -> list[Any]:
 def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     """The ``trainer`` of ``cfg`` with the ``callbacks`` and ``logger`` groups it composes, saving
     checkpoints atomically (:class:`~kd_lightning.engine.checkpointing.AtomicCheckpointIO`) unless the
-    trainer config brings its own plugins or DeepSpeed (which writes its own)."""
+    trainer config brings its own plugins or DeepSpeed (which writes its own), and without a progress bar
+    when stdout is not a terminal (unless ``trainer.enable_progress_bar`` says otherwise)."""
     callbacks = build_group(cfg.get("callbacks"), "callbacks")
     loggers = build_group(cfg.get("logger"), "logger")
     extra: dict[str, Any] = {"callbacks": callbacks, "logger": loggers}
     if "plugins" not in cfg.trainer and "deepspeed" not in str(cfg.trainer.get("strategy", "")):
         extra["plugins"] = [AtomicCheckpointIO()]
+    extra |= bar_when_piped(cfg.trainer)
     return build(cfg.trainer, "trainer", **{**extra, **overrides})
+
+
+def bar_when_piped(trainer_cfg: DictConfig) -> dict[str, Any]:
+    """``enable_progress_bar=False`` when stdout is not a terminal and the config does not set it: a bar in
+    a log file prints only at the end (:class:`~kd_lightning.callbacks.EpochLines` prints lines instead)."""
+    return {} if "enable_progress_bar" in trainer_cfg or sys.stdout.isatty() else {"enable_progress_bar": False}
 
 
 def log_run_config(trainer: L.Trainer, cfg: DictConfig, params: dict[str, int]) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from kd_lightning.engine.errors import ConfigError
@@ -42,6 +43,13 @@ def check_run_dir(out_dir: Path, resuming: bool) -> None:
             f"hydra.run.dir={out_dir} already holds a run ({taken[0].name}); pick a new "
             "hydra.run.dir or resume it with ckpt_path=<its checkpoint>"
         )
+
+
+@rank_zero_only
+def announce(line: str) -> None:
+    """A line the user needs wherever the output goes (where the run is, where its results are): printed
+    on global rank 0, flushed at once."""
+    print(f"kd_lightning: {line}", flush=True)
 
 
 @dataclass
@@ -80,5 +88,5 @@ def start_run(cfg: DictConfig) -> RunStart:
     L.seed_everything(cfg.seed, workers=True)
     finished = finished_summary(out_dir, cfg.trainer) if ckpt_path is not None else None
     if finished is not None:
-        log.info("%s already finished (summary.json): nothing to resume, its results are kept", out_dir)
+        announce(f"{out_dir} already finished (summary.json): nothing to resume, its results are kept")
     return RunStart(out_dir, ckpt_path, finished)

@@ -142,7 +142,8 @@ class ClassifierMethod(Method):
         if self.trainer.sanity_checking:
             return
         self.val_acc_best(self.val_acc.compute())
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        # torchmetrics syncs the value across processes; sync_dist only tells Lightning it is global.
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
     def log_student_val(self, logits: Tensor, targets: Tensor) -> None:
         self.val_acc(logits, targets)

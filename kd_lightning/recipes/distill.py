@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_lightning.engine.checks import check_class_counts, check_run_options, check_trainer
 from kd_lightning.engine.instantiate import build, build_trainer, log_run_config
-from kd_lightning.engine.run_dir import start_run
+from kd_lightning.engine.run_dir import announce, start_run
 from kd_lightning.engine.runtime import Runtime
 from kd_lightning.methods.base import Method
 from kd_lightning.recipes.components import data_overrides, method_factory, offer, parameter_counts, teachers_for
@@ -48,6 +48,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     if run.finished is not None:  # a requeued job of a run that already finished
         return run.finished
     out_dir, ckpt_path = run.out_dir, run.ckpt_path
+    announce(f"run directory: {out_dir}")
     check_run_options(cfg)
     check_trainer(cfg.trainer)
     runtime: Runtime = build(cfg.runtime, "runtime")
@@ -64,8 +65,8 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     check_class_counts(
         datamodule.example_input(),
         cfg.data.num_classes,
-        student=student,
-        **{config_key(n): m for n, m in models.items()},
+        {"student": student, **{config_key(name): model for name, model in models.items()}},
+        {"student": cfg.student.model, **{config_key(name): node.model for name, node in teacher_cfgs.items()}},
     )
     optimizer, scheduler = optimizer_factories(cfg.optimizer, cfg.scheduler, "")
     trainer = build_trainer(cfg)
@@ -106,6 +107,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         seconds={
             "teacher_fit": sum(t.provenance.fit_seconds for t in teachers.values()),
             "distill": distill_seconds,
+            **({"scratch_fit": scratch["fit_seconds"]} if scratch else {}),
             "total": time.perf_counter() - start,
         },
         best_checkpoint=best,
@@ -115,4 +117,5 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:  # strategy=ddp runs this whole function once per process
         summary.write(out_dir)
         summary.print()
+        announce(f"results: {out_dir} (summary.json, summary.md, checkpoints/); report: kd-report {out_dir}")
     return summary.as_dict()

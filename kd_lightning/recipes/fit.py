@@ -13,7 +13,8 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 from torch import nn
 
-from kd_lightning.engine.instantiate import build
+from kd_lightning.callbacks.progress import EpochLines
+from kd_lightning.engine.instantiate import bar_when_piped, build
 from kd_lightning.methods.supervised import Supervised
 
 
@@ -80,13 +81,15 @@ def fit_supervised(
         save_last=True,
         auto_insert_metric_name=False,
     )
+    trainer_cfg = trainer_cfg if trainer_cfg is not None else cfg.trainer
     trainer = build(
-        trainer_cfg if trainer_cfg is not None else cfg.trainer,
+        trainer_cfg,
         "trainer",
         max_epochs=max_epochs,
         default_root_dir=str(out_dir),
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, EpochLines(out_dir.name)],
         logger=CSVLogger(str(out_dir), name="csv"),
+        **bar_when_piped(trainer_cfg),
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.engine.caching.store import write_json_atomic
 from kd_lightning.engine.instantiate import build, build_trainer, log_run_config, parameter_count
-from kd_lightning.engine.run_dir import start_run
+from kd_lightning.engine.run_dir import announce, start_run
 from kd_lightning.engine.weights import freeze
 from kd_lightning.llm.models import check_tokenizers
 from kd_lightning.llm.modes import TrainingMode
@@ -34,6 +34,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     if run.finished is not None:  # a requeued job of a run that already finished
         return run.finished
     out_dir, ckpt_path = run.out_dir, run.ckpt_path
+    announce(f"run directory: {out_dir}")
     if cfg.get("cpu_threads"):
         torch.set_num_threads(cfg.cpu_threads)
 
@@ -88,5 +89,6 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         write_json_atomic(out_dir / "summary.json", summary)
+        announce(f"results: {out_dir} (summary.json, checkpoints/)")
     log.info("metrics: %s", {name: round(value, 4) for name, value in summary["metrics"].items()})
     return summary

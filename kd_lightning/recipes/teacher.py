@@ -152,7 +152,8 @@ def train_model(cfg: DictConfig) -> float:
     check_run_dir(out_dir, resuming=False)
     L.seed_everything(cfg.seed, workers=True)
     model = build(cfg.teacher.model, "teacher.model")
-    check_class_counts(build(cfg.data, "data").example_input(), cfg.data.num_classes, teacher=model)
+    example = build(cfg.data, "data").example_input()
+    check_class_counts(example, cfg.data.num_classes, {"teacher": model}, {"teacher": cfg.teacher.model})
     result = train_teacher(cfg, cfg.teacher, model, out_dir)
     teacher_choice = HydraConfig.get().runtime.choices["teacher"]
     print(

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics.classification import MulticlassCalibrationError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: Equal-width confidence bins on [0, 1] (Guo et al. 2017 use 15).
 N_BINS = 15
@@ -41,18 +45,26 @@ class ReliabilityBins:
         return cls(conf, torch.zeros(n_bins).index_add_(0, index, correct) / per_bin, count)
 
 
-def plot_reliability(bins: dict[str, ReliabilityBins], ece: dict[str, float], path: Path) -> None:
-    """One panel per model: accuracy per confidence bin against the diagonal of perfect calibration."""
-    import matplotlib
+def reliability_figure(bins: dict[str, ReliabilityBins], ece: dict[str, float]) -> Figure:
+    """One column per model: accuracy per confidence bin against the diagonal of perfect calibration, and
+    below it the number of samples in each bin (the same y scale for every model), so a bar resting on a
+    handful of samples reads as such. The legend sits below the panels, covering nothing."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(bins), figsize=(4.2 * len(bins), 4.2), squeeze=False)
-    for ax, (name, model_bins) in zip(axes[0], bins.items(), strict=True):
+    figure = Figure(figsize=(4.4 * len(bins), 6.0), layout="constrained")
+    FigureCanvasAgg(figure)
+    grid = figure.add_gridspec(2, len(bins), height_ratios=(3, 1))
+    first_counts = None
+    for column, (name, model_bins) in enumerate(bins.items()):
+        ax = figure.add_subplot(grid[0, column])
+        counts_ax = figure.add_subplot(grid[1, column], sharex=ax, sharey=first_counts)
+        first_counts = first_counts or counts_ax
         n_bins = len(model_bins.count)
-        filled = (model_bins.count > 0).numpy()
-        centers = ((torch.arange(n_bins) + 0.5) / n_bins).numpy()[filled]
+        count = model_bins.count.numpy()
+        filled = count > 0
+        all_centers = ((torch.arange(n_bins) + 0.5) / n_bins).numpy()
+        centers = all_centers[filled]
         accuracy, confidence = model_bins.accuracy.numpy()[filled], model_bins.confidence.numpy()[filled]
         ax.bar(centers, accuracy, width=1 / n_bins, edgecolor="black", label="accuracy")
         ax.bar(
@@ -67,9 +79,31 @@ def plot_reliability(bins: dict[str, ReliabilityBins], ece: dict[str, float], pa
             label="gap to mean confidence",
         )
         ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1)", ylabel="accuracy")
+        ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
+        ax.tick_params(labelbottom=False)
         ax.set_title(f"{name}: ECE {100 * ece[name]:.2f}% ({n_bins} bins)")
-        ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        counts_ax.bar(
+            all_centers, count, width=1 / n_bins, color="0.6", edgecolor="black", linewidth=0.5, label="samples per bin"
+        )
+        for center, n in zip(all_centers[filled], count[filled], strict=True):
+            counts_ax.annotate(
+                f"{n:.0f}",
+                (center, n),
+                xytext=(0, 1.5),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=6.5 if n < 1000 else 5.5,
+                color="0.25",
+            )
+        counts_ax.set(xlabel="confidence (top-1)", ylabel="samples")
+        counts_ax.margins(y=0.22)
+    handles, labels = figure.axes[0].get_legend_handles_labels()
+    extra, extra_labels = figure.axes[1].get_legend_handles_labels()
+    figure.legend(handles + extra, labels + extra_labels, loc="outside lower center", ncol=4, fontsize=9)
+    return figure
+
+
+def plot_reliability(bins: dict[str, ReliabilityBins], ece: dict[str, float], path: Path) -> None:
+    """Draws :func:`reliability_figure` and saves it to ``path``."""
+    reliability_figure(bins, ece).savefig(path, dpi=120)

@@ -11,6 +11,7 @@ writes ``report.md`` and ``reliability.png`` into the run directory.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -190,7 +191,7 @@ def rows(measured: dict[str, Measured], agreement: float | None, batch_size: int
         row("parameters", lambda m: m.params, ",", "fewer"),
         row("size on disk (KiB, safetensors)", lambda m: m.size_bytes / 1024, ".1f", "smaller"),
         row(
-            f"CPU latency per batch of {batch_size} (ms, median of {repeats})",
+            f"CPU latency per batch of {batch_size} (ms, median of {repeats}, {torch.get_num_threads()} threads)",
             lambda m: 1000 * m.latency_s,
             ".3f",
             "faster",
@@ -198,13 +199,27 @@ def rows(measured: dict[str, Measured], agreement: float | None, batch_size: int
     ]
 
 
-def markdown(run: Run, table: list[list[str]], teacher_source: str | None) -> str:
+def machine_load() -> str | None:
+    """A warning when other processes kept the CPU busy (1-minute load average above half the cores
+    beyond this process): latencies, and their ratios, then depend on the load."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load - 1.0 > 0.5 * cores:
+        return (
+            f"the machine was busy while timing (load average {load:.1f} on {cores} cores): latencies and "
+            "their ratios are not reliable; rerun kd-report on an idle machine"
+        )
+    return None
+
+
+def markdown(run: Run, table: list[list[str]], teacher_source: str | None, warning: str | None = None) -> str:
     header = ["quantity", "teacher", "student", "student vs teacher"]
     lines = [
         f"# kd-report: {run.run_dir}",
         "",
         f"Student: best-validation checkpoint `{run.checkpoint}`. Teacher: {teacher_source or 'none'}.",
         f"Measured on the test split; latency on the CPU with {torch.get_num_threads()} threads.",
+        *([f"**Warning:** {warning}."] if warning else []),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -235,6 +250,14 @@ def report(
         rich_table.add_column(column)
     for row in table:
         rich_table.add_row(*row)
-    Console().print(rich_table)
-    write_text_atomic(run.run_dir / "report.md", markdown(run, table, teacher_source))
-    return {"agreement": agreement, **{name: vars(numbers) for name, numbers in measured.items()}}
+    console = Console()
+    console.print(rich_table)
+    warning = machine_load()
+    if warning:
+        console.print(f"[bold yellow]warning:[/] {warning}")
+    write_text_atomic(run.run_dir / "report.md", markdown(run, table, teacher_source, warning))
+    return {
+        "agreement": agreement,
+        "busy_warning": warning,
+        **{name: vars(numbers) for name, numbers in measured.items()},
+    }

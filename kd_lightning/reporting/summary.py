@@ -78,8 +78,9 @@ class Summary:
 
     def table(self) -> Table:
         table = Table(title="kd_lightning summary")
-        for column in ("quantity", "value", "note"):
-            table.add_column(column)
+        table.add_column("quantity")
+        table.add_column("value")
+        table.add_column("note", overflow="fold")  # paths in full, wrapped, never cut with "…"
         for row in self.rows():
             table.add_row(*row)
         return table
