@@ -196,7 +196,9 @@ CASES = [
         "loss.terms.at.student_layer=features.42",
         FRESH_CACHE,
     ),
-    distill("term-reads-unknown-model", "teacher_9", "loss.terms.kd.teacher={model: teacher_9}"),
+    distill("term-reads-unknown-model", "teacher_9", "+loss.terms.kd.teacher={model: teacher_9}"),
+    # the same without "+": the kd term's config has no `teacher` key for Hydra to override
+    distill("term-reads-unknown-model-no-plus", "teacher_9", "loss.terms.kd.teacher={model: teacher_9}"),
     # trainer
     distill("max-epochs-minus-one", "trainer.max_epochs", "trainer.max_epochs=-1"),
     distill("max-epochs-zero", "trainer.max_epochs", "trainer.max_epochs=0"),
@@ -375,6 +377,8 @@ def results(kd_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         futures = {case.id: pool.submit(launch, case, paths, kd_home) for case, paths in prepared}
         done = {case_id: future.result() for case_id, future in futures.items()}
     print(f"\n{len(CASES)} bad-input cases in {time.perf_counter() - start:.1f} s (2 at a time)")
+    for case_id, result in sorted(done.items(), key=lambda item: -item[1].seconds):
+        print(f"  {result.seconds:6.1f} s  exit {result.returncode}  {case_id}")
     return done
 
 

@@ -91,3 +91,20 @@ def test_a_home_that_is_a_file_is_one_line(tmp_path: Path) -> None:
         f"kd-distill: error: paths.home={home} is inside a file ({home}), not a directory; set KD_LIGHTNING_HOME "
         "to a writable directory"
     ]
+
+
+def test_kd_report_says_the_thread_count_and_warns_on_a_busy_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import torch
+
+    from kd_lightning.reporting import report
+
+    measured = report.Measured(accuracy=0.9, ece=0.05, params=10, size_bytes=1024, latency_s=0.001)
+    latency_row = report.rows({"student": measured}, None, batch_size=32, repeats=5)[-1]
+    assert f"{torch.get_num_threads()} threads" in latency_row[0]
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert report.machine_load() is None
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    warning = report.machine_load()
+    assert warning is not None and "load average 64.0" in warning and "not reliable" in warning

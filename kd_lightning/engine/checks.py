@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kd_lightning.engine.errors import ConfigError, check_type
+from kd_lightning.engine.instantiate import build
 
 
 def check_class_counts(
@@ -122,3 +123,11 @@ def check_monitored(metrics: set[str], trainer_callbacks: list[Any], optimized_m
                 f"the {name} callback monitors {monitor}, which this method never logs; set its monitor to one "
                 f"of {sorted(metrics)}"
             )
+
+
+def check_fit(fit_cfg: DictConfig, key: str) -> None:
+    """A supervised fit recipe (``teacher.fit``): its budget, optimizer and scheduler, before it runs."""
+    check_trainer(DictConfig({"max_epochs": fit_cfg.get("max_epochs")}), key)
+    for name in ("optimizer", "scheduler"):
+        if fit_cfg.get(name):
+            check_factory(build(fit_cfg[name], f"{key}.{name}"), f"{key}.{name}")

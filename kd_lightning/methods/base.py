@@ -86,9 +86,10 @@ class Method(FrozenOutOfCheckpoints, L.LightningModule):
         return False
 
     @classmethod
-    def check_config(cls, loss: nn.Module | None, models: Mapping[str, nn.Module]) -> None:
+    def check_config(cls, loss: nn.Module | None, models: Mapping[str, nn.Module], cached_teachers: bool) -> None:
         """Checks of this method's configuration that need no training (e.g. layer paths), run by the
-        recipe before any teacher is trained; ``models`` by name (``student``, teachers). Nothing by default."""
+        recipe before any teacher is trained; ``models`` by name (``student``, teachers), ``cached_teachers``:
+        teacher outputs come from the teacher-output cache. Nothing by default."""
 
     @classmethod
     def metric_names(cls, loss: nn.Module | None, teachers: Sequence[str]) -> set[str]:

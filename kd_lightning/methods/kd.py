@@ -80,7 +80,8 @@ class DistillationModule(ClassifierMethod):
             self.teachers[name] = wrapped
         if "teacher" not in self.teachers:
             self.teacher = None  # ``module.teacher``: the default teacher's model, None without one
-        self.check_config(loss, {TASK_MODEL: student, **{name: t.model for name, t in self.teachers.items()}})
+        models = {TASK_MODEL: student, **{name: t.model for name, t in self.teachers.items()}}
+        self.check_config(loss, models, any(t.cache is not None for t in self.teachers.values()))
         self.apply_runtime([("student", student), *(("teacher", t.model) for t in self.teachers.values())])
         distills = loss.needs_teacher
         self.student_taps = Taps(student, loss.layers(TASK_MODEL) if distills else {})
@@ -110,9 +111,10 @@ class DistillationModule(ClassifierMethod):
         return Teacher(model, name, self.runtime.teacher_precision, cache, self.runtime.reuse_val_teacher_outputs)
 
     @classmethod
-    def check_config(cls, loss: nn.Module | None, models: Mapping[str, nn.Module]) -> None:
-        """Every model a loss term reads must be the student or a teacher, and every layer it names must
-        exist (checked on the untrained models, before any teacher is trained)."""
+    def check_config(cls, loss: nn.Module | None, models: Mapping[str, nn.Module], cached_teachers: bool) -> None:
+        """Every model a loss term reads must be the student or a teacher, every layer it names must exist
+        (checked on the untrained models, before any teacher is trained), and cached teachers serve logits
+        only."""
         if not isinstance(loss, DistillationLoss) or not loss.needs_teacher:
             return
         for key, routings in loss.reads().items():
@@ -125,6 +127,13 @@ class DistillationModule(ClassifierMethod):
                         )
         for name in loss.models_read & set(models):
             Taps(models[name], loss.layers(name)).remove()
+            layers = loss.layers(name)
+            if cached_teachers and name != TASK_MODEL and layers:
+                path, config_key = next(iter(layers.items()))
+                raise ConfigError(
+                    f"teacher_cache stores teacher logits only, but {config_key}={path} reads a layer of {name}; "
+                    "set teacher_cache=none for feature losses"
+                )
 
     @classmethod
     def metric_names(cls, loss: nn.Module | None, teachers: Sequence[str]) -> set[str]:

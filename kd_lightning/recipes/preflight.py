@@ -12,8 +12,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from kd_lightning.data.contract import HasTrainSize
-from kd_lightning.engine.checks import check_factory, check_monitored, check_trainer
+from kd_lightning.data.contract import HasTrainSize, check_cacheable
+from kd_lightning.engine.checks import check_factory, check_fit, check_monitored
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.instantiate import build
 from kd_lightning.methods.base import Method
@@ -43,13 +43,13 @@ def preflight(
 ) -> None:
     """The method's own checks (layer paths, models read), the teachers' fit recipes, a non-empty training
     set, and that ``optimized_metric`` and every monitored metric will be logged."""
-    method.check_config(loss, models)
+    cached = bool(teacher_cfgs) and bool(cfg.get("teacher_cache"))
+    method.check_config(loss, models, cached)
+    if cached:
+        check_cacheable(datamodule, "teacher_cache")
     for name, teacher_cfg in teacher_cfgs.items():
-        fit = teacher_cfg.get("fit")
-        if fit and not teacher_cfg.get("checkpoint"):
-            key = f"{config_key(name)}.fit"
-            check_trainer(DictConfig({"max_epochs": fit.get("max_epochs")}), key)
-            optimizer_factories(fit.optimizer, fit.get("scheduler"), f"{key}.")
+        if teacher_cfg.get("fit") and not teacher_cfg.get("checkpoint"):
+            check_fit(teacher_cfg.fit, f"{config_key(name)}.fit")
     if isinstance(datamodule, HasTrainSize) and datamodule.num_train_samples < 1:
         raise ConfigError("the training set is empty (data.num_train_samples = 0); check the data config")
     check_monitored(method.metric_names(loss, list(teacher_cfgs)), trainer.callbacks, cfg.optimized_metric)

@@ -23,7 +23,8 @@ from kd_lightning.engine.caching.store import (
     trainer_identity,
     write_verified_json,
 )
-from kd_lightning.engine.checks import check_class_counts
+from kd_lightning.engine.checks import check_class_counts, check_fit
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.instantiate import build
 from kd_lightning.engine.resume import side_rng
 from kd_lightning.engine.run_dir import check_run_dir
@@ -151,6 +152,11 @@ def train_model(cfg: DictConfig) -> float:
     out_dir = Path(cfg.paths.output_dir)
     check_run_dir(out_dir, resuming=False)
     L.seed_everything(cfg.seed, workers=True)
+    if not cfg.teacher.get("fit"):
+        raise ConfigError(
+            "kd-train trains a model with its teacher.fit recipe, and this teacher config has none; add one"
+        )
+    check_fit(cfg.teacher.fit, "teacher.fit")
     model = build(cfg.teacher.model, "teacher.model")
     example = build(cfg.data, "data").example_input()
     check_class_counts(example, cfg.data.num_classes, {"teacher": model}, {"teacher": cfg.teacher.model})
