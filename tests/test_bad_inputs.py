@@ -126,10 +126,6 @@ def summary_without_checkpoint(paths: Paths) -> None:
     shutil.rmtree(copy_finished(paths) / "checkpoints")
 
 
-def summary_not_a_dict(paths: Paths) -> None:
-    (copy_finished(paths) / "summary.json").write_text(json.dumps([1, 2, 3]))
-
-
 def malicious_summary(paths: Paths) -> None:
     """The stored student config edited to run a shell command if kd-report instantiated it."""
     summary_path = copy_finished(paths) / "summary.json"
@@ -175,7 +171,6 @@ CASES = [
     distill("alpha-bool", "loss.alpha", "loss.alpha=true"),
     distill("alpha-string", "loss.alpha", "loss.alpha=abc"),
     distill("temperature-zero", "loss.temperature", "loss.temperature=0"),
-    distill("temperature-negative", "loss.temperature", "loss.temperature=-1"),
     distill("temperature-nan", "loss.temperature", "loss.temperature=nan"),
     distill("label-smoothing-one", "loss.label_smoothing", "loss.label_smoothing=1.0"),
     distill("weights-unknown-term", "loss.weights", "+loss.weights.nope=1.0"),
@@ -188,17 +183,8 @@ CASES = [
         "loss.terms.fitnet.teacher_layer=features.99",
         FRESH_CACHE,
     ),
-    distill(
-        "at-student-layer-missing",
-        "features.42",
-        "loss=at",
-        *NARROW,
-        "loss.terms.at.student_layer=features.42",
-        FRESH_CACHE,
-    ),
-    distill("term-reads-unknown-model", "teacher_9", "+loss.terms.kd.teacher={model: teacher_9}"),
-    # the same without "+": the kd term's config has no `teacher` key for Hydra to override
-    distill("term-reads-unknown-model-no-plus", "teacher_9", "loss.terms.kd.teacher={model: teacher_9}"),
+    # no "+": the logit terms' configs expose `student` / `teacher` reads (null: the logits)
+    distill("term-reads-unknown-model", "teacher_9", "loss.terms.kd.teacher={model: teacher_9}"),
     # trainer
     distill("max-epochs-minus-one", "trainer.max_epochs", "trainer.max_epochs=-1"),
     distill("max-epochs-zero", "trainer.max_epochs", "trainer.max_epochs=0"),
@@ -209,13 +195,11 @@ CASES = [
     # optimizer / scheduler
     distill("lr-negative", "optimizer.lr", "optimizer.lr=-1"),
     distill("lr-nan", "optimizer.lr", "optimizer.lr=nan"),
-    distill("weight-decay-negative", "optimizer.weight_decay", "optimizer.weight_decay=-0.1"),
     distill("cosine-t-max-zero", "scheduler.T_max", "scheduler=cosine", "scheduler.T_max=0"),
     # data
     distill("num-workers-negative", "data.num_workers", "data.num_workers=-1"),
     distill("batch-size-zero", "data.batch_size", "data.batch_size=0"),
     distill("num-classes-seven", "data.num_classes", "data.num_classes=7"),
-    distill("transfer-samples-negative", "data.transfer_samples", "data.transfer_samples=-5"),
     distill("return-index-maybe", "data.return_index", "data.return_index=maybe"),
     # top-level options
     distill("seed-float", "seed=1.5", "seed=1.5"),
@@ -229,7 +213,6 @@ CASES = [
     # teacher cache
     distill("teacher-cache-feature-loss", "teacher_cache", "teacher_cache=disk", "loss=at", *NARROW),
     distill("teacher-cache-top-k-zero", "teacher_cache.top_k", "teacher_cache=memory", "teacher_cache.top_k=0"),
-    distill("teacher-cache-dtype-int4", "teacher_cache.dtype", "teacher_cache=memory", "teacher_cache.dtype=int4"),
     # teacher weights
     distill("teacher-checkpoint-missing", "teacher.checkpoint", "teacher.checkpoint=/does/not/exist.ckpt"),
     distill(
@@ -266,7 +249,6 @@ CASES = [
     report("report-no-summary", "summary.json", "{case}/report_run", existing=False, setup=make_empty_run_dir),
     report("report-not-a-directory", "not a directory", "{case}/report_run", existing=False),
     report("report-truncated-summary", "summary.json", "{case}/report_run", setup=truncated_summary),
-    report("report-summary-not-a-dict", "summary.json", "{case}/report_run", setup=summary_not_a_dict),
     report("report-no-checkpoint", "checkpoint", "{case}/report_run", setup=summary_without_checkpoint),
     report(
         "report-os-system-target",
@@ -276,7 +258,6 @@ CASES = [
         check=not_pwned,
     ),
     report("report-repeats-zero", "--repeats", "{case}/report_run", "--repeats", "0", setup=copy_for_report),
-    report("report-batch-size-zero", "--batch-size", "{case}/report_run", "--batch-size", "0", setup=copy_for_report),
 ]
 assert len(CASES) >= 45 and len({case.id for case in CASES}) == len(CASES)
 

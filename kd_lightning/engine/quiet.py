@@ -22,8 +22,7 @@ DROPPED_INFO = (
     "HPU available:",
     "Seed set to",
     "`Trainer.fit` stopped:",
-    "Restoring states from the checkpoint path",
-    "Loaded model weights from the checkpoint",
+    "Loaded model weights from the checkpoint",  # follows "Restoring states from ...", which stays
 )
 #: torch.utils._pytree's deprecation notice, raised by Lightning's own code.
 PYTREE_NOTICE = "`isinstance(treespec, LeafSpec)` is deprecated"
