@@ -14,7 +14,20 @@ from kd_lightning.losses import DistillationLoss
 from kd_lightning.recipes.distill import distill
 from tests.conftest import TINY, compose_config
 
-GROUPS = ["data", "teacher", "student", "loss", "optimizer", "scheduler", "trainer", "logger", "callbacks"]
+GROUPS = [
+    "data",
+    "teacher",
+    "student",
+    "loss",
+    "optimizer",
+    "scheduler",
+    "trainer",
+    "logger",
+    "callbacks",
+    "method",
+    "runtime",
+    "teacher_cache",
+]
 
 
 def options(group: str) -> list[str]:
@@ -38,6 +51,16 @@ def test_every_option_composes_and_instantiates(group: str, option: str, tmp_pat
     elif group in ("logger", "callbacks"):
         for entry in node.values():
             instantiate(entry)
+    elif group == "method":
+        from kd_lightning.methods import Method
+        from kd_lightning.recipes.components import method_factory
+
+        factory, teachers = method_factory(cfg)
+        assert issubclass(factory.func, Method)
+        for teacher in teachers.values():
+            assert instantiate(teacher.model)(torch.randn(2, 1, 40)).shape == (2, cfg.data.num_classes)
+    elif group == "teacher_cache" and not node:
+        assert option == "none"  # the empty option: no cache
     else:
         built = instantiate(node)
         if group == "loss":

@@ -81,7 +81,7 @@ def finished_summary(out_dir: Path, trainer_cfg: DictConfig) -> dict[str, Any] |
 
 
 def start_run(cfg: DictConfig) -> RunStart:
-    """The run directory and the checkpoint to resume (``ckpt_path``), checked; seeds everything."""
+    """The run directory (announced) and the checkpoint to resume (``ckpt_path``), checked; seeds everything."""
     out_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, out_dir)
     check_run_dir(out_dir, resuming=ckpt_path is not None)
@@ -89,4 +89,6 @@ def start_run(cfg: DictConfig) -> RunStart:
     finished = finished_summary(out_dir, cfg.trainer) if ckpt_path is not None else None
     if finished is not None:
         announce(f"{out_dir} already finished (summary.json): nothing to resume, its results are kept")
+    else:
+        announce(f"run directory: {out_dir}")
     return RunStart(out_dir, ckpt_path, finished)

@@ -3,6 +3,14 @@
 from kd_lightning.methods.base import HasFrozenModels, Method
 from kd_lightning.methods.classifier import ClassifierMethod
 from kd_lightning.methods.kd import DistillationModule
+from kd_lightning.methods.multi_teacher import MultiTeacherDistillation
 from kd_lightning.methods.supervised import Supervised
 
-__all__ = ["ClassifierMethod", "DistillationModule", "HasFrozenModels", "Method", "Supervised"]
+__all__ = [
+    "ClassifierMethod",
+    "DistillationModule",
+    "HasFrozenModels",
+    "Method",
+    "MultiTeacherDistillation",
+    "Supervised",
+]

@@ -143,7 +143,6 @@ class DistillationModule(ClassifierMethod):
             "val/kl_to_teacher",
             "teacher/val_acc",
             "teacher/test_acc",
-            "teacher/test_acc_last",
         }
         return super().metric_names(loss, teachers) | {"train/loss_ce"} | terms | (compared if teachers else set())
 
@@ -249,11 +248,10 @@ class DistillationModule(ClassifierMethod):
         x = self.formatted(x)
         logits = self.student(x)
         self.log_student_val(logits, y)
-        first = next(iter(self.teachers.values()), None)
-        if first is None:
+        if not self.teachers:
             return
         store = self.reuse_val_outputs and not self.trainer.sanity_checking
-        teacher_logits = first.val_logits(x, index, (dataloader_idx, batch_idx), store)
+        teacher_logits = self.compared_val_logits(x, y, index, (dataloader_idx, batch_idx), store, logits)
         self.val_agreement(logits, teacher_logits.argmax(dim=-1))
         self.val_kl(soft_kl(logits, teacher_logits, temperature=1.0), weight=x.shape[0])
         self.teacher_val_acc(teacher_logits, y)
@@ -265,7 +263,17 @@ class DistillationModule(ClassifierMethod):
         x, y, index = unpack(batch)
         x = self.formatted(x)
         self.log_student_test(self.student(x), y)
-        first = next(iter(self.teachers.values()), None)
-        if first is not None:
-            self.teacher_test_acc(first.logits(x, "test", index), y)
+        if self.teachers:
+            self.teacher_test_acc(self.compared_test_logits(x, y, index), y)
             self.log("teacher/test_acc", self.teacher_test_acc)
+
+    def compared_val_logits(
+        self, x: Tensor, y: Tensor, index: Tensor | None, key: tuple[int, int], store: bool, student: Tensor
+    ) -> Tensor:
+        """The logits validation compares the student (``student``: its logits) with (``val/agreement``,
+        ``val/kl_to_teacher``, ``teacher/val_acc``): the first teacher's; ``store``: keep them for reuse."""
+        return next(iter(self.teachers.values())).val_logits(x, index, key, store)
+
+    def compared_test_logits(self, x: Tensor, y: Tensor, index: Tensor | None) -> Tensor:
+        """The logits ``teacher/test_acc`` measures: the first teacher's."""
+        return next(iter(self.teachers.values())).logits(x, "test", index)

@@ -48,7 +48,6 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     if run.finished is not None:  # a requeued job of a run that already finished
         return run.finished
     out_dir, ckpt_path = run.out_dir, run.ckpt_path
-    announce(f"run directory: {out_dir}")
     check_run_options(cfg)
     check_trainer(cfg.trainer)
     runtime: Runtime = build(cfg.runtime, "runtime")

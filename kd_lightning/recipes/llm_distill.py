@@ -34,7 +34,6 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     if run.finished is not None:  # a requeued job of a run that already finished
         return run.finished
     out_dir, ckpt_path = run.out_dir, run.ckpt_path
-    announce(f"run directory: {out_dir}")
     if cfg.get("cpu_threads"):
         torch.set_num_threads(cfg.cpu_threads)
 

@@ -1,0 +1,161 @@
+"""``method=multi_teacher``: K frozen teachers, combined per sample into one soft target."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from kd_lightning.engine.errors import ConfigError
+from kd_lightning.losses import UNLABELLED, DistillationLoss
+from kd_lightning.methods.kd import DistillationModule
+
+#: The name loss terms read the combined target under (the individual teachers keep their own names).
+COMBINED = "teacher"
+COMBINATIONS = ("mean", "weights", "confidence")
+
+
+class MultiTeacherDistillation(DistillationModule):
+    r"""Distils K frozen teachers (any architectures) into the student through one combined target.
+
+    At the loss temperature :math:`T`, with teacher logits :math:`z_k` and per-sample weights
+    :math:`w_k(x)` (summing to 1), the combined target distribution and the logits the loss terms read as
+    the model ``teacher`` are
+
+    .. math::
+        p(x) = \sum_k w_k(x)\,\sigma(z_k / T), \qquad z(x) = T \log p(x)
+
+    so that :math:`\sigma(z / T) = p` exactly, for every logit term at that temperature. ``combine``:
+
+    - ``mean``: :math:`w_k = 1/K` (the ensemble of soft targets, Hinton et al. 2015, §1);
+    - ``weights``: fixed ``weights`` by teacher name (normalised);
+    - ``confidence``: :math:`w_k(x) = \mathrm{softmax}_k(-\ell_k(x))` with :math:`\ell_k` the teacher's
+      cross-entropy on the label, or its entropy for unlabelled samples: teachers that are right and sure
+      weigh more, per sample (the weighting of CA-MKD, Zhang et al. 2022, without its feature term).
+
+    The teachers are also models of their own name, so a term can read one teacher alone
+    (``teacher: {model: teacher_1}``: per-teacher losses and weights). Validation compares the student with
+    the combined target (``val/agreement``, ``teacher/val_acc``) and logs each teacher's accuracy and
+    agreement (``teacher/<name>/val_acc``, ``val/agreement/<name>``, ``teacher/<name>/test_acc``).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        combine: str = "mean",
+        weights: Mapping[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if COMBINED in self.teachers:
+            raise ConfigError(
+                f"method.teachers: {COMBINED!r} names the combined target of multi_teacher; name the teachers "
+                "otherwise (teacher_0, teacher_1, ...)"
+            )
+        if len(self.teachers) < 2:
+            raise ConfigError(f"method=multi_teacher needs at least 2 method.teachers, got {sorted(self.teachers)}")
+        if combine not in COMBINATIONS:
+            raise ConfigError(f"method.combine={combine!r}: use one of {list(COMBINATIONS)}")
+        self.combine = combine
+        self.fixed_weights = self.normalised(weights) if combine == "weights" else None
+        self.per_teacher_val = nn.ModuleDict({name: self.accuracy() for name in self.teachers})
+        self.per_teacher_agreement = nn.ModuleDict({name: self.accuracy() for name in self.teachers})
+        self.per_teacher_test = nn.ModuleDict({name: self.accuracy() for name in self.teachers})
+
+    def accuracy(self) -> MulticlassAccuracy:
+        return MulticlassAccuracy(self.test_acc.num_classes, average="micro")
+
+    def normalised(self, weights: Mapping[str, float] | None) -> dict[str, float]:
+        given = dict(weights or {})
+        if sorted(given) != sorted(self.teachers) or any(w < 0 for w in given.values()) or sum(given.values()) <= 0:
+            raise ConfigError(
+                f"method.weights={given} must give every teacher {sorted(self.teachers)} a weight >= 0 "
+                "(not all 0) for combine=weights"
+            )
+        total = sum(given.values())
+        return {name: float(weight) / total for name, weight in given.items()}
+
+    @classmethod
+    def check_config(cls, loss: nn.Module | None, models: Mapping[str, nn.Module], cached_teachers: bool) -> None:
+        super().check_config(loss, {**models, COMBINED: nn.Identity()}, cached_teachers)
+
+    @classmethod
+    def metric_names(cls, loss: nn.Module | None, teachers: Sequence[str]) -> set[str]:
+        own = {f"teacher/{n}/val_acc" for n in teachers} | {f"teacher/{n}/test_acc" for n in teachers}
+        return super().metric_names(loss, teachers) | own | {f"val/agreement/{n}" for n in teachers}
+
+    # ---------------------------------------------------------------------------------- combining
+    @property
+    def temperature(self) -> float:
+        return self.loss.temperature if isinstance(self.loss, DistillationLoss) else 1.0
+
+    def combined(self, logits: Mapping[str, Tensor], targets: Tensor | None) -> Tensor:
+        """``T log sum_k w_k softmax(z_k / T)`` (see the class docstring), float32."""
+        names = list(self.teachers)
+        stacked = torch.stack([logits[name].float() for name in names])  # (K, B, C)
+        log_p = F.log_softmax(stacked / self.temperature, dim=-1)
+        log_w = torch.log(self.sample_weights(names, stacked, targets))  # (K, B)
+        return self.temperature * torch.logsumexp(log_w[..., None] + log_p, dim=0)
+
+    def sample_weights(self, names: list[str], logits: Tensor, targets: Tensor | None) -> Tensor:
+        """Per-teacher, per-sample weights ``(K, B)`` summing to 1 over teachers."""
+        K, B = logits.shape[:2]
+        if self.combine == "mean":
+            return torch.full((K, B), 1.0 / K, device=logits.device)
+        if self.combine == "weights":
+            return torch.tensor([self.fixed_weights[n] for n in names], device=logits.device)[:, None].expand(K, B)
+        log_p = F.log_softmax(logits, dim=-1)
+        entropy = -(log_p.exp() * log_p).sum(-1)  # (K, B)
+        if targets is None:
+            return torch.softmax(-entropy, dim=0)
+        labelled = targets != UNLABELLED
+        picked = log_p.gather(-1, targets.clamp(min=0)[None, :, None].expand(K, B, 1)).squeeze(-1)
+        loss = torch.where(labelled[None], -picked, entropy)
+        return torch.softmax(-loss, dim=0)
+
+    def teacher_logits_of(self, x: Tensor, split: str, index: Tensor | None) -> dict[str, Tensor]:
+        return {name: teacher.logits(x, split, index) for name, teacher in self.teachers.items()}
+
+    def distilled_outputs(self, x: Tensor, split: str, index: Tensor | None) -> dict[str, dict[str, Tensor]]:
+        """Each teacher the loss reads by its own name, and the combined target as ``teacher``; the labels
+        (for ``combine=confidence``) come from :meth:`training_step` through ``self._targets``."""
+        outputs = super().distilled_outputs(x, split, index)
+        logits = {
+            name: outputs[name]["logits"] if name in outputs else t.logits(x, split, index)
+            for name, t in self.teachers.items()
+        }
+        outputs[COMBINED] = {"logits": self.combined(logits, self._targets)}
+        return outputs
+
+    #: The labels of the batch in training, for ``combine=confidence`` (set around the parent's step).
+    _targets: Tensor | None = None
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        self._targets = batch[1]
+        try:
+            return super().training_step(batch, batch_idx)
+        finally:
+            self._targets = None
+
+    # ---------------------------------------------------------------------------------- evaluation
+    def compared_val_logits(
+        self, x: Tensor, y: Tensor, index: Tensor | None, key: tuple[int, int], store: bool, student: Tensor
+    ) -> Tensor:
+        logits = {name: t.val_logits(x, index, key, store) for name, t in self.teachers.items()}
+        for name, teacher_logits in logits.items():
+            self.per_teacher_val[name](teacher_logits, y)
+            self.per_teacher_agreement[name](student, teacher_logits.argmax(-1))
+            self.log(f"teacher/{name}/val_acc", self.per_teacher_val[name])
+            self.log(f"val/agreement/{name}", self.per_teacher_agreement[name])
+        return self.combined(logits, y)
+
+    def compared_test_logits(self, x: Tensor, y: Tensor, index: Tensor | None) -> Tensor:
+        logits = self.teacher_logits_of(x, "test", index)
+        for name, teacher_logits in logits.items():
+            self.per_teacher_test[name](teacher_logits, y)
+            self.log(f"teacher/{name}/test_acc", self.per_teacher_test[name])
+        return self.combined(logits, y)

@@ -1,0 +1,78 @@
+"""method=multi_teacher: the combined target, its weightings, per-teacher metrics, end to end."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from kd_lightning.engine.errors import ConfigError
+from kd_lightning.losses import UNLABELLED, DistillationLoss, KLDivergence
+from kd_lightning.methods import MultiTeacherDistillation
+from kd_lightning.recipes.distill import distill
+from tests.conftest import TINY, compose_config
+
+T = 4.0
+
+
+def method(combine: str = "mean", weights: dict | None = None, teachers: int = 2) -> MultiTeacherDistillation:
+    torch.manual_seed(0)
+    return MultiTeacherDistillation(
+        student=nn.Linear(6, 3),
+        teachers={f"teacher_{k}": nn.Linear(6, 3) for k in range(teachers)},
+        loss=DistillationLoss({"kd": KLDivergence()}, alpha=0.9, temperature=T),
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        num_classes=3,
+        combine=combine,
+        weights=weights,
+    )
+
+
+def test_the_combined_target_is_the_weighted_mixture_of_softened_teachers() -> None:
+    logits = {"teacher_0": torch.randn(5, 3) * 3, "teacher_1": torch.randn(5, 3) * 3}
+    soft = {name: torch.softmax(z / T, -1) for name, z in logits.items()}
+    mixed = torch.softmax(method().combined(logits, None) / T, -1)
+    torch.testing.assert_close(mixed, (soft["teacher_0"] + soft["teacher_1"]) / 2)
+    weighted = method("weights", {"teacher_0": 3.0, "teacher_1": 1.0}).combined(logits, None)
+    torch.testing.assert_close(torch.softmax(weighted / T, -1), 0.75 * soft["teacher_0"] + 0.25 * soft["teacher_1"])
+
+
+def test_confidence_weighs_the_teacher_that_is_right_more_per_sample() -> None:
+    right, wrong = torch.tensor([[8.0, 0.0, 0.0], [0.0, 0.0, 8.0]]), torch.tensor([[0.0, 8.0, 0.0], [8.0, 0.0, 0.0]])
+    targets = torch.tensor([0, UNLABELLED])
+    weights = method("confidence").sample_weights(["teacher_0", "teacher_1"], torch.stack([right, wrong]), targets)
+    assert weights[0, 0] > 0.99  # labelled: the teacher right about the label dominates
+    assert math.isclose(float(weights[:, 1].sum()), 1.0, rel_tol=1e-6)
+    assert abs(float(weights[0, 1]) - 0.5) < 1e-6  # unlabelled: equally sure teachers weigh the same
+
+
+def test_bad_multi_teacher_configs_name_their_key() -> None:
+    with pytest.raises(ConfigError, match=r"at least 2 method\.teachers"):
+        method(teachers=1)
+    with pytest.raises(ConfigError, match=r"method\.weights=.*every teacher"):
+        method("weights", {"teacher_0": 1.0})
+    with pytest.raises(ConfigError, match=r"method\.combine='vote'"):
+        method("vote")
+
+
+def test_two_teachers_of_different_architectures_distil_end_to_end(tmp_path: Path, kd_home: Path) -> None:
+    cfg = compose_config(tmp_path / "run", [*TINY, "method=multi_teacher", "compare_scratch=false", "logger=none"])
+    summary = distill(cfg)
+    metrics = summary["metrics"]
+    for key in (
+        "teacher/teacher_0/val_acc",
+        "teacher/teacher_1/val_acc",
+        "val/agreement/teacher_1",
+        "teacher/teacher_0/test_acc",
+        "teacher/val_acc",
+        "val/agreement",
+        "train/loss_kd",
+    ):
+        assert 0.0 <= metrics[key] < math.inf, key
+    assert metrics["teacher/teacher_0/val_acc"] != metrics["teacher/teacher_1/val_acc"]  # two different teachers
+    assert summary["teacher_params"] > 67_082  # the default teacher's parameters plus the second one's
+    assert (tmp_path / "run" / "teacher_1" / "checkpoints").is_dir()  # trained with its own fit recipe
