@@ -106,10 +106,12 @@ def check_factory(factory: Any, key: str) -> None:
 
 
 def check_monitored(metrics: set[str], trainer_callbacks: list[Any], optimized_metric: str) -> None:
-    """``optimized_metric`` and every callback's ``monitor`` must be metrics the method logs."""
+    """``optimized_metric`` and every callback's ``monitor`` must be metrics the method logs (a name ending
+    in ``/*`` stands for a family, e.g. ``val/acc/*`` for one metric per peer)."""
+    families = (*(name[:-1] for name in metrics if name.endswith("/*")), "schedule/")
 
     def known(name: str) -> bool:
-        return name in metrics or name.startswith("schedule/")
+        return name in metrics or name.startswith(families)
 
     if not known(optimized_metric):
         raise ConfigError(

@@ -4,6 +4,7 @@ from kd_lightning.methods.base import HasFrozenModels, Method
 from kd_lightning.methods.classifier import ClassifierMethod
 from kd_lightning.methods.kd import DistillationModule
 from kd_lightning.methods.multi_teacher import MultiTeacherDistillation
+from kd_lightning.methods.mutual import MutualLearning
 from kd_lightning.methods.supervised import Supervised
 
 __all__ = [
@@ -12,5 +13,6 @@ __all__ = [
     "HasFrozenModels",
     "Method",
     "MultiTeacherDistillation",
+    "MutualLearning",
     "Supervised",
 ]

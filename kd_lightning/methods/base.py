@@ -54,9 +54,12 @@ class Method(FrozenOutOfCheckpoints, L.LightningModule):
 
     - ``uses_unlabelled_data``: the method learns from unlabelled samples (target ``-1``, e.g. a
       teacher-labelled transfer set); without it the recipe leaves such samples out of the data.
+    - ``compared_with_scratch``: the summary compares the student with the same student trained alone
+      (``compare_scratch``); a method that *is* that baseline says no.
     """
 
     uses_unlabelled_data: bool = False
+    compared_with_scratch: bool = False
 
     def __init__(
         self,

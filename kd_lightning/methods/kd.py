@@ -52,6 +52,7 @@ class DistillationModule(ClassifierMethod):
     """
 
     uses_unlabelled_data = True
+    compared_with_scratch = True
 
     def __init__(
         self,

@@ -75,12 +75,16 @@ def teachers_for(
 
 
 def parameter_counts(method: Method, student: torch.nn.Module) -> dict[str, int]:
-    """``params/student``, ``params/adapters`` (what else the method trains: loss adapters, heads) and
-    ``params/teacher`` (every frozen model), the last two only when non-zero."""
+    """``params/student``, ``params/adapters`` (what the loss trains beside the student: adapters, heads),
+    ``params/teacher`` (every frozen model) and ``params/peers`` (other trainable models, e.g. mutual
+    learning's peers), the last three only when non-zero."""
     frozen = sum(parameter_count(model) for model in method.frozen_models().values())
+    loss = getattr(method, "loss", None)
+    adapters = parameter_count(loss) if isinstance(loss, torch.nn.Module) else 0
     counts = {
         "params/student": parameter_count(student),
-        "params/adapters": parameter_count(method) - parameter_count(student) - frozen,
+        "params/adapters": adapters,
         "params/teacher": frozen,
+        "params/peers": parameter_count(method) - parameter_count(student) - frozen - adapters,
     }
     return {name: count for name, count in counts.items() if count or name == "params/student"}

@@ -94,7 +94,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     distill_seconds = time.perf_counter() - distill_start
     metrics, best = evaluate(trainer, method, datamodule)
 
-    scratch = scratch_baseline(cfg, out_dir) if cfg.compare_scratch and teachers else None
+    scratch = scratch_baseline(cfg, out_dir) if cfg.compare_scratch and factory.func.compared_with_scratch else None
     first = next(iter(teachers.values()), None)
     summary = Summary(
         metrics=metrics,
