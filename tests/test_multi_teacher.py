@@ -41,6 +41,24 @@ def test_the_combined_target_is_the_weighted_mixture_of_softened_teachers() -> N
     torch.testing.assert_close(torch.softmax(weighted / T, -1), 0.75 * soft["teacher_0"] + 0.25 * soft["teacher_1"])
 
 
+def test_a_one_teacher_ensemble_is_plain_kd_exactly() -> None:
+    from kd_lightning.methods import DistillationModule
+
+    multi = method(teachers=1)
+    plain = DistillationModule(
+        student=multi.student,
+        teacher=multi.teacher_0,
+        loss=DistillationLoss({"kd": KLDivergence()}, alpha=0.9, temperature=T),
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        num_classes=3,
+    )
+    x, y = torch.randn(8, 6), torch.randint(3, (8,))
+    torch.testing.assert_close(multi.training_step((x, y), 0), plain.training_step((x, y), 0))
+    for combine in ("mean", "confidence"):
+        weights = method(combine, teachers=1).sample_weights(["teacher_0"], torch.randn(1, 8, 3), y)
+        torch.testing.assert_close(weights, torch.ones(1, 8))  # weights sum to 1 over the teachers
+
+
 def test_confidence_weighs_the_teacher_that_is_right_more_per_sample() -> None:
     right, wrong = torch.tensor([[8.0, 0.0, 0.0], [0.0, 0.0, 8.0]]), torch.tensor([[0.0, 8.0, 0.0], [8.0, 0.0, 0.0]])
     targets = torch.tensor([0, UNLABELLED])
@@ -51,8 +69,8 @@ def test_confidence_weighs_the_teacher_that_is_right_more_per_sample() -> None:
 
 
 def test_bad_multi_teacher_configs_name_their_key() -> None:
-    with pytest.raises(ConfigError, match=r"at least 2 method\.teachers"):
-        method(teachers=1)
+    with pytest.raises(ConfigError, match=r"needs method\.teachers"):
+        method(teachers=0)
     with pytest.raises(ConfigError, match=r"method\.weights=.*every teacher"):
         method("weights", {"teacher_0": 1.0})
     with pytest.raises(ConfigError, match=r"method\.combine='vote'"):
