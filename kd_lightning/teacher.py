@@ -137,16 +137,10 @@ class Teacher:
 
     # ------------------------------------------------------------------------------------ caching
     def check_cache(self, datamodule: object) -> None:
-        """The output cache stores logits only, for data a sample index determines; refuse anything else."""
-        if self.cache is None:
-            return
-        if self.taps.keys:
-            key, config_key = next(iter(self.taps.keys.items()))
-            raise ConfigError(
-                f"teacher_cache stores teacher logits only, but {config_key}={key} reads a layer of "
-                f"{self.name}; set teacher_cache=none for feature losses"
-            )
-        check_cacheable(datamodule, "teacher_cache")
+        """The output cache holds one output per sample: refuse data a sample index does not determine.
+        (That it serves logits only is checked where the loss is known: ``DistillationModule.check_config``.)"""
+        if self.cache is not None:
+            check_cacheable(datamodule, "teacher_cache")
 
     def prepare_cache(self, datamodule: object, splits: tuple[str, ...], device: torch.device, trainer: object) -> None:
         """Fill the cache's tables for ``splits``: global rank 0 first, so the others read its disk tables.

@@ -66,6 +66,11 @@ def check_run_options(cfg: DictConfig) -> None:
     check_type(cfg.optimized_metric, str, "optimized_metric")
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def check_trainer(trainer_cfg: DictConfig, key: str = "trainer") -> None:
     """A training budget that ends, and no more CPU processes than cores."""
     max_epochs, max_steps = trainer_cfg.get("max_epochs"), trainer_cfg.get("max_steps", -1)
@@ -80,7 +85,7 @@ def check_trainer(trainer_cfg: DictConfig, key: str = "trainer") -> None:
         )
     devices, accelerator = trainer_cfg.get("devices"), str(trainer_cfg.get("accelerator", "auto"))
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     if on_cpu and isinstance(devices, int) and not isinstance(devices, bool) and devices > cores:
         raise ConfigError(
             f"{key}.devices={devices} starts {devices} CPU processes on {cores} cores; set {key}.devices to at "
@@ -127,9 +132,16 @@ def check_monitored(metrics: set[str], trainer_callbacks: list[Any], optimized_m
             )
 
 
+def checked_factory(node: DictConfig, key: str) -> Any:
+    """An optimizer / scheduler factory built from ``node`` and checked (:func:`check_factory`)."""
+    factory = build(node, key)
+    check_factory(factory, key)
+    return factory
+
+
 def check_fit(fit_cfg: DictConfig, key: str) -> None:
     """A supervised fit recipe (``teacher.fit``): its budget, optimizer and scheduler, before it runs."""
     check_trainer(DictConfig({"max_epochs": fit_cfg.get("max_epochs")}), key)
     for name in ("optimizer", "scheduler"):
         if fit_cfg.get(name):
-            check_factory(build(fit_cfg[name], f"{key}.{name}"), f"{key}.{name}")
+            checked_factory(fit_cfg[name], f"{key}.{name}")

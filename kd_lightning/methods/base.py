@@ -199,9 +199,6 @@ class Method(FrozenOutOfCheckpoints, L.LightningModule):
     def on_train_start(self) -> None:
         self.restored_rng = None
 
-    def on_train_epoch_start(self) -> None:
-        """Nothing here; subclasses call it for a stable chain of hooks."""
-
     # --------------------------------------------------------------------------------- optimizers
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Every parameter that requires grad, in registration order; never a frozen model's."""

@@ -127,8 +127,8 @@ class DistillationModule(ClassifierMethod):
                             f"not have ({sorted(models)}); name one of them, or add it to method.teachers"
                         )
         for name in loss.models_read & set(models):
-            Taps(models[name], loss.layers(name)).remove()
             layers = loss.layers(name)
+            Taps(models[name], layers).remove()
             if cached_teachers and name != TASK_MODEL and layers:
                 path, config_key = next(iter(layers.items()))
                 raise ConfigError(

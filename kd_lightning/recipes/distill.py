@@ -15,14 +15,14 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kd_lightning.engine.checks import check_class_counts, check_run_options, check_trainer
+from kd_lightning.engine.checks import check_class_counts, check_run_options, check_trainer, checked_factory
 from kd_lightning.engine.instantiate import build, build_trainer, log_run_config
 from kd_lightning.engine.run_dir import announce, start_run
 from kd_lightning.engine.runtime import Runtime
 from kd_lightning.methods.base import Method
 from kd_lightning.recipes.components import data_overrides, method_factory, offer, parameter_counts, teachers_for
 from kd_lightning.recipes.fit import run_test
-from kd_lightning.recipes.preflight import check_resume_checkpoint, optimizer_factories, preflight
+from kd_lightning.recipes.preflight import check_resume_checkpoint, preflight
 from kd_lightning.recipes.teacher import config_key, scratch_baseline
 from kd_lightning.reporting.summary import Summary
 from kd_lightning.reporting.tracking import finish_runs
@@ -67,7 +67,8 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         {"student": student, **{config_key(name): model for name, model in models.items()}},
         {"student": cfg.student.model, **{config_key(name): node.model for name, node in teacher_cfgs.items()}},
     )
-    optimizer, scheduler = optimizer_factories(cfg.optimizer, cfg.scheduler, "")
+    optimizer = checked_factory(cfg.optimizer, "optimizer")
+    scheduler = checked_factory(cfg.scheduler, "scheduler") if cfg.scheduler else None
     trainer = build_trainer(cfg)
     preflight(cfg, factory.func, loss, datamodule, {"student": student, **models}, teacher_cfgs, trainer)
     teachers = teachers_for(cfg, teacher_cfgs, models, out_dir, runtime)

@@ -13,23 +13,12 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kd_lightning.data.contract import HasTrainSize, check_cacheable
-from kd_lightning.engine.checks import check_factory, check_fit, check_monitored
+from kd_lightning.engine.checks import check_fit, check_monitored
 from kd_lightning.engine.errors import ConfigError
-from kd_lightning.engine.instantiate import build
 from kd_lightning.methods.base import Method
 from kd_lightning.recipes.teacher import config_key
 
 log = logging.getLogger(__name__)
-
-
-def optimizer_factories(optimizer_cfg: DictConfig, scheduler_cfg: DictConfig | None, prefix: str) -> tuple[Any, Any]:
-    """The optimizer and scheduler factories of a fit, checked (``prefix``: where they are configured)."""
-    optimizer = build(optimizer_cfg, f"{prefix}optimizer")
-    check_factory(optimizer, f"{prefix}optimizer")
-    scheduler = build(scheduler_cfg, f"{prefix}scheduler") if scheduler_cfg else None
-    if scheduler is not None:
-        check_factory(scheduler, f"{prefix}scheduler")
-    return optimizer, scheduler
 
 
 def preflight(

@@ -29,6 +29,7 @@ from safetensors.torch import save
 from torch import Tensor, nn
 
 from kd_lightning.engine.caching.store import write_text_atomic
+from kd_lightning.engine.checks import usable_cores
 from kd_lightning.engine.instantiate import build, parameter_count
 from kd_lightning.engine.trusted import DEFAULT_TRUSTED, check_trusted
 from kd_lightning.engine.weights import load_weights
@@ -202,7 +203,7 @@ def rows(measured: dict[str, Measured], agreement: float | None, batch_size: int
 def machine_load() -> str | None:
     """A warning when other processes kept the CPU busy (1-minute load average above half the cores
     beyond this process): latencies, and their ratios, then depend on the load."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load - 1.0 > 0.5 * cores:
         return (

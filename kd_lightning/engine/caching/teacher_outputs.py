@@ -139,16 +139,14 @@ class TeacherOutputCache:
             return None
         try:
             files = json.loads((entry / "meta.json").read_text())["files"]
+            table = {name: open_array(entry / f"{name}.npy", record, verify) for name, record in files.items()}
         except (ValueError, KeyError, TypeError):
-            files = {"meta.json": None}
-        table = {}
-        for name, record in files.items():
-            array = open_array(entry / f"{name}.npy", record, verify) if record is not None else None
-            if array is None:
-                log.warning("teacher-output cache %s is damaged (%s); rebuilding it", entry, name)
-                shutil.rmtree(entry, ignore_errors=True)
-                return None
-            table[name] = array
+            table = {"meta.json": None}
+        damaged = [name for name, array in table.items() if array is None]
+        if damaged:
+            log.warning("teacher-output cache %s is damaged (%s); rebuilding it", entry, damaged[0])
+            shutil.rmtree(entry, ignore_errors=True)
+            return None
         log.info("Reusing cached teacher outputs %s", entry)
         return table
 
