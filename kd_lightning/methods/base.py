@@ -103,6 +103,12 @@ class Method(FrozenOutOfCheckpoints, L.LightningModule):
         """Called by the recipe before ``fit`` (and before parameters are counted): e.g. size adapters
         from an example batch. Nothing by default."""
 
+    def training_data(self, datamodule: L.LightningDataModule) -> L.LightningDataModule:
+        """The datamodule ``fit`` runs on, given the configured one (validation and test always use the
+        configured one): that datamodule itself by default; a data-free method returns one whose training
+        batches never read a training input."""
+        return datamodule
+
     # ------------------------------------------------------------------------------------- models
     def add_frozen(self, name: str, model: nn.Module) -> nn.Module:
         """Register ``model`` frozen under ``name`` (its state-dict prefix); returns it."""

@@ -91,7 +91,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     log_run_config(trainer, cfg, params)
 
     distill_start = time.perf_counter()
-    trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(method, datamodule=method.training_data(datamodule), ckpt_path=ckpt_path)
     distill_seconds = time.perf_counter() - distill_start
     metrics, best = evaluate(trainer, method, datamodule)
 
