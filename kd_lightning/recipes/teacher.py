@@ -80,6 +80,10 @@ def obtain_teacher(cfg: DictConfig, teacher_cfg: DictConfig, name: str, model: n
     log.info("No %s.checkpoint and none cached: training %s (%s epochs)", key, name, teacher_cfg.fit.max_epochs)
     with side_rng():  # the run's own draws do not depend on whether the teacher was cached
         L.seed_everything(cfg.seed, workers=True)
+        # Initialised here from the seed, so the cached weights are a function of the cache key alone (not
+        # of what the run drew before building this model, e.g. another student).
+        model.load_state_dict(build(teacher_cfg.model, f"{key}.model").state_dict())
+        L.seed_everything(cfg.seed, workers=True)
         result = train_teacher(cfg, teacher_cfg, model, out_dir / name)
     weights = entry / "model.safetensors"
     entry.mkdir(parents=True, exist_ok=True)
@@ -116,6 +120,9 @@ def cached_teacher(entry: Path, model: nn.Module) -> bool:
 def scratch_baseline(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     """The same student, data (labelled only), budget and seed trained supervised (``method=supervised``); cached."""
     label_smoothing = cfg.loss.get("label_smoothing", 0.0)
+    # Seeded as kd-distill method=supervised seeds (before building the student, again before fitting), so
+    # the baseline is that run exactly and a function of its cache key alone.
+    L.seed_everything(cfg.seed, workers=True)
     student = build(cfg.student.model, "student.model")
     key = cache_key(
         model=cfg.student.model,
