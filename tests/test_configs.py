@@ -55,10 +55,16 @@ def test_every_option_composes_and_instantiates(group: str, option: str, tmp_pat
         from kd_lightning.methods import Method
         from kd_lightning.recipes.components import method_factory
 
-        factory, teachers = method_factory(cfg)
-        assert issubclass(factory.func, Method)
-        for teacher in teachers.values():
-            assert instantiate(teacher.model)(torch.randn(2, 1, 40)).shape == (2, cfg.data.num_classes)
+        from kd_lightning.recipes.stages import multi_stage_method, stage_config
+
+        staged = multi_stage_method(cfg)
+        stage_cfgs = [stage_config(cfg, s, tmp_path, None, last=False) for s in staged.stages(cfg)] if staged else [cfg]
+        for stage_cfg in stage_cfgs:  # a multi-stage method: each stage's method, student and teachers
+            factory, teachers = method_factory(stage_cfg)
+            assert issubclass(factory.func, Method)
+            assert instantiate(stage_cfg.student.model)(torch.randn(2, 1, 40)).shape == (2, cfg.data.num_classes)
+            for teacher in teachers.values():
+                assert instantiate(teacher.model)(torch.randn(2, 1, 40)).shape == (2, cfg.data.num_classes)
     elif group == "teacher_cache" and not node:
         assert option == "none"  # the empty option: no cache
     else:

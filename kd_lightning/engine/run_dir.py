@@ -37,7 +37,7 @@ def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
 
 def check_run_dir(out_dir: Path, resuming: bool) -> None:
     """Refuse to write into a directory that already holds another run's results."""
-    taken = [p for p in (out_dir / "checkpoints", out_dir / "summary.json") if p.exists()]
+    taken = [p for p in (out_dir / "checkpoints", out_dir / "stages", out_dir / "summary.json") if p.exists()]
     if taken and not resuming:
         raise ConfigError(
             f"hydra.run.dir={out_dir} already holds a run ({taken[0].name}); pick a new "

@@ -5,14 +5,19 @@ from kd_lightning.methods.classifier import ClassifierMethod
 from kd_lightning.methods.kd import DistillationModule
 from kd_lightning.methods.multi_teacher import MultiTeacherDistillation
 from kd_lightning.methods.mutual import MutualLearning
+from kd_lightning.methods.stages import AssistantChain, BornAgain, MultiStageMethod, Stage
 from kd_lightning.methods.supervised import Supervised
 
 __all__ = [
+    "AssistantChain",
+    "BornAgain",
     "ClassifierMethod",
     "DistillationModule",
     "HasFrozenModels",
     "Method",
+    "MultiStageMethod",
     "MultiTeacherDistillation",
     "MutualLearning",
+    "Stage",
     "Supervised",
 ]

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 
 from kd_lightning.engine.checks import check_class_counts, check_run_options, check_trainer, checked_factory
 from kd_lightning.engine.instantiate import build, build_trainer, log_run_config
@@ -23,6 +26,7 @@ from kd_lightning.methods.base import Method
 from kd_lightning.recipes.components import data_overrides, method_factory, offer, parameter_counts, teachers_for
 from kd_lightning.recipes.fit import run_test
 from kd_lightning.recipes.preflight import check_resume_checkpoint, preflight
+from kd_lightning.recipes.stages import distill_stages, multi_stage_method
 from kd_lightning.recipes.teacher import config_key, scratch_baseline
 from kd_lightning.reporting.summary import Summary
 from kd_lightning.reporting.tracking import finish_runs
@@ -41,13 +45,25 @@ def evaluate(trainer: L.Trainer, method: Method, datamodule: L.LightningDataModu
     return metrics, best
 
 
-def distill(cfg: DictConfig) -> dict[str, Any]:
-    """Run a full distillation job; returns the summary (metrics included)."""
-    start = time.perf_counter()
-    run = start_run(cfg)
-    if run.finished is not None:  # a requeued job of a run that already finished
-        return run.finished
-    out_dir, ckpt_path = run.out_dir, run.ckpt_path
+@dataclass
+class Parts:
+    """What a run is assembled from, built and checked before any training."""
+
+    runtime: Runtime
+    loss: Any
+    factory: Callable[..., Method]
+    teacher_cfgs: dict[str, DictConfig]
+    datamodule: L.LightningDataModule
+    student: nn.Module
+    models: dict[str, nn.Module]
+    optimizer: Callable[..., Any]
+    scheduler: Callable[..., Any] | None
+    trainer: L.Trainer
+
+
+def assemble(cfg: DictConfig) -> Parts:
+    """Build every part of the run from ``cfg`` and check them (:func:`preflight`): bad input fails here,
+    before a teacher is trained or a step is taken. Records the data overrides the method needs in ``cfg``."""
     check_run_options(cfg)
     check_trainer(cfg.trainer)
     runtime: Runtime = build(cfg.runtime, "runtime")
@@ -71,7 +87,23 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     scheduler = checked_factory(cfg.scheduler, "scheduler") if cfg.scheduler else None
     trainer = build_trainer(cfg)
     preflight(cfg, factory.func, loss, datamodule, {"student": student, **models}, teacher_cfgs, trainer)
-    teachers = teachers_for(cfg, teacher_cfgs, models, out_dir, runtime)
+    return Parts(runtime, loss, factory, teacher_cfgs, datamodule, student, models, optimizer, scheduler, trainer)
+
+
+def distill(cfg: DictConfig) -> dict[str, Any]:
+    """Run a full distillation job; returns the summary (metrics included). A multi-stage method runs
+    this once per stage (:mod:`kd_lightning.recipes.stages`)."""
+    if (stages := multi_stage_method(cfg)) is not None:
+        return distill_stages(cfg, stages, run_stage=distill, check_stage=assemble)
+    start = time.perf_counter()
+    run = start_run(cfg)
+    if run.finished is not None:  # a requeued job of a run that already finished
+        return run.finished
+    out_dir, ckpt_path = run.out_dir, run.ckpt_path
+    parts = assemble(cfg)
+    runtime, loss, factory, teacher_cfgs = parts.runtime, parts.loss, parts.factory, parts.teacher_cfgs
+    datamodule, student, trainer = parts.datamodule, parts.student, parts.trainer
+    teachers = teachers_for(cfg, teacher_cfgs, parts.models, out_dir, runtime)
 
     L.seed_everything(cfg.seed, workers=True)
     method = offer(
@@ -79,8 +111,8 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         student=student,
         teachers=teachers,
         loss=loss,
-        optimizer=optimizer,
-        scheduler=scheduler,
+        optimizer=parts.optimizer,
+        scheduler=parts.scheduler,
         num_classes=cfg.data.num_classes,
         runtime=runtime,
     )

@@ -30,6 +30,8 @@ class Summary:
     seconds: dict[str, float] = field(default_factory=dict)
     best_checkpoint: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+    #: Multi-stage methods: one row per stage (stage, model, params, method, teacher, test_acc, ...).
+    stages: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def compression(self) -> float | None:
@@ -65,6 +67,12 @@ class Summary:
                 ("scratch student test acc", _pct(self.scratch["test_acc"]), "method=supervised, same budget, seed"),
                 ("KD gain over scratch", f"{100 * self.kd_gain:+.2f} points" if self.kd_gain is not None else "—", ""),
             ]
+        if "test/acc_ensemble" in m:
+            rows.append(("ensemble of stages test acc", _pct(m["test/acc_ensemble"]), "mean of softmax, best ckpts"))
+        for stage in self.stages:
+            model = stage["model"].rsplit(".", 1)[-1]
+            note = f"{model} ({stage['params']:,}), {stage['method']}, teacher: {stage['teacher']}"
+            rows.append((f"stage {stage['stage']} test acc", _pct(stage["test_acc"]), note))
         rows.append(("student parameters", f"{self.student_params:,}", ""))
         if self.adapter_params:
             rows.append(("loss adapters / heads", f"{self.adapter_params:,}", "trained with the student, not deployed"))
