@@ -17,12 +17,15 @@ member                 unlocks
 ``return_index``       a constructor argument: batches carry sample indices (CRD, the cache)
 ``transfer_samples``   a constructor argument: unlabelled samples added to training (left out when
                        the method does not learn from them)
+``mixes_inputs``       ``True`` declares that a training input mixes two samples (mixup) while its
+                       target is the first one's: :func:`check_label_mixing` then refuses a loss
+                       with a hard-label task term
 =====================  =========================================================================
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -74,4 +77,32 @@ def check_cacheable(datamodule: object, key: str) -> None:
         raise ConfigError(
             f"{key} needs inputs fixed per sample, but the datamodule ({type(datamodule).__name__}) {reason}: "
             f"cached teacher outputs would be stale; set {key}=none"
+        )
+
+
+def check_label_mixing(datamodule: object, loss: object, callbacks: Iterable[object] = ()) -> None:
+    """Refuse a hard-label task loss on mixed inputs: with ``mixes_inputs`` (mixup), a batch's targets are
+    the first sample's labels only, so the cross-entropy weighted ``1 - loss.alpha`` would train on wrong
+    labels. Mixup is for pure distillation (``loss.alpha = 1``; function matching, Beyer et al. 2022); a
+    callback that schedules ``loss.alpha`` (e.g. ``AlphaWarmup``) is refused as well, since it lowers alpha
+    below 1. A loss without an ``alpha`` is not judged."""
+    if not getattr(datamodule, "mixes_inputs", False):
+        return
+    mixup = getattr(getattr(datamodule, "augment", None), "mixup_alpha", None)
+    key = "data.augment.mixup_alpha" + (f"={mixup}" if mixup is not None else "")
+    alpha = getattr(loss, "alpha", None)
+    if alpha is None:
+        return
+    if alpha < 1.0:
+        raise ConfigError(
+            f"{key} mixes the inputs of two samples but keeps only the first one's label, and loss.alpha={alpha} "
+            f"weights the hard-label cross-entropy by {1.0 - alpha:g}: it would learn wrong labels; set "
+            "loss.alpha=1.0 (pure distillation, as function matching does) or data.augment.mixup_alpha=0"
+        )
+    schedules = sorted(type(c).__name__ for c in callbacks if getattr(c, "attribute", None) == "alpha")
+    if schedules:
+        raise ConfigError(
+            f"{key} needs pure distillation (loss.alpha=1), but the callback {schedules[0]} schedules loss.alpha "
+            "below 1 (a hard-label cross-entropy on mixed inputs); remove it from callbacks or set "
+            "data.augment.mixup_alpha=0"
         )

@@ -5,14 +5,18 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from kd_lightning.data.augment import SignalAugmentation
 from kd_lightning.engine.caching.store import file_digest, write_text_atomic
 from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.losses.base import UNLABELLED
@@ -67,10 +71,19 @@ class MNIST1DDataModule(L.LightningDataModule):
     with ``return_index=True`` they are ``(x, y, index)``, ``index`` ``(B,)`` the samples' positions in
     their split (training: ``0 .. num_train_samples - 1``), which terms with a per-sample memory such
     as CRD need. ``kd-distill`` turns it on by itself when the loss needs it.
+
+    ``augment`` (default None: batches as stored) randomly transforms the inputs of every *training*
+    batch once it is on the device (:class:`~kd_lightning.data.augment.SignalAugmentation`: shift, scale,
+    shear, noise, mixup): a mapping of its knobs, a config with a ``_target_``, or any callable
+    ``x -> x``. Validation, test and the cache-filling :meth:`ordered_dataloader` are never augmented,
+    and targets and indices are left as they are. Every model a method forwards on the batch sees the same
+    view (function matching, Beyer et al. 2022). With ``augment`` set the datamodule declares
+    ``random_augmentation = True``, so ``teacher_cache`` is refused.
     """
 
     num_classes = 10
-    #: A sample index fixes the input exactly, so teacher outputs can be cached (``teacher_cache``).
+    #: A sample index fixes the input exactly, so teacher outputs can be cached (``teacher_cache``);
+    #: an instance with ``augment`` set declares True.
     random_augmentation = False
 
     def __init__(
@@ -83,6 +96,7 @@ class MNIST1DDataModule(L.LightningDataModule):
         transfer_samples: int = 0,
         pin_memory: bool = False,
         return_index: bool = False,
+        augment: Mapping[str, Any] | Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
         for key, value in (("num_classes", num_classes), ("batch_size", batch_size), ("num_workers", num_workers)):
@@ -108,6 +122,9 @@ class MNIST1DDataModule(L.LightningDataModule):
         self.transfer_samples = transfer_samples
         self.pin_memory = pin_memory
         self.return_index = bool(return_index)
+        self.augment = build_augmentation(augment)
+        if self.augment is not None:
+            self.random_augmentation = True
         self.splits: dict[str, TensorDataset] = {}
 
     def _split_files(self) -> dict[str, tuple[Path, int, int]]:
@@ -174,14 +191,30 @@ class MNIST1DDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
-    def content_identity(self) -> dict[str, int | str]:
-        """What determines every split's inputs (generator seeds and sizes; not batch size or workers)."""
-        return {
+    @property
+    def mixes_inputs(self) -> bool:
+        """Whether a training input mixes two samples (mixup), so its target is only the first one's."""
+        return bool(getattr(self.augment, "mixes_inputs", False))
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Augment the inputs of a training batch (already on its device); any other batch as it is."""
+        if self.augment is None or self.trainer is None or not self.trainer.training:
+            return batch
+        x, *rest = batch
+        return type(batch)([self.augment(x), *rest])
+
+    def content_identity(self) -> dict[str, Any]:
+        """What determines every split's inputs (generator seeds and sizes, the training augmentation if
+        any; not batch size or workers)."""
+        identity: dict[str, Any] = {
             "dataset": "mnist1d",
             "official_seed": OFFICIAL_SEED,
             "val_samples": self.val_samples,
             "transfer_samples": self.transfer_samples,
         }
+        if self.augment is not None:
+            identity["augment"] = augmentation_identity(self.augment)
+        return identity
 
     def ordered_dataloader(self, split: str) -> DataLoader:
         """``split`` in index order, unshuffled (for computing per-sample teacher outputs)."""
@@ -194,6 +227,40 @@ class MNIST1DDataModule(L.LightningDataModule):
         self.prepare_data()
         self.setup()
         return self.splits["val"].tensors[0][:2]
+
+
+def build_augmentation(augment: Any) -> Callable[[Tensor], Tensor] | None:
+    """``data.augment`` as a callable: None stays None; a mapping with a ``_target_`` is instantiated, one
+    without is :class:`SignalAugmentation`'s knobs; a callable is used as it is."""
+    if augment is None:
+        return None
+    if isinstance(augment, DictConfig):
+        augment = OmegaConf.to_container(augment, resolve=True)
+    if isinstance(augment, Mapping):
+        knobs = dict(augment)
+        if "_target_" in knobs:
+            from hydra.utils import instantiate
+
+            return build_augmentation(instantiate(knobs))
+        try:
+            return SignalAugmentation(**knobs)
+        except TypeError as error:
+            raise ConfigError(
+                f"data.augment has a key SignalAugmentation does not take ({error}); use max_shift, scale, shear, "
+                "iid_noise, corr_noise, corr_noise_sigma, mixup_alpha (or give a _target_)"
+            ) from None
+    if not callable(augment):
+        raise ConfigError(
+            f"data.augment={augment!r} must be null, a mapping of SignalAugmentation knobs, or a callable x -> x"
+        )
+    return augment
+
+
+def augmentation_identity(augment: Callable[[Tensor], Tensor]) -> dict[str, Any]:
+    """What :meth:`MNIST1DDataModule.content_identity` records of an augmentation: its class and knobs."""
+    cls = type(augment)
+    config = augment.config() if callable(getattr(augment, "config", None)) else {"repr": repr(augment)}
+    return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **config}
 
 
 def _tensors(x: np.ndarray, y: np.ndarray, with_index: bool = False) -> TensorDataset:

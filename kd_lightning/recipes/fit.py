@@ -6,6 +6,7 @@ import csv
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -21,6 +22,12 @@ from kd_lightning.methods.supervised import Supervised
 def labelled_only(data_cfg: DictConfig) -> dict[str, int]:
     """Instantiate-overrides that drop an unlabelled transfer set (for methods that cannot use it)."""
     return {"transfer_samples": 0} if "transfer_samples" in data_cfg else {}
+
+
+def supervised_data(data_cfg: DictConfig) -> dict[str, Any]:
+    """Instantiate-overrides for supervised fits (teachers, scratch baselines): the labelled samples only,
+    without ``data.augment`` (a distillation view; its mixup keeps only one sample's label)."""
+    return labelled_only(data_cfg) | ({"augment": None} if "augment" in data_cfg else {})
 
 
 def sync_csv_columns(trainer: L.Trainer) -> None:
@@ -63,9 +70,9 @@ def fit_supervised(
     label_smoothing: float = 0.0,
     trainer_cfg: DictConfig | None = None,
 ) -> FitResult:
-    """Train ``model`` with cross-entropy only (:class:`~kd_lightning.methods.Supervised`) on the labelled
-    data of ``cfg.data``; test its best-validation checkpoint."""
-    datamodule = build(cfg.data, "data", **labelled_only(cfg.data))
+    """Train ``model`` with cross-entropy only (:class:`~kd_lightning.methods.Supervised`) on the labelled,
+    un-augmented data of ``cfg.data`` (:func:`supervised_data`); test its best-validation checkpoint."""
+    datamodule = build(cfg.data, "data", **supervised_data(cfg.data))
     module = Supervised(
         student=model,
         num_classes=cfg.data.num_classes,

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from kd_lightning.data.contract import HasTrainSize, check_cacheable
+from kd_lightning.data.contract import HasTrainSize, check_cacheable, check_label_mixing
 from kd_lightning.engine.checks import check_fit, check_monitored
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.methods.base import Method
@@ -36,6 +36,7 @@ def preflight(
     method.check_config(loss, models, cached)
     if cached:
         check_cacheable(datamodule, "teacher_cache")
+    check_label_mixing(datamodule, loss, trainer.callbacks)
     for name, teacher_cfg in teacher_cfgs.items():
         if teacher_cfg.get("fit") and not teacher_cfg.get("checkpoint"):
             check_fit(teacher_cfg.fit, f"{config_key(name)}.fit")

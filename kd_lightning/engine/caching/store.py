@@ -28,8 +28,9 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-#: Data settings that change how data is served, not what a model learns from it.
-DATA_KEYS_IGNORED = ("data_dir", "num_workers", "pin_memory", "transfer_samples", "return_index")
+#: Data settings that change how data is served, not what a supervised fit (a teacher, a scratch baseline:
+#: the keys' users) learns from it; those fits never see the transfer set nor the augmentation.
+DATA_KEYS_IGNORED = ("data_dir", "num_workers", "pin_memory", "transfer_samples", "return_index", "augment")
 
 
 #: Trainer settings that change logging or placement of outputs, not the trained weights.
