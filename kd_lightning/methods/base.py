@@ -56,10 +56,12 @@ class Method(FrozenOutOfCheckpoints, L.LightningModule):
       teacher-labelled transfer set); without it the recipe leaves such samples out of the data.
     - ``compared_with_scratch``: the summary compares the student with the same student trained alone
       (``compare_scratch``); a method that *is* that baseline says no.
+    - ``teacher_range``: how many teachers (``method.teachers``) it takes, (fewest, most; None: no limit).
     """
 
     uses_unlabelled_data: bool = False
     compared_with_scratch: bool = False
+    teacher_range: tuple[int, int | None] = (0, 0)
 
     def __init__(
         self,

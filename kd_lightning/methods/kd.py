@@ -53,6 +53,9 @@ class DistillationModule(ClassifierMethod):
 
     uses_unlabelled_data = True
     compared_with_scratch = True
+    teacher_range = (1, None)
+    #: Every teacher must be read by a loss term (a subclass that combines teachers first says no).
+    reads_every_teacher = True
 
     def __init__(
         self,
@@ -126,6 +129,13 @@ class DistillationModule(ClassifierMethod):
                             f"{key}.{read.field.split('.')[0]} reads model {read.model!r}, which this method does "
                             f"not have ({sorted(models)}); name one of them, or add it to method.teachers"
                         )
+        unread = sorted(set(models) - loss.models_read - {TASK_MODEL}) if cls.reads_every_teacher else []
+        if unread:
+            raise ConfigError(
+                f"method.teachers.{unread[0]} is read by no loss term, so it would be obtained (maybe trained) for "
+                f"nothing; remove it (~method.teachers.{unread[0]}) or point a term at it "
+                f"(loss.terms.<term>.teacher.model={unread[0]})"
+            )
         for name in loss.models_read & set(models):
             layers = loss.layers(name)
             Taps(models[name], layers).remove()

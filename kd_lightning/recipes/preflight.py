@@ -32,6 +32,7 @@ def preflight(
 ) -> None:
     """The method's own checks (layer paths, models read), the teachers' fit recipes, a non-empty training
     set, and that ``optimized_metric`` and every monitored metric will be logged."""
+    check_teacher_count(method, teacher_cfgs)
     cached = bool(teacher_cfgs) and bool(cfg.get("teacher_cache"))
     method.check_config(loss, models, cached)
     if cached:
@@ -43,6 +44,23 @@ def preflight(
     if isinstance(datamodule, HasTrainSize) and datamodule.num_train_samples < 1:
         raise ConfigError("the training set is empty (data.num_train_samples = 0); check the data config")
     check_monitored(method.metric_names(loss, list(teacher_cfgs)), trainer.callbacks, cfg.optimized_metric)
+
+
+def check_teacher_count(method: type[Method], teacher_cfgs: Mapping[str, DictConfig]) -> None:
+    """The method takes as many teachers (``method.teachers``) as it has: ``Method.teacher_range``."""
+    fewest, most = method.teacher_range
+    count = len(teacher_cfgs)
+    if fewest <= count and (most is None or count <= most):
+        return
+    takes = f"{fewest}" if fewest == most else f"{fewest} to {most}" if most is not None else f"at least {fewest}"
+    fix = (
+        f"drop the extra ones (e.g. ~method.teachers.{next(iter(teacher_cfgs))} on the command line)"
+        if most is not None and count > most
+        else "add one (method.teachers.teacher=${teacher})"
+    )
+    raise ConfigError(
+        f"{method.__name__} takes {takes} teacher(s) in method.teachers, got {count} {sorted(teacher_cfgs)}; {fix}"
+    )
 
 
 def check_resume_checkpoint(ckpt_path: str, method: Method) -> None:
