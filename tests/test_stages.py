@@ -13,6 +13,7 @@ from kd_lightning.engine.weights import read_state_dict
 from kd_lightning.methods.stages import Stage
 from kd_lightning.recipes.distill import distill
 from kd_lightning.recipes.stages import ensemble_accuracy
+from kd_lightning.reporting.report import Run
 from tests.conftest import TINY, compose_config
 
 BORN_AGAIN = [*TINY, "method=born_again", "logger=none", "trainer.deterministic=true"]
@@ -88,6 +89,8 @@ def test_assistant_chain_runs_teacher_assistant_student(tmp_path: Path, kd_home:
     assert summary["student_params"] == student["student_params"] == 4810
     assert summary["teacher_params"] == assistant["student_params"]
     assert summary["metrics"]["test/acc"] == student["metrics"]["test/acc"]
+    # kd-report of the chain reports its student: the last stage's run.
+    assert Run.read(run).run_dir == run / "stages" / "student"
 
 
 @pytest.mark.parametrize(

@@ -70,6 +70,8 @@ class Run:
             raise RunDirError(f"{summary_path} is not valid JSON ({error}); the run's summary is damaged") from None
         if not isinstance(summary, dict) or "config" not in summary or "student_params" not in summary:
             raise RunDirError(f"{summary_path} is not a kd-distill summary (kd-train runs have none to report)")
+        if summary.get("stages"):  # a multi-stage run (kd_lightning.recipes.stages): its student is the last stage's
+            return cls.read(run_dir / "stages" / str(summary["stages"][-1]["stage"]), trusted)
         config = summary["config"]
         rebuilt = {key: config.get(key) for key in ("student", "teacher", "data")}
         rebuilt["method.teachers"] = (config.get("method") or {}).get("teachers")
