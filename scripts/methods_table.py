@@ -123,7 +123,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run")
     args = parser.parse_args()
 
-    rows, points, teacher = [], [], []
+    rows, points = [], []
+    teacher: dict[int, float] = {}  # one value per seed: every method distils the same cached teacher
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or Path(tmp)
         for method in args.methods:
@@ -132,7 +133,7 @@ def main() -> None:
             rows.append(row)
             points.append(point)
             print(row, flush=True)
-            teacher += [r["metrics"]["teacher/test_acc"] for r in runs]
+            teacher |= {r["config"]["seed"]: r["metrics"]["teacher/test_acc"] for r in runs}
             config, teacher_params = runs[0]["config"], runs[0]["teacher_params"]
 
     command = " ".join(
@@ -152,7 +153,7 @@ def main() -> None:
         "<!-- written by scripts/methods_table.py; do not edit by hand -->",
         f"Command: `{command}`  ",
         f"MNIST-1D default data (4,000 labelled + {config['data']['transfer_samples']:,} unlabelled transfer "
-        f"samples), teacher: 1-D CNN ({teacher_params:,} parameters, test acc {fmt(teacher)} %), {args.epochs} "
+        f"samples), teacher: 1-D CNN ({teacher_params:,} parameters, test acc {fmt(list(teacher.values()))} %), {args.epochs} "
         f"epochs, AdamW lr {config['optimizer']['lr']}, batch {config['data']['batch_size']}, "
         f"seeds {', '.join(map(str, args.seeds))}; mean ± std over seeds. Each method as configured in "
         "`conf/loss/<method>.yaml` (its task/distillation weights and layers); `kd_ls` = KD with logit "
