@@ -94,3 +94,31 @@ def test_two_teachers_of_different_architectures_distil_end_to_end(tmp_path: Pat
     assert metrics["teacher/teacher_0/val_acc"] != metrics["teacher/teacher_1/val_acc"]  # two different teachers
     assert summary["teacher_params"] > 67_082  # the default teacher's parameters plus the second one's
     assert (tmp_path / "run" / "teacher_1" / "checkpoints").is_dir()  # trained with its own fit recipe
+    costs = summary["teacher_costs"]  # what each teacher adds to a step, in the summary
+    assert set(costs) == {"teacher_0", "teacher_1"}
+    assert sum(cost["params"] for cost in costs.values()) == summary["teacher_params"]
+    assert "teacher teacher_1: added per step" in (tmp_path / "run" / "summary.md").read_text()
+
+
+def test_the_summary_reports_what_each_teacher_adds_per_step() -> None:
+    """Per teacher: parameters, weight memory and the forward time on one training batch; a bigger teacher
+    costs more, and a cached one adds nothing to a training step."""
+    from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
+    from kd_lightning.reporting.summary import Summary
+    from kd_lightning.reporting.teacher_cost import teacher_costs
+    from kd_lightning.teacher import Teacher
+
+    big, small = nn.Sequential(nn.Flatten(), nn.Linear(40, 2048), nn.Linear(2048, 10)), nn.Linear(40, 10)
+    teachers = {
+        "big": Teacher(big, "big"),
+        "small": Teacher(small, "small", cache=TeacherOutputCache(location="memory")),
+    }
+    costs = teacher_costs(teachers, torch.randn(2, 40), 64, torch.device("cpu"))
+    assert costs["big"]["params"] == 40 * 2048 + 2048 + 2048 * 10 + 10
+    assert costs["big"]["weights_mib"] == pytest.approx(costs["big"]["params"] * 4 / 2**20)
+    assert costs["small"]["params"] == 410 and costs["big"]["batch_size"] == 64
+    assert costs["big"]["forward_ms"] > costs["small"]["forward_ms"] > 0
+    assert costs["small"]["cached"] and not costs["big"]["cached"] and costs["big"]["activation_mib"] is None
+    rows = {q: v for q, v, _ in Summary(metrics={}, student_params=1, teacher_costs=costs).rows()}
+    assert rows["teacher big: added per step"].endswith("MiB weights")
+    assert rows["teacher small: added per step"].startswith("0 ms (teacher_cache")

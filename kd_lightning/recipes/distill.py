@@ -29,6 +29,7 @@ from kd_lightning.recipes.preflight import check_resume_checkpoint, preflight
 from kd_lightning.recipes.stages import distill_stages, multi_stage_method
 from kd_lightning.recipes.teacher import config_key, scratch_baseline
 from kd_lightning.reporting.summary import Summary
+from kd_lightning.reporting.teacher_cost import teacher_costs
 from kd_lightning.reporting.tracking import finish_runs
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,9 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     params = parameter_counts(method, student)
     log_run_config(trainer, cfg, params)
 
+    example = datamodule.example_input()
+    batch_size = int(cfg.data.get("batch_size") or example.shape[0])
+    costs = teacher_costs(teachers, example, batch_size, trainer.strategy.root_device)
     distill_start = time.perf_counter()
     trainer.fit(method, datamodule=method.training_data(datamodule), ckpt_path=ckpt_path)
     distill_seconds = time.perf_counter() - distill_start
@@ -144,6 +148,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         },
         best_checkpoint=best,
         config=OmegaConf.to_container(cfg, resolve=True),
+        teacher_costs=costs,
     )
     finish_runs(trainer.loggers, summary.as_dict())
     if trainer.is_global_zero:  # strategy=ddp runs this whole function once per process

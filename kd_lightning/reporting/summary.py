@@ -30,6 +30,8 @@ class Summary:
     seconds: dict[str, float] = field(default_factory=dict)
     best_checkpoint: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+    #: Per teacher: what it adds to a training step (:func:`~kd_lightning.reporting.teacher_cost.teacher_costs`).
+    teacher_costs: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Multi-stage methods: one row per stage (stage, model, params, method, teacher, test_acc, ...).
     stages: list[dict[str, Any]] = field(default_factory=list)
 
@@ -73,6 +75,14 @@ class Summary:
             model = stage["model"].rsplit(".", 1)[-1]
             note = f"{model} ({stage['params']:,}), {stage['method']}, teacher: {stage['teacher']}"
             rows.append((f"stage {stage['stage']} test acc", _pct(stage["test_acc"]), note))
+        for name, cost in self.teacher_costs.items():
+            memory = f"{cost['weights_mib']:.2f} MiB weights"
+            if cost.get("activation_mib") is not None:
+                memory += f", {cost['activation_mib']:.1f} MiB activations"
+            note = f"forward of a batch of {cost['batch_size']} on {cost['device']}"
+            rows.append((f"teacher {name}: added per step", f"{cost['forward_ms']:.2f} ms, {memory}", note))
+            if cost.get("cached"):
+                rows[-1] = (rows[-1][0], "0 ms (teacher_cache: not run in training)", f"uncached: {rows[-1][1]}")
         rows.append(("student parameters", f"{self.student_params:,}", ""))
         if self.adapter_params:
             rows.append(("loss adapters / heads", f"{self.adapter_params:,}", "trained with the student, not deployed"))
