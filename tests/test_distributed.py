@@ -106,3 +106,30 @@ def test_torchrun_two_nodes_on_localhost_share_one_run(kd_home: Path) -> None:
     (run_dir,) = (kd_home / "runs" / "distill").glob("*/torchrun-kdtest")
     assert json.loads((run_dir / "summary.json").read_text())["metrics"]["test/acc"] > 0
     assert len(list((run_dir / "csv").iterdir())) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "scheme",
+    [["method=multi_teacher"], ["method=mutual"], ["method=born_again", "method.generations=2"]],
+    ids=["multi_teacher", "mutual", "born_again"],
+)
+def test_every_scheme_runs_under_ddp_spawn_with_two_processes(scheme: list[str], kd_home: Path) -> None:
+    run_dir = kd_home / f"ddp_spawn_{scheme[0][7:]}" / "run"
+    result = run(
+        "kd-distill",
+        *TINY,
+        *scheme,
+        "trainer=ddp_spawn",
+        "trainer.devices=2",
+        "logger=csv",
+        "compare_scratch=false",
+        f"hydra.run.dir={run_dir}",
+        home=kd_home,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert 0.0 <= summary["metrics"]["test/acc"] <= 1.0
+    runs = [run_dir / "stages" / row["stage"] for row in summary["stages"]] or [run_dir]
+    for one in runs:  # every run (each stage of a chain) wrote its checkpoints once, from rank 0
+        assert (one / "checkpoints" / "last.ckpt").is_file() and len(list((one / "csv").iterdir())) == 1
