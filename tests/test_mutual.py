@@ -67,3 +67,19 @@ def test_mutual_learning_runs_end_to_end_with_every_peer_checkpointed(tmp_path: 
     assert summary["teacher_params"] is None and summary["scratch"] is not None  # compared with the student alone
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert any(k.startswith("peers.peer_1.") for k in state) and any(k.startswith("student.") for k in state)
+
+
+def test_one_optimizer_per_peer_makes_the_same_updates_as_one_over_all(tmp_path: Path, kd_home: Path) -> None:
+    common = [*TINY, "method=mutual", "logger=none", "compare_scratch=false", "trainer.deterministic=true"]
+    common.append("scheduler=cosine")
+    runs = {
+        per_peer: distill(compose_config(tmp_path / str(per_peer), [*common, f"method.optimizer_per_peer={per_peer}"]))
+        for per_peer in (False, True)
+    }
+    weights = {k: torch.load(r["best_checkpoint"], weights_only=True) for k, r in runs.items()}
+    assert len(weights[True]["optimizer_states"]) == 2 and len(weights[False]["optimizer_states"]) == 1
+    assert len(weights[True]["lr_schedulers"]) == 2
+    one, per_peer = weights[False]["state_dict"], weights[True]["state_dict"]
+    assert one.keys() == per_peer.keys() and all(torch.equal(one[k], per_peer[k]) for k in one)
+    for key in ("train/loss", "val/acc", "val/acc_ensemble", "test/acc"):
+        assert runs[True]["metrics"][key] == runs[False]["metrics"][key], key

@@ -213,11 +213,19 @@ class Method(FrozenOutOfCheckpoints, L.LightningModule):
         frozen = {id(p) for model in self.frozen_models().values() for p in model.parameters()}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in frozen]
 
-    def configure_optimizers(self) -> OptimizerLRScheduler:
-        optimizer = self.optimizer_factory(params=self.trainable_parameters())
-        if self.scale_lr_with_world_size:
-            for group in optimizer.param_groups:
+    def build_optimizer(self, params: Sequence[nn.Parameter], lr: float | None = None) -> torch.optim.Optimizer:
+        """The configured optimizer over ``params`` (at learning rate ``lr`` if given), scaled by the number
+        of processes when ``scale_lr_with_world_size``."""
+        optimizer = self.optimizer_factory(params=list(params))
+        for group in optimizer.param_groups:
+            if lr is not None:
+                group["lr"] = float(lr)
+            if self.scale_lr_with_world_size:
                 group["lr"] *= self.trainer.world_size
+        return optimizer
+
+    def configure_optimizers(self) -> OptimizerLRScheduler:
+        optimizer = self.build_optimizer(self.trainable_parameters())
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}

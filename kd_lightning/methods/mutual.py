@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -35,8 +36,11 @@ class MutualLearning(ClassifierMethod):
         \bar z_{-i} = T \log \frac{1}{N - 1}\sum_{j \ne i} \sigma(z_j / T)
 
     (for N = 2 the paper's :math:`\mathrm{KL}(p_j \,\|\, p_i)`; for N > 2 the KL to the others' mean, the
-    paper's DML_e variant). One forward per peer per step; no gradient crosses peers; one optimizer over
-    all peers (the summed loss). The loss terms must read logits (``student`` / ``teacher``).
+    paper's DML_e variant). One forward per peer per step; no gradient crosses peers. One optimizer over
+    all peers (the summed loss), or with ``optimizer_per_peer`` one optimizer (and scheduler) per peer, as
+    in the paper: since no gradient crosses peers, the two are the same for element-wise optimizers (SGD,
+    Adam, AdamW; tested) and differ where an optimizer or scheduler looks at all its parameters at once.
+    The loss terms must read logits (``student`` / ``teacher``).
 
     Logged: ``val/acc`` (the student, the model deployed), ``val/acc/<peer>``, ``val/acc_ensemble`` (the
     mean of every peer's probabilities), ``val/agreement`` (student vs the other peers' mixture), and
@@ -56,8 +60,11 @@ class MutualLearning(ClassifierMethod):
         scheduler: SchedulerFactory | None = None,
         scale_lr_with_world_size: bool = False,
         runtime: Runtime | None = None,
+        optimizer_per_peer: bool = False,
     ) -> None:
         super().__init__(student, num_classes, optimizer, scheduler, scale_lr_with_world_size, runtime=runtime)
+        self.optimizer_per_peer = bool(optimizer_per_peer)
+        self.automatic_optimization = not self.optimizer_per_peer
         if not peers:
             raise ConfigError("method=mutual needs at least one peer besides the student (method.peers)")
         if TASK_MODEL in peers:
@@ -107,7 +114,34 @@ class MutualLearning(ClassifierMethod):
         if not self.finite_step(total, parts, {name: {"logits": z} for name, z in logits.items()}):
             return None
         self.record_losses(total, parts, x.shape[0])
-        return total
+        if not self.optimizer_per_peer:
+            return total
+        optimizers = self.optimizers()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        self.manual_backward(total)  # each peer's parameters get the gradient of its own loss alone
+        for optimizer in optimizers:
+            optimizer.step()
+        return None
+
+    # --------------------------------------------------------------------------------- optimizers
+    def configure_optimizers(self) -> OptimizerLRScheduler:
+        """One optimizer over every peer, or (``optimizer_per_peer``) one per peer, the student's also
+        holding the loss's parameters, each with its own scheduler."""
+        if not self.optimizer_per_peer:
+            return super().configure_optimizers()
+        peers = {id(p) for model in self.peers.values() for p in model.parameters()}
+        own = [p for p in self.trainable_parameters() if id(p) not in peers]
+        optimizers = [self.build_optimizer(own)] + [self.build_optimizer(m.parameters()) for m in self.peers.values()]
+        if self.scheduler_factory is None:
+            return optimizers
+        return optimizers, [{"scheduler": self.scheduler_factory(optimizer)} for optimizer in optimizers]
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        if self.optimizer_per_peer and self.scheduler_factory is not None:
+            for scheduler in self.lr_schedulers():
+                scheduler.step()
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         x, y, _ = unpack(batch)
