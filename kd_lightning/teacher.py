@@ -111,6 +111,21 @@ class Teacher:
             for name, out in outputs.items()
         }
 
+    def outputs_with_input_grad(self, x: Tensor) -> dict[str, Tensor]:
+        """Like :meth:`outputs`, but differentiable with respect to ``x``: the forward runs with autograd on
+        (outside ``inference_mode``), so a loss on these outputs back-propagates to whatever made ``x``
+        (e.g. a generator, ``method=data_free``). The weights stay frozen and in eval mode (BatchNorm uses
+        its running statistics): they require no grad, so they get none."""
+        dtype = TEACHER_DTYPES.get(self.precision) if self.precision else None
+        autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None)
+        weight = next(self.model.parameters(), None)
+        if weight is not None and x.is_floating_point() and x.dtype != weight.dtype:
+            x = x.to(weight.dtype)
+        with torch.enable_grad(), self.taps.capture() as layers, autocast:
+            logits = self.model(x)
+        outputs = {"logits": logits, **layers}
+        return {name: out.float() if out.is_floating_point() else out for name, out in outputs.items()}
+
     def logits(self, x: Tensor, split: str, index: Tensor | None) -> Tensor:
         """The logits for ``x``: from the output cache (by sample ``index``) or a forward."""
         if self.cache is None:

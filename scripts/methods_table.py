@@ -153,8 +153,8 @@ def main() -> None:
         "<!-- written by scripts/methods_table.py; do not edit by hand -->",
         f"Command: `{command}`  ",
         f"MNIST-1D default data (4,000 labelled + {config['data']['transfer_samples']:,} unlabelled transfer "
-        f"samples), teacher: 1-D CNN ({teacher_params:,} parameters, test acc {fmt(list(teacher.values()))} %), {args.epochs} "
-        f"epochs, AdamW lr {config['optimizer']['lr']}, batch {config['data']['batch_size']}, "
+        f"samples), teacher: 1-D CNN ({teacher_params:,} parameters, test acc {fmt(list(teacher.values()))} %), "
+        f"{args.epochs} epochs, AdamW lr {config['optimizer']['lr']}, batch {config['data']['batch_size']}, "
         f"seeds {', '.join(map(str, args.seeds))}; mean ± std over seeds. Each method as configured in "
         "`conf/loss/<method>.yaml` (its task/distillation weights and layers); `kd_ls` = KD with logit "
         "standardization (T = 2). Scratch = the same student trained supervised (method=supervised) on the "

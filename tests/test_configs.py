@@ -54,7 +54,6 @@ def test_every_option_composes_and_instantiates(group: str, option: str, tmp_pat
     elif group == "method":
         from kd_lightning.methods import Method
         from kd_lightning.recipes.components import method_factory
-
         from kd_lightning.recipes.stages import multi_stage_method, stage_config
 
         staged = multi_stage_method(cfg)

@@ -2,6 +2,7 @@
 
 from kd_lightning.methods.base import HasFrozenModels, Method
 from kd_lightning.methods.classifier import ClassifierMethod
+from kd_lightning.methods.data_free import DataFreeDistillation
 from kd_lightning.methods.kd import DistillationModule
 from kd_lightning.methods.multi_teacher import MultiTeacherDistillation
 from kd_lightning.methods.mutual import MutualLearning
@@ -12,6 +13,7 @@ __all__ = [
     "AssistantChain",
     "BornAgain",
     "ClassifierMethod",
+    "DataFreeDistillation",
     "DistillationModule",
     "HasFrozenModels",
     "Method",

@@ -97,6 +97,12 @@ class Method(FrozenOutOfCheckpoints, L.LightningModule):
         teacher outputs come from the teacher-output cache. Nothing by default."""
 
     @classmethod
+    def check_options(cls, options: Mapping[str, Any], models: Mapping[str, nn.Module]) -> None:
+        """Checks of the method's own options (``method.<key>``, as configured) against the untrained models
+        (``student`` and the teachers by name), run by the recipe before any teacher is trained. Nothing by
+        default."""
+
+    @classmethod
     def metric_names(cls, loss: nn.Module | None, teachers: Sequence[str]) -> set[str]:
         """The metric keys this method logs (``optimized_metric`` and checkpoint monitors must be one)."""
         return {"train/nonfinite_steps"}

@@ -1,6 +1,7 @@
 """Model zoo; any ``nn.Module`` reachable by ``_target_`` works as teacher or student."""
 
 from kd_lightning.models.cifar import CifarResNet, resnet8x4, resnet32x4
+from kd_lightning.models.generator import Generator1D
 from kd_lightning.models.mnist1d import MLP, ConvNet1D
 
-__all__ = ["MLP", "CifarResNet", "ConvNet1D", "resnet8x4", "resnet32x4"]
+__all__ = ["MLP", "CifarResNet", "ConvNet1D", "Generator1D", "resnet8x4", "resnet32x4"]

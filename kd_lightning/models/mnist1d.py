@@ -9,7 +9,8 @@ class ConvNet1D(nn.Module):
     """A plain 1-D CNN: ``depth`` x (Conv1d(k) -> ReLU), then flatten -> Linear.
 
     The MNIST-1D paper's CNN (3 conv layers, 25 channels, kernel 5) reaches ~94% test accuracy;
-    wider variants serve as teachers.
+    wider variants serve as teachers. With ``batch_norm`` every block is Conv1d -> BatchNorm1d -> ReLU
+    (a teacher whose running statistics data-free distillation matches, ``teacher=cnn1d_bn``).
 
     Args:
         num_classes: output logits.
@@ -18,6 +19,8 @@ class ConvNet1D(nn.Module):
         kernel_size: odd kernel size; padding keeps the length.
         length: input signal length (40 for MNIST-1D).
         in_channels: input channels (1 for MNIST-1D).
+        batch_norm: a BatchNorm1d after every conv layer (False: the plain net, same state-dict keys as
+            before the option existed).
     """
 
     def __init__(
@@ -28,12 +31,14 @@ class ConvNet1D(nn.Module):
         kernel_size: int = 5,
         length: int = 40,
         in_channels: int = 1,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = in_channels
         for _ in range(depth):
-            layers += [nn.Conv1d(width, channels, kernel_size, padding=kernel_size // 2), nn.ReLU()]
+            conv = nn.Conv1d(width, channels, kernel_size, padding=kernel_size // 2, bias=not batch_norm)
+            layers += [conv, nn.BatchNorm1d(channels), nn.ReLU()] if batch_norm else [conv, nn.ReLU()]
             width = channels
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(channels * length, num_classes)

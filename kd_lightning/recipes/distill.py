@@ -87,7 +87,7 @@ def assemble(cfg: DictConfig) -> Parts:
     optimizer = checked_factory(cfg.optimizer, "optimizer")
     scheduler = checked_factory(cfg.scheduler, "scheduler") if cfg.scheduler else None
     trainer = build_trainer(cfg)
-    preflight(cfg, factory.func, loss, datamodule, {"student": student, **models}, teacher_cfgs, trainer)
+    preflight(cfg, factory, loss, datamodule, {"student": student, **models}, teacher_cfgs, trainer)
     return Parts(runtime, loss, factory, teacher_cfgs, datamodule, student, models, optimizer, scheduler, trainer)
 
 

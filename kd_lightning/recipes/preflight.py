@@ -4,7 +4,7 @@ teacher is trained or a step is taken, so bad input costs seconds, not a teacher
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -23,16 +23,19 @@ log = logging.getLogger(__name__)
 
 def preflight(
     cfg: DictConfig,
-    method: type[Method],
+    factory: Callable[..., Method],
     loss: Any,
     datamodule: L.LightningDataModule,
     models: Mapping[str, nn.Module],
     teacher_cfgs: Mapping[str, DictConfig],
     trainer: L.Trainer,
 ) -> None:
-    """The method's own checks (layer paths, models read), the teachers' fit recipes, a non-empty training
+    """The method's own checks (``factory``: its constructor with the configured options; layer paths, models
+    read), the teachers' fit recipes, a non-empty training
     set, and that ``optimized_metric`` and every monitored metric will be logged."""
+    method: type[Method] = factory.func  # type: ignore[attr-defined]
     check_teacher_count(method, teacher_cfgs)
+    method.check_options(factory.keywords, models)  # type: ignore[attr-defined]
     cached = bool(teacher_cfgs) and bool(cfg.get("teacher_cache"))
     method.check_config(loss, models, cached)
     if cached:
