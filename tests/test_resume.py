@@ -100,3 +100,16 @@ def test_a_checkpoint_save_that_dies_leaves_the_previous_one(tmp_path: Path, mon
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, target)
     assert torch.equal(torch.load(target, weights_only=True)["state_dict"]["w"], torch.ones(3))
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]  # no partial file left
+
+
+def test_last_ckpt_is_the_last_epoch_even_when_the_monitored_metric_stopped_improving(tmp_path: Path) -> None:
+    """Lightning alone refreshes last.ckpt only with a new top-k checkpoint; with lr = 0 val/acc never
+    improves after epoch 0, yet last.ckpt must hold the final epoch (what ckpt_path=last resumes)."""
+    from kd_lightning.recipes.distill import distill
+    from tests.conftest import TINY, compose_config
+
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, "trainer.max_epochs=3", "optimizer.lr=0.0", "compare_scratch=false", "logger=none"]
+    summary = distill(compose_config(run_dir, overrides))
+    assert Path(summary["best_checkpoint"]).name == "epoch_000.ckpt"  # the only improvement
+    assert last_epoch(run_dir) == 2

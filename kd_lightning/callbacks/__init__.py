@@ -1,7 +1,16 @@
-"""Lightning callbacks: loss schedules, the frozen-teacher guard, epoch lines for log files."""
+"""Lightning callbacks: loss schedules, the frozen-teacher guard, epoch lines for log files, checkpoints."""
 
+from kd_lightning.callbacks.checkpoint import ModelCheckpoint
 from kd_lightning.callbacks.guard import FrozenTeacherGuard
 from kd_lightning.callbacks.progress import EpochLines
 from kd_lightning.callbacks.schedules import AlphaWarmup, HintPreStage, LossSchedule, TemperatureAnneal
 
-__all__ = ["AlphaWarmup", "EpochLines", "FrozenTeacherGuard", "HintPreStage", "LossSchedule", "TemperatureAnneal"]
+__all__ = [
+    "AlphaWarmup",
+    "EpochLines",
+    "FrozenTeacherGuard",
+    "HintPreStage",
+    "LossSchedule",
+    "ModelCheckpoint",
+    "TemperatureAnneal",
+]

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 from torch import nn
 
+from kd_lightning.callbacks.checkpoint import ModelCheckpoint
 from kd_lightning.callbacks.progress import EpochLines
 from kd_lightning.engine.instantiate import bar_when_piped, build
 from kd_lightning.methods.supervised import Supervised
