@@ -111,8 +111,13 @@ def test_torchrun_two_nodes_on_localhost_share_one_run(kd_home: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "scheme",
-    [["method=multi_teacher"], ["method=mutual"], ["method=born_again", "method.generations=2"]],
-    ids=["multi_teacher", "mutual", "born_again"],
+    [
+        ["method=multi_teacher"],
+        ["method=mutual"],
+        ["method=born_again", "method.generations=2"],
+        ["method=data_free", "teacher=cnn1d_bn", "method.steps_per_epoch=4", "method.batch_size=32"],
+    ],
+    ids=["multi_teacher", "mutual", "born_again", "data_free"],
 )
 def test_every_scheme_runs_under_ddp_spawn_with_two_processes(scheme: list[str], kd_home: Path) -> None:
     run_dir = kd_home / f"ddp_spawn_{scheme[0][7:]}" / "run"

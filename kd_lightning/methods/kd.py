@@ -54,8 +54,6 @@ class DistillationModule(ClassifierMethod):
     uses_unlabelled_data = True
     compared_with_scratch = True
     teacher_range = (1, None)
-    #: Every teacher must be read by a loss term (a subclass that combines teachers first says no).
-    reads_every_teacher = True
 
     def __init__(
         self,
@@ -129,7 +127,10 @@ class DistillationModule(ClassifierMethod):
                             f"{key}.{read.field.split('.')[0]} reads model {read.model!r}, which this method does "
                             f"not have ({sorted(models)}); name one of them, or add it to method.teachers"
                         )
-        unread = sorted(set(models) - loss.models_read - {TASK_MODEL}) if cls.reads_every_teacher else []
+        # Unless a subclass makes the loss's targets itself (distilled_outputs: e.g. a combination of teachers),
+        # a teacher no term reads would be obtained, maybe trained, for nothing.
+        combines = cls.distilled_outputs is not DistillationModule.distilled_outputs
+        unread = [] if combines else sorted(set(models) - loss.models_read - {TASK_MODEL})
         if unread:
             raise ConfigError(
                 f"method.teachers.{unread[0]} is read by no loss term, so it would be obtained (maybe trained) for "

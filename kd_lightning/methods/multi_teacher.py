@@ -79,8 +79,6 @@ class MultiTeacherDistillation(DistillationModule):
         total = sum(given.values())
         return {name: float(weight) / total for name, weight in given.items()}
 
-    reads_every_teacher = False  # the loss reads their combination (and per-teacher terms may read some)
-
     @classmethod
     def check_config(cls, loss: nn.Module | None, models: Mapping[str, nn.Module], cached_teachers: bool) -> None:
         super().check_config(loss, {**models, COMBINED: nn.Identity()}, cached_teachers)

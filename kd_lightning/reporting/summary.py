@@ -79,10 +79,9 @@ class Summary:
             memory = f"{cost['weights_mib']:.2f} MiB weights"
             if cost.get("activation_mib") is not None:
                 memory += f", {cost['activation_mib']:.1f} MiB activations"
-            note = f"forward of a batch of {cost['batch_size']} on {cost['device']}"
-            rows.append((f"teacher {name}: added per step", f"{cost['forward_ms']:.2f} ms, {memory}", note))
-            if cost.get("cached"):
-                rows[-1] = (rows[-1][0], "0 ms (teacher_cache: not run in training)", f"uncached: {rows[-1][1]}")
+            value = "0 ms (cached)" if cost.get("cached") else f"{cost['forward_ms']:.2f} ms"
+            note = f"batch of {cost['batch_size']} on {cost['device']}; {memory}"
+            rows.append((f"{name} forward per step", value, note))
         rows.append(("student parameters", f"{self.student_params:,}", ""))
         if self.adapter_params:
             rows.append(("loss adapters / heads", f"{self.adapter_params:,}", "trained with the student, not deployed"))
