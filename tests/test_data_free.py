@@ -234,3 +234,9 @@ def test_recipe_refuses_a_teacher_without_batch_norm_before_training_it(tmp_path
     with pytest.raises(ConfigError, match=r"teacher ConvNet1D has no BatchNorm.*teacher=cnn1d_bn"):
         distill(cfg)
     assert not (tmp_path / "run" / "teacher").exists()  # refused before the teacher's fit
+
+
+def test_ddp_without_unused_parameter_detection_is_refused_before_training(tmp_path: Path, kd_home: Path) -> None:
+    cfg = compose_config(tmp_path / "run", [*QUICK, "trainer=ddp_spawn", "trainer.devices=2"])
+    with pytest.raises(ConfigError, match=r"trainer.strategy=ddp_spawn_find_unused_parameters_true"):
+        distill(cfg)

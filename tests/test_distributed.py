@@ -115,7 +115,13 @@ def test_torchrun_two_nodes_on_localhost_share_one_run(kd_home: Path) -> None:
         ["method=multi_teacher"],
         ["method=mutual"],
         ["method=born_again", "method.generations=2"],
-        ["method=data_free", "teacher=cnn1d_bn", "method.steps_per_epoch=4", "method.batch_size=32"],
+        [
+            "method=data_free",
+            "teacher=cnn1d_bn",
+            "method.steps_per_epoch=4",
+            "method.batch_size=32",
+            "trainer.strategy=ddp_spawn_find_unused_parameters_true",
+        ],
     ],
     ids=["multi_teacher", "mutual", "born_again", "data_free"],
 )

@@ -103,6 +103,11 @@ class Method(FrozenOutOfCheckpoints, L.LightningModule):
         default."""
 
     @classmethod
+    def check_trainer(cls, trainer: L.Trainer) -> None:
+        """Checks of the trainer (strategy, precision) this method needs, run by the recipe before any
+        training. Nothing by default."""
+
+    @classmethod
     def metric_names(cls, loss: nn.Module | None, teachers: Sequence[str]) -> set[str]:
         """The metric keys this method logs (``optimized_metric`` and checkpoint monitors must be one)."""
         return {"train/nonfinite_steps"}

@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 
@@ -226,6 +227,18 @@ class DataFreeDistillation(DistillationModule):
         for name, model in models.items():
             if name != TASK_MODEL and isinstance(bn_weight, int | float):
                 check_batch_norm(model, float(bn_weight))
+
+    @classmethod
+    def check_trainer(cls, trainer: L.Trainer) -> None:
+        """Generator and student steps each leave the other's parameters without a gradient: under DDP the
+        strategy must look for unused parameters."""
+        strategy = trainer.strategy
+        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):
+            raise ConfigError(
+                "method=data_free updates the generator and the student in turns, so each backward leaves some "
+                "parameters without a gradient, which DDP must expect: set "
+                "trainer.strategy=ddp_spawn_find_unused_parameters_true (or ddp_find_unused_parameters_true)"
+            )
 
     @classmethod
     def needs_sample_index(cls, loss: nn.Module | None, cached_teachers: bool) -> bool:

@@ -36,6 +36,7 @@ def preflight(
     method: type[Method] = factory.func  # type: ignore[attr-defined]
     check_teacher_count(method, teacher_cfgs)
     method.check_options(factory.keywords, models)  # type: ignore[attr-defined]
+    method.check_trainer(trainer)
     cached = bool(teacher_cfgs) and bool(cfg.get("teacher_cache"))
     method.check_config(loss, models, cached)
     if cached:
