@@ -19,6 +19,7 @@ from tests.test_wandb import offline_runs
 SCHEMES = ["multi_teacher", "mutual", "born_again", "assistant_chain"]
 
 
+@pytest.mark.slow  # ~15 s: every scheme is also run end to end by its own fast test
 def test_a_sweep_over_schemes_runs_each_and_reports_them(kd_home: Path) -> None:
     sweep_dir = kd_home / "scheme_sweep"
     result = run(
