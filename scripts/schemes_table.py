@@ -48,8 +48,8 @@ SCHEMES: dict[str, tuple[list[str], str]] = {
     "kd_bn_teacher": (["teacher=cnn1d_bn"], "plain KD from the BatchNorm CNN teacher (data_free's teacher)"),
     "data_free": (
         ["method=data_free", "teacher=cnn1d_bn"],
-        "generator-based data-free KD from the BatchNorm teacher: no training input read; its 40 epochs take "
-        "about 400 s per seed on 2 cores, so it runs the first 3 seeds only",
+        "generator-based data-free KD from the BatchNorm teacher: no training input read; the slowest scheme "
+        "(see its time), so it runs the first 3 seeds only",
     ),
     "function_matching": (
         ["experiment=mnist1d_function_matching"],
