@@ -25,6 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script's formatting, also when loaded by path
+from methods_table import fmt
+
 REPO = Path(__file__).resolve().parents[1]
 KD_DISTILL = Path(sys.executable).parent / "kd-distill"
 BASE = ["experiment=mnist1d_kd_40ep"]
@@ -101,12 +104,6 @@ def training_seconds(summary: dict, run_dir: Path) -> float:
         stages = [json.loads((run_dir / "stages" / s["stage"] / "summary.json").read_text()) for s in summary["stages"]]
         return sum(stage["seconds"]["distill"] for stage in stages)
     return summary["seconds"]["distill"]
-
-
-def fmt(values: list[float], scale: float = 100.0) -> str:
-    scaled = [scale * v for v in values]
-    std = statistics.stdev(scaled) if len(scaled) > 1 else 0.0
-    return f"{statistics.mean(scaled):.2f} ± {std:.2f}"
 
 
 def table_row(name: str, runs: list[dict], run_dirs: list[Path], peak_kib: int) -> str:
