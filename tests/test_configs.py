@@ -91,6 +91,7 @@ def test_fast_dev_run_of_the_default(tmp_path: Path, kd_home: Path) -> None:
     summary = distill(cfg)
     assert 0.0 <= summary["metrics"]["test/acc"] <= 1.0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["student_params"] > 0
+    assert summary["cpu_threads"] == torch.get_num_threads()  # the threads the run used are recorded
 
 
 def test_teacher_without_checkpoint_or_fit_is_used_as_built(tmp_path: Path, kd_home: Path) -> None:

@@ -1,20 +1,25 @@
-"""Runtime options: teacher autocast, channels-last conv nets, compile (slow), bad values."""
+"""Runtime options: teacher autocast, channels-last conv nets, compile (slow), CPU threads, bad values."""
 
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from hydra.utils import instantiate
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from kd_lightning.engine import threads
 from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.runtime import Runtime
 from kd_lightning.losses import DistillationLoss, KLDivergence
 from kd_lightning.methods.kd import DistillationModule
 from kd_lightning.models import resnet8x4
+from tests.conftest import compose_config
 
 
 def train_steps(runtime: Runtime, steps: int = 2) -> DistillationModule:
@@ -88,3 +93,43 @@ def test_bad_runtime_values_name_their_key(options: dict, key: str) -> None:
 def test_bad_teacher_cache_values_name_their_key(options: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         TeacherOutputCache(**options)
+
+
+# ------------------------------------------------------------------------------------------ cpu_threads
+@pytest.mark.parametrize("config_name", ["distill", "train", "llm_distill", "llm_generate"])
+def test_every_entry_point_has_the_shared_cpu_threads_option_defaulting_to_auto(
+    config_name: str, tmp_path: Path
+) -> None:
+    cfg = compose_config(tmp_path, ["cpu_threads=3"], config_name=config_name)
+    assert cfg.cpu_threads == 3
+    assert compose_config(tmp_path, [], config_name=config_name).cpu_threads == "auto"
+    if config_name == "distill":  # kd-distill's runtime group reads the shared option
+        assert cfg.runtime.cpu_threads == 3 and instantiate(cfg.runtime).cpu_threads == 3
+
+
+def test_auto_threads_is_one_for_small_models_and_the_usable_cores_per_process_for_large_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 8)
+    small, large = nn.Linear(40, 100), nn.Linear(1000, threads.SMALL_MODEL_PARAMETERS // 1000)
+    assert threads.choose_cpu_threads("auto", [small]) == 1
+    assert threads.choose_cpu_threads("auto", [small, large]) == 8  # the largest model decides
+    assert threads.choose_cpu_threads("auto", [large], processes=2) == 4
+    assert threads.choose_cpu_threads("auto", [large], processes=16) == 1
+    assert threads.choose_cpu_threads(3, [small]) == 3 and threads.choose_cpu_threads(None, [small]) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user already chose: torch's own setting stands
+    assert threads.choose_cpu_threads("auto", [large]) is None
+
+
+def test_set_cpu_threads_applies_the_choice_and_refuses_bad_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        assert threads.set_cpu_threads("auto", [nn.Linear(4, 4)], "cpu_threads") == 1 == torch.get_num_threads()
+        assert threads.set_cpu_threads(2, [], "cpu_threads") == 2 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    for bad in (0, -1, "many", 1.5, True):
+        with pytest.raises(ConfigError, match=r"cpu_threads=.*auto"):
+            threads.set_cpu_threads(bad, [], "cpu_threads")

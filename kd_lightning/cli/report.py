@@ -29,13 +29,31 @@ def main(argv: list[str] | None = None) -> None:
         help="also instantiate _target_s starting with PREFIX (e.g. my_pkg.) from the run's summary; by default "
         f"only {', '.join(DEFAULT_TRUSTED)}",
     )
+    parser.add_argument(
+        "--cpu-threads",
+        default="auto",
+        metavar="N|auto",
+        help="torch's CPU threads while measuring: auto (1 for models under 1M parameters, else the usable cores; "
+        "as kd-distill's cpu_threads) or a number (default: auto)",
+    )
     args = parser.parse_args(argv)
+    if args.cpu_threads != "auto":
+        if not args.cpu_threads.isdigit() or int(args.cpu_threads) < 1:
+            parser.error("--cpu-threads must be auto or a number >= 1")
+        args.cpu_threads = int(args.cpu_threads)
     for name in ("batch_size", "repeats"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        report(args.run_dir, args.batch_size, args.repeats, args.warmup, (*DEFAULT_TRUSTED, *args.allow_target))
+        report(
+            args.run_dir,
+            args.batch_size,
+            args.repeats,
+            args.warmup,
+            (*DEFAULT_TRUSTED, *args.allow_target),
+            args.cpu_threads,
+        )
     except (RunDirError, ConfigError) as error:
         print(f"kd-report: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kd_lightning.engine.errors import ConfigError, check_type
+from kd_lightning.engine.threads import CpuThreads, check_cpu_threads
 
 TEACHER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_TARGETS = ("teacher", "student", "both")
@@ -23,7 +24,8 @@ class Runtime:
         compile: ``teacher`` / ``student`` / ``both``: ``torch.compile`` those forwards (``null``: off).
         reuse_val_teacher_outputs: compute the teacher's validation outputs once and reuse them every
             epoch, when the datamodule declares ``random_augmentation = False``.
-        cpu_threads: ``torch.set_num_threads`` for this run (``null``: torch's default).
+        cpu_threads: torch's CPU threads for this run: ``auto`` (one for small models, else the usable
+            cores; :mod:`kd_lightning.engine.threads`), a number, or ``null`` (torch's default).
         nonfinite: ``error`` stops the run at the first non-finite training loss, naming the step and
             the parts; ``skip`` skips such steps with a warning and counts them (``train/nonfinite_steps``).
     """
@@ -32,13 +34,13 @@ class Runtime:
     channels_last: bool = False
     compile: str | None = None
     reuse_val_teacher_outputs: bool = True
-    cpu_threads: int | None = None
+    cpu_threads: CpuThreads = "auto"
     nonfinite: str = "error"
 
     def __post_init__(self) -> None:
         for name in ("channels_last", "reuse_val_teacher_outputs"):
             check_type(getattr(self, name), bool, f"runtime.{name}")
-        check_type(self.cpu_threads, (int, type(None)), "runtime.cpu_threads")
+        check_cpu_threads(self.cpu_threads, "runtime.cpu_threads")
         if self.nonfinite not in ("error", "skip"):
             raise ConfigError(f"runtime.nonfinite={self.nonfinite!r}: use error or skip")
         if self.teacher_precision is not None and self.teacher_precision not in TEACHER_DTYPES:
@@ -47,8 +49,6 @@ class Runtime:
             )
         if self.compile is not None and self.compile not in COMPILE_TARGETS:
             raise ConfigError(f"runtime.compile={self.compile!r}: use one of {list(COMPILE_TARGETS)} or null")
-        if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise ConfigError(f"runtime.cpu_threads={self.cpu_threads} must be >= 1 (or null for torch's default)")
 
     def compiles(self, model: str) -> bool:
         return self.compile in (model, "both")

@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kd_lightning.engine.caching.store import write_text_atomic
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.instantiate import build
+from kd_lightning.engine.threads import set_cpu_threads
 from kd_lightning.llm.prompts import Prompt, chat_ids, is_correct, make_prompts
 
 log = logging.getLogger(__name__)
@@ -234,6 +235,7 @@ def run(cfg: DictConfig) -> GenerationReport:
     torch.manual_seed(cfg.seed)
     prompts = make_prompts(**cfg.prompts)
     model = build(cfg.llm.teacher.model, "llm.teacher.model")
+    set_cpu_threads(cfg.cpu_threads, [model], "cpu_threads")
     tokenizer = build(cfg.llm.teacher.tokenizer, "llm.teacher.tokenizer")
     report = generate_file(
         model,

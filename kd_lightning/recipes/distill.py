@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CPUAccelerator
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
@@ -22,6 +23,7 @@ from kd_lightning.engine.checks import check_class_counts, check_run_options, ch
 from kd_lightning.engine.instantiate import build, build_trainer, log_run_config
 from kd_lightning.engine.run_dir import announce, start_run
 from kd_lightning.engine.runtime import Runtime
+from kd_lightning.engine.threads import set_cpu_threads
 from kd_lightning.methods.base import Method
 from kd_lightning.recipes.components import data_overrides, method_factory, offer, parameter_counts, teachers_for
 from kd_lightning.recipes.fit import run_test
@@ -68,8 +70,6 @@ def assemble(cfg: DictConfig) -> Parts:
     check_run_options(cfg)
     check_trainer(cfg.trainer)
     runtime: Runtime = build(cfg.runtime, "runtime")
-    if runtime.cpu_threads:
-        torch.set_num_threads(runtime.cpu_threads)
     loss = build(cfg.loss, "loss")
     factory, teacher_cfgs = method_factory(cfg)
     overrides = data_overrides(cfg, factory.func, loss, bool(teacher_cfgs) and bool(cfg.get("teacher_cache")))
@@ -87,6 +87,8 @@ def assemble(cfg: DictConfig) -> Parts:
     optimizer = checked_factory(cfg.optimizer, "optimizer")
     scheduler = checked_factory(cfg.scheduler, "scheduler") if cfg.scheduler else None
     trainer = build_trainer(cfg)
+    processes = trainer.num_devices if isinstance(trainer.accelerator, CPUAccelerator) else 1
+    set_cpu_threads(runtime.cpu_threads, [student, *models.values()], "runtime.cpu_threads", processes)
     preflight(cfg, factory, loss, datamodule, {"student": student, **models}, teacher_cfgs, trainer)
     return Parts(runtime, loss, factory, teacher_cfgs, datamodule, student, models, optimizer, scheduler, trainer)
 
@@ -149,6 +151,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         best_checkpoint=best,
         config=OmegaConf.to_container(cfg, resolve=True),
         teacher_costs=costs,
+        cpu_threads=torch.get_num_threads(),
     )
     finish_runs(trainer.loggers, summary.as_dict())
     if trainer.is_global_zero:  # strategy=ddp runs this whole function once per process

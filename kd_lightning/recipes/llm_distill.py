@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.engine.caching.store import write_json_atomic
 from kd_lightning.engine.instantiate import build, build_trainer, log_run_config, parameter_count
 from kd_lightning.engine.run_dir import announce, start_run
+from kd_lightning.engine.threads import set_cpu_threads
 from kd_lightning.engine.weights import freeze
 from kd_lightning.llm.models import check_tokenizers
 from kd_lightning.llm.modes import TrainingMode
@@ -34,14 +34,12 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     if run.finished is not None:  # a requeued job of a run that already finished
         return run.finished
     out_dir, ckpt_path = run.out_dir, run.ckpt_path
-    if cfg.get("cpu_threads"):
-        torch.set_num_threads(cfg.cpu_threads)
-
     loss = build(cfg.llm.loss, "llm.loss")
     mode: TrainingMode = build(cfg.llm.mode, "llm.mode")
     tokenizer = build(cfg.llm.teacher.tokenizer, "llm.teacher.tokenizer")
     teacher = freeze(build(cfg.llm.teacher.model, "llm.teacher.model"))
     student = build(cfg.llm.student, "llm.student", teacher=teacher)
+    set_cpu_threads(cfg.cpu_threads, [teacher, student], "cpu_threads")
     vocab = check_tokenizers(teacher, student, tokenizer)
     if loss.vocab_size is None:
         loss.vocab_size = vocab

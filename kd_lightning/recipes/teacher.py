@@ -28,6 +28,7 @@ from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.instantiate import build
 from kd_lightning.engine.resume import side_rng
 from kd_lightning.engine.run_dir import check_run_dir
+from kd_lightning.engine.threads import set_cpu_threads
 from kd_lightning.engine.weights import load_weights
 from kd_lightning.recipes.fit import FitResult, fit_supervised
 from kd_lightning.teacher import Provenance
@@ -165,6 +166,7 @@ def train_model(cfg: DictConfig) -> float:
         )
     check_fit(cfg.teacher.fit, "teacher.fit")
     model = build(cfg.teacher.model, "teacher.model")
+    set_cpu_threads(cfg.cpu_threads, [model], "cpu_threads")
     example = build(cfg.data, "data").example_input()
     check_class_counts(example, cfg.data.num_classes, {"teacher": model}, {"teacher": cfg.teacher.model})
     result = train_teacher(cfg, cfg.teacher, model, out_dir)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from kd_lightning.engine.caching.store import write_text_atomic
 from kd_lightning.engine.checks import usable_cores
 from kd_lightning.engine.instantiate import build, parameter_count
+from kd_lightning.engine.threads import CpuThreads, set_cpu_threads
 from kd_lightning.engine.trusted import DEFAULT_TRUSTED, check_trusted
 from kd_lightning.engine.weights import load_weights
 from kd_lightning.methods.classifier import unpack
@@ -240,12 +241,15 @@ def report(
     repeats: int = 50,
     warmup: int = 10,
     trusted: Sequence[str] = DEFAULT_TRUSTED,
+    cpu_threads: CpuThreads = "auto",
 ) -> dict[str, Any]:
     """Measure a finished run, print the table, write ``report.md`` and ``reliability.png``; returns the numbers.
-    ``trusted``: module prefixes the run's stored configs may instantiate (see :mod:`kd_lightning.engine.trusted`)."""
+    ``trusted``: module prefixes the run's stored configs may instantiate (see :mod:`kd_lightning.engine.trusted`);
+    ``cpu_threads``: torch's CPU threads for the measurement (:mod:`kd_lightning.engine.threads`)."""
     run = Run.read(run_dir, trusted)
     batch_size = batch_size or run.cfg.data.get("batch_size", 128)
     models, teacher_source = load_models(run)
+    set_cpu_threads(cpu_threads, models.values(), "--cpu-threads")
     measured, agreement = measure(run, models, batch_size, repeats, warmup)
     table = rows(measured, agreement, batch_size, repeats)
     rich_table = Table(title=f"kd-report: {run_dir}")

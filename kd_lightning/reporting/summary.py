@@ -34,6 +34,8 @@ class Summary:
     teacher_costs: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Multi-stage methods: one row per stage (stage, model, params, method, teacher, test_acc, ...).
     stages: list[dict[str, Any]] = field(default_factory=list)
+    #: torch's CPU threads in this process (``cpu_threads``, :mod:`kd_lightning.engine.threads`).
+    cpu_threads: int | None = None
 
     @property
     def compression(self) -> float | None:
@@ -90,7 +92,10 @@ class Summary:
                 ("teacher parameters", f"{self.teacher_params:,}", ""),
                 ("compression", f"{self.compression:.1f}x", "teacher / student parameters"),
             ]
-        rows += [(f"wall time: {name.replace('_', ' ')}", f"{value:.1f} s", "") for name, value in self.seconds.items()]
+        threads = f"{self.cpu_threads} CPU threads" if self.cpu_threads else ""
+        rows += [
+            (f"wall time: {name.replace('_', ' ')}", f"{value:.1f} s", threads) for name, value in self.seconds.items()
+        ]
         return rows
 
     def table(self) -> Table:
