@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.data.contract import check_cacheable
+from kd_lightning.data.contract import CacheableData
 from kd_lightning.engine.caching.store import weights_digest
 from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
 from kd_lightning.engine.errors import ConfigError
@@ -22,6 +23,9 @@ from kd_lightning.engine.resume import side_rng
 from kd_lightning.engine.runtime import TEACHER_DTYPES
 from kd_lightning.engine.taps import Taps
 from kd_lightning.engine.weights import freeze
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
 
 
 @dataclass
@@ -152,21 +156,25 @@ class Teacher:
 
     # ------------------------------------------------------------------------------------ caching
     def check_cache(self, datamodule: object) -> None:
-        """The output cache holds one output per sample: refuse data a sample index does not determine.
-        (That it serves logits only is checked where the loss is known: ``DistillationModule.check_config``.)"""
+        """The output cache holds outputs per sample (or per stored view of a sample): refuse data it cannot
+        serve (:meth:`TeacherOutputCache.check_data`). (That it serves logits only is checked where the loss
+        is known: ``DistillationModule.check_config``.)"""
         if self.cache is not None:
-            check_cacheable(datamodule, "teacher_cache")
+            self.cache.check_data(datamodule)
 
-    def prepare_cache(self, datamodule: object, splits: tuple[str, ...], device: torch.device, trainer: object) -> None:
-        """Fill the cache's tables for ``splits``: global rank 0 first, so the others read its disk tables.
-        Filling draws nothing from the run's random number generators (a hit and a miss train alike)."""
+    def start_epoch(self, epoch: int) -> None:
+        """A training epoch starts: a cache of augmented views moves to that epoch's view."""
+        if self.cache is not None:
+            self.cache.start_epoch(epoch)
+
+    def prepare_cache(
+        self, datamodule: CacheableData, splits: tuple[str, ...], device: torch.device, trainer: Trainer
+    ) -> None:
+        """Fill the cache's tables for ``splits`` (:meth:`TeacherOutputCache.prepare`), called in every
+        process: on a miss each labels its own shard of a split and the shards are gathered with
+        ``trainer``'s strategy. Filling draws nothing from the run's random number generators (a hit and a
+        miss train alike)."""
         if self.cache is None:
             return
-        is_zero = trainer.is_global_zero  # type: ignore[attr-defined]
-        if is_zero:
-            with side_rng():
-                self.cache.prepare(self.model, datamodule, splits, device)
-        trainer.strategy.barrier("teacher_cache")  # type: ignore[attr-defined]
-        if not is_zero:
-            with side_rng():
-                self.cache.prepare(self.model, datamodule, splits, device)
+        with side_rng():
+            self.cache.prepare(self.model, datamodule, splits, device, trainer)

@@ -41,6 +41,7 @@ a run with a given seed draws the same views every time.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,10 @@ from torch import Tensor
 from kd_lightning.engine.errors import ConfigError, check_type
 
 KEY = "data.augment"
+
+
+#: The per-sample fields of :class:`AugmentDraw` (first dimension: the batch); mixup's are per batch.
+PER_SAMPLE_FIELDS = ("scale", "shift", "corr_noise", "iid_noise", "shear")
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,13 @@ class AugmentDraw:
     shear: Tensor | None = None  #: (B,) shear coefficients
     lam: float | None = None  #: mixup coefficient in [0, 1]
     perm: Tensor | None = None  #: (B,) mixup partner of each sample
+
+    def per_sample(self) -> dict[str, Tensor]:
+        """The per-sample values that are on (a view's parameters, one row per sample); refuses mixup's
+        batch-level values, which no sample owns."""
+        if self.lam is not None:
+            raise ValueError("a mixup draw mixes samples of one batch: it has no per-sample parameters")
+        return {name: value for name in PER_SAMPLE_FIELDS if (value := getattr(self, name)) is not None}
 
 
 class SignalAugmentation:
@@ -135,27 +147,32 @@ class SignalAugmentation:
         return self.mixup_alpha > 0
 
     # ---------------------------------------------------------------------------------- the draws
-    def draw(self, x: Tensor) -> AugmentDraw:
-        """This batch's random values, on ``x``'s device (mixup's coefficient from the CPU generator)."""
+    def draw(self, x: Tensor, generator: torch.Generator | None = None) -> AugmentDraw:
+        """This batch's random values, on ``x``'s device, from ``generator`` (default: torch's global
+        generator of that device; mixup's coefficient always from the global CPU one)."""
         if x.dim() < 2 or not x.is_floating_point():
             raise ValueError(f"SignalAugmentation needs a floating batch (B, ..., L), got {x.dtype} {tuple(x.shape)}")
         batch, device = x.shape[0], x.device
+        random = {"device": device, "generator": generator}
 
         def uniform() -> Tensor:
-            return torch.rand(batch, device=device, dtype=x.dtype) - 0.5
+            return torch.rand(batch, dtype=x.dtype, **random) - 0.5
+
+        def normal() -> Tensor:
+            return torch.randn(x.shape, dtype=x.dtype, **random)
 
         scale = 1.0 + self.scale * uniform() if self.scale else None
         shift = None
         if self.max_shift:
-            shift = torch.randint(-self.max_shift, self.max_shift + 1, (batch,), device=device)
-        corr = self.corr_noise * smooth(torch.randn_like(x), self.corr_noise_sigma) if self.corr_noise else None
-        iid = self.iid_noise * torch.randn_like(x) if self.iid_noise else None
+            shift = torch.randint(-self.max_shift, self.max_shift + 1, (batch,), **random)
+        corr = self.corr_noise * smooth(normal(), self.corr_noise_sigma) if self.corr_noise else None
+        iid = self.iid_noise * normal() if self.iid_noise else None
         shear = self.shear * uniform() if self.shear else None
         lam = perm = None
         if self.mixup_alpha:
             concentration = torch.tensor(self.mixup_alpha, dtype=torch.float64)
             lam = float(torch.distributions.Beta(concentration, concentration).sample())
-            perm = torch.randperm(batch, device=device)
+            perm = torch.randperm(batch, **random)
         return AugmentDraw(scale, shift, corr, iid, shear, lam, perm)
 
     @staticmethod
@@ -177,6 +194,10 @@ class SignalAugmentation:
         if draw.lam is not None:
             out = draw.lam * out + (1.0 - draw.lam) * out[draw.perm]
         return out if out is not x else x.clone()
+
+    def apply_per_sample(self, x: Tensor, values: Mapping[str, Tensor]) -> Tensor:
+        """``x`` transformed by stored per-sample values (:meth:`AugmentDraw.per_sample` of a draw)."""
+        return self.apply(x, AugmentDraw(**values))
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.apply(x, self.draw(x))

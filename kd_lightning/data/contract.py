@@ -17,6 +17,9 @@ member                 unlocks
 ``return_index``       a constructor argument: batches carry sample indices (CRD, the cache)
 ``transfer_samples``   a constructor argument: unlabelled samples added to training (left out when
                        the method does not learn from them)
+``replay_views(source)``  with ``augment`` (``draw(x, generator)`` / ``apply_per_sample(x, values)``):
+                       training batches augmented from stored per-sample parameters, the teacher
+                       cache for augmented data (``teacher_cache=per_view``, FKD)
 ``mixes_inputs``       ``True`` declares that a training input mixes two samples (mixup) while its
                        target is the first one's: :func:`check_label_mixing` then refuses a loss
                        with a hard-label task term
@@ -61,6 +64,44 @@ class CacheableData(Protocol):
         """The split's samples in index order (0, 1, 2, ...), batches ``(x, ...)``."""
 
 
+@runtime_checkable
+class ViewSource(Protocol):
+    def draw(self, index: torch.Tensor) -> Mapping[str, torch.Tensor]:
+        """The stored augmentation parameters of samples ``index`` in the current view."""
+
+
+@runtime_checkable
+class ReplaysViews(CacheableData, Protocol):
+    """Augmented data whose training views can be replayed from stored per-sample parameters.
+
+    ``augment`` draws a batch's random values (``draw(x, generator=...)``, whose ``per_sample()`` gives one
+    row per sample) and applies stored ones (``apply_per_sample(x, values)``); after
+    ``replay_views(source)`` training batches ``(x, y, index)`` are augmented with ``source.draw(index)``
+    instead of fresh random values (``None``: fresh values again)."""
+
+    augment: Any
+
+    def replay_views(self, source: ViewSource | None) -> None:
+        """Augment training batches from ``source``'s stored parameters."""
+
+
+def check_view_replay(datamodule: object, key: str) -> None:
+    """Refuse (naming ``key``) data whose training views cannot be stored and replayed per sample."""
+    augment = getattr(datamodule, "augment", None)
+    if isinstance(datamodule, ReplaysViews) and (augment is None or is_deterministic(datamodule)):
+        raise ConfigError(f"{key} stores augmented views, but the data has no augmentation; use teacher_cache=disk")
+    if not isinstance(datamodule, ReplaysViews) or not callable(getattr(augment, "apply_per_sample", None)):
+        raise ConfigError(
+            f"{key} replays stored augmented views, but the datamodule ({type(datamodule).__name__}) cannot "
+            "(it needs replay_views and an augment with draw / apply_per_sample); use teacher_cache=none"
+        )
+    if getattr(datamodule, "mixes_inputs", False):
+        raise ConfigError(
+            f"{key} stores one view per sample, but data.augment mixes samples of a batch (mixup): set "
+            "data.augment.mixup_alpha=0 or teacher_cache=none"
+        )
+
+
 def is_deterministic(datamodule: object) -> bool:
     """Whether the datamodule declares that a sample index fixes its input (``random_augmentation=False``)."""
     return getattr(datamodule, "random_augmentation", True) is False
@@ -76,7 +117,13 @@ def check_cacheable(datamodule: object, key: str) -> None:
         )
         raise ConfigError(
             f"{key} needs inputs fixed per sample, but the datamodule ({type(datamodule).__name__}) {reason}: "
-            f"cached teacher outputs would be stale; set {key}=none"
+            "cached teacher outputs would be stale; "
+            + (
+                "use teacher_cache=per_view (stored augmented views) or "
+                if isinstance(datamodule, ReplaysViews)
+                else ""
+            )
+            + f"set {key}=none"
         )
 
 

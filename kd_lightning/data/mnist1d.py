@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from kd_lightning.data.augment import SignalAugmentation
+from kd_lightning.data.contract import ViewSource
 from kd_lightning.engine.caching.store import file_digest, write_text_atomic
 from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.losses.base import UNLABELLED
@@ -78,7 +79,8 @@ class MNIST1DDataModule(L.LightningDataModule):
     ``x -> x``. Validation, test and the cache-filling :meth:`ordered_dataloader` are never augmented,
     and targets and indices are left as they are. Every model a method forwards on the batch sees the same
     view (function matching, Beyer et al. 2022). With ``augment`` set the datamodule declares
-    ``random_augmentation = True``, so ``teacher_cache`` is refused.
+    ``random_augmentation = True``, so ``teacher_cache=disk`` is refused; ``teacher_cache=per_view`` stores
+    views and replays them (:meth:`replay_views`).
     """
 
     num_classes = 10
@@ -125,6 +127,7 @@ class MNIST1DDataModule(L.LightningDataModule):
         self.augment = build_augmentation(augment)
         if self.augment is not None:
             self.random_augmentation = True
+        self.view_source: ViewSource | None = None
         self.splits: dict[str, TensorDataset] = {}
 
     def _split_files(self) -> dict[str, tuple[Path, int, int]]:
@@ -196,12 +199,23 @@ class MNIST1DDataModule(L.LightningDataModule):
         """Whether a training input mixes two samples (mixup), so its target is only the first one's."""
         return bool(getattr(self.augment, "mixes_inputs", False))
 
+    def replay_views(self, source: ViewSource | None) -> None:
+        """Augment training batches with ``source``'s stored per-sample parameters (``teacher_cache=per_view``)
+        instead of fresh random values; None: fresh values again."""
+        self.view_source = source
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Augment the inputs of a training batch (already on its device); any other batch as it is."""
+        """Augment the inputs of a training batch (already on its device): with fresh random values, or the
+        stored ones of the batch's samples when views are replayed; any other batch as it is."""
         if self.augment is None or self.trainer is None or not self.trainer.training:
             return batch
         x, *rest = batch
-        return type(batch)([self.augment(x), *rest])
+        if self.view_source is None:
+            return type(batch)([self.augment(x), *rest])
+        if not self.return_index:
+            raise ConfigError("teacher_cache=per_view replays views by sample index: set data.return_index=true")
+        values = self.view_source.draw(rest[-1])
+        return type(batch)([self.augment.apply_per_sample(x, values), *rest])
 
     def content_identity(self) -> dict[str, Any]:
         """What determines every split's inputs (generator seeds and sizes, the training augmentation if

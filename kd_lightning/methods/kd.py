@@ -255,6 +255,11 @@ class DistillationModule(ClassifierMethod):
     def on_test_start(self) -> None:
         self.prepare_caches(("test",))
 
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        for wrapped in self.teachers.values():
+            wrapped.start_epoch(self.current_epoch)
+
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y, index = unpack(batch)
         x = self.formatted(x)

@@ -12,9 +12,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from kd_lightning.data.contract import HasTrainSize, check_cacheable, check_label_mixing
+from kd_lightning.data.contract import HasTrainSize, check_label_mixing
 from kd_lightning.engine.checks import check_fit, check_monitored
 from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.instantiate import build
 from kd_lightning.methods.base import Method
 from kd_lightning.recipes.teacher import config_key
 
@@ -40,7 +41,7 @@ def preflight(
     cached = bool(teacher_cfgs) and bool(cfg.get("teacher_cache"))
     method.check_config(loss, models, cached)
     if cached:
-        check_cacheable(datamodule, "teacher_cache")
+        build(cfg.teacher_cache, "teacher_cache").check_data(datamodule)
     check_label_mixing(datamodule, loss, trainer.callbacks)
     for name, teacher_cfg in teacher_cfgs.items():
         if teacher_cfg.get("fit") and not teacher_cfg.get("checkpoint"):

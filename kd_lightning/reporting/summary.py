@@ -94,7 +94,8 @@ class Summary:
             ]
         threads = f"{self.cpu_threads} CPU threads" if self.cpu_threads else ""
         rows += [
-            (f"wall time: {name.replace('_', ' ')}", f"{value:.1f} s", threads) for name, value in self.seconds.items()
+            (f"wall time: {name.replace('_', ' ')}", f"{value:.1f} s", threads if name == "total" else "")
+            for name, value in self.seconds.items()
         ]
         return rows
 

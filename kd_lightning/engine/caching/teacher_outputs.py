@@ -15,20 +15,26 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
-from kd_lightning.data.contract import CacheableData
+from kd_lightning.data.contract import CacheableData, check_cacheable
 from kd_lightning.engine.caching.store import array_record, open_array, publish_directory, weights_digest
 from kd_lightning.engine.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
+
+#: Arrays of a table that hold one value for the whole table, not one row per sample.
+WHOLE_TABLE = ("num_classes",)
 
 
 class TeacherOutputCache:
@@ -40,6 +46,10 @@ class TeacherOutputCache:
     weights, the datamodule's :meth:`~CacheableData.content_identity`, the split and the storage
     format, so every job of a temperature x alpha sweep reuses the same tables and any change of
     teacher or data misses. ``location="memory"`` keeps the tables in this process only.
+
+    Under a multi-process strategy every process labels its own shard of each split and the shards are
+    gathered into the one table (see :meth:`prepare`); ``labelled_rows[split]`` is how many rows this
+    process ran the teacher on (0 for a disk hit).
 
     ``dtype`` is the storage precision (``float16`` halves the size; lookups return float32).
     ``top_k`` keeps only the k largest log-probabilities per sample plus the tail mass
@@ -72,22 +82,61 @@ class TeacherOutputCache:
         self.top_k = top_k
         self.tables: dict[str, dict[str, np.ndarray]] = {}
         self.hits: dict[str, bool] = {}
+        self.labelled_rows: dict[str, int] = {}
+
+    def check_data(self, datamodule: object) -> None:
+        """Refuse data whose per-sample outputs cannot be stored (random augmentation: ``per_view`` can)."""
+        check_cacheable(datamodule, "teacher_cache")
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called as each training epoch starts; the tables here do not depend on it."""
 
     # ------------------------------------------------------------------------------------ build
-    def prepare(self, teacher: nn.Module, data: CacheableData, splits: tuple[str, ...], device: torch.device) -> None:
-        """Load (disk) or compute each split's table not loaded yet; compute = one teacher pass over the split."""
+    def prepare(
+        self,
+        teacher: nn.Module,
+        data: CacheableData,
+        splits: tuple[str, ...],
+        device: torch.device,
+        trainer: Trainer | None = None,
+    ) -> None:
+        """Load (disk) or compute each split's table not loaded yet; compute = one teacher pass over the split.
+
+        With a ``trainer`` of more than one process (its strategy live: called during a fit) every process
+        runs this, and a disk entry is a hit only if every process reads it (they all agree, and none runs
+        the teacher). On a miss each process labels its shard of the split and the shards are gathered
+        into the table one process's pass gives, bit for bit (:meth:`compute_sharded`); global rank 0
+        writes it to disk; after a barrier every process reads the published entry memory-mapped (a
+        process that does not see it, on a disk of its own, writes its own copy)."""
         splits = tuple(split for split in splits if split not in self.tables)
         teacher_digest = weights_digest(teacher) if splits else ""
+        world = trainer.world_size if trainer is not None else 1
         for split in splits:
             key = self.key(teacher_digest, data.content_identity(), split)
             entry = self.directory / key if self.directory else None
             table = self.read(entry) if self.location == "disk" else None
+            if world > 1:
+                hit = torch.tensor([int(table is not None)], device=trainer.strategy.root_device)
+                table = table if bool(trainer.strategy.all_gather(hit).all()) else None
             self.hits[split] = table is not None
+            self.labelled_rows[split] = 0
             if table is None:
-                table = self.compute(teacher, data.ordered_dataloader(split), device)
+                loader = data.ordered_dataloader(split)
+                if world > 1:
+                    table, self.labelled_rows[split] = self.compute_sharded(teacher, loader, device, trainer)
+                else:
+                    table, self.labelled_rows[split] = self.compute(teacher, loader, device), len(loader.dataset)
                 if entry is not None:
-                    self.write(entry, table, {"split": split, "teacher": teacher_digest})
-                    table = self.read(entry, verify=False)  # memory-mapped, like a later run's
+                    meta = {"split": split, "teacher": teacher_digest}
+                    if world == 1 or trainer.global_rank == 0:
+                        self.write(entry, table, meta)
+                    if world > 1:
+                        trainer.strategy.barrier("teacher_cache")
+                    published = self.read(entry, verify=False)  # memory-mapped, like a later run's
+                    if published is None:
+                        self.write(entry, table, meta)
+                        published = self.read(entry, verify=False)
+                    table = published
             self.tables[split] = table
 
     def key(self, teacher_digest: str, identity: Mapping[str, Any], split: str) -> str:
@@ -105,7 +154,54 @@ class TeacherOutputCache:
             for name, array in self.encode(teacher(x.to(device)).float()).items():
                 chunks.setdefault(name, []).append(array)
         teacher.train(was_training)
-        return {name: np.concatenate(arrays) for name, arrays in chunks.items()}
+        return {name: arrays[0] if name in WHOLE_TABLE else np.concatenate(arrays) for name, arrays in chunks.items()}
+
+    def compute_sharded(
+        self, teacher: nn.Module, loader: DataLoader, device: torch.device, trainer: Trainer
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """The table of ``loader`` computed by all of ``trainer``'s processes together, and how many rows
+        this process labelled. Process ``rank`` runs :meth:`compute` on ``ceil(batches / world)`` whole
+        batches of ``loader`` from batch ``rank * ceil(batches / world)`` on (a
+        :class:`~torch.utils.data.Subset` of its dataset, with its batch size, collate function and
+        workers; the last shards may be shorter, or empty), so each batch it runs is one that a single
+        process's pass over ``loader`` runs; :meth:`gather` joins the shards."""
+        total = len(loader.dataset)
+        size = -(-len(loader) // trainer.world_size) * loader.batch_size
+        rank = trainer.global_rank
+        rows = range(min(rank * size, total), min((rank + 1) * size, total))
+        part = DataLoader(
+            Subset(loader.dataset, rows),
+            batch_size=loader.batch_size,
+            collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+        )
+        return self.gather(self.compute(teacher, part, device), size, total, trainer), len(rows)
+
+    @staticmethod
+    def gather(shard: dict[str, np.ndarray], size: int, total: int, trainer: Trainer) -> dict[str, np.ndarray]:
+        """Every process's ``shard`` table (at most ``size`` rows each) joined into the table of ``total`` rows.
+
+        Global rank 0's shard is never empty: it broadcasts the array names, dtypes and row shapes, and the
+        arrays of :data:`WHOLE_TABLE`. Each per-row array is padded to ``size`` rows, sent as its bytes
+        (``trainer.strategy.all_gather``: no dtype is converted on the way), concatenated in rank order and
+        trimmed to ``total`` rows."""
+        strategy = trainer.strategy
+        layout = {name: (array.dtype.str, array.shape[1:]) for name, array in shard.items()}
+        whole = {name: array for name, array in shard.items() if name in WHOLE_TABLE}
+        layout, whole = strategy.broadcast((layout, whole), src=0)
+        table = {}
+        for name, (dtype, row_shape) in layout.items():
+            if name in WHOLE_TABLE:
+                table[name] = whole[name]
+                continue
+            padded = np.zeros((size, *row_shape), dtype=dtype)
+            if name in shard:
+                padded[: len(shard[name])] = shard[name]
+            sent = torch.from_numpy(padded.reshape(size, -1).view(np.uint8)).to(strategy.root_device)
+            received = strategy.all_gather(sent).cpu().numpy()  # (world, size, bytes per row)
+            rows = np.ascontiguousarray(received.reshape(-1, received.shape[-1])[:total])
+            table[name] = rows.view(dtype).reshape(total, *row_shape)
+        return table
 
     def encode(self, logits: Tensor) -> dict[str, np.ndarray]:
         """The stored form of a batch of logits: all of them, or top-k log-probabilities + log tail mass."""
