@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from kd_lightning.data.augment import SignalAugmentation
 from kd_lightning.data.contract import ViewSource
+from kd_lightning.data.tensors import BatchedTensorDataset, batched_loader
 from kd_lightning.engine.caching.store import file_digest, write_text_atomic
 from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.losses.base import UNLABELLED
@@ -128,7 +129,7 @@ class MNIST1DDataModule(L.LightningDataModule):
         if self.augment is not None:
             self.random_augmentation = True
         self.view_source: ViewSource | None = None
-        self.splits: dict[str, TensorDataset] = {}
+        self.splits: dict[str, BatchedTensorDataset] = {}
 
     def _split_files(self) -> dict[str, tuple[Path, int, int]]:
         """Cache file, generator seed and sample count per generated set."""
@@ -176,7 +177,7 @@ class MNIST1DDataModule(L.LightningDataModule):
         return len(self.splits["train"])
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
+        return batched_loader(
             self.splits[split],
             batch_size=self.batch_size,
             shuffle=shuffle,
@@ -234,7 +235,7 @@ class MNIST1DDataModule(L.LightningDataModule):
         """``split`` in index order, unshuffled (for computing per-sample teacher outputs)."""
         self.prepare_data()
         self.setup()
-        return DataLoader(self.splits[split], batch_size=max(self.batch_size, 512), shuffle=False)
+        return batched_loader(self.splits[split], batch_size=max(self.batch_size, 512), shuffle=False)
 
     def example_input(self) -> torch.Tensor:
         """One batch of two inputs, for shape checks before training."""
@@ -277,8 +278,8 @@ def augmentation_identity(augment: Callable[[Tensor], Tensor]) -> dict[str, Any]
     return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **config}
 
 
-def _tensors(x: np.ndarray, y: np.ndarray, with_index: bool = False) -> TensorDataset:
+def _tensors(x: np.ndarray, y: np.ndarray, with_index: bool = False) -> BatchedTensorDataset:
     tensors = [torch.as_tensor(x, dtype=torch.float32).unsqueeze(1), torch.as_tensor(y, dtype=torch.long)]
     if with_index:
         tensors.append(torch.arange(len(x)))
-    return TensorDataset(*tensors)
+    return BatchedTensorDataset(*tensors)
