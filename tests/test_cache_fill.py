@@ -1,6 +1,7 @@
 """The teacher-output cache filled by two processes (``ddp_spawn`` on CPU, gloo): each labels its own shard of
 whole batches, the gathered table equals a single-process fill bit for bit (logits and top-k), and a disk
-entry is published once and then hit by both processes without a teacher forward."""
+entry is published once and then hit by both processes without a teacher forward; the per-view cache
+labels its views the same way."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from kd_lightning.data import MNIST1DDataModule
 from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
+from kd_lightning.engine.caching.teacher_views import TeacherViewCache
 from kd_lightning.models import MLP
 from kd_lightning.teacher import Teacher
 
@@ -128,3 +131,46 @@ def test_two_processes_label_their_shards_into_the_single_process_table(tmp_path
                     assert table[array].dtype == single[array].dtype, (name, rank, array)
                     assert np.array_equal(table[array], single[array]), (name, rank, array)
     assert len(list((tmp_path / "tables").iterdir())) == 1  # one entry, no temporary directory left over
+
+
+class FillViews(Fill):
+    """Fills a per-view cache of augmented MNIST-1D in ``on_fit_start`` and saves each process's view tables."""
+
+    def on_fit_start(self) -> None:
+        rank = self.trainer.global_rank
+        cache = TeacherViewCache(views=2, seed=1, location="memory", dtype="float32")
+        model = teacher()
+        Teacher(model, cache=cache).prepare_cache(views_data(self.directory), ("train",), self.device, self.trainer)
+        np.savez(self.directory / f"views_{rank}.npz", *[table["logits"] for table in cache.view_tables])
+        record = {"labelled": cache.labelled_rows["train"], "calls": model.calls}
+        (self.directory / f"views_{rank}.json").write_text(json.dumps(record))
+
+
+def views_data(directory: Path) -> MNIST1DDataModule:
+    data = MNIST1DDataModule(str(directory / "data"), return_index=True, augment={"max_shift": 3, "iid_noise": 0.2})
+    data.prepare_data()
+    data.setup()
+    return data
+
+
+def test_two_processes_label_their_shards_of_every_stored_view(tmp_path: Path) -> None:
+    reference, single = TeacherViewCache(views=2, seed=1, location="memory", dtype="float32"), teacher()
+    reference.prepare(single, views_data(tmp_path), ("train",), torch.device("cpu"))  # also generates the data
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(FillViews(str(tmp_path)))
+    rows = [4 * 512, 4000 - 4 * 512]  # 8 ordered batches of 512: 4 per process
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"views_{rank}.json").read_text())
+        assert record == {"labelled": 2 * rows[rank], "calls": 2 * 4}  # its shard of each of the 2 views
+        with np.load(tmp_path / f"views_{rank}.npz") as tables:
+            for view in range(2):
+                assert np.array_equal(tables[f"arr_{view}"], reference.view_tables[view]["logits"]), (rank, view)

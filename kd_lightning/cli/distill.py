@@ -7,12 +7,13 @@ import hydra
 from omegaconf import DictConfig
 
 from kd_lightning.cli.common import CONFIG_DIR, run_for_sweeper
-from kd_lightning.recipes.distill import distill
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="distill")
 def main(cfg: DictConfig) -> float:
     """Run one distillation job and return ``optimized_metric`` (for sweepers)."""
+    from kd_lightning.recipes.distill import distill  # here: ``--help`` and config errors skip torch/Lightning
+
     return run_for_sweeper(distill, cfg, "kd-distill")
 
 

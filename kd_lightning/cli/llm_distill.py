@@ -6,12 +6,13 @@ import hydra
 from omegaconf import DictConfig
 
 from kd_lightning.cli.common import CONFIG_DIR, run_for_sweeper
-from kd_lightning.recipes.llm_distill import distill
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="llm_distill")
 def main(cfg: DictConfig) -> float:
     """Run one LM distillation job and return ``optimized_metric`` (for sweepers)."""
+    from kd_lightning.recipes.llm_distill import distill  # here: ``--help`` skips torch/Lightning/transformers
+
     return run_for_sweeper(distill, cfg, "kd-llm-distill")
 
 

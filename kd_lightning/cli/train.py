@@ -7,11 +7,12 @@ import hydra
 from omegaconf import DictConfig
 
 from kd_lightning.cli.common import CONFIG_DIR, exit_on_config_error
-from kd_lightning.recipes.teacher import train_model
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
+    from kd_lightning.recipes.teacher import train_model  # here: ``--help`` skips torch/Lightning
+
     return exit_on_config_error(train_model, cfg, "kd-train")
 
 

@@ -150,11 +150,15 @@ class TeacherOutputCache:
         teacher.eval()
         chunks: dict[str, list[np.ndarray]] = {}
         for batch in loader:
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            for name, array in self.encode(teacher(x.to(device)).float()).items():
+            for name, array in self.encode(teacher(self.teacher_input(batch, device)).float()).items():
                 chunks.setdefault(name, []).append(array)
         teacher.train(was_training)
         return {name: arrays[0] if name in WHOLE_TABLE else np.concatenate(arrays) for name, arrays in chunks.items()}
+
+    def teacher_input(self, batch: Any, device: torch.device) -> Tensor:
+        """The input the teacher labels for a batch of the ordered loader: its ``x``, on ``device``."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return x.to(device)
 
     def compute_sharded(
         self, teacher: nn.Module, loader: DataLoader, device: torch.device, trainer: Trainer

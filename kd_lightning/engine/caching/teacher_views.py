@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.data.contract import ReplaysViews, check_view_replay
-from kd_lightning.engine.caching.store import weights_digest
-from kd_lightning.engine.caching.teacher_outputs import WHOLE_TABLE, TeacherOutputCache
+from kd_lightning.data.contract import CacheableData, ReplaysViews, check_view_replay
+from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
 from kd_lightning.engine.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -56,8 +55,10 @@ class TeacherViewCache(TeacherOutputCache):
         self.views = views
         self.seed = seed
         self.view = 0
+        self.labelling: int | None = None  #: the view being labelled (during :meth:`prepare`)
+        self.augment: Any = None
         self.view_params: dict[str, np.ndarray] = {}
-        self.view_outputs: dict[str, np.ndarray] = {}
+        self.view_tables: list[dict[str, np.ndarray]] = []
         self.views_key = ""
 
     def check_data(self, datamodule: object) -> None:
@@ -73,39 +74,50 @@ class TeacherViewCache(TeacherOutputCache):
         trainer: Trainer | None = None,
     ) -> None:
         """The plain tables of the unaugmented splits; for ``train``, the views (read, or drawn) and the
-        teacher's outputs on them (read, or one teacher pass per view); then ``data`` replays them."""
+        teacher's outputs on each (read, or computed like any split: every process labels its shard); then
+        ``data`` replays them."""
         super().prepare(teacher, data, tuple(split for split in splits if split != TRAIN), device, trainer)
-        if TRAIN not in splits or self.view_outputs:
+        if TRAIN not in splits or self.view_tables:
             return
+        if not getattr(data, "return_index", False):
+            raise ConfigError(
+                "teacher_cache=per_view labels and replays views by sample index: set data.return_index=true"
+            )
+        self.augment = data.augment
         identity = data.content_identity()
         self.views_key = self.hash({"data": identity, "views": self.views, "seed": self.seed, "format": 1})
-        params = self.load_or_build(f"views-{self.views_key}", lambda: self.draw_views(data), trainer)
-        self.view_params = params
-        digest = weights_digest(teacher)
-        key = self.hash({"teacher": digest, "views": self.views_key, "dtype": self.dtype, "top_k": self.top_k})
-        rows = len(next(iter(params.values()))[0])
-        built: list[int] = []
-
-        def label() -> dict[str, np.ndarray]:
-            built.append(rows * self.views)
-            return self.label_views(teacher, data, device)
-
-        self.view_outputs = self.load_or_build(key, label, trainer, {"split": "train views", "teacher": digest})
-        self.hits[TRAIN] = not built
-        self.labelled_rows[TRAIN] = sum(built)
+        self.view_params = self.load_or_build(f"views-{self.views_key}", lambda: self.draw_views(data), trainer)
+        viewed = ViewedData(data, self.views_key)
+        names = [f"{TRAIN}@view{view}" for view in range(self.views)]
+        for view, name in enumerate(names):
+            self.labelling = view
+            try:
+                super().prepare(teacher, viewed, (name,), device, trainer)
+            finally:
+                self.labelling = None
+        self.view_tables = [self.tables.pop(name) for name in names]
+        self.hits[TRAIN] = all([self.hits.pop(name) for name in names])
+        self.labelled_rows[TRAIN] = sum(self.labelled_rows.pop(name) for name in names)
         self.start_epoch(self.view)
         data.replay_views(self)
+
+    def teacher_input(self, batch: Any, device: torch.device) -> Tensor:
+        """While labelling view ``v``: the batch's samples (index: the batch's last tensor) in view ``v``."""
+        x = super().teacher_input(batch, device)
+        if self.labelling is None:
+            return x
+        return self.augment.apply_per_sample(x, self.draw(batch[-1], self.labelling, device))
 
     @staticmethod
     def hash(ingredients: Mapping[str, Any]) -> str:
         return hashlib.sha256(json.dumps(ingredients, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def load_or_build(
-        self, key: str, build: Any, trainer: Trainer | None, meta: Mapping[str, Any] | None = None
+        self, key: str, build: Callable[[], dict[str, np.ndarray]], trainer: Trainer | None
     ) -> dict[str, np.ndarray]:
         """The table under ``key``: read from disk, else built (by global rank 0 first when there are several
         processes, the others then read its entry, or build their own on a disk of their own; in memory,
-        every process builds its own)."""
+        every process builds its own: drawing is cheap and deterministic)."""
         entry = self.directory / key if self.location == "disk" and self.directory else None
         several = entry is not None and trainer is not None and trainer.world_size > 1
         if several and trainer.global_rank != 0:
@@ -114,7 +126,7 @@ class TeacherViewCache(TeacherOutputCache):
         if table is None:
             table = build()
             if entry is not None:
-                self.write(entry, table, dict(meta or {"views": key}))
+                self.write(entry, table, {"views": key})
                 table = self.read(entry, verify=False) or table
         if several and trainer.global_rank == 0:
             trainer.strategy.barrier("teacher_views")
@@ -134,39 +146,12 @@ class TeacherViewCache(TeacherOutputCache):
             per_view.append({name: np.concatenate(arrays) for name, arrays in chunks.items()})
         return {name: np.stack([view[name] for view in per_view]) for name in per_view[0]}
 
-    @torch.inference_mode()
-    def label_views(self, teacher: nn.Module, data: ReplaysViews, device: torch.device) -> dict[str, np.ndarray]:
-        """The teacher's stored form (:meth:`encode`) of its outputs on every view, ``(views, samples, ...)``."""
-        was_training = teacher.training
-        teacher.eval()
-        per_view = []
-        for view in range(self.views):
-            chunks: dict[str, list[np.ndarray]] = {}
-            start = 0
-            for batch in data.ordered_dataloader(TRAIN):
-                x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device)
-                rows = torch.arange(start, start + x.shape[0])
-                start += x.shape[0]
-                x = data.augment.apply_per_sample(x, self.draw(rows, view, device))
-                for name, array in self.encode(teacher(x).float()).items():
-                    chunks.setdefault(name, []).append(array)
-            per_view.append(
-                {name: arrays[0] if name in WHOLE_TABLE else np.concatenate(arrays) for name, arrays in chunks.items()}
-            )
-        teacher.train(was_training)
-        return {
-            name: per_view[0][name] if name in WHOLE_TABLE else np.stack([view[name] for view in per_view])
-            for name in per_view[0]
-        }
-
     # ----------------------------------------------------------------------------------- replay
     def start_epoch(self, epoch: int) -> None:
         """Serve view ``epoch % views`` from now on: its parameters (:meth:`draw`) and its outputs (lookups)."""
         self.view = epoch % self.views
-        if self.view_outputs:
-            self.tables[TRAIN] = {
-                name: array if name in WHOLE_TABLE else array[self.view] for name, array in self.view_outputs.items()
-            }
+        if self.view_tables:
+            self.tables[TRAIN] = self.view_tables[self.view]
 
     def draw(self, index: Tensor, view: int | None = None, device: torch.device | None = None) -> dict[str, Tensor]:
         """The stored augmentation parameters of training samples ``index`` in ``view`` (default: the
@@ -184,3 +169,19 @@ class TeacherViewCache(TeacherOutputCache):
 def view_seed(seed: int, view: int) -> int:
     """The generator seed of ``view``'s parameters: distinct per (seed, view), stable across runs."""
     return int(np.random.SeedSequence([seed, view]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class ViewedData:
+    """``data`` as the base cache sees it while labelling views: one split per view (``train@view<v>``), all
+    served by ``data``'s ordered training loader, with the views' key in the content identity (so each view's
+    table is keyed by the teacher, the data and exactly these views)."""
+
+    def __init__(self, data: CacheableData, views_key: str) -> None:
+        self.data = data
+        self.views_key = views_key
+
+    def content_identity(self) -> dict[str, Any]:
+        return {**self.data.content_identity(), "views": self.views_key}
+
+    def ordered_dataloader(self, split: str) -> Any:
+        return self.data.ordered_dataloader(TRAIN)
