@@ -2,6 +2,7 @@
 
     python scripts/bench/epochs.py                       # MNIST-1D default pair, writes docs/performance.md
     python scripts/bench/epochs.py --device cuda --section kd-epochs-gpu
+    python scripts/bench/epochs.py --augment --sizes --batches 64 1024 --section kd-epochs-augment
 
 The default MNIST-1D pair (ConvNet1D teacher, MLP student) on the real MNIST-1D datamodule, driven by
 a Lightning Trainer (training epochs only: validation off), for:
@@ -15,6 +16,10 @@ Peak memory: the increase of the process's peak memory during training over its 
 (CPU: maximum resident set size, in a fresh process per variant: coarse, 0 when an earlier step such
 as generating the data peaked higher; CUDA: peak allocated minus allocated before training).
 Target (issue 5): (iii) <= 1.10 x (i).
+
+``--augment``: every variant trains on randomly augmented batches (:data:`AUGMENT`: function matching's
+MNIST-1D transformations without mixup), and (iii) is the per-view cache (``teacher_cache=per_view``,
+FKD: ``--views`` stored views per sample; its build draws the views and runs the teacher once per view).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch
 
 from kd_lightning.data import MNIST1DDataModule
 from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
+from kd_lightning.engine.caching.teacher_views import TeacherViewCache
 from kd_lightning.engine.runtime import Runtime
 from kd_lightning.losses import DistillationLoss, KLDivergence
 from kd_lightning.methods.kd import DistillationModule
@@ -45,6 +51,9 @@ from kd_lightning.models import MLP, ConvNet1D
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kd_step import REPO, bench_trainer, write_section
 
+#: ``--augment``'s transformations: conf/experiment/mnist1d_function_matching.yaml's, without mixup (whose
+#: batch-level mixing no per-sample view can store).
+AUGMENT = {"max_shift": 4, "scale": 0.2, "shear": 1.0, "iid_noise": 0.1, "corr_noise": 0.3, "corr_noise_sigma": 1.0}
 VARIANTS = {"student": "(i) student alone", "live": "(ii) KD, live teacher", "cached": "(iii) KD, cached teacher"}
 
 
@@ -66,14 +75,25 @@ class EpochClock(L.Callback):
         self.times.append(time.perf_counter() - self.start)
 
 
-def run_variant(variant: str, transfer: int, batch: int, epochs: int, device: str, home: Path) -> dict[str, float]:
-    """Train ``epochs`` epochs of one variant; epoch time (median after the first), peak memory, cache build."""
+def run_variant(
+    variant: str, transfer: int, batch: int, epochs: int, device: str, home: Path, views: int | None = None
+) -> dict[str, float]:
+    """Train ``epochs`` epochs of one variant; epoch time (median after the first), peak memory, cache build.
+    ``views``: augmented data, and (iii) caches that many views per sample."""
     torch.manual_seed(0)
-    data = MNIST1DDataModule(str(home / "data"), batch_size=batch, transfer_samples=transfer, return_index=True)
+    augment = AUGMENT if views else None
+    data = MNIST1DDataModule(
+        str(home / "data"), batch_size=batch, transfer_samples=transfer, return_index=True, augment=augment
+    )
     data.prepare_data()
     data.setup()
     teacher = None if variant == "student" else ConvNet1D(channels=64)
-    cache = TeacherOutputCache("disk", str(home / "tables")) if variant == "cached" else None
+    cache = None
+    if variant == "cached":
+        tables = str(home / "tables")
+        cache = (
+            TeacherViewCache(views, location="disk", directory=tables) if views else TeacherOutputCache("disk", tables)
+        )
     module = DistillationModule(
         student=MLP(hidden=48),
         teacher=teacher,
@@ -111,6 +131,7 @@ def in_fresh_process(args: argparse.Namespace, variant: str, transfer: int, batc
     """One variant in its own process, so its peak memory is its own."""
     command = [sys.executable, __file__, "--one", variant, str(transfer), str(batch)]
     command += ["--epochs", str(args.epochs), "--device", args.device, "--home", str(args.home)]
+    command += ["--augment", "--views", str(args.views)] if args.augment else []
     out = subprocess.run(command, capture_output=True, text=True, check=False)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
@@ -121,8 +142,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[0, 10_000, 40_000], help="transfer samples")
-    parser.add_argument("--batches", type=int, nargs="+", default=[64, 1024])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[0, 10_000, 40_000], help="transfer samples")
+    parser.add_argument("--batches", type=int, nargs="*", default=[64, 1024])
+    parser.add_argument("--augment", action="store_true", help="augmented data; (iii) = the per-view cache")
+    parser.add_argument("--views", type=int, default=8, help="--augment: stored views per sample")
     parser.add_argument("--home", type=Path, default=None, help="data and tables (default: a temporary dir)")
     parser.add_argument("--section", default="kd-epochs")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "performance.md")
@@ -130,7 +153,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         variant, transfer, batch = args.one[0], int(args.one[1]), int(args.one[2])
-        print(json.dumps(run_variant(variant, transfer, batch, args.epochs, args.device, args.home)))
+        views = args.views if args.augment else None
+        print(json.dumps(run_variant(variant, transfer, batch, args.epochs, args.device, args.home, views)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         args.home = args.home or Path(tmp)
@@ -151,6 +175,7 @@ def main() -> None:
     command = f"python scripts/bench/epochs.py --epochs {args.epochs}"
     command += f" --sizes {' '.join(map(str, args.sizes))} --batches {' '.join(map(str, args.batches))}"
     command += f" --device {args.device}" if args.device != "cpu" else ""
+    command += f" --augment --views {args.views}" if args.augment else ""
     command += f" --section {args.section}" if args.section != "kd-epochs" else ""
     if args.device == "cuda":
         where = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
@@ -163,7 +188,13 @@ def main() -> None:
             f"Command: `{command}`  ",
             f"Machine: {where}, float32. Seconds per training epoch (median of epochs 2-{args.epochs}); "
             "ratios to (i); cache build = one teacher pass over the training set (once per teacher and data, "
-            "shared by every later run); peak memory = increase during training, MiB, (i) / (ii) / (iii).",
+            "shared by every later run); peak memory = increase during training, MiB, (i) / (ii) / (iii)."
+            + (
+                f" Augmented batches ({', '.join(f'{k}={v}' for k, v in AUGMENT.items())}); (iii) = per-view cache, "
+                f"{args.views} views per sample (its build: drawing them and one teacher pass per view)."
+                if args.augment
+                else ""
+            ),
             "",
             "| setting | samples | batch | (i) student s | (ii) KD live s | (iii) KD cached s | (ii) / (i) "
             "| (iii) / (i) | cache build s | peak MiB |",
