@@ -88,6 +88,9 @@ def test_existing_run_dir_is_never_overwritten(tiny_run, kd_home: Path) -> None:
     assert (run_dir / "summary.json").read_text() == before
 
 
+# Slow: the default suite covers these classes of bad input (range, type, class counts, missing checkpoint) in
+# tests/test_bad_inputs.py, as processes too; these four also pin the exact message wording.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "expected"),
     [

@@ -77,6 +77,7 @@ def test_filter_keeps_correct_answers_and_fails_when_none_survive(teacher, tmp_p
         keep_correct(read_records(tmp_path / "bad.jsonl"), "llm.data.only_correct")
 
 
+@pytest.mark.slow  # the generation itself is tested in-process above; this is the console entry's wiring
 def test_console_entry_generates_with_the_tiny_teacher(tmp_path: Path) -> None:
     out = tmp_path / "gen.jsonl"
     command = [

@@ -28,7 +28,11 @@ def finished_run(kd_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 def test_report_matches_the_run_and_writes_markdown_and_diagram(finished_run: Path) -> None:
     summary = json.loads((finished_run / "summary.json").read_text())
-    numbers = report(finished_run, batch_size=32, repeats=3, warmup=1)
+    threads = torch.get_num_threads()
+    try:
+        numbers = report(finished_run, batch_size=32, repeats=3, warmup=1, cpu_threads=2)
+    finally:
+        torch.set_num_threads(threads)
     teacher, student = numbers["teacher"], numbers["student"]
     # Same checkpoint, same test split: the accuracies the run logged.
     assert student["accuracy"] == pytest.approx(summary["metrics"]["test/acc"], abs=1e-6)
@@ -44,6 +48,7 @@ def test_report_matches_the_run_and_writes_markdown_and_diagram(finished_run: Pa
         assert expected in text, expected
     assert f"| {100 * student['accuracy']:.2f} |" in text and "x fewer" in text
     assert "![reliability diagram](reliability.png)" in text
+    assert "latency on the CPU with 2 threads" in text  # --cpu-threads / cpu_threads applied while measuring
     assert (finished_run / "reliability.png").stat().st_size > 5000
 
 
@@ -51,6 +56,13 @@ def test_kd_report_command(finished_run: Path, kd_home: Path) -> None:
     result = run("kd-report", str(finished_run), "--batch-size", "8", "--repeats", "2", "--warmup", "0", home=kd_home)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "kd-report" in result.stdout and "ECE, 15 bins" in result.stdout and "teacher" in result.stdout
+
+
+@pytest.mark.parametrize("value", ["zero", "0", "-2"])
+def test_kd_report_refuses_a_bad_cpu_threads_value(value: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["some_run", "--cpu-threads", value])
+    assert stopped.value.code == 2 and "--cpu-threads must be auto or a number >= 1" in capsys.readouterr().err
 
 
 def test_ece_agrees_with_an_independent_computation() -> None:

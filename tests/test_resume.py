@@ -19,6 +19,7 @@ def last_epoch(run_dir: Path) -> int:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["epoch"]
 
 
+@pytest.mark.slow  # ckpt_path=last is also resumed in the default suite, by the killed-run test below
 def test_resume_last_continues_training(kd_home: Path) -> None:
     run_dir = kd_home / "resumable"
     first = run("kd-distill", *NO_SCRATCH, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}", home=kd_home)

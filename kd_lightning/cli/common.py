@@ -31,8 +31,25 @@ CONFIG_DIR = config_dir()
 
 log = logging.getLogger("kd_lightning")
 
+
+def lightning_console_logging() -> None:
+    """Lightning's subpackages log to a plain stderr handler of their own, not propagated, when they are
+    imported before logging is configured; the entry points import Lightning only once a run starts,
+    after Hydra has configured the root logger, which would send each of its lines to Lightning's
+    ``INFO:`` handler and to Hydra's console as well. Set them up as an import at start-up would have
+    (nothing is changed once the root logger has handlers, e.g. in a process that configured logging)."""
+    if logging.getLogger().hasHandlers():
+        return
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(logging.StreamHandler())
+        logger.propagate = False
+
+
 register_resolvers()  # before @hydra.main composes any config
 quiet_third_party()
+lightning_console_logging()
 
 
 def in_multirun() -> bool:
