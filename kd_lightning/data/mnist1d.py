@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from kd_lightning.data.augment import SignalAugmentation
 from kd_lightning.data.contract import ViewSource
-from kd_lightning.data.tensors import BatchedTensorDataset, batched_loader
+from kd_lightning.data.tensors import batched_loader
 from kd_lightning.engine.caching.store import file_digest, write_text_atomic
 from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.losses.base import UNLABELLED
@@ -129,7 +129,7 @@ class MNIST1DDataModule(L.LightningDataModule):
         if self.augment is not None:
             self.random_augmentation = True
         self.view_source: ViewSource | None = None
-        self.splits: dict[str, BatchedTensorDataset] = {}
+        self.splits: dict[str, TensorDataset] = {}
 
     def _split_files(self) -> dict[str, tuple[Path, int, int]]:
         """Cache file, generator seed and sample count per generated set."""
@@ -278,8 +278,8 @@ def augmentation_identity(augment: Callable[[Tensor], Tensor]) -> dict[str, Any]
     return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **config}
 
 
-def _tensors(x: np.ndarray, y: np.ndarray, with_index: bool = False) -> BatchedTensorDataset:
+def _tensors(x: np.ndarray, y: np.ndarray, with_index: bool = False) -> TensorDataset:
     tensors = [torch.as_tensor(x, dtype=torch.float32).unsqueeze(1), torch.as_tensor(y, dtype=torch.long)]
     if with_index:
         tensors.append(torch.arange(len(x)))
-    return BatchedTensorDataset(*tensors)
+    return TensorDataset(*tensors)

@@ -1,11 +1,12 @@
 """In-memory datasets served a batch at a time: one gather per tensor instead of one ``__getitem__`` per sample.
 
 A ``DataLoader`` over a plain ``TensorDataset`` calls ``__getitem__`` once per sample and then
-``default_collate`` stacks the rows: about 1.4 ms per batch of 128 on one CPU core, a quarter of an MNIST-1D
-KD step (docs/performance.md, "CPU: end to end"). :class:`BatchedTensorDataset` answers the loader's
-``__getitems__(indices)`` with ``tensor[indices]`` for each tensor: the same values, bit for bit, in the
-same order (the sampler is untouched, so shuffling, seeding and Lightning's distributed samplers work as
-before).
+``default_collate`` stacks the rows, the largest item in the profile of an MNIST-1D KD epoch
+(docs/performance.md, "CPU: end to end"). :func:`batched_loader` wraps the dataset in
+:class:`WholeBatches`, which answers the loader's ``__getitems__(indices)`` with ``tensor[indices]`` for each
+tensor: the same values, bit for bit, in the same order (the sampler is untouched, so shuffling, seeding,
+``Subset`` and Lightning's distributed samplers work as before). The dataset itself stays a plain
+``TensorDataset``: a loader a user builds over it with the default collate works as it always did.
 """
 
 from __future__ import annotations
@@ -14,16 +15,25 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 
-class BatchedTensorDataset(TensorDataset):
-    """A ``TensorDataset`` whose batches are gathered whole (``__getitems__``); load it with
-    :func:`batched_loader` (or ``collate_fn=BatchedTensorDataset.collate``): a batch is already collated."""
+class WholeBatches(Dataset):
+    """``dataset``'s samples, gathered a whole batch at a time (``__getitems__``); a batch comes out collated,
+    so load it with ``collate_fn=WholeBatches.collate`` (:func:`batched_loader` does)."""
+
+    def __init__(self, dataset: TensorDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
+        return self.dataset[index]
 
     def __getitems__(self, indices: list[int]) -> list[Tensor]:
         rows = torch.as_tensor(indices, dtype=torch.long)
-        return [tensor[rows] for tensor in self.tensors]
+        return [tensor[rows] for tensor in self.dataset.tensors]
 
     @staticmethod
     def collate(batch: list[Tensor]) -> list[Tensor]:
@@ -31,7 +41,7 @@ class BatchedTensorDataset(TensorDataset):
         return batch
 
 
-def batched_loader(dataset: BatchedTensorDataset, **options: Any) -> DataLoader:
-    """A ``DataLoader`` over ``dataset`` (``options``: batch size, shuffle, workers, ...) that serves its
-    gathered batches as they are."""
-    return DataLoader(dataset, collate_fn=BatchedTensorDataset.collate, **options)
+def batched_loader(dataset: TensorDataset, **options: Any) -> DataLoader:
+    """A ``DataLoader`` over ``dataset`` (``options``: batch size, shuffle, workers, ...) that gathers each batch
+    whole and serves it as it is."""
+    return DataLoader(WholeBatches(dataset), collate_fn=WholeBatches.collate, **options)
