@@ -98,11 +98,9 @@ class Fill(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-# Slow, like every ddp_spawn test (tests/test_distributed.py): a spawned gloo process was seen to abort once in
-# five runs on 2 shared cores, and one such abort would fail CI. Run with pytest -m slow.
-@pytest.mark.slow
-def test_two_processes_label_their_shards_into_the_single_process_table(tmp_path: Path) -> None:
-    trainer = L.Trainer(
+def two_processes() -> L.Trainer:
+    """A Trainer of 2 CPU processes (``ddp_spawn``, gloo) that takes one step: the fill runs in ``on_fit_start``."""
+    return L.Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp_spawn",
@@ -112,6 +110,13 @@ def test_two_processes_label_their_shards_into_the_single_process_table(tmp_path
         enable_progress_bar=False,
         enable_model_summary=False,
     )
+
+
+# Slow, like every ddp_spawn test (tests/test_distributed.py): a spawned gloo process was seen to abort once in
+# five runs on 2 shared cores, and one such abort would fail CI. Run with pytest -m slow.
+@pytest.mark.slow
+def test_two_processes_label_their_shards_into_the_single_process_table(tmp_path: Path) -> None:
+    trainer = two_processes()
     trainer.fit(Fill(str(tmp_path)))
     expected = {  # (labelled rows, teacher forwards, hit) per process
         "logits": [(60, 3, False), (60, 3, False)],
@@ -161,16 +166,7 @@ def views_data(directory: Path) -> MNIST1DDataModule:
 def test_two_processes_label_their_shards_of_every_stored_view(tmp_path: Path) -> None:
     reference, single = TeacherViewCache(views=2, seed=1, location="memory", dtype="float32"), teacher()
     reference.prepare(single, views_data(tmp_path), ("train",), torch.device("cpu"))  # also generates the data
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = two_processes()
     trainer.fit(FillViews(str(tmp_path)))
     rows = [4 * 512, 4000 - 4 * 512]  # 8 ordered batches of 512: 4 per process
     for rank in (0, 1):

@@ -119,6 +119,8 @@ def test_the_summary_reports_what_each_teacher_adds_per_step() -> None:
     assert costs["small"]["params"] == 410 and costs["big"]["batch_size"] == 64
     assert costs["big"]["forward_ms"] > costs["small"]["forward_ms"] > 0
     assert costs["small"]["cached"] and not costs["big"]["cached"] and costs["big"]["activation_mib"] is None
-    rows = {q: v for q, v, _ in Summary(metrics={}, student_params=1, teacher_costs=costs).rows()}
+    table = Summary(metrics={}, student_params=1, teacher_costs=costs).rows()
+    rows, notes = {q: v for q, v, _ in table}, {q: n for q, _, n in table}
     assert rows["big forward per step"] == f"{costs['big']['forward_ms']:.2f} ms"
     assert rows["small forward per step"] == "0 ms (cached)"
+    assert notes["big forward per step"].endswith("MiB weights")  # the weights' memory, in the note column

@@ -123,20 +123,25 @@ def test_kd_distill_trains_from_stored_views(tmp_path: Path, kd_home: Path) -> N
 
 
 @pytest.mark.parametrize(
-    ("augment", "cache", "message"),
+    ("augment", "return_index", "cache", "message"),
     [
-        (None, TeacherViewCache(location="memory"), "no augmentation; use teacher_cache=disk"),
-        ({**AUGMENT, "mixup_alpha": 1.0}, TeacherViewCache(location="memory"), "mixup_alpha=0"),
-        (AUGMENT, TeacherOutputCache("memory"), "teacher_cache=per_view"),
+        (None, True, TeacherViewCache(location="memory"), "no augmentation; use teacher_cache=disk"),
+        ({**AUGMENT, "mixup_alpha": 1.0}, True, TeacherViewCache(location="memory"), "mixup_alpha=0"),
+        (AUGMENT, False, TeacherViewCache(location="memory"), r"set data\.return_index=true"),
+        (AUGMENT, True, TeacherOutputCache("memory"), "teacher_cache=per_view"),
     ],
-    ids=["no-augmentation", "mixup", "plain-cache-on-augmented-data"],
+    ids=["no-augmentation", "mixup", "no-sample-index", "plain-cache-on-augmented-data"],
 )
 def test_data_the_cache_cannot_serve_is_refused(
-    augment: dict | None, cache: TeacherOutputCache, message: str, kd_home: Path
+    augment: dict | None, return_index: bool, cache: TeacherOutputCache, message: str, kd_home: Path
 ) -> None:
-    datamodule = MNIST1DDataModule(str(kd_home / "data"), augment=augment, return_index=True)
+    datamodule = MNIST1DDataModule(str(kd_home / "data"), augment=augment, return_index=return_index)
     with pytest.raises(ConfigError, match=message):
         cache.check_data(datamodule)
+    if isinstance(cache, TeacherViewCache):  # prepare checks first: nothing is drawn or labelled
+        with pytest.raises(ConfigError, match=message):
+            cache.prepare(teacher(), datamodule, ("train",), CPU)
+        assert not cache.view_params and not cache.view_tables
 
 
 @pytest.mark.parametrize("views", [0, 1.5, True])

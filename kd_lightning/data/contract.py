@@ -100,6 +100,8 @@ def check_view_replay(datamodule: object, key: str) -> None:
             f"{key} stores one view per sample, but data.augment mixes samples of a batch (mixup): set "
             "data.augment.mixup_alpha=0 or teacher_cache=none"
         )
+    if not getattr(datamodule, "return_index", False):
+        raise ConfigError(f"{key} labels and replays views by sample index: set data.return_index=true")
 
 
 def is_deterministic(datamodule: object) -> bool:

@@ -203,6 +203,8 @@ class MNIST1DDataModule(L.LightningDataModule):
     def replay_views(self, source: ViewSource | None) -> None:
         """Augment training batches with ``source``'s stored per-sample parameters (``teacher_cache=per_view``)
         instead of fresh random values; None: fresh values again."""
+        if source is not None and not self.return_index:
+            raise ConfigError("teacher_cache=per_view replays views by sample index: set data.return_index=true")
         self.view_source = source
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -213,8 +215,6 @@ class MNIST1DDataModule(L.LightningDataModule):
         x, *rest = batch
         if self.view_source is None:
             return type(batch)([self.augment(x), *rest])
-        if not self.return_index:
-            raise ConfigError("teacher_cache=per_view replays views by sample index: set data.return_index=true")
         values = self.view_source.draw(rest[-1])
         return type(batch)([self.augment.apply_per_sample(x, values), *rest])
 

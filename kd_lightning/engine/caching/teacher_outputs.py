@@ -110,34 +110,47 @@ class TeacherOutputCache:
         process that does not see it, on a disk of its own, writes its own copy)."""
         splits = tuple(split for split in splits if split not in self.tables)
         teacher_digest = weights_digest(teacher) if splits else ""
-        world = trainer.world_size if trainer is not None else 1
         for split in splits:
-            key = self.key(teacher_digest, data.content_identity(), split)
-            entry = self.directory / key if self.directory else None
-            table = self.read(entry) if self.location == "disk" else None
+            self.prepare_split(teacher, teacher_digest, data, split, device, trainer)
+
+    def prepare_split(
+        self,
+        teacher: nn.Module,
+        teacher_digest: str,
+        data: CacheableData,
+        split: str,
+        device: torch.device,
+        trainer: Trainer | None,
+    ) -> None:
+        """One split's table into ``tables[split]`` (and ``hits``, ``labelled_rows``), as :meth:`prepare` says;
+        ``teacher_digest``: :func:`weights_digest` of ``teacher``, computed once by the caller."""
+        world = trainer.world_size if trainer is not None else 1
+        key = self.key(teacher_digest, data.content_identity(), split)
+        entry = self.directory / key if self.directory else None
+        table = self.read(entry) if self.location == "disk" else None
+        if world > 1:
+            hit = torch.tensor([int(table is not None)], device=trainer.strategy.root_device)
+            table = table if bool(trainer.strategy.all_gather(hit).all()) else None
+        self.hits[split] = table is not None
+        self.labelled_rows[split] = 0
+        if table is None:
+            loader = data.ordered_dataloader(split)
             if world > 1:
-                hit = torch.tensor([int(table is not None)], device=trainer.strategy.root_device)
-                table = table if bool(trainer.strategy.all_gather(hit).all()) else None
-            self.hits[split] = table is not None
-            self.labelled_rows[split] = 0
-            if table is None:
-                loader = data.ordered_dataloader(split)
+                table, self.labelled_rows[split] = self.compute_sharded(teacher, loader, device, trainer)
+            else:
+                table, self.labelled_rows[split] = self.compute(teacher, loader, device), len(loader.dataset)
+            if entry is not None:
+                meta = {"split": split, "teacher": teacher_digest}
+                if world == 1 or trainer.global_rank == 0:
+                    self.write(entry, table, meta)
                 if world > 1:
-                    table, self.labelled_rows[split] = self.compute_sharded(teacher, loader, device, trainer)
-                else:
-                    table, self.labelled_rows[split] = self.compute(teacher, loader, device), len(loader.dataset)
-                if entry is not None:
-                    meta = {"split": split, "teacher": teacher_digest}
-                    if world == 1 or trainer.global_rank == 0:
-                        self.write(entry, table, meta)
-                    if world > 1:
-                        trainer.strategy.barrier("teacher_cache")
-                    published = self.read(entry, verify=False)  # memory-mapped, like a later run's
-                    if published is None:
-                        self.write(entry, table, meta)
-                        published = self.read(entry, verify=False)
-                    table = published
-            self.tables[split] = table
+                    trainer.strategy.barrier("teacher_cache")
+                published = self.read(entry, verify=False)  # memory-mapped, like a later run's
+                if published is None:
+                    self.write(entry, table, meta)
+                    published = self.read(entry, verify=False)
+                table = published
+        self.tables[split] = table
 
     def key(self, teacher_digest: str, identity: Mapping[str, Any], split: str) -> str:
         ingredients = {"teacher": teacher_digest, "data": identity, "split": split}

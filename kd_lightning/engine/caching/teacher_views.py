@@ -21,9 +21,7 @@ on them (keyed by its weights and the views' key). Both are verified by checksum
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from kd_lightning.data.contract import CacheableData, ReplaysViews, check_view_replay
+from kd_lightning.engine.caching.store import cache_key, weights_digest
 from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
 from kd_lightning.engine.errors import ConfigError
 
@@ -76,23 +75,24 @@ class TeacherViewCache(TeacherOutputCache):
         """The plain tables of the unaugmented splits; for ``train``, the views (read, or drawn) and the
         teacher's outputs on each (read, or computed like any split: every process labels its shard); then
         ``data`` replays them."""
-        super().prepare(teacher, data, tuple(split for split in splits if split != TRAIN), device, trainer)
-        if TRAIN not in splits or self.view_tables:
+        plain = [split for split in splits if split != TRAIN and split not in self.tables]
+        views = TRAIN in splits and not self.view_tables
+        if views:
+            self.check_data(data)
+        digest = weights_digest(teacher) if plain or views else ""
+        for split in plain:
+            self.prepare_split(teacher, digest, data, split, device, trainer)
+        if not views:
             return
-        if not getattr(data, "return_index", False):
-            raise ConfigError(
-                "teacher_cache=per_view labels and replays views by sample index: set data.return_index=true"
-            )
         self.augment = data.augment
-        identity = data.content_identity()
-        self.views_key = self.hash({"data": identity, "views": self.views, "seed": self.seed, "format": 1})
+        self.views_key = cache_key(data=data.content_identity(), views=self.views, seed=self.seed, format=1)
         self.view_params = self.load_or_build(f"views-{self.views_key}", lambda: self.draw_views(data), trainer)
         viewed = ViewedData(data, self.views_key)
         names = [f"{TRAIN}@view{view}" for view in range(self.views)]
         for view, name in enumerate(names):
             self.labelling = view
             try:
-                super().prepare(teacher, viewed, (name,), device, trainer)
+                self.prepare_split(teacher, digest, viewed, name, device, trainer)
             finally:
                 self.labelling = None
         self.view_tables = [self.tables.pop(name) for name in names]
@@ -107,10 +107,6 @@ class TeacherViewCache(TeacherOutputCache):
         if self.labelling is None:
             return x
         return self.augment.apply_per_sample(x, self.draw(batch[-1], self.labelling, device))
-
-    @staticmethod
-    def hash(ingredients: Mapping[str, Any]) -> str:
-        return hashlib.sha256(json.dumps(ingredients, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def load_or_build(
         self, key: str, build: Callable[[], dict[str, np.ndarray]], trainer: Trainer | None
