@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from kd_lightning.data.contract import CacheableData
+from kd_lightning.engine.batches import Inputs, batch_size, input_device
 from kd_lightning.engine.caching.store import weights_digest
 from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
 from kd_lightning.engine.errors import ConfigError
@@ -23,6 +24,7 @@ from kd_lightning.engine.resume import side_rng
 from kd_lightning.engine.runtime import TEACHER_DTYPES
 from kd_lightning.engine.taps import Taps
 from kd_lightning.engine.weights import freeze
+from kd_lightning.teacher_inputs import adapted
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -49,6 +51,9 @@ class Teacher:
         reuse_val_outputs: keep the validation logits of the first epoch and reuse them, for data
             that declares ``random_augmentation = False``.
         provenance: where the weights came from (for the summary).
+        input: a module converting the student's batch ``x`` to the teacher's input (``teacher.input``, see
+            :mod:`kd_lightning.teacher_inputs`: re-normalise / resize images, the teacher's tokenisation of
+            text); None: the teacher reads ``x`` as it is.
     """
 
     def __init__(
@@ -59,6 +64,7 @@ class Teacher:
         cache: TeacherOutputCache | None = None,
         reuse_val_outputs: bool = True,
         provenance: Provenance | None = None,
+        input: nn.Module | None = None,
     ) -> None:
         if precision is not None and precision not in TEACHER_DTYPES:
             raise ConfigError(f"runtime.teacher_precision={precision!r}: use one of {sorted(TEACHER_DTYPES)} or null")
@@ -70,6 +76,8 @@ class Teacher:
         self.cache = cache
         self.reuse_val_outputs = reuse_val_outputs
         self.provenance = provenance or Provenance()
+        self.input = freeze(input) if input is not None else None
+        self._input_device: torch.device | None = None
         self.taps = Taps(self._model, {})
         self.stored_val_logits: dict[tuple[int, int], Tensor] = {}
 
@@ -96,18 +104,30 @@ class Teacher:
         self.taps = Taps(self._model, paths)
 
     # ---------------------------------------------------------------------------------- forwards
-    def outputs(self, x: Tensor) -> dict[str, Tensor]:
+    def teacher_input(self, x: Inputs) -> Inputs:
+        """The student's batch ``x`` as the teacher reads it: through ``input`` (moved to ``x``'s device the
+        first time), then floating images in the teacher's weight dtype (strategies that cast batches to a low
+        precision, e.g. FSDP mixed precision, leave the teacher's weights as they are)."""
+        if self.input is not None:
+            device = input_device(x)
+            if self._input_device != device:
+                self.input.to(device)
+                self._input_device = device
+            x = self.input(x)
+        weight = next(self.model.parameters(), None)
+        if weight is not None and isinstance(x, Tensor) and x.is_floating_point() and x.dtype != weight.dtype:
+            x = x.to(weight.dtype)
+        return x
+
+    def outputs(self, x: Inputs) -> dict[str, Tensor]:
         """``{"logits": ..., "<tapped key>": ...}`` under ``inference_mode`` and, with ``precision``,
         autocast; returned as float32 tensors usable in autograd."""
         dtype = TEACHER_DTYPES.get(self.precision) if self.precision else None
-        autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None)
-        # Strategies that cast batches to a low precision (FSDP mixed precision) leave the teacher's
-        # weights as they are: feed it inputs of its own dtype.
-        weight = next(self.model.parameters(), None)
-        if weight is not None and x.is_floating_point() and x.dtype != weight.dtype:
-            x = x.to(weight.dtype)
-        with torch.inference_mode(), self.taps.capture() as layers, autocast:
-            logits = self.model(x)
+        autocast = torch.autocast(input_device(x).type, dtype=dtype, enabled=dtype is not None)
+        with torch.inference_mode():
+            x = self.teacher_input(x)
+            with self.taps.capture() as layers, autocast:
+                logits = self.model(x)
         # Inference tensors cannot be saved for backward: copy them (as float32) outside inference mode.
         outputs = {"logits": logits, **layers}
         return {
@@ -122,15 +142,13 @@ class Teacher:
         its running statistics): they require no grad, so they get none."""
         dtype = TEACHER_DTYPES.get(self.precision) if self.precision else None
         autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None)
-        weight = next(self.model.parameters(), None)
-        if weight is not None and x.is_floating_point() and x.dtype != weight.dtype:
-            x = x.to(weight.dtype)
+        x = self.teacher_input(x)
         with torch.enable_grad(), self.taps.capture() as layers, autocast:
             logits = self.model(x)
         outputs = {"logits": logits, **layers}
         return {name: out.float() if out.is_floating_point() else out for name, out in outputs.items()}
 
-    def logits(self, x: Tensor, split: str, index: Tensor | None) -> Tensor:
+    def logits(self, x: Inputs, split: str, index: Tensor | None) -> Tensor:
         """The logits for ``x``: from the output cache (by sample ``index``) or a forward."""
         if self.cache is None:
             return self.outputs(x)["logits"]
@@ -141,13 +159,13 @@ class Teacher:
             )
         return self.cache.logits(split, index)
 
-    def val_logits(self, x: Tensor, index: Tensor | None, key: tuple[int, int], store: bool) -> Tensor:
+    def val_logits(self, x: Inputs, index: Tensor | None, key: tuple[int, int], store: bool) -> Tensor:
         """Validation logits: from the cache, else computed on the first epoch and reused after (when
         ``reuse_val_outputs`` and ``store``: deterministic data, not a sanity check), else computed."""
         if self.cache is not None:
             return self.logits(x, "val", index)
         stored = self.stored_val_logits.get(key)
-        if stored is not None and stored.shape[0] == x.shape[0]:
+        if stored is not None and stored.shape[0] == batch_size(x):
             return stored
         logits = self.outputs(x)["logits"]
         if self.reuse_val_outputs and store:
@@ -176,5 +194,7 @@ class Teacher:
         miss train alike)."""
         if self.cache is None:
             return
+        if self.input is not None:
+            self.input.to(device)
         with side_rng():
-            self.cache.prepare(self.model, datamodule, splits, device, trainer)
+            self.cache.prepare(adapted(self.model, self.input), datamodule, splits, device, trainer)

@@ -11,12 +11,13 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from kd_lightning.engine.batches import Inputs
 from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.engine.instantiate import build
 
 
 def check_class_counts(
-    example: torch.Tensor,
+    example: Inputs,
     num_classes: int,
     models: Mapping[str, nn.Module],
     configs: Mapping[str, Any] | None = None,

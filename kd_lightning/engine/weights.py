@@ -9,12 +9,15 @@ loaded itself (e.g. a pretrained-model factory).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from kd_lightning.engine.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: Prefixes under which a LightningModule may keep the model in its ``state_dict``.
 _MODEL_PREFIXES = ("student.", "model.", "net.")
@@ -61,24 +64,38 @@ def read_state_dict(path: str | Path, key: str = "teacher.checkpoint") -> dict[s
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise ConfigError(f"{key}={path} holds no state_dict of tensors; save model.state_dict()")
-    return _strip_prefix(loaded)
+    return loaded
 
 
-def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Return the model's own keys from a LightningModule state_dict (``student.w`` -> ``w``)."""
+def model_keys(state: dict[str, torch.Tensor], expected: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The model's own keys from a state_dict that may be a LightningModule's (``student.w`` -> ``w``): the
+    state as it is if its keys are ``expected`` (a model whose own names start with ``model.``, e.g. a wrapped
+    Hugging Face model), else without the first of :data:`_MODEL_PREFIXES` that some key carries."""
+    if expected is not None and set(state) == expected:
+        return state
     for prefix in _MODEL_PREFIXES:
         if any(name.startswith(prefix) for name in state):
-            return {name[len(prefix) :]: value for name, value in state.items() if name.startswith(prefix)}
+            stripped = {name[len(prefix) :]: value for name, value in state.items() if name.startswith(prefix)}
+            if expected is None or set(stripped) == expected or prefix != "model.":
+                return stripped
     return state
 
 
-def load_weights(model: nn.Module, path: str | Path, key: str = "teacher.checkpoint") -> nn.Module:
-    """Load the checkpoint at ``path`` into ``model`` strictly, with a one-line error on mismatch."""
-    state = read_state_dict(path, key)
+def load_weights(
+    model: nn.Module, path: str | Path, key: str = "teacher.checkpoint", keep_mismatched: bool = False
+) -> nn.Module:
+    """Load the checkpoint at ``path`` into ``model`` strictly, with a one-line error on mismatch.
+    ``keep_mismatched``: parameters whose shape differs (e.g. a classifier head for another number of
+    classes) keep their initial values instead (logged); missing or unexpected names are still refused."""
     expected = model.state_dict()
+    state = model_keys(read_state_dict(path, key), set(expected))
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = sorted(name for name in set(expected) & set(state) if expected[name].shape != state[name].shape)
+    if keep_mismatched and mismatched:
+        log.info("%s=%s: kept the initial values of %s (shapes differ)", key, path, ", ".join(mismatched))
+        state = {**state, **{name: expected[name] for name in mismatched}}
+        mismatched = []
     if missing or unexpected or mismatched:
         detail = "; ".join(
             f"{label}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"

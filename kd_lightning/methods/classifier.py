@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from kd_lightning.engine.batches import Inputs
 from kd_lightning.engine.runtime import Runtime
 from kd_lightning.losses import UNLABELLED
 from kd_lightning.methods.base import Method, OptimizerFactory, SchedulerFactory
@@ -91,9 +92,9 @@ class ClassifierMethod(Method):
             if self.runtime.compiles(role):
                 model.compile()
 
-    def formatted(self, x: Tensor) -> Tensor:
-        """``x`` in channels-last memory format when ``runtime.channels_last`` and ``x`` is 4-D."""
-        if self.runtime.channels_last and x.dim() == 4:
+    def formatted(self, x: Inputs) -> Inputs:
+        """``x`` in channels-last memory format when ``runtime.channels_last`` and ``x`` is a 4-D tensor."""
+        if self.runtime.channels_last and isinstance(x, Tensor) and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 

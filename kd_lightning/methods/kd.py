@@ -12,6 +12,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning.data.contract import HasExampleInput, HasTrainSize, is_deterministic
+from kd_lightning.engine.batches import Inputs, batch_size, to_device
 from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.runtime import Runtime
@@ -159,17 +160,17 @@ class DistillationModule(ClassifierMethod):
         return super().metric_names(loss, teachers) | {"train/loss_ce"} | terms | (compared if teachers else set())
 
     # ----------------------------------------------------------------------------- forward passes
-    def student_outputs(self, x: Tensor) -> dict[str, Tensor]:
+    def student_outputs(self, x: Inputs) -> dict[str, Tensor]:
         """``{"logits": ..., "<layer>": ...}`` for every student tensor the loss reads."""
         with self.student_taps.capture() as layers:
             logits = self.student(x)
         return {"logits": logits, **layers}
 
-    def teacher_outputs(self, x: Tensor, name: str = "teacher") -> dict[str, Tensor]:
+    def teacher_outputs(self, x: Inputs, name: str = "teacher") -> dict[str, Tensor]:
         """Teacher ``name``'s outputs (logits and tapped layers), see :meth:`Teacher.outputs`."""
         return self.teachers[name].outputs(x)
 
-    def distilled_outputs(self, x: Tensor, split: str, index: Tensor | None) -> dict[str, dict[str, Tensor]]:
+    def distilled_outputs(self, x: Inputs, split: str, index: Tensor | None) -> dict[str, dict[str, Tensor]]:
         """The outputs of every teacher the loss reads: cached logits or a forward."""
         outputs = {}
         for name in sorted(self.loss.models_read & set(self.teachers)):
@@ -178,13 +179,13 @@ class DistillationModule(ClassifierMethod):
             outputs[name] = {"logits": wrapped.logits(x, split, index)} if cached else wrapped.outputs(x)
         return outputs
 
-    def setup_for(self, example: Tensor, num_samples: int | None = None) -> None:
+    def setup_for(self, example: Inputs, num_samples: int | None = None) -> None:
         """Size the loss's adapters and check its shapes from one example batch (student in eval mode,
         no gradients); a no-op when the loss runs no term or needs no example (logit-only losses).
         ``num_samples``: training-set size, for terms indexed by sample (e.g. CRD's memory bank)."""
         if not self.needs_setup:
             return
-        example = example.to(self.device)
+        example = to_device(example, self.device)
         was_training = self.student.training
         self.student.eval()
         with torch.no_grad():
@@ -242,7 +243,7 @@ class DistillationModule(ClassifierMethod):
         out = self.loss(outputs, y, index=index, label_count=label_count)
         if not self.finite_step(out.total, out.parts, outputs):
             return None  # skipped (runtime.nonfinite=skip): no backward, no optimizer step
-        self.record_losses(out.total, out.parts, x.shape[0])
+        self.record_losses(out.total, out.parts, batch_size(x))
         return out.total
 
     # ---------------------------------------------------------------------------------- evaluation
@@ -270,7 +271,7 @@ class DistillationModule(ClassifierMethod):
         store = self.reuse_val_outputs and not self.trainer.sanity_checking
         teacher_logits = self.compared_val_logits(x, y, index, (dataloader_idx, batch_idx), store, logits)
         self.val_agreement(logits, teacher_logits.argmax(dim=-1))
-        self.val_kl(soft_kl(logits, teacher_logits, temperature=1.0), weight=x.shape[0])
+        self.val_kl(soft_kl(logits, teacher_logits, temperature=1.0), weight=batch_size(x))
         self.teacher_val_acc(teacher_logits, y)
         self.log("val/agreement", self.val_agreement)
         self.log("val/kl_to_teacher", self.val_kl)

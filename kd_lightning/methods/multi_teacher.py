@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from kd_lightning.engine.batches import Inputs
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.losses import UNLABELLED, DistillationLoss
 from kd_lightning.methods.kd import DistillationModule
@@ -120,7 +121,7 @@ class MultiTeacherDistillation(DistillationModule):
     def teacher_logits_of(self, x: Tensor, split: str, index: Tensor | None) -> dict[str, Tensor]:
         return {name: teacher.logits(x, split, index) for name, teacher in self.teachers.items()}
 
-    def distilled_outputs(self, x: Tensor, split: str, index: Tensor | None) -> dict[str, dict[str, Tensor]]:
+    def distilled_outputs(self, x: Inputs, split: str, index: Tensor | None) -> dict[str, dict[str, Tensor]]:
         """Each teacher the loss reads by its own name, and the combined target as ``teacher``; the labels
         (for ``combine=confidence``) come from :meth:`training_step` through ``self._targets``."""
         outputs = super().distilled_outputs(x, split, index)

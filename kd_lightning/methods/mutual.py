@@ -10,6 +10,7 @@ from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from kd_lightning.engine.batches import batch_size
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.runtime import Runtime
 from kd_lightning.losses import DistillationLoss
@@ -113,7 +114,7 @@ class MutualLearning(ClassifierMethod):
             parts = {part: parts.get(part, 0.0) + value for part, value in out.parts.items()}
         if not self.finite_step(total, parts, {name: {"logits": z} for name, z in logits.items()}):
             return None
-        self.record_losses(total, parts, x.shape[0])
+        self.record_losses(total, parts, batch_size(x))
         if not self.optimizer_per_peer:
             return total
         optimizers = self.optimizers()

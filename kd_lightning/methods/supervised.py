@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from kd_lightning.engine.batches import batch_size
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.runtime import Runtime
 from kd_lightning.losses import masked_cross_entropy
@@ -44,7 +45,7 @@ class Supervised(ClassifierMethod):
         ce = masked_cross_entropy(logits, y, self.label_smoothing, self.mean_label_count(y))
         if not self.finite_step(ce, {"ce": ce}, {"student": {"logits": logits}}):
             return None  # skipped (runtime.nonfinite=skip)
-        self.record_losses(ce, {"ce": ce}, x.shape[0])
+        self.record_losses(ce, {"ce": ce}, batch_size(x))
         return ce
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:

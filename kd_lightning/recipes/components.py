@@ -61,15 +61,26 @@ def data_overrides(cfg: DictConfig, method: type[Method], loss: Any, cached_teac
 
 
 def teachers_for(
-    cfg: DictConfig, configs: dict[str, DictConfig], models: dict[str, torch.nn.Module], out_dir: Path, runtime: Runtime
+    cfg: DictConfig,
+    configs: dict[str, DictConfig],
+    models: dict[str, torch.nn.Module],
+    inputs: dict[str, torch.nn.Module | None],
+    out_dir: Path,
+    runtime: Runtime,
 ) -> dict[str, Teacher]:
-    """Every teacher with its weights (checkpoint, factory, cache or trained) and how it runs."""
+    """Every teacher with its weights (checkpoint, factory, cache or trained), its input adapter and how it runs."""
     teachers = {}
     for name, teacher_cfg in configs.items():
-        provenance = obtain_teacher(cfg, teacher_cfg, name, models[name], out_dir)
+        provenance = obtain_teacher(cfg, teacher_cfg, name, models[name], out_dir, inputs[name])
         cache = build(cfg.teacher_cache, "teacher_cache") if cfg.get("teacher_cache") else None
         teachers[name] = Teacher(
-            models[name], name, runtime.teacher_precision, cache, runtime.reuse_val_teacher_outputs, provenance
+            models[name],
+            name,
+            runtime.teacher_precision,
+            cache,
+            runtime.reuse_val_teacher_outputs,
+            provenance,
+            inputs[name],
         )
     return teachers
 

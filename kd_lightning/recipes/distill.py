@@ -19,6 +19,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from kd_lightning.engine.batches import batch_size as rows
 from kd_lightning.engine.checks import check_class_counts, check_run_options, check_trainer, checked_factory
 from kd_lightning.engine.instantiate import build, build_trainer, log_run_config
 from kd_lightning.engine.run_dir import announce, start_run
@@ -29,10 +30,11 @@ from kd_lightning.recipes.components import data_overrides, method_factory, offe
 from kd_lightning.recipes.fit import run_test
 from kd_lightning.recipes.preflight import check_resume_checkpoint, preflight
 from kd_lightning.recipes.stages import distill_stages, multi_stage_method
-from kd_lightning.recipes.teacher import config_key, scratch_baseline
+from kd_lightning.recipes.teacher import config_key, scratch_baseline, teacher_input
 from kd_lightning.reporting.summary import Summary
 from kd_lightning.reporting.teacher_cost import teacher_costs
 from kd_lightning.reporting.tracking import finish_runs
+from kd_lightning.teacher_inputs import adapted
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class Parts:
     datamodule: L.LightningDataModule
     student: nn.Module
     models: dict[str, nn.Module]
+    inputs: dict[str, nn.Module | None]
     optimizer: Callable[..., Any]
     scheduler: Callable[..., Any] | None
     trainer: L.Trainer
@@ -78,10 +81,14 @@ def assemble(cfg: DictConfig) -> Parts:
     datamodule = build(cfg.data, "data")
     student = build(cfg.student.model, "student.model")
     models = {name: build(node.model, f"{config_key(name)}.model") for name, node in teacher_cfgs.items()}
+    inputs = {name: teacher_input(node, name) for name, node in teacher_cfgs.items()}
     check_class_counts(
         datamodule.example_input(),
         cfg.data.num_classes,
-        {"student": student, **{config_key(name): model for name, model in models.items()}},
+        {
+            "student": student,
+            **{config_key(name): adapted(model, inputs[name]) for name, model in models.items()},
+        },
         {"student": cfg.student.model, **{config_key(name): node.model for name, node in teacher_cfgs.items()}},
     )
     optimizer = checked_factory(cfg.optimizer, "optimizer")
@@ -90,7 +97,9 @@ def assemble(cfg: DictConfig) -> Parts:
     processes = trainer.num_devices if isinstance(trainer.accelerator, CPUAccelerator) else 1
     set_cpu_threads(runtime.cpu_threads, [student, *models.values()], "runtime.cpu_threads", processes)
     preflight(cfg, factory, loss, datamodule, {"student": student, **models}, teacher_cfgs, trainer)
-    return Parts(runtime, loss, factory, teacher_cfgs, datamodule, student, models, optimizer, scheduler, trainer)
+    return Parts(
+        runtime, loss, factory, teacher_cfgs, datamodule, student, models, inputs, optimizer, scheduler, trainer
+    )
 
 
 def distill(cfg: DictConfig) -> dict[str, Any]:
@@ -106,7 +115,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     parts = assemble(cfg)
     runtime, loss, factory, teacher_cfgs = parts.runtime, parts.loss, parts.factory, parts.teacher_cfgs
     datamodule, student, trainer = parts.datamodule, parts.student, parts.trainer
-    teachers = teachers_for(cfg, teacher_cfgs, parts.models, out_dir, runtime)
+    teachers = teachers_for(cfg, teacher_cfgs, parts.models, parts.inputs, out_dir, runtime)
 
     L.seed_everything(cfg.seed, workers=True)
     method = offer(
@@ -126,7 +135,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     log_run_config(trainer, cfg, params)
 
     example = datamodule.example_input()
-    batch_size = int(cfg.data.get("batch_size") or example.shape[0])
+    batch_size = int(cfg.data.get("batch_size") or rows(example))
     costs = teacher_costs(teachers, example, batch_size, trainer.strategy.root_device)
     distill_start = time.perf_counter()
     trainer.fit(method, datamodule=method.training_data(datamodule), ckpt_path=ckpt_path)

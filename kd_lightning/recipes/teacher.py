@@ -32,6 +32,7 @@ from kd_lightning.engine.threads import set_cpu_threads
 from kd_lightning.engine.weights import load_weights
 from kd_lightning.recipes.fit import FitResult, fit_supervised
 from kd_lightning.teacher import Provenance
+from kd_lightning.teacher_inputs import adapted
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +50,35 @@ def config_key(name: str) -> str:
     return "teacher" if name == "teacher" else f"method.teachers.{name}"
 
 
-def train_teacher(cfg: DictConfig, teacher_cfg: DictConfig, model: nn.Module, out_dir: Path) -> FitResult:
-    """Train the teacher ``model`` supervised with its ``fit`` recipe; loads its best weights."""
+def teacher_input(teacher_cfg: DictConfig, name: str) -> nn.Module | None:
+    """Teacher ``name``'s input adapter (``teacher.input``, :mod:`kd_lightning.teacher_inputs`), None without one."""
+    return build(teacher_cfg.input, f"{config_key(name)}.input") if teacher_cfg.get("input") else None
+
+
+def train_teacher(
+    cfg: DictConfig, teacher_cfg: DictConfig, model: nn.Module, out_dir: Path, input: nn.Module | None = None
+) -> FitResult:
+    """Train the teacher ``model`` supervised with its ``fit`` recipe, reading its inputs through ``input`` (the
+    teacher's input adapter, as it will when distilled from); loads its best weights."""
     fit = teacher_cfg.fit
-    result = fit_supervised(cfg, model, out_dir, fit.max_epochs, fit.optimizer, fit.get("scheduler"))
+    trained = adapted(model, input)
+    result = fit_supervised(cfg, trained, out_dir, fit.max_epochs, fit.optimizer, fit.get("scheduler"))
     if result.best_checkpoint:
-        load_weights(model, result.best_checkpoint, key="teacher.checkpoint")
+        load_weights(trained, result.best_checkpoint, key="teacher.checkpoint")
     return result
 
 
-def obtain_teacher(cfg: DictConfig, teacher_cfg: DictConfig, name: str, model: nn.Module, out_dir: Path) -> Provenance:
+def obtain_teacher(
+    cfg: DictConfig,
+    teacher_cfg: DictConfig,
+    name: str,
+    model: nn.Module,
+    out_dir: Path,
+    input: nn.Module | None = None,
+) -> Provenance:
     """Weights for the teacher ``model`` (loaded in place): ``checkpoint``; else, without a ``fit``
-    recipe, the weights its ``_target_`` built (a pretrained factory); else the cache; else trained and cached."""
+    recipe, the weights its ``_target_`` built (a pretrained factory); else the cache; else trained (reading
+    its inputs through its adapter ``input``, :func:`teacher_input`) and cached."""
     key = config_key(name)
     if teacher_cfg.checkpoint:
         load_weights(model, teacher_cfg.checkpoint, key=f"{key}.checkpoint")
@@ -74,6 +92,7 @@ def obtain_teacher(cfg: DictConfig, teacher_cfg: DictConfig, name: str, model: n
         data=data_identity(cfg.data),
         trainer=trainer_identity(cfg.trainer),
         seed=cfg.seed,
+        **({"input": teacher_cfg.input} if input is not None else {}),
     )
     entry = Path(cfg.paths.cache_dir) / "teachers" / entry_key
     if cached_teacher(entry, model):
@@ -85,7 +104,7 @@ def obtain_teacher(cfg: DictConfig, teacher_cfg: DictConfig, name: str, model: n
         # of what the run drew before building this model, e.g. another student).
         model.load_state_dict(build(teacher_cfg.model, f"{key}.model").state_dict())
         L.seed_everything(cfg.seed, workers=True)
-        result = train_teacher(cfg, teacher_cfg, model, out_dir / name)
+        result = train_teacher(cfg, teacher_cfg, model, out_dir / name, input)
     weights = entry / "model.safetensors"
     entry.mkdir(parents=True, exist_ok=True)
     tmp = entry / f".model.{time.time_ns()}.safetensors"
@@ -166,10 +185,13 @@ def train_model(cfg: DictConfig) -> float:
         )
     check_fit(cfg.teacher.fit, "teacher.fit")
     model = build(cfg.teacher.model, "teacher.model")
+    input = teacher_input(cfg.teacher, "teacher")
     set_cpu_threads(cfg.cpu_threads, [model], "cpu_threads")
     example = build(cfg.data, "data").example_input()
-    check_class_counts(example, cfg.data.num_classes, {"teacher": model}, {"teacher": cfg.teacher.model})
-    result = train_teacher(cfg, cfg.teacher, model, out_dir)
+    check_class_counts(
+        example, cfg.data.num_classes, {"teacher": adapted(model, input)}, {"teacher": cfg.teacher.model}
+    )
+    result = train_teacher(cfg, cfg.teacher, model, out_dir, input)
     teacher_choice = HydraConfig.get().runtime.choices["teacher"]
     print(
         f"kd-train: val acc (best) {100 * result.val_acc_best:.2f}%, test acc {100 * result.test_acc:.2f}% "

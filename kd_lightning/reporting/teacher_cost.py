@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from kd_lightning.engine.batches import Inputs, repeat_rows, to_device
 from kd_lightning.teacher import Teacher
 
 #: Forwards timed per teacher (after one warm-up); the median is reported.
@@ -21,7 +22,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def teacher_costs(
-    teachers: Mapping[str, Teacher], example: torch.Tensor, batch_size: int, device: torch.device
+    teachers: Mapping[str, Teacher], example: Inputs, batch_size: int, device: torch.device
 ) -> dict[str, Any]:
     """Per teacher: ``params``, ``weights_mib`` (parameters and buffers), ``forward_ms`` (median wall time of
     a forward on a batch of ``batch_size`` made from the example input, on ``device`` (the teacher is moved
@@ -35,8 +36,7 @@ def teacher_costs(
         weight = next(model.parameters(), None)
         home = weight.device if weight is not None else torch.device("cpu")
         model.to(device)
-        repeats = -(-batch_size // example.shape[0])
-        x = example.to(device).repeat(repeats, *(1,) * (example.dim() - 1))[:batch_size]
+        x = repeat_rows(to_device(example, device), batch_size)
         tensors = [*model.parameters(), *model.buffers()]
         weights_mib = sum(t.numel() * t.element_size() for t in tensors) / 2**20
         teacher.outputs(x)  # warm-up

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from kd_lightning.data.contract import CacheableData, check_cacheable
+from kd_lightning.engine.batches import Inputs, to_device
 from kd_lightning.engine.caching.store import array_record, open_array, publish_directory, weights_digest
 from kd_lightning.engine.errors import ConfigError
 
@@ -168,10 +169,11 @@ class TeacherOutputCache:
         teacher.train(was_training)
         return {name: arrays[0] if name in WHOLE_TABLE else np.concatenate(arrays) for name, arrays in chunks.items()}
 
-    def teacher_input(self, batch: Any, device: torch.device) -> Tensor:
-        """The input the teacher labels for a batch of the ordered loader: its ``x``, on ``device``."""
+    def teacher_input(self, batch: Any, device: torch.device) -> Inputs:
+        """The input the teacher labels for a batch of the ordered loader: its ``x`` (a tensor or a mapping of
+        tensors), on ``device``."""
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return x.to(device)
+        return to_device(x, device)
 
     def compute_sharded(
         self, teacher: nn.Module, loader: DataLoader, device: torch.device, trainer: Trainer
