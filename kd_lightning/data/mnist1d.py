@@ -9,16 +9,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
 
 from kd_lightning.data.augment import SignalAugmentation
-from kd_lightning.data.contract import ViewSource
-from kd_lightning.data.tensors import batched_loader
+from kd_lightning.data.in_memory import InMemoryDataModule, augmentation_identity, build_augmentation
 from kd_lightning.engine.caching.store import file_digest, write_text_atomic
 from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.losses.base import UNLABELLED
@@ -60,7 +56,7 @@ def _cached(path: Path, build: Callable[[], dict[str, np.ndarray]]) -> dict[str,
     return arrays
 
 
-class MNIST1DDataModule(L.LightningDataModule):
+class MNIST1DDataModule(InMemoryDataModule):
     """MNIST-1D (Greydanus 2020): 40-sample signals of 10 digit templates, shifted and noised.
 
     Splits: ``train`` is the official 4,000 samples and ``test`` the official 1,000 (generator
@@ -85,9 +81,6 @@ class MNIST1DDataModule(L.LightningDataModule):
     """
 
     num_classes = 10
-    #: A sample index fixes the input exactly, so teacher outputs can be cached (``teacher_cache``);
-    #: an instance with ``augment`` set declares True.
-    random_augmentation = False
 
     def __init__(
         self,
@@ -101,35 +94,21 @@ class MNIST1DDataModule(L.LightningDataModule):
         return_index: bool = False,
         augment: Mapping[str, Any] | Callable[[Tensor], Tensor] | None = None,
     ) -> None:
-        super().__init__()
-        for key, value in (("num_classes", num_classes), ("batch_size", batch_size), ("num_workers", num_workers)):
+        super().__init__(
+            batch_size, num_workers, pin_memory, return_index, build_augmentation(augment, SignalAugmentation)
+        )
+        for key, value in (("num_classes", num_classes), ("val_samples", val_samples)):
             check_type(value, int, f"data.{key}")
-        for key, value in (("val_samples", val_samples), ("transfer_samples", transfer_samples)):
-            check_type(value, int, f"data.{key}")
-        check_type(pin_memory, bool, "data.pin_memory")
-        check_type(return_index, bool, "data.return_index")
-        if num_workers < 0:
-            raise ConfigError(f"data.num_workers={num_workers} must be >= 0 (0: load in the main process)")
+        check_type(transfer_samples, int, "data.transfer_samples")
         if num_classes != self.num_classes:
             raise ConfigError(f"data.num_classes={num_classes} but MNIST-1D has 10 classes; set data.num_classes=10")
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
         if val_samples < 1:
             raise ConfigError(f"data.val_samples={val_samples} must be >= 1")
         if transfer_samples < 0:
             raise ConfigError(f"data.transfer_samples={transfer_samples} must be >= 0 (0 disables it)")
         self.data_dir = Path(data_dir)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.val_samples = val_samples
         self.transfer_samples = transfer_samples
-        self.pin_memory = pin_memory
-        self.return_index = bool(return_index)
-        self.augment = build_augmentation(augment)
-        if self.augment is not None:
-            self.random_augmentation = True
-        self.view_source: ViewSource | None = None
-        self.splits: dict[str, TensorDataset] = {}
 
     def _split_files(self) -> dict[str, tuple[Path, int, int]]:
         """Cache file, generator seed and sample count per generated set."""
@@ -154,69 +133,18 @@ class MNIST1DDataModule(L.LightningDataModule):
         for name in self._split_files():
             self._load(name)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
+    def build_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         official, val = self._load("official"), self._load("val")
         x_train, y_train = official["x"], official["y"]
         if self.transfer_samples:
             x_transfer = self._load("transfer")["x"]
             x_train = np.concatenate([x_train, x_transfer])
             y_train = np.concatenate([y_train, np.full(len(x_transfer), UNLABELLED)])
-        self.splits = {
-            "train": _tensors(x_train, y_train, self.return_index),
-            "val": _tensors(val["x"], val["y"], self.return_index),
-            "test": _tensors(official["x_test"], official["y_test"], self.return_index),
+        return {
+            "train": _tensors(x_train, y_train),
+            "val": _tensors(val["x"], val["y"]),
+            "test": _tensors(official["x_test"], official["y_test"]),
         }
-
-    @property
-    def num_train_samples(self) -> int:
-        """Size of the training set (official + transfer samples): the range of training indices."""
-        self.prepare_data()
-        self.setup()
-        return len(self.splits["train"])
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return batched_loader(
-            self.splits[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    @property
-    def mixes_inputs(self) -> bool:
-        """Whether a training input mixes two samples (mixup), so its target is only the first one's."""
-        return bool(getattr(self.augment, "mixes_inputs", False))
-
-    def replay_views(self, source: ViewSource | None) -> None:
-        """Augment training batches with ``source``'s stored per-sample parameters (``teacher_cache=per_view``)
-        instead of fresh random values; None: fresh values again."""
-        if source is not None and not self.return_index:
-            raise ConfigError("teacher_cache=per_view replays views by sample index: set data.return_index=true")
-        self.view_source = source
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Augment the inputs of a training batch (already on its device): with fresh random values, or the
-        stored ones of the batch's samples when views are replayed; any other batch as it is."""
-        if self.augment is None or self.trainer is None or not self.trainer.training:
-            return batch
-        x, *rest = batch
-        if self.view_source is None:
-            return type(batch)([self.augment(x), *rest])
-        values = self.view_source.draw(rest[-1])
-        return type(batch)([self.augment.apply_per_sample(x, values), *rest])
 
     def content_identity(self) -> dict[str, Any]:
         """What determines every split's inputs (generator seeds and sizes, the training augmentation if
@@ -231,55 +159,6 @@ class MNIST1DDataModule(L.LightningDataModule):
             identity["augment"] = augmentation_identity(self.augment)
         return identity
 
-    def ordered_dataloader(self, split: str) -> DataLoader:
-        """``split`` in index order, unshuffled (for computing per-sample teacher outputs)."""
-        self.prepare_data()
-        self.setup()
-        return batched_loader(self.splits[split], batch_size=max(self.batch_size, 512), shuffle=False)
 
-    def example_input(self) -> torch.Tensor:
-        """One batch of two inputs, for shape checks before training."""
-        self.prepare_data()
-        self.setup()
-        return self.splits["val"].tensors[0][:2]
-
-
-def build_augmentation(augment: Any) -> Callable[[Tensor], Tensor] | None:
-    """``data.augment`` as a callable: None stays None; a mapping with a ``_target_`` is instantiated, one
-    without is :class:`SignalAugmentation`'s knobs; a callable is used as it is."""
-    if augment is None:
-        return None
-    if isinstance(augment, DictConfig):
-        augment = OmegaConf.to_container(augment, resolve=True)
-    if isinstance(augment, Mapping):
-        knobs = dict(augment)
-        if "_target_" in knobs:
-            from hydra.utils import instantiate
-
-            return build_augmentation(instantiate(knobs))
-        try:
-            return SignalAugmentation(**knobs)
-        except TypeError as error:
-            raise ConfigError(
-                f"data.augment has a key SignalAugmentation does not take ({error}); use max_shift, scale, shear, "
-                "iid_noise, corr_noise, corr_noise_sigma, mixup_alpha (or give a _target_)"
-            ) from None
-    if not callable(augment):
-        raise ConfigError(
-            f"data.augment={augment!r} must be null, a mapping of SignalAugmentation knobs, or a callable x -> x"
-        )
-    return augment
-
-
-def augmentation_identity(augment: Callable[[Tensor], Tensor]) -> dict[str, Any]:
-    """What :meth:`MNIST1DDataModule.content_identity` records of an augmentation: its class and knobs."""
-    cls = type(augment)
-    config = augment.config() if callable(getattr(augment, "config", None)) else {"repr": repr(augment)}
-    return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **config}
-
-
-def _tensors(x: np.ndarray, y: np.ndarray, with_index: bool = False) -> TensorDataset:
-    tensors = [torch.as_tensor(x, dtype=torch.float32).unsqueeze(1), torch.as_tensor(y, dtype=torch.long)]
-    if with_index:
-        tensors.append(torch.arange(len(x)))
-    return TensorDataset(*tensors)
+def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[Tensor, Tensor]:
+    return torch.as_tensor(x, dtype=torch.float32).unsqueeze(1), torch.as_tensor(y, dtype=torch.long)

@@ -11,6 +11,7 @@ tensor: the same values, bit for bit, in the same order (the sampler is untouche
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,20 +21,23 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 class WholeBatches(Dataset):
     """``dataset``'s samples, gathered a whole batch at a time (``__getitems__``); a batch comes out collated,
-    so load it with ``collate_fn=WholeBatches.collate`` (:func:`batched_loader` does)."""
+    so load it with ``collate_fn=WholeBatches.collate`` (:func:`batched_loader` does). ``transform`` maps the
+    gathered inputs (the first tensor) of a batch, e.g. stored ``uint8`` images to normalised floats."""
 
-    def __init__(self, dataset: TensorDataset) -> None:
+    def __init__(self, dataset: TensorDataset, transform: Callable[[Tensor], Tensor] | None = None) -> None:
         self.dataset = dataset
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
-        return self.dataset[index]
+    def __getitem__(self, index: int) -> list[Tensor]:
+        return [tensor[0] for tensor in self.__getitems__([index])]
 
     def __getitems__(self, indices: list[int]) -> list[Tensor]:
         rows = torch.as_tensor(indices, dtype=torch.long)
-        return [tensor[rows] for tensor in self.dataset.tensors]
+        x, *rest = (tensor[rows] for tensor in self.dataset.tensors)
+        return [self.transform(x) if self.transform is not None else x, *rest]
 
     @staticmethod
     def collate(batch: list[Tensor]) -> list[Tensor]:
@@ -41,7 +45,9 @@ class WholeBatches(Dataset):
         return batch
 
 
-def batched_loader(dataset: TensorDataset, **options: Any) -> DataLoader:
+def batched_loader(
+    dataset: TensorDataset, transform: Callable[[Tensor], Tensor] | None = None, **options: Any
+) -> DataLoader:
     """A ``DataLoader`` over ``dataset`` (``options``: batch size, shuffle, workers, ...) that gathers each batch
-    whole and serves it as it is."""
-    return DataLoader(WholeBatches(dataset), collate_fn=WholeBatches.collate, **options)
+    whole (its inputs through ``transform``) and serves it as it is."""
+    return DataLoader(WholeBatches(dataset, transform), collate_fn=WholeBatches.collate, **options)

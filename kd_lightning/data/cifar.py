@@ -1,0 +1,311 @@
+"""CIFAR-10 and CIFAR-100 (Krizhevsky 2009) from the python pickle batches as distributed.
+
+Layout under ``data.root`` (what the official archives unpack to)::
+
+    cifar-10-batches-py/   data_batch_1 .. data_batch_5, test_batch, batches.meta
+    cifar-100-python/      train, test, meta
+
+Each batch file is a pickled dict with ``data`` (N x 3072 uint8, channel-major 32x32 images) and
+``labels`` (CIFAR-10) or ``fine_labels`` / ``coarse_labels`` (CIFAR-100). The pickles are read with an
+unpickler that admits nothing but NumPy arrays and plain containers, so a tampered file cannot run code.
+Nothing is downloaded unless ``download: true``; the archive is then checked against its published MD5.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kd_lightning.data.image_augment import CropFlip
+from kd_lightning.data.in_memory import InMemoryDataModule, augmentation_identity, build_augmentation
+from kd_lightning.engine.caching.store import file_digest
+from kd_lightning.engine.errors import ConfigError, check_type
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CifarLayout:
+    """Where one CIFAR variant's files are and what they hold."""
+
+    folder: str
+    train_files: tuple[str, ...]
+    test_file: str
+    meta_file: str
+    url: str
+    md5: str
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+LAYOUTS = {
+    "cifar10": CifarLayout(
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        "test_batch",
+        "batches.meta",
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "c58f30108f718f92721af3b95e74349a",
+        10,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+    ),
+    "cifar100": CifarLayout(
+        "cifar-100-python",
+        ("train",),
+        "test",
+        "meta",
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85",
+        100,
+        (0.5071, 0.4867, 0.4408),
+        (0.2675, 0.2565, 0.2761),
+    ),
+}
+
+#: What the restricted unpickler lets a CIFAR pickle build: NumPy arrays and dtypes, and byte strings as
+#: Python 3 pickles them (``_codecs.encode``), nothing else.
+_ALLOWED_GLOBALS = {
+    ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"a CIFAR batch file may not reference {module}.{name}")
+
+
+def read_batch(path: Path) -> dict[str, Any]:
+    """One CIFAR pickle as a dict with str keys (the files are Python 2 pickles with byte-string keys)."""
+    try:
+        with open(path, "rb") as file:
+            raw = _ArraysOnly(io.BytesIO(file.read()), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as error:
+        raise ConfigError(f"data.root: {path} is not a readable CIFAR batch file ({error})") from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"data.root: {path} is not a CIFAR batch file (a pickled dict)")
+    return {key.decode() if isinstance(key, bytes) else key: value for key, value in raw.items()}
+
+
+class CIFARDataModule(InMemoryDataModule):
+    """CIFAR-10 / CIFAR-100 from ``root`` (see the module docstring for the layout), held in memory as uint8.
+
+    Splits: ``train`` is the 50,000 training images less ``val_samples`` held out for model selection
+    (a per-class-balanced draw with ``split_seed``); ``val`` is that hold-out, or, with ``val_samples: 0``,
+    the test set (the published CIFAR protocol, which selects the best epoch on test: report it as such);
+    ``test`` is the 10,000 test images. Inputs are normalised with ``mean`` / ``std`` (per channel; default
+    the training set's statistics) when a batch is gathered; targets are the fine labels, or the 20
+    super-classes with ``label: coarse`` (CIFAR-100).
+
+    ``augment`` transforms training batches on their device: a mapping of
+    :class:`~kd_lightning.data.image_augment.CropFlip`'s knobs (``conf/data/cifar100.yaml`` sets the standard
+    ``{padding: 4, flip: true}``; its padding is black, the normalised zero pixel, as torchvision's pipeline
+    pads), a config with a ``_target_``, or a callable; None: no augmentation (and the teacher-output cache
+    is allowed). Random augmentation declares ``random_augmentation = True``: ``teacher_cache=per_view``
+    stores views of it.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        dataset: str = "cifar100",
+        num_classes: int = 100,
+        label: str = "fine",
+        val_samples: int = 5000,
+        split_seed: int = 0,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        augment: Mapping[str, Any] | Callable[[Tensor], Tensor] | None = None,
+        download: bool = False,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        return_index: bool = False,
+    ) -> None:
+        if dataset not in LAYOUTS:
+            raise ConfigError(f"data.dataset={dataset!r}: use one of {sorted(LAYOUTS)}")
+        layout = LAYOUTS[dataset]
+        if label not in ("fine", "coarse") or (label == "coarse" and dataset != "cifar100"):
+            raise ConfigError(f"data.label={label!r}: use 'fine' (or 'coarse', CIFAR-100's 20 super-classes)")
+        check_type(val_samples, int, "data.val_samples")
+        check_type(download, bool, "data.download")
+        classes = 20 if label == "coarse" else layout.num_classes
+        if num_classes != classes:
+            raise ConfigError(
+                f"data.num_classes={num_classes} but {dataset} ({label}) has {classes}; set it to {classes}"
+            )
+        if not 0 <= val_samples < 50000:
+            raise ConfigError(f"data.val_samples={val_samples} must be in 0..49999 (0: validate on the test set)")
+        self.mean = _stats(mean, layout.mean, "data.mean")
+        self.std = _stats(std, layout.std, "data.std")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"data.std={list(self.std)} must be > 0")
+        if isinstance(augment, Mapping) and "_target_" not in augment:
+            augment = {"fill": [-m / s for m, s in zip(self.mean, self.std, strict=True)], **augment}
+        super().__init__(batch_size, num_workers, pin_memory, return_index, build_augmentation(augment, CropFlip))
+        self.root = Path(root)
+        self.dataset = dataset
+        self.layout = layout
+        self.num_classes = classes
+        self.label = label
+        self.val_samples = val_samples
+        self.split_seed = split_seed
+        self.download = download
+        self.label_names: list[str] = []
+        self._file_digests: dict[str, str] | None = None
+
+    # ------------------------------------------------------------------------------------- files
+    @property
+    def folder(self) -> Path:
+        return self.root / self.layout.folder
+
+    def files(self) -> list[Path]:
+        names = [*self.layout.train_files, self.layout.test_file, self.layout.meta_file]
+        return [self.folder / name for name in names]
+
+    def file_digests(self) -> dict[str, str]:
+        """sha256 of every file, computed once."""
+        if self._file_digests is None:
+            self.prepare_data()
+            self._file_digests = {path.name: file_digest(path) for path in self.files()}
+        return self._file_digests
+
+    def prepare_data(self) -> None:
+        missing = [path for path in self.files() if not path.is_file()]
+        if not missing:
+            return
+        if self.download:
+            download_archive(self.layout.url, self.layout.md5, self.root)
+            missing = [path for path in self.files() if not path.is_file()]
+        if missing:
+            raise ConfigError(
+                f"data.root={self.root}: {self.dataset} not found ({missing[0]} is missing). Expected the python "
+                f"version as distributed, unpacked: {self.folder}/{{{', '.join(p.name for p in self.files())}}} "
+                f"(from {self.layout.url}); or set data.download=true to fetch it"
+            )
+
+    def _images(self, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        key = "labels" if self.dataset == "cifar10" else f"{self.label}_labels"
+        images, labels = [], []
+        for name in names:
+            batch = read_batch(self.folder / name)
+            if "data" not in batch or key not in batch:
+                raise ConfigError(
+                    f"data.root: {self.folder / name} lacks 'data' or {key!r}; is it a {self.dataset} file?"
+                )
+            data = np.asarray(batch["data"], dtype=np.uint8)
+            if data.ndim != 2 or data.shape[1] != 3072:
+                raise ConfigError(f"data.root: {self.folder / name} holds images of shape {data.shape}, not (N, 3072)")
+            images.append(data.reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch[key], dtype=np.int64))
+        return np.concatenate(images), np.concatenate(labels)
+
+    def build_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+        meta = read_batch(self.folder / self.layout.meta_file)
+        names_key = "label_names" if self.dataset == "cifar10" else f"{self.label}_label_names"
+        self.label_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(names_key, [])]
+        x, y = self._images(self.layout.train_files)
+        x_test, y_test = self._images([self.layout.test_file])
+        if y.min() < 0 or y.max() >= self.num_classes:
+            raise ConfigError(
+                f"data.root: labels in {self.folder} span {y.min()}..{y.max()}, not 0..{self.num_classes - 1}"
+            )
+        test = (torch.from_numpy(x_test), torch.from_numpy(y_test))
+        if not self.val_samples:
+            return {"train": (torch.from_numpy(x), torch.from_numpy(y)), "val": test, "test": test}
+        held = balanced_holdout(y, self.val_samples, self.num_classes, self.split_seed)
+        kept = np.setdiff1d(np.arange(len(y)), held)
+        split = {"train": kept, "val": held}
+        return {name: (torch.from_numpy(x[rows]), torch.from_numpy(y[rows])) for name, rows in split.items()} | {
+            "test": test
+        }
+
+    def input_transform(self) -> Callable[[Tensor], Tensor]:
+        return Normalize(self.mean, self.std)
+
+    def content_identity(self) -> dict[str, Any]:
+        """What determines every split's inputs: the files' contents, the split, the normalisation and the
+        training augmentation (not the directory, batch size or workers)."""
+        identity: dict[str, Any] = {
+            "dataset": self.dataset,
+            "label": self.label,
+            "files": self.file_digests(),
+            "val_samples": self.val_samples,
+            "split_seed": self.split_seed if self.val_samples else None,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+        if self.augment is not None:
+            identity["augment"] = augmentation_identity(self.augment)
+        return identity
+
+
+class Normalize:
+    """uint8 images (B, C, H, W) to float32 ``(x / 255 - mean) / std`` per channel."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return (x.float().div_(255.0) - self.mean) / self.std
+
+
+def balanced_holdout(labels: np.ndarray, count: int, num_classes: int, seed: int) -> np.ndarray:
+    """``count`` sample positions, as equal a share of each class as ``count`` allows, drawn with ``seed``
+    (sorted)."""
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+    share, extra = divmod(count, num_classes)
+    chosen = [rows[: share + (c < extra)] for c, rows in enumerate(per_class)]
+    return np.sort(np.concatenate(chosen))
+
+
+def _stats(values: Sequence[float] | None, default: Sequence[float], key: str) -> tuple[float, ...]:
+    if values is None:
+        return tuple(default)
+    stats = tuple(float(v) for v in values)
+    if len(stats) != 3:
+        raise ConfigError(f"{key}={list(stats)} must have 3 values (one per RGB channel)")
+    return stats
+
+
+def download_archive(url: str, md5: str, root: Path) -> None:
+    """Fetch ``url`` (only when the config asked for it), check its MD5 and unpack it under ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    log.info("data.download=true: fetching %s", url)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        archive = Path(tmp) / "archive.tar.gz"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as out:
+                shutil.copyfileobj(response, out)
+        except OSError as error:
+            raise ConfigError(
+                f"data.download=true but {url} could not be fetched ({error}); place the files by hand"
+            ) from None
+        digest = hashlib.md5(archive.read_bytes()).hexdigest()
+        if digest != md5:
+            raise ConfigError(f"data.download: {url} has MD5 {digest}, not the published {md5}; not unpacked")
+        with tarfile.open(archive) as tar:
+            tar.extractall(root, filter="data")
