@@ -34,13 +34,34 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
+#: Model options that need the vision extra (torchvision, timm): run in its environment (pytest -m vision).
+VISION_MODELS = {"timm", "torchvision"}
+
+
+def marked(group: str, option: str) -> object:
+    vision = group in ("teacher", "student") and option in VISION_MODELS
+    return pytest.param(group, option, marks=pytest.mark.vision) if vision else (group, option)
+
+
+def example_for(model_cfg) -> object:
+    """An input batch of the kind the configured model reads: 32x32 RGB images for the CIFAR zoo and the image
+    models of timm / torchvision / Hugging Face, token ids for a Hugging Face text model, else MNIST-1D signals."""
+    target = model_cfg._target_
+    images = ("timm_model", "torchvision_model", "hf_image_classifier")
+    if target.startswith("kd_lightning.models.cifar.") or target.rsplit(".", 1)[-1] in images:
+        return torch.randn(2, 3, 32, 32)
+    if target.endswith("hf_sequence_classifier"):
+        return {"input_ids": torch.randint(0, 100, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    return torch.randn(2, 1, 40)
+
+
+@pytest.mark.parametrize(("group", "option"), [marked(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_instantiates(group: str, option: str, tmp_path: Path, kd_home: Path) -> None:
     cfg = compose_config(tmp_path, [f"{group}={option}"])
     node = cfg[group]
     if group in ("teacher", "student"):
         model = instantiate(node.model)
-        logits = model(torch.randn(2, 1, 40))
+        logits = model(example_for(node.model))
         assert logits.shape == (2, cfg.data.num_classes)
     elif group in ("optimizer", "scheduler"):
         optimizer = instantiate(cfg.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])

@@ -1,0 +1,142 @@
+"""The vision extra: image folders read with torchvision, timm and torchvision models as teacher and student from
+YAML only (feature taps included). Run in .venv-vision: ``bash scripts/test_vision.sh`` (``pytest -m vision``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd_lightning.engine.errors import ConfigError
+from kd_lightning.recipes.distill import distill
+from tests.conftest import compose_config
+from tests.image_fixtures import write_image_folder
+
+pytestmark = pytest.mark.vision
+torchvision = pytest.importorskip("torchvision")
+timm = pytest.importorskip("timm")
+
+from kd_lightning.data.image_folder import ImageFolderDataModule  # noqa: E402
+
+QUIET = ["logger=none", "+trainer.enable_progress_bar=false", "compare_scratch=false"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("images"), per_class={"train": 8, "val": 3, "test": 2})
+
+
+def test_image_folder_splits_transforms_and_indices(folder: Path, tmp_path: Path) -> None:
+    dm = ImageFolderDataModule(str(folder), num_classes=3, resolution=32, batch_size=4, return_index=True)
+    dm.setup()
+    assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [24, 9, 6]
+    assert dm.class_names == ["class_0", "class_1", "class_2"] and dm.random_augmentation
+    x, _, index = next(iter(dm.val_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and index.tolist() == [0, 1, 2, 3]
+    # Evaluation: resize to 32 / 0.875 = 37, centre crop 32, ImageNet normalisation.
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
+
+    image = Image.open(folder / "val" / "class_0" / "0.png")
+    pixels = TF.to_dtype(TF.center_crop(TF.resize(TF.to_image(image), 37), 32), torch.float32, scale=True)
+    expected = TF.normalize(pixels, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    torch.testing.assert_close(x[0], expected)
+    # The ordered training loader is un-augmented: two passes agree.
+    first, second = (next(iter(dm.ordered_dataloader("train")))[0] for _ in range(2))
+    assert torch.equal(first, second)
+    # Without val/: a seeded, disjoint share of train.
+    only_train = write_image_folder(tmp_path / "only_train", per_class={"train": 10})
+    held = ImageFolderDataModule(str(only_train), num_classes=3, resolution=16, val_fraction=0.2)
+    held.setup()
+    assert len(held.splits["train"]) == 24 and len(held.splits["val"]) == 6
+    assert not set(held.splits["train"].indices) & set(held.splits["val"].indices)
+
+
+def test_image_folder_errors_name_the_key_and_the_layout(folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"data\.root=.*no train folder.*train/<class>/<image>"):
+        ImageFolderDataModule(str(tmp_path / "empty"), num_classes=3).setup()
+    with pytest.raises(ConfigError, match=r"data\.num_classes=5 but .* has 3 class folders; set data\.num_classes=3"):
+        ImageFolderDataModule(str(folder), num_classes=5).setup()
+
+
+def image_run(folder: Path, *extra: str) -> list[str]:
+    return [
+        "data=image_folder",
+        f"data.root={folder}",
+        "data.num_classes=3",
+        "data.resolution=32",
+        "data.batch_size=8",
+        "teacher.fit.max_epochs=1",
+        "trainer.max_epochs=1",
+        *QUIET,
+        *extra,
+    ]
+
+
+def test_timm_teacher_to_timm_student_with_feature_taps(folder: Path, tmp_path: Path, kd_home: Path) -> None:
+    overrides = image_run(
+        folder,
+        "teacher=timm",
+        "teacher.model.name=resnet18",
+        "student=timm",
+        "student.model.name=mobilenetv3_small_050",
+        "loss=fitnet",
+        "loss.terms.fitnet.teacher_layer=layer3",
+        "loss.terms.fitnet.student_layer=blocks.3",
+    )
+    summary = distill(compose_config(tmp_path / "run", overrides))
+    assert summary["metrics"]["train/loss_fitnet"] > 0
+    assert summary["teacher_params"] > 10 * summary["student_params"]
+
+
+def test_torchvision_teacher_to_torchvision_student(folder: Path, tmp_path: Path, kd_home: Path) -> None:
+    overrides = image_run(
+        folder,
+        "teacher=torchvision",
+        "student=torchvision",
+        "loss=fitnet",
+        "loss.terms.fitnet.teacher_layer=layer4",
+        "loss.terms.fitnet.student_layer=features.12",
+    )
+    summary = distill(compose_config(tmp_path / "run", overrides))
+    assert summary["metrics"]["train/loss_fitnet"] > 0 and "val/agreement" in summary["metrics"]
+
+
+def test_misspelt_names_list_what_the_library_has(folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"model\.name='resnet_18' is not a timm architecture; nearest: \[.*'resnet18'"
+    ):
+        distill(compose_config(tmp_path / "a", image_run(folder, "teacher=timm", "teacher.model.name=resnet_18")))
+    with pytest.raises(ConfigError, match=r"is not a torchvision architecture; nearest: \[.*'mobilenet_v3_small'"):
+        distill(
+            compose_config(
+                tmp_path / "b", image_run(folder, "student=torchvision", "student.model.name=mobilenet_v3_smal")
+            )
+        )
+    with pytest.raises(ConfigError, match=r"teacher_layer='layer5'.*nearest valid names"):
+        distill(
+            compose_config(
+                tmp_path / "c",
+                image_run(
+                    folder,
+                    "teacher=timm",
+                    "student=timm",
+                    "loss=fitnet",
+                    "loss.terms.fitnet.teacher_layer=layer5",
+                    "loss.terms.fitnet.student_layer=blocks.3",
+                ),
+            )
+        )
+
+
+def test_a_student_starts_from_local_weights_with_a_fresh_head(tmp_path: Path) -> None:
+    from kd_lightning.models.external import timm_model
+
+    pretrained = timm_model("resnet18", num_classes=1000)
+    path = tmp_path / "resnet18.pth"
+    torch.save(pretrained.state_dict(), path)
+    with pytest.raises(ConfigError, match=r"model\.weights=.*shape differs: fc\.bias, fc\.weight"):
+        timm_model("resnet18", num_classes=3, weights=str(path))
+    student = timm_model("resnet18", num_classes=3, weights=str(path), keep_mismatched=True)
+    assert torch.equal(student.conv1.weight, pretrained.conv1.weight) and student.fc.out_features == 3
