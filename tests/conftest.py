@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
@@ -52,3 +54,16 @@ def compose_config(output_dir: Path, overrides: list[str] = (), config_name: str
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     return cfg
+
+
+def example_for(model_cfg: Any) -> Any:
+    """An input batch of two of the kind the configured model reads: 32x32 RGB images for the CIFAR zoo and the
+    image models of timm / torchvision / Hugging Face, token ids for a Hugging Face text model, else MNIST-1D
+    signals (B, 1, 40)."""
+    target = model_cfg._target_
+    images = ("timm_model", "torchvision_model", "hf_image_classifier")
+    if target.startswith("kd_lightning.models.cifar.") or target.rsplit(".", 1)[-1] in images:
+        return torch.randn(2, 3, 32, 32)
+    if target.endswith("hf_sequence_classifier"):
+        return {"input_ids": torch.randint(0, 100, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    return torch.randn(2, 1, 40)

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from kd_lightning.cli.common import CONFIG_DIR
 from kd_lightning.losses import DistillationLoss
 from kd_lightning.recipes.distill import distill
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, example_for
 
 GROUPS = [
     "data",
@@ -41,18 +41,6 @@ VISION_MODELS = {"timm", "torchvision"}
 def marked(group: str, option: str) -> object:
     vision = group in ("teacher", "student") and option in VISION_MODELS
     return pytest.param(group, option, marks=pytest.mark.vision) if vision else (group, option)
-
-
-def example_for(model_cfg) -> object:
-    """An input batch of the kind the configured model reads: 32x32 RGB images for the CIFAR zoo and the image
-    models of timm / torchvision / Hugging Face, token ids for a Hugging Face text model, else MNIST-1D signals."""
-    target = model_cfg._target_
-    images = ("timm_model", "torchvision_model", "hf_image_classifier")
-    if target.startswith("kd_lightning.models.cifar.") or target.rsplit(".", 1)[-1] in images:
-        return torch.randn(2, 3, 32, 32)
-    if target.endswith("hf_sequence_classifier"):
-        return {"input_ids": torch.randint(0, 100, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
-    return torch.randn(2, 1, 40)
 
 
 @pytest.mark.parametrize(("group", "option"), [marked(g, o) for g in GROUPS for o in options(g)])

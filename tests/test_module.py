@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kd_lightning.callbacks import AlphaWarmup, FrozenTeacherGuard
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.losses import DistillationLoss, KLDivergence
 from kd_lightning.methods.kd import DistillationModule
 
@@ -167,6 +168,33 @@ def test_alpha_warmup_ramps_linearly(tmp_path: Path) -> None:
     module = make_module(alpha=0.8)
     trainer(tmp_path, max_epochs=5, callbacks=[AlphaWarmup(epochs=4), Record()]).fit(module, loader())
     assert seen == pytest.approx([0.2, 0.4, 0.6, 0.8, 0.8])
+
+
+def test_term_warmup_ramps_the_distillation_weights_and_leaves_the_task_weight(tmp_path: Path) -> None:
+    from kd_lightning.callbacks import TermWarmup
+
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: DistillationModule) -> None:
+            seen.append((pl_module.loss.alpha, dict(pl_module.loss.weights)))
+
+    module = make_module(alpha=0.5)
+    module.loss = DistillationLoss({"kd": KLDivergence(), "b": KLDivergence()}, alpha=0.5, weights={"kd": 8.0})
+    trainer(tmp_path, max_epochs=3, callbacks=[TermWarmup(epochs=2), Record()]).fit(module, loader())
+    assert seen == [(0.5, {"kd": 4.0, "b": 0.5}), (0.5, {"kd": 8.0, "b": 1.0}), (0.5, {"kd": 8.0, "b": 1.0})]
+
+
+def test_loss_scale_states_a_published_weighted_sum_exactly() -> None:
+    """``lambda * CE + beta * L_kd`` is alpha = 1/2, scale = 2 lambda, weight = beta / lambda."""
+    torch.manual_seed(0)
+    student, teacher, y = torch.randn(8, 5), torch.randn(8, 5), torch.randint(0, 5, (8,))
+    outputs = {"student": {"logits": student}, "teacher": {"logits": teacher}}
+    parts = DistillationLoss({"kd": KLDivergence()}, alpha=0.5, temperature=4.0)(outputs, y).parts
+    scaled = DistillationLoss({"kd": KLDivergence()}, alpha=0.5, temperature=4.0, weights={"kd": 8.0}, scale=2.0)
+    torch.testing.assert_close(scaled(outputs, y).total, parts["ce"] + 8.0 * parts["kd"])
+    with pytest.raises(ConfigError, match=r"loss\.scale=0"):
+        DistillationLoss({"kd": KLDivergence()}, scale=0)
 
 
 def test_hint_pre_stage_trains_the_hint_alone_then_restores_the_loss(tmp_path: Path) -> None:

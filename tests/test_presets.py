@@ -8,6 +8,8 @@ import importlib.util
 import math
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -22,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.cli.common import CONFIG_DIR
 from kd_lightning.recipes.distill import distill
-from tests.conftest import compose_config
+from tests.conftest import compose_config, example_for
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"
@@ -135,7 +137,7 @@ def test_every_preset_composes_and_builds(group: str, name: str, tmp_path: Path,
     instantiate(cfg.data)
     instantiate(cfg.loss)
     for node in (cfg.student, cfg.teacher):
-        logits = instantiate(node.model)(torch.randn(2, 1, 40))
+        logits = instantiate(node.model)(example_for(node.model))
         assert logits.shape == (2, cfg.data.num_classes)
     for node in (cfg.callbacks or {}).values():
         instantiate(node)
@@ -274,3 +276,44 @@ def test_debug_profiler_profiles_one_epoch(tmp_path: Path) -> None:
     trainer = build_trainer(cfg)
     assert isinstance(trainer.profiler, SimpleProfiler) and trainer.max_epochs == 1
     assert not cfg.trainer.detect_anomaly  # it would dominate the timings
+
+
+# (c) the CIFAR-100 protocol presets ------------------------------------------------------------------------
+
+
+def test_every_cifar100_preset_is_in_the_protocol_script_and_runs_the_protocol(tmp_path: Path) -> None:
+    script = load_script("cifar100_protocol")
+    presets = {name for group, name in PRESETS if group == "experiment" and name.startswith("cifar100_")}
+    assert presets == {f"cifar100_{method}" for method in script.PUBLISHED} | {"cifar100_protocol"}
+    for method in script.PUBLISHED:
+        cfg = compose_config(tmp_path, [f"experiment=cifar100_{method}"])
+        pair = f"{cfg.teacher.model._target_.rsplit('.', 1)[-1]} -> {cfg.student.model._target_.rsplit('.', 1)[-1]}"
+        assert pair == script.pair_of(method), method
+        assert (cfg.trainer.max_epochs, cfg.teacher.fit.max_epochs, cfg.data.batch_size, cfg.data.val_samples) == (
+            240,
+            240,
+            64,
+            0,
+        )
+        assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.05, 0.9, 0.0005)
+        assert list(cfg.scheduler.milestones) == [150, 180, 210] and dict(cfg.data.augment) == {
+            "padding": 4,
+            "flip": True,
+        }
+
+
+@pytest.mark.slow
+def test_cifar100_protocol_script_tabulates_seeds_beside_the_published_numbers(tmp_path: Path) -> None:
+    from tests.image_fixtures import write_cifar100
+
+    write_cifar100(tmp_path / "data", train=128, test=64)
+    out = tmp_path / "cifar100.md"
+    command = [sys.executable, str(REPO / "scripts" / "cifar100_protocol.py"), "--data-root", str(tmp_path / "data")]
+    command += ["--methods", "kd", "dkd_wrn", "--seeds", "0", "1", "--epochs", "1", "--root", str(tmp_path / "r")]
+    subprocess.run([*command, "--out", str(out)], check=True, capture_output=True, timeout=900)
+    text = out.read_text()
+    assert "Command: `python scripts/cifar100_protocol.py --data-root <dir> --methods kd dkd_wrn" in text
+    assert re.search(
+        r"^\| kd \| resnet32x4 -> resnet8x4 \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| 73\.33 \|", text, re.M
+    )
+    assert re.search(r"^\| dkd_wrn \| wrn_40_2 -> wrn_16_2 \| .* \| 76\.23 \| .* \| 2 \|$", text, re.M)

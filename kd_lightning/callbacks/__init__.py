@@ -3,7 +3,7 @@
 from kd_lightning.callbacks.checkpoint import ModelCheckpoint
 from kd_lightning.callbacks.guard import FrozenTeacherGuard
 from kd_lightning.callbacks.progress import EpochLines
-from kd_lightning.callbacks.schedules import AlphaWarmup, HintPreStage, LossSchedule, TemperatureAnneal
+from kd_lightning.callbacks.schedules import AlphaWarmup, HintPreStage, LossSchedule, TemperatureAnneal, TermWarmup
 
 __all__ = [
     "AlphaWarmup",
@@ -13,4 +13,5 @@ __all__ = [
     "LossSchedule",
     "ModelCheckpoint",
     "TemperatureAnneal",
+    "TermWarmup",
 ]

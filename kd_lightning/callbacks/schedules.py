@@ -59,6 +59,35 @@ class AlphaWarmup(LossSchedule):
         return target * min(1.0, (epoch + 1) / self.epochs)
 
 
+class TermWarmup(L.Callback):
+    """Linear warm-up of every distillation term's weight, the task term left as it is:
+    ``w_e = w * min(1, (e + 1) / epochs)``. The published warm-up of DKD (Zhao et al., CVPR 2022) and ReviewKD
+    (Chen et al., CVPR 2021): their loss is ``CE + min(1, epoch / 20) * L_kd`` with the cross-entropy's weight
+    fixed (:class:`AlphaWarmup`, which ramps ``loss.alpha``, also lowers the cross-entropy's weight from 1 to
+    ``1 - alpha``). A function of the epoch, so a resumed run continues the ramp. Do not combine with
+    :class:`HintPreStage` (both set the weights).
+    """
+
+    def __init__(self, epochs: int = 20) -> None:
+        if epochs < 1:
+            raise ConfigError(f"callbacks.term_warmup.epochs={epochs} must be >= 1")
+        self.epochs = epochs
+        self._configured: dict[str, float] | None = None
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loss = getattr(pl_module, "loss", None)
+        if not isinstance(loss, DistillationLoss):
+            raise ConfigError("TermWarmup schedules a DistillationLoss's term weights; this method has none")
+        self._configured = dict(loss.weights)
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ramp = min(1.0, (trainer.current_epoch + 1) / self.epochs)
+        pl_module.loss.weights = {name: weight * ramp for name, weight in self._configured.items()}
+        pl_module.log("schedule/term_warmup", ramp, on_step=False, on_epoch=True)
+
+
 class TemperatureAnneal(LossSchedule):
     """Linear temperature annealing from ``start`` to the configured ``T`` over ``epochs`` epochs:
     ``T_e = start + (T - start) * min(1, e / epochs)``."""

@@ -135,11 +135,14 @@ class DistillationLoss(nn.Module):
     r"""Weighted sum of the hard-label task loss and distillation terms.
 
     .. math::
-        L = (1 - \alpha)\,\mathrm{CE}_{\epsilon}(z_s, y) + \alpha \sum_i w_i\, L_i(s, t)
+        L = s\,\Big[(1 - \alpha)\,\mathrm{CE}_{\epsilon}(z_s, y) + \alpha \sum_i w_i\, L_i(s, t)\Big]
 
     with :math:`\alpha \in [0, 1]` (``alpha = 0``: plain supervised training, the teacher is never
     run; ``alpha = 1``: distillation only), :math:`\epsilon` the label smoothing of the
-    cross-entropy, and :math:`w_i` the per-term weights (1 by default). With the single term
+    cross-entropy, :math:`w_i` the per-term weights (1 by default) and :math:`s` an overall ``scale`` (1 by
+    default). Papers that state their loss as :math:`\lambda\,\mathrm{CE} + \sum_i \beta_i L_i` are this with
+    :math:`\alpha = 1/2`, :math:`s = 2\lambda`, :math:`w_i = \beta_i / \lambda` (the same gradients, so the
+    published learning rate and weight decay apply unchanged). With the single term
     :class:`~kd_lightning.losses.logits.KLDivergence` this is Hinton et al., "Distilling the
     Knowledge in a Neural Network" (2015): :math:`L_{kd} = T^2\,\mathrm{KL}(\sigma(z_t/T)\,\|\,
     \sigma(z_s/T))`.
@@ -153,6 +156,7 @@ class DistillationLoss(nn.Module):
         temperature: softmax temperature ``T > 0`` shared by every term that has one.
         label_smoothing: label smoothing of the task cross-entropy, in [0, 1).
         weights: optional per-term weights ``w_i`` (default 1 each).
+        scale: overall multiplier ``s > 0`` of the loss (default 1).
     """
 
     def __init__(
@@ -162,8 +166,13 @@ class DistillationLoss(nn.Module):
         temperature: float = 4.0,
         label_smoothing: float = 0.0,
         weights: Mapping[str, float] | None = None,
+        scale: float = 1.0,
     ) -> None:
         super().__init__()
+        check_type(scale, (int, float), "loss.scale")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ConfigError(f"loss.scale={scale} must be a finite number > 0 (1: the loss as combined)")
+        self.scale = float(scale)
         self.terms = nn.ModuleDict(dict(terms or {}))
         self.alpha = alpha
         self.temperature = temperature
@@ -288,4 +297,4 @@ class DistillationLoss(nn.Module):
                     routed(outputs, term.student_read), routed(outputs, term.teacher_read), targets, **extra
                 )
                 total = total + self.alpha * self.weights[name] * parts[name]
-        return LossOutput(total=total, parts=parts)
+        return LossOutput(total=self.scale * total if self.scale != 1.0 else total, parts=parts)
