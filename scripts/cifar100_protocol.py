@@ -15,15 +15,11 @@ Needs the data (``<data-root>/cifar-100-python/``) and, for 240 epochs, a GPU: a
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import subprocess
-import sys
 from pathlib import Path
 
+from multirun import mean_std, run_seeds
+
 REPO = Path(__file__).resolve().parents[1]
-KD_DISTILL = Path(sys.executable).parent / "kd-distill"
 
 #: Published CIFAR-100 top-1 (%, best epoch) of each preset, from ../shared/BENCHMARKS.md (None: not published).
 PUBLISHED: dict[str, float | None] = {
@@ -49,30 +45,8 @@ def pair_of(method: str) -> str:
 
 
 def run_method(method: str, seeds: list[int], root: Path, extra: list[str]) -> list[dict]:
-    """One multirun over ``seeds``; finished jobs of an earlier call with the same ``--root`` are reused."""
-    sweep_dir = root / "runs" / method
-    done = sorted(sweep_dir.glob("*/summary.json"))
-    if len(done) == len(seeds):
-        return [json.loads(path.read_text()) for path in done]
-    command = [
-        str(KD_DISTILL),
-        "-m",
-        f"experiment=cifar100_{method}",
-        f"seed={','.join(map(str, seeds))}",
-        f"hydra.sweep.dir={sweep_dir}",
-        "+trainer.enable_progress_bar=false",
-        *extra,
-    ]
-    print("$ kd-distill", " ".join(command[1:]), flush=True)
-    env = {**os.environ, "KD_LIGHTNING_HOME": str(root / "home")}
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
-    return [json.loads(path.read_text()) for path in sorted(sweep_dir.glob("*/summary.json"))]
-
-
-def mean_std(values: list[float]) -> str:
-    scaled = [100 * v for v in values]
-    std = statistics.stdev(scaled) if len(scaled) > 1 else 0.0
-    return f"{statistics.mean(scaled):.2f} ± {std:.2f}"
+    """One multirun of the method's preset over ``seeds`` (finished jobs of an earlier call with ``--root`` reused)."""
+    return run_seeds([f"experiment=cifar100_{method}", *extra], seeds, root / "runs" / method, root / "home")
 
 
 def row(method: str, runs: list[dict]) -> str:

@@ -55,3 +55,6 @@ $PY scripts/bench/kd_step.py --device cuda --precision bf16 --channels-last --se
 echo "=== epoch harness"
 $PY scripts/bench/epochs.py --device cuda --epochs 3 --sizes 0 40000 --batches 1024 --section kd-epochs-gpu \
   --out "$OUT/performance.md"
+echo "=== CIFAR-100 pair throughput (resnet32x4 -> resnet8x4, synthetic 32x32)"
+cp docs/gpu.md "$OUT/gpu.md"
+$PY scripts/bench/cifar_throughput.py --device cuda --out "$OUT/gpu.md"

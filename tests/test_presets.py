@@ -46,7 +46,9 @@ def table_preset(method: str) -> str:
 
 @functools.cache
 def load_script(name: str) -> ModuleType:
-    """``scripts/<name>.py`` as a module (scripts/ is not a package)."""
+    """``scripts/<name>.py`` as a module (scripts/ is not a package; its shared modules import from it)."""
+    if str(REPO / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO / "scripts"))
     spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

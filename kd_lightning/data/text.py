@@ -102,8 +102,12 @@ class TextClassificationDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         return_index: bool = False,
+        transfer_samples: int | None = None,
     ) -> None:
         super().__init__()
+        check_type(transfer_samples, (int, type(None)), "data.transfer_samples")
+        if transfer_samples is not None and transfer_samples < 0:
+            raise ConfigError(f"data.transfer_samples={transfer_samples} must be >= 0 (null: every unlabelled row)")
         for key, value in (
             ("tokenizer", tokenizer),
             ("teacher_tokenizer", teacher_tokenizer),
@@ -160,6 +164,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.return_index = return_index
+        self.transfer_samples = transfer_samples
         self.splits: dict[str, EncodedSplit] = {}
         self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
         self._tokenizer_identities: dict[str, dict[str, str]] = {}
@@ -320,6 +325,16 @@ class TextClassificationDataModule(L.LightningDataModule):
         self._label_names = names
         return labels
 
+    def _limit_unlabelled(self, rows: dict[str, datasets.Dataset], labels: dict[str, np.ndarray]) -> None:
+        """Keep the first ``transfer_samples`` unlabelled training rows (all of them when None)."""
+        if self.transfer_samples is None:
+            return
+        unlabelled = np.flatnonzero(labels["train"] == UNLABELLED)
+        if len(unlabelled) <= self.transfer_samples:
+            return
+        kept = np.setdiff1d(np.arange(len(labels["train"])), unlabelled[self.transfer_samples :])
+        rows["train"], labels["train"] = rows["train"].select(kept), labels["train"][kept]
+
     def _split_validation(self, rows: dict[str, datasets.Dataset], labels: dict[str, np.ndarray]) -> None:
         """Move ``val_fraction`` of the labelled training rows (drawn with ``split_seed``) into ``val``; both
         keep their file order."""
@@ -406,6 +421,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         with quiet_datasets():
             rows, origins = self._read_splits()
             labels = self._encode_labels(rows, origins)
+            self._limit_unlabelled(rows, labels)
             if "val" not in rows:
                 self._split_validation(rows, labels)
                 origins["val"] = f"{origins['train']} (data.val_fraction={self.val_fraction})"
@@ -467,6 +483,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             **self._tokenization_identity(),
             "val_fraction": self.val_fraction,
             "split_seed": self.split_seed,
+            "transfer_samples": self.transfer_samples,
         }
 
     def ordered_dataloader(self, split: str) -> DataLoader:
