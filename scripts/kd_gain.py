@@ -35,7 +35,6 @@ def table(preset: str, runs: list[dict], long_runs: list[dict], factor: int | No
     models = f"{cfg['teacher']['model'].get('name', cfg['teacher']['model']['_target_'])} -> " + str(
         cfg["student"]["model"].get("name", cfg["student"]["model"]["_target_"])
     )
-    seconds = [r["seconds"]["total"] for r in runs]
     return "\n".join(
         [
             f"# {preset}: distilled vs the same student alone",
@@ -44,8 +43,7 @@ def table(preset: str, runs: list[dict], long_runs: list[dict], factor: int | No
             "",
             f"{models}; {first['teacher_params']:,} -> {first['student_params']:,} parameters; "
             f"{cfg['trainer']['max_epochs']} epochs; test accuracy (%) of the best-validation checkpoint, "
-            f"mean ± std over seeds {', '.join(str(r['config']['seed']) for r in runs)}; gain paired per seed."
-            + f" Wall time per seed (teacher fit and scratch student included): {sum(seconds) / len(seconds):.0f} s.",
+            f"mean ± std over seeds {', '.join(str(r['config']['seed']) for r in runs)}; gain paired per seed.",
             "",
             "| teacher | distilled student | student alone | gain (points) |"
             + (f" student alone, {factor}x epochs | gain over it |" if long_runs else ""),

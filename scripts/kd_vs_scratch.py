@@ -14,39 +14,19 @@ Runs, in a fresh KD_LIGHTNING_HOME (so every teacher is trained and timed):
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from multirun import mean_std, run_seeds
+
 REPO = Path(__file__).resolve().parents[1]
-KD_DISTILL = Path(sys.executable).parent / "kd-distill"
 DEFAULT_OUT = REPO / "docs" / "results" / "default.md"
 
 
 def sweep(seeds: list[int], overrides: list[str], sweep_dir: Path) -> list[dict]:
-    """Run one Hydra multirun over ``seeds`` and return each job's summary.json."""
-    command = [
-        str(KD_DISTILL),
-        "-m",
-        f"seed={','.join(map(str, seeds))}",
-        f"hydra.sweep.dir={sweep_dir}",
-        "+trainer.enable_progress_bar=false",
-        *overrides,
-    ]
-    print("$ kd-distill", " ".join(command[1:]), flush=True)
-    env = {**os.environ, "KD_LIGHTNING_HOME": str(sweep_dir.parent / "home")}  # fresh cache: teachers retrained
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
-    return [json.loads(path.read_text()) for path in sorted(sweep_dir.glob("*/summary.json"))]
-
-
-def mean_std(values: list[float], scale: float = 100.0) -> str:
-    values = [scale * v for v in values]
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {spread:.2f}"
+    """One Hydra multirun over ``seeds`` in a fresh cache beside ``sweep_dir`` (teachers retrained and timed)."""
+    return run_seeds(overrides, seeds, sweep_dir, sweep_dir.parent / "home")
 
 
 def main() -> None:

@@ -13,13 +13,13 @@ seed), which gives the gain and the fraction of the teacher-student gap recovere
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from multirun import mean_std as percent
+from multirun import run_seeds
 
 REPO = Path(__file__).resolve().parents[1]
 KD_DISTILL = Path(sys.executable).parent / "kd-distill"
@@ -46,33 +46,11 @@ METHODS: dict[str, list[str]] = {
 def run_method(method: str, seeds: list[int], epochs: int, root: Path, extra: list[str]) -> list[dict]:
     own_loss = any(override.startswith("loss=") for override in METHODS[method])
     overrides = METHODS[method] if own_loss else [f"loss={method}", *METHODS[method]]
-    sweep_dir = root / "runs" / method
-    done = sorted(sweep_dir.glob("*/summary.json"))
-    if len(done) == len(seeds):  # a previous invocation with the same --root finished this method
-        return [json.loads(path.read_text()) for path in done]
-    command = [
-        str(KD_DISTILL),
-        "-m",
-        f"seed={','.join(map(str, seeds))}",
-        f"trainer.max_epochs={epochs}",
-        f"hydra.sweep.dir={sweep_dir}",
-        "+trainer.enable_progress_bar=false",
-        *overrides,
-        *extra,
-    ]
-    print("$ kd-distill", " ".join(command[1:]), flush=True)
-    env = {**os.environ, "KD_LIGHTNING_HOME": str(root / "home")}
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
-    return [json.loads(path.read_text()) for path in sorted(sweep_dir.glob("*/summary.json"))]
+    return run_seeds([f"trainer.max_epochs={epochs}", *overrides, *extra], seeds, root / "runs" / method, root / "home")
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def fmt(values: list[float], scale: float = 100.0) -> str:
-    mean, std = mean_std([scale * v for v in values])
-    return f"{mean:.2f} ± {std:.2f}"
 
 
 def table_row(method: str, runs: list[dict], epochs: int) -> tuple[str, dict]:
@@ -86,7 +64,16 @@ def table_row(method: str, runs: list[dict], epochs: int) -> tuple[str, dict]:
     last = [r["metrics"]["test/acc_last"] for r in runs]
     params = f"{student} ({runs[0]['student_params']:,})"
     mean_seconds = f"{statistics.mean(seconds):.2f}"
-    cells = [method, params, fmt(test), fmt(last), fmt(scratch), fmt(gain), fmt(recovered), mean_seconds]
+    cells = [
+        method,
+        params,
+        percent(test),
+        percent(last),
+        percent(scratch),
+        percent(gain),
+        percent(recovered),
+        mean_seconds,
+    ]
     return "| " + " | ".join(cells) + " |", {"method": method, "gain": mean_std([100 * g for g in gain])}
 
 
@@ -153,7 +140,7 @@ def main() -> None:
         "<!-- written by scripts/methods_table.py; do not edit by hand -->",
         f"Command: `{command}`  ",
         f"MNIST-1D default data (4,000 labelled + {config['data']['transfer_samples']:,} unlabelled transfer "
-        f"samples), teacher: 1-D CNN ({teacher_params:,} parameters, test acc {fmt(list(teacher.values()))} %), "
+        f"samples), teacher: 1-D CNN ({teacher_params:,} parameters, test acc {percent(list(teacher.values()))} %), "
         f"{args.epochs} epochs, AdamW lr {config['optimizer']['lr']}, batch {config['data']['batch_size']}, "
         f"seeds {', '.join(map(str, args.seeds))}; mean ± std over seeds. Each method as configured in "
         "`conf/loss/<method>.yaml` (its task/distillation weights and layers); `kd_ls` = KD with logit "

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script's formatting, also when loaded by path
-from methods_table import fmt
+from multirun import mean_std as fmt
 
 REPO = Path(__file__).resolve().parents[1]
 KD_DISTILL = Path(sys.executable).parent / "kd-distill"

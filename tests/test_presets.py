@@ -69,9 +69,11 @@ def job_overrides(monkeypatch: pytest.MonkeyPatch, script: ModuleType, launch: C
     """The overrides one of ``script``'s sweeps gives each job: its ``kd-distill -m`` command, captured instead
     of run, without the seed list and the sweep directory (what varies per job and where jobs go)."""
     commands: list[list[str]] = []
-    stand_in = SimpleNamespace(**vars(script.subprocess))  # the real module's constants, its own run()
+    # The module that starts the processes: the script itself, or the shared scripts/multirun.py it imports.
+    runner = script if hasattr(script, "subprocess") else sys.modules["multirun"]
+    stand_in = SimpleNamespace(**vars(runner.subprocess))  # the real module's constants, its own run()
     stand_in.run = lambda command, **_: commands.append(command)
-    monkeypatch.setattr(script, "subprocess", stand_in)
+    monkeypatch.setattr(runner, "subprocess", stand_in)
     launch()
     (command,) = commands
     assert Path(command[0]).name == "kd-distill" and command[1] == "-m", command
@@ -127,7 +129,17 @@ def build_trainer(cfg: DictConfig) -> Any:
 # (a) every preset file -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("group", "name"), PRESETS, ids=[f"{g}={n}" for g, n in PRESETS])
+def needs_vision(group: str, name: str) -> bool:
+    """Whether the preset builds timm / torchvision models (the vision extra, run with ``pytest -m vision``)."""
+    text = (Path(CONFIG_DIR) / group / f"{name}.yaml").read_text()
+    return bool(re.search(r"override /(teacher|student): (timm|torchvision)\b", text))
+
+
+@pytest.mark.parametrize(
+    ("group", "name"),
+    [pytest.param(g, n, marks=pytest.mark.vision) if needs_vision(g, n) else (g, n) for g, n in PRESETS],
+    ids=[f"{g}={n}" for g, n in PRESETS],
+)
 def test_every_preset_composes_and_builds(group: str, name: str, tmp_path: Path, kd_home: Path) -> None:
     lines = (Path(CONFIG_DIR) / group / f"{name}.yaml").read_text().splitlines()
     # Hydra reads the package header only above every other line: below a comment it is silently ignored.

@@ -34,7 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch.utils.data import DataLoader
 
-from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError, check_type
 
 
 @runtime_checkable
@@ -83,6 +83,19 @@ class ReplaysViews(CacheableData, Protocol):
 
     def replay_views(self, source: ViewSource | None) -> None:
         """Augment training batches from ``source``'s stored parameters."""
+
+
+def check_loader_options(batch_size: int, num_workers: int, pin_memory: bool, return_index: bool) -> None:
+    """The loader options every datamodule takes (``data.batch_size``, ``num_workers``, ``pin_memory``,
+    ``return_index``): types and ranges, each error naming its key."""
+    for key, value in (("batch_size", batch_size), ("num_workers", num_workers)):
+        check_type(value, int, f"data.{key}")
+    check_type(pin_memory, bool, "data.pin_memory")
+    check_type(return_index, bool, "data.return_index")
+    if num_workers < 0:
+        raise ConfigError(f"data.num_workers={num_workers} must be >= 0 (0: load in the main process)")
+    if batch_size < 1:
+        raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
 
 
 def check_view_replay(datamodule: object, key: str) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from kd_lightning.data.contract import check_loader_options
 from kd_lightning.engine.errors import ConfigError, check_type
 
 #: ImageNet's per-channel statistics, the default normalisation of pretrained timm / torchvision models.
@@ -89,11 +90,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         return_index: bool = False,
     ) -> None:
         super().__init__()
-        for key, value in (("num_classes", num_classes), ("resolution", resolution), ("batch_size", batch_size)):
+        for key, value in (("num_classes", num_classes), ("resolution", resolution)):
             check_type(value, int, f"data.{key}")
         for key, value in (("train_augment", train_augment), ("rand_augment", rand_augment)):
             check_type(value, bool, f"data.{key}")
-        check_type(return_index, bool, "data.return_index")
+        check_loader_options(batch_size, num_workers, pin_memory, return_index)
         if not 0 < crop_pct <= 1:
             raise ConfigError(f"data.crop_pct={crop_pct} must be in (0, 1] (the centre crop's share of the resize)")
         if not 0 < val_fraction < 1:

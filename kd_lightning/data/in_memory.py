@@ -22,9 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from kd_lightning.data.contract import ViewSource
+from kd_lightning.data.contract import ViewSource, check_loader_options
 from kd_lightning.data.tensors import batched_loader
-from kd_lightning.engine.errors import ConfigError, check_type
+from kd_lightning.engine.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
 
@@ -50,14 +50,7 @@ class InMemoryDataModule(L.LightningDataModule):
         augment: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
-        for key, value in (("batch_size", batch_size), ("num_workers", num_workers)):
-            check_type(value, int, f"data.{key}")
-        check_type(pin_memory, bool, "data.pin_memory")
-        check_type(return_index, bool, "data.return_index")
-        if num_workers < 0:
-            raise ConfigError(f"data.num_workers={num_workers} must be >= 0 (0: load in the main process)")
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
+        check_loader_options(batch_size, num_workers, pin_memory, return_index)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from kd_lightning.data.contract import check_loader_options
 from kd_lightning.engine.caching.store import file_digest
 from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.losses.base import UNLABELLED
@@ -120,17 +121,11 @@ class TextClassificationDataModule(L.LightningDataModule):
         for key, value in (("format", format), ("text_column", text_column), ("label_column", label_column)):
             check_type(value, str, f"data.{key}")
         check_type(text_pair_column, (str, type(None)), "data.text_pair_column")
-        for key, value in (
-            ("num_classes", num_classes),
-            ("split_seed", split_seed),
-            ("batch_size", batch_size),
-            ("num_workers", num_workers),
-        ):
+        for key, value in (("num_classes", num_classes), ("split_seed", split_seed)):
             check_type(value, int, f"data.{key}")
+        check_loader_options(batch_size, num_workers, pin_memory, return_index)
         check_type(max_length, (int, type(None)), "data.max_length")
         check_type(val_fraction, (float, int), "data.val_fraction")
-        check_type(pin_memory, bool, "data.pin_memory")
-        check_type(return_index, bool, "data.return_index")
         if format not in FORMATS:
             raise ConfigError(f"data.format={format!r} must be one of {', '.join(FORMATS)}")
         if path is not None and any(f is not None for f in (train_file, val_file, test_file)):
@@ -144,10 +139,6 @@ class TextClassificationDataModule(L.LightningDataModule):
             raise ConfigError(f"data.max_length={max_length} must be >= 1 (null: no truncation)")
         if not 0 < val_fraction < 1:
             raise ConfigError(f"data.val_fraction={val_fraction} must be in (0, 1)")
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
-        if num_workers < 0:
-            raise ConfigError(f"data.num_workers={num_workers} must be >= 0 (0: load in the main process)")
         self.tokenizer_dir = tokenizer
         self.teacher_tokenizer_dir = teacher_tokenizer
         self.files = {"train": train_file, "val": val_file, "test": test_file}

@@ -1,72 +1,11 @@
 """Model zoo; any ``nn.Module`` reachable by ``_target_`` works as teacher or student.
 
-``kd_lightning.models.cifar``: the CIFAR networks of the CRD / DKD benchmarks (by name: ``cifar.ZOO``)."""
+``kd_lightning.models.cifar``: the CIFAR networks of the CRD / DKD benchmarks (by name: ``cifar.ZOO``);
+``kd_lightning.models.external``: timm, torchvision and Hugging Face models by name."""
 
-from kd_lightning.models.cifar import (
-    VGG,
-    BottleneckResNet,
-    CifarResNet,
-    MobileNetV2,
-    ShuffleNetV1,
-    ShuffleNetV2,
-    WideResNet,
-    mobilenetv2,
-    resnet8,
-    resnet8x4,
-    resnet14,
-    resnet20,
-    resnet32,
-    resnet32x4,
-    resnet44,
-    resnet50,
-    resnet56,
-    resnet110,
-    shufflenetv1,
-    shufflenetv2,
-    vgg8,
-    vgg11,
-    vgg13,
-    vgg16,
-    vgg19,
-    wrn_16_1,
-    wrn_16_2,
-    wrn_40_1,
-    wrn_40_2,
-)
+from kd_lightning.models import cifar
+from kd_lightning.models.cifar import CifarResNet, resnet8x4, resnet32x4
 from kd_lightning.models.generator import Generator1D
 from kd_lightning.models.mnist1d import MLP, ConvNet1D
 
-__all__ = [
-    "MLP",
-    "VGG",
-    "BottleneckResNet",
-    "CifarResNet",
-    "ConvNet1D",
-    "Generator1D",
-    "MobileNetV2",
-    "ShuffleNetV1",
-    "ShuffleNetV2",
-    "WideResNet",
-    "mobilenetv2",
-    "resnet8",
-    "resnet8x4",
-    "resnet14",
-    "resnet20",
-    "resnet32",
-    "resnet32x4",
-    "resnet44",
-    "resnet50",
-    "resnet56",
-    "resnet110",
-    "shufflenetv1",
-    "shufflenetv2",
-    "vgg8",
-    "vgg11",
-    "vgg13",
-    "vgg16",
-    "vgg19",
-    "wrn_16_1",
-    "wrn_16_2",
-    "wrn_40_1",
-    "wrn_40_2",
-]
+__all__ = ["MLP", "CifarResNet", "ConvNet1D", "Generator1D", "cifar", "resnet8x4", "resnet32x4"]
