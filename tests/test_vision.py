@@ -53,6 +53,20 @@ def test_image_folder_splits_transforms_and_indices(folder: Path, tmp_path: Path
     assert not set(held.splits["train"].indices) & set(held.splits["val"].indices)
 
 
+def test_training_transforms_follow_the_config(folder: Path) -> None:
+    from torchvision.transforms import v2
+
+    def steps(**options) -> list[type]:
+        return [
+            type(t) for t in ImageFolderDataModule(str(folder), num_classes=3, **options).train_transform().transforms
+        ]
+
+    assert v2.RandomResizedCrop in steps() and v2.RandAugment not in steps()
+    assert v2.RandAugment in steps(rand_augment=True)
+    assert v2.RandomResizedCrop not in steps(train_augment=False) and v2.CenterCrop in steps(train_augment=False)
+    assert not ImageFolderDataModule(str(folder), num_classes=3, train_augment=False).random_augmentation
+
+
 def test_image_folder_errors_name_the_key_and_the_layout(folder: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"data\.root=.*no train folder.*train/<class>/<image>"):
         ImageFolderDataModule(str(tmp_path / "empty"), num_classes=3).setup()
