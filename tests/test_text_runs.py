@@ -62,6 +62,16 @@ def test_bert_style_teacher_to_smaller_student_on_csv(text_data: dict[str, Path]
     metrics = summary["metrics"]
     assert {"test/acc", "teacher/test_acc", "val/agreement", "train/loss_kd"} <= set(metrics)
     assert summary["student_params"] < summary["teacher_params"]
+    # kd-report reads the text run too (token batches, not image tensors): the same test accuracy.
+    from kd_lightning.reporting.report import report
+
+    threads = torch.get_num_threads()
+    try:
+        numbers = report(tmp_path / "run", batch_size=8, repeats=2, warmup=1, cpu_threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert numbers["student"]["accuracy"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert numbers["teacher"]["accuracy"] == pytest.approx(metrics["teacher/test_acc"], abs=1e-6)
 
 
 def test_a_teacher_with_its_own_tokenizer_reads_only_its_ids(

@@ -28,6 +28,7 @@ from rich.table import Table
 from safetensors.torch import save
 from torch import Tensor, nn
 
+from kd_lightning.engine.batches import Inputs, repeat_rows
 from kd_lightning.engine.caching.store import write_text_atomic
 from kd_lightning.engine.checks import usable_cores
 from kd_lightning.engine.instantiate import build, parameter_count
@@ -120,7 +121,7 @@ def predict(models: dict[str, nn.Module], loader: Any, progress: Progress) -> tu
 
 
 @torch.inference_mode()
-def latency(model: nn.Module, batch: Tensor, repeats: int, warmup: int, progress: Progress, name: str) -> float:
+def latency(model: nn.Module, batch: Inputs, repeats: int, warmup: int, progress: Progress, name: str) -> float:
     """Median wall time (s) of one forward pass on ``batch`` over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         model(batch)
@@ -160,8 +161,8 @@ def measure(
     loader = datamodule.test_dataloader()
     with Progress() as progress:
         logits, targets = predict(models, loader, progress)
-        inputs = torch.cat([unpack(batch)[0] for batch in loader])
-        batch = inputs.repeat((batch_size + len(inputs) - 1) // len(inputs), *[1] * (inputs.dim() - 1))[:batch_size]
+        # Latency depends on the batch's shape, not its values: the first test batch, its rows repeated.
+        batch = repeat_rows(unpack(next(iter(loader)))[0], batch_size)
         seconds = {name: latency(model, batch, repeats, warmup, progress, name) for name, model in models.items()}
     ece = {name: expected_calibration_error(out, targets) for name, out in logits.items()}
     bins = {name: ReliabilityBins.of(out, targets) for name, out in logits.items()}
