@@ -225,3 +225,20 @@ def test_the_teacher_recipe_is_shared_and_overridable(tmp_path: Path) -> None:
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["weight_decay"] == 5e-4
     assert isinstance(scheduler, torch.optim.lr_scheduler.MultiStepLR)
     assert compose_config(tmp_path, ["teacher=wrn_40_2"], config_name="train").teacher.fit.max_epochs == 240
+
+
+@pytest.mark.parametrize(
+    ("name", "linear_std"), [("resnet8x4", None), ("wrn_16_2", None), ("vgg8", 0.01), ("mobilenetv2", 0.01)]
+)
+def test_weights_start_as_the_reference_code_initialises_them(name: str, linear_std: float | None) -> None:
+    """He-normal (fan-out) convolutions, BatchNorm 1 / 0, and N(0, 0.01) heads where the reference draws them."""
+    torch.manual_seed(0)
+    model = ZOO[name]()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.numel() > 20_000]
+    for conv in convs:
+        expected = (2.0 / (conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1])) ** 0.5  # fan-out
+        assert abs(float(conv.weight.std()) / expected - 1) < 0.1, name
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) and not m.bias.any() for m in norms)
+    if linear_std is not None:
+        assert abs(float(model.head.weight.std()) / linear_std - 1) < 0.1 and not model.head.bias.any()

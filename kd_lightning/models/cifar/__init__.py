@@ -1,8 +1,9 @@
 """The CIFAR model zoo of the CRD (Tian et al. 2020) and DKD (Zhao et al. 2022) benchmarks, as in their code
-(HobbitLong/RepDistiller ``models/``, megvii-research/mdistiller ``mdistiller/models/cifar/``): same layers and
-parameter counts, our own module names. Every factory is ``name(num_classes=100) -> nn.Module`` whose forward
-returns logits only; each class docstring lists its tap points (module paths for feature losses). ``ZOO`` maps
-the names to the factories (the names of ``conf/teacher`` and ``conf/student``)."""
+(HobbitLong/RepDistiller ``models/``, megvii-research/mdistiller ``mdistiller/models/cifar/``): same layers,
+parameter counts and weight initialisation (:mod:`kd_lightning.models.cifar.init`), our own module names. Every
+factory is ``name(num_classes=100) -> nn.Module`` whose forward returns logits only; each class docstring lists
+its tap points (module paths for feature losses). ``ZOO`` maps the names to the factories (the names of
+``conf/teacher`` and ``conf/student``)."""
 
 from __future__ import annotations
 

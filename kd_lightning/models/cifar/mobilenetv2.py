@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from kd_lightning.models.cifar.init import reference_init
+
 #: Per stage, the inverted-residual groups (expansion t, channels c at width 1, blocks n, first stride s) of
 #: Sandler et al.'s Table 2, except the 24-channel group's stride: 1 (not 2), the CRD code's change for 32x32
 #: inputs. Grouped by output resolution as the reference code taps them (16x16, 8x8, 4x4, 2x2).
@@ -83,6 +85,7 @@ class MobileNetV2(nn.Module):
         self.conv_last = nn.Sequential(*_conv_bn_relu(in_channels, last_channels, 1))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(last_channels, num_classes)
+        reference_init(self, linear_std=0.01)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.stage4(self.stage3(self.stage2(self.stage1(self.stem(x)))))

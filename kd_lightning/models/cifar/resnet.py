@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from kd_lightning.models.cifar.init import reference_init
+
 
 def _shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
     """The identity, or a 1x1 conv + BN projection where the stride or the width changes (He et al. 2016, option B)."""
@@ -94,6 +96,7 @@ class CifarResNet(nn.Module):
         self.layer3 = _stage(BasicBlock, widths[2], widths[3], blocks, 2)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(widths[3], num_classes)
+        reference_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))
@@ -123,6 +126,7 @@ class BottleneckResNet(nn.Module):
         self.layer4 = _stage(Bottleneck, 1024, 512, blocks[3], 2)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(2048, num_classes)
+        reference_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))

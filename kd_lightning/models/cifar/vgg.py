@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from kd_lightning.models.cifar.init import reference_init
+
 #: Conv widths per stage, by depth (the name's layer count: the convs plus the original's three fully connected
 #: layers, here one linear head): configurations A (11), B (13), D (16), E (19) of Simonyan & Zisserman, and the
 #: CRD code's "S" (8).
@@ -44,6 +46,7 @@ class VGG(nn.Module):
         self.stage1, self.stage2, self.stage3, self.stage4, self.stage5 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(in_channels, num_classes)
+        reference_init(self, linear_std=0.01)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.stage5(self.stage4(self.stage3(self.stage2(self.stage1(x)))))

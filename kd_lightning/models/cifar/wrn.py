@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from kd_lightning.models.cifar.init import reference_init
+
 
 class WideBasicBlock(nn.Module):
     """Pre-activation block (Zagoruyko & Komodakis 2016; the ordering of He et al. 2016, "Identity Mappings in
@@ -57,6 +59,7 @@ class WideResNet(nn.Module):
         self.norm = nn.Sequential(nn.BatchNorm2d(widths[3]), nn.ReLU())
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(widths[3], num_classes)
+        reference_init(self, zero_linear_bias=True)
 
     @staticmethod
     def _stage(in_channels: int, channels: int, blocks: int, stride: int) -> nn.Sequential:
