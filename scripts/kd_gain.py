@@ -14,10 +14,21 @@ sees the labelled rows only): ``--long-scratch-factor F`` adds a scratch student
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 from multirun import mean_std, run_seeds
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def describe(model: dict) -> str:
+    """A model config in a few words: its library name, its Hugging Face architecture, or its class."""
+    if "name" in model:
+        return str(model["name"])
+    config = model.get("config") or {}
+    if "model_type" in config:
+        return f"{config['model_type']} ({config.get('num_hidden_layers')} layers, width {config.get('hidden_size')})"
+    return str(model["_target_"]).rsplit(".", 1)[-1]
 
 
 def table(preset: str, runs: list[dict], long_runs: list[dict], factor: int | None, command: str) -> str:
@@ -32,9 +43,7 @@ def table(preset: str, runs: list[dict], long_runs: list[dict], factor: int | No
         long_cells = f" {mean_std(long)} | {mean_std(long_gain)} |"
     first = runs[0]
     cfg = first["config"]
-    models = f"{cfg['teacher']['model'].get('name', cfg['teacher']['model']['_target_'])} -> " + str(
-        cfg["student"]["model"].get("name", cfg["student"]["model"]["_target_"])
-    )
+    models = f"{describe(cfg['teacher']['model'])} -> {describe(cfg['student']['model'])}"
     return "\n".join(
         [
             f"# {preset}: distilled vs the same student alone",
@@ -59,18 +68,21 @@ def main() -> None:
     parser.add_argument("--preset", required=True, help="a conf/experiment name")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--root", type=Path, default=None, help="keep the runs here (default: outputs/kd_gain/<preset>)"
+    )
     parser.add_argument("--long-scratch-factor", type=int, default=None, help="also a scratch student F x the epochs")
     parser.add_argument("extra", nargs="*", help="Hydra overrides for every run (after --)")
     args = parser.parse_args()
     factor = args.long_scratch_factor
     overrides = [f"experiment={args.preset}", *args.extra]
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = run_seeds(overrides, args.seeds, Path(tmp) / "runs", Path(tmp) / "home")
-        long_runs = []
-        if factor:
-            epochs = runs[0]["config"]["trainer"]["max_epochs"] * factor
-            long = [*overrides, "method=supervised", f"trainer.max_epochs={epochs}", "compare_scratch=false"]
-            long_runs = run_seeds(long, args.seeds, Path(tmp) / "long_scratch", Path(tmp) / "home")
+    root = args.root or REPO / "outputs" / "kd_gain" / args.preset  # finished sweeps there are reused
+    runs = run_seeds(overrides, args.seeds, root / "runs", root / "home")
+    long_runs = []
+    if factor:
+        epochs = runs[0]["config"]["trainer"]["max_epochs"] * factor
+        long = [*overrides, "method=supervised", f"trainer.max_epochs={epochs}", "compare_scratch=false"]
+        long_runs = run_seeds(long, args.seeds, root / "long_scratch", root / "home")
     seeds = " ".join(map(str, args.seeds))
     command = f"python scripts/kd_gain.py --preset {args.preset} --seeds {seeds} --out {args.out}"
     command += f" --long-scratch-factor {factor}" if factor else ""
