@@ -9,6 +9,7 @@ images resize + centre crop; both end normalised. All of it is configured from Y
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -187,19 +188,21 @@ class ImageFolderDataModule(L.LightningDataModule):
                 f"data.num_classes={self.num_classes} but {train_folder} has {len(self.class_names)} class folders; "
                 f"set data.num_classes={len(self.class_names)}"
             )
+        # The training images under the evaluation transform (one scan of the folder, a copy of train's list):
+        # the held-out validation share and the ordered loader the teacher cache labels.
+        self._eval_train = copy.copy(train)
+        self._eval_train.transform = self.eval_transform()
         val_folder = self.folder("val")
         if val_folder is not None:
             val = self._folder_dataset(val_folder, self.eval_transform())
         else:
             held = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.split_seed))
             count = max(1, round(self.val_fraction * len(train)))
-            eval_train = self._folder_dataset(train_folder, self.eval_transform())
-            val = Subset(eval_train, held[:count].sort().values.tolist())
+            val = Subset(self._eval_train, held[:count].sort().values.tolist())
             train = Subset(train, held[count:].sort().values.tolist())
         test_folder = self.folder("test")
         test = self._folder_dataset(test_folder, self.eval_transform()) if test_folder is not None else val
         self.splits = {"train": train, "val": val, "test": test}
-        self._eval_train = self._folder_dataset(train_folder, self.eval_transform())
         self._train_rows = train.indices if isinstance(train, Subset) else None
 
     @property
