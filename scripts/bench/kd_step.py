@@ -39,6 +39,7 @@ from kd_lightning.engine.runtime import Runtime
 from kd_lightning.losses import DistillationLoss, KLDivergence
 from kd_lightning.methods.kd import DistillationModule
 from kd_lightning.models import MLP, ConvNet1D, resnet8x4, resnet32x4
+from kd_lightning.reporting.markdown import write_section
 
 REPO = Path(__file__).resolve().parents[2]
 ALPHA, TEMPERATURE, LR = 0.9, 4.0, 3e-3
@@ -270,17 +271,6 @@ def main() -> None:
     ]
     write_section(args.out, "\n".join(lines), args.section)
     print("\n".join(lines))
-
-
-def write_section(path: Path, table: str, section: str) -> None:
-    """Replace the ``section`` of ``path`` (between its markers), keeping the rest."""
-    begin, end = f"<!-- {section}:begin -->\n", f"\n<!-- {section}:end -->"
-    text = path.read_text() if path.is_file() else f"# Performance\n\n{begin}{end}\n"
-    if begin not in text:
-        text += f"\n{begin}{end}\n"
-    head, rest = text.split(begin, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(head + begin + table + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":
