@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -30,6 +30,9 @@ from kd_lightning.llm.generation import keep_correct, left_pad, read_records
 from kd_lightning.llm.prompts import chat_ids, make_prompts
 from kd_lightning.llm.token_loss import IGNORE_INDEX
 
+if TYPE_CHECKING:
+    from kd_lightning.llm.multi_teacher import RowRouting
+
 
 def reference_completion(answer: int) -> str:
     """The reference completion of an arithmetic problem (the format its prompt asks for)."""
@@ -39,7 +42,8 @@ def reference_completion(answer: int) -> str:
 def load_examples(
     file: str | None, prompts: Mapping[str, Any] | None, key: str, only_correct: bool, need_completions: bool
 ) -> list[dict[str, Any]]:
-    """``[{"prompt": ..., "completion": ... or None}]`` from ``file`` or, without one, from generated ``prompts``."""
+    """``[{"prompt": ..., "completion": ... or None, ...}]`` from ``file`` (every field of its records kept, e.g.
+    ``kind`` or a ``teacher`` column) or, without one, from generated ``prompts`` (with their ``kind``)."""
     if file is not None:
         path = Path(file).expanduser()
         if not path.is_file():
@@ -49,7 +53,7 @@ def load_examples(
             raise ConfigError(f"{key}_file={file} is empty; (re)generate it with kd-llm-generate")
         if only_correct:
             records = keep_correct(records, f"{key.rsplit('.', 1)[0]}.only_correct")
-        return [{"prompt": record["prompt"], "completion": record.get("completion")} for record in records]
+        return [{**record, "completion": record.get("completion")} for record in records]
     if prompts is None:
         raise ConfigError(f"set {key}_file (a JSONL of prompts and completions) or {key}_prompts")
     examples = []
@@ -60,12 +64,103 @@ def load_examples(
                 f"or teacher completions in {key}_file (kd-llm-generate)"
             )
         completion = None if prompt.answer is None else reference_completion(prompt.answer)
-        examples.append({"prompt": prompt.text, "completion": completion})
+        examples.append({"prompt": prompt.text, "completion": completion, "kind": prompt.kind})
     return examples
 
 
+class ExampleEncoder:
+    """Token ids of prompt / completion examples for one ``tokenizer``, and their padded batches.
+
+    :meth:`encode` gives ``{"prompt": ids, "completion": ids}`` (the prompt chat-formatted, the completion
+    followed by EOS and cut to ``max_length`` in all); :meth:`collate` pads them into the batch keys of
+    the module docstring, each prefixed by ``prefix`` (``"teacher_"`` for a teacher's own tokenisation).
+    """
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, max_length: int, system_prompt: str | None, key: str = "llm.teacher"
+    ) -> None:
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise ConfigError(f"{key}.tokenizer needs pad and eos tokens (set pad_token = eos_token)")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.system_prompt = system_prompt
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The chat-formatted prompt; an error when it leaves no room for a completion token."""
+        ids = chat_ids(self.tokenizer, prompt, self.system_prompt)
+        if len(ids) >= self.max_length:
+            raise ConfigError(
+                f"a prompt has {len(ids)} tokens, no room for a completion within "
+                f"llm.data.max_length={self.max_length}; raise llm.data.max_length ({prompt[:40]!r}...)"
+            )
+        return ids
+
+    def completion_ids(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], eos: bool = True) -> list[int]:
+        """``completion_ids`` + EOS (unless ``eos`` is False: an unfinished sample), cut so that the prompt and
+        the completion fit in ``max_length``."""
+        ending = [self.tokenizer.eos_token_id] if eos else []
+        return [*completion_ids, *ending][: self.max_length - len(prompt_ids)]
+
+    def encode(self, prompt: str, completion: str | None, eos: bool = True) -> dict[str, list[int]]:
+        """Token ids of one example: ``prompt`` (chat-formatted) and ``completion`` (+ EOS unless ``eos`` is
+        False, cut to fit)."""
+        prompt_ids = self.prompt_ids(prompt)
+        if completion is None:
+            return {"prompt": prompt_ids}
+        completion_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"]
+        return {"prompt": prompt_ids, "completion": self.completion_ids(prompt_ids, completion_ids, eos)}
+
+    def collate(self, examples: Sequence[Mapping[str, Any]], prefix: str = "") -> dict[str, Tensor]:
+        """Pad the examples' ``{prefix}prompt`` / ``{prefix}completion`` ids into one batch of ``{prefix}*`` keys."""
+        pad = self.tokenizer.pad_token_id
+        prompts = [example[f"{prefix}prompt"] for example in examples]
+        prompt_ids, prompt_mask = left_pad(prompts, pad)
+        batch = {f"{prefix}prompt_input_ids": prompt_ids, f"{prefix}prompt_attention_mask": prompt_mask}
+        if f"{prefix}completion" not in examples[0]:
+            return batch
+        completions = [example[f"{prefix}completion"] for example in examples]
+        width = max(len(prompt) + len(completion) for prompt, completion in zip(prompts, completions, strict=True))
+        input_ids = torch.full((len(examples), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+            end = len(prompt) + len(completion)
+            input_ids[row, :end] = torch.as_tensor(prompt + completion)
+            attention_mask[row, :end] = 1
+            labels[row, len(prompt) : end] = torch.as_tensor(completion)
+        return {
+            **batch,
+            f"{prefix}input_ids": input_ids,
+            f"{prefix}attention_mask": attention_mask,
+            f"{prefix}labels": labels,
+        }
+
+
+def make_encoder(
+    tokenizer: PreTrainedTokenizerBase,
+    teacher_tokenizer: PreTrainedTokenizerBase | Sequence[PreTrainedTokenizerBase] | None,
+    max_length: int,
+    system_prompt: str | None,
+    routing: RowRouting | None = None,
+) -> Any:
+    """The encoder of :class:`LLMDataModule`'s examples: one tokenisation, both aligned, or routed per row."""
+    from kd_lightning.llm.aligned import AlignedEncoder
+
+    if routing is not None:
+        from kd_lightning.llm.multi_teacher import RoutedEncoder
+
+        teachers = teacher_tokenizer if teacher_tokenizer is not None else [None] * len(routing.names)
+        if isinstance(teachers, PreTrainedTokenizerBase) or len(teachers) != len(routing.names):
+            raise ConfigError(f"routing over {routing.names} needs one teacher tokenizer per teacher (or none)")
+        encoders = [make_encoder(tokenizer, teacher, max_length, system_prompt) for teacher in teachers]
+        return RoutedEncoder(encoders, routing)
+    if teacher_tokenizer is None:
+        return ExampleEncoder(tokenizer, max_length, system_prompt)
+    return AlignedEncoder(tokenizer, teacher_tokenizer, max_length, system_prompt)
+
+
 class LLMDataModule(L.LightningDataModule):
-    """Prompt / completion batches (see the module docstring) for a shared ``tokenizer``.
+    """Prompt / completion batches (see the module docstring) for ``tokenizer`` (the student's).
 
     - ``train_file`` / ``val_file``: JSONL with ``prompt`` and ``completion`` fields; else
       ``train_prompts`` / ``val_prompts``: :func:`~kd_lightning.llm.prompts.make_prompts` arguments
@@ -75,6 +170,12 @@ class LLMDataModule(L.LightningDataModule):
     - ``max_length``: prompt + completion tokens; longer completions are cut (their EOS too), a prompt
       that leaves no room for a completion token is an error.
     - ``system_prompt``: ``None`` keeps the chat template's default system turn.
+    - ``teacher_tokenizer``: a teacher with its own tokenizer (cross-tokenizer distillation): every example
+      is also encoded for the teacher, ``teacher_*`` keys, with the two completions' token spans aligned
+      (:class:`~kd_lightning.llm.aligned.AlignedEncoder`).
+    - ``routing``: several teachers, one per row (:class:`~kd_lightning.llm.multi_teacher.RowRouting`):
+      batches get ``teacher_index``; with ``teacher_tokenizer`` one tokenizer per teacher, in order, each
+      row aligned for its own teacher.
     """
 
     def __init__(
@@ -91,38 +192,23 @@ class LLMDataModule(L.LightningDataModule):
         val_batch_size: int | None = None,
         system_prompt: str | None = None,
         num_workers: int = 0,
+        teacher_tokenizer: PreTrainedTokenizerBase | Sequence[PreTrainedTokenizerBase] | None = None,
+        routing: RowRouting | None = None,
     ) -> None:
         super().__init__()
         if max_length < 2:
             raise ConfigError(f"llm.data.max_length={max_length} must be >= 2")
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
             raise ConfigError(f"llm.data.batch_size={batch_size} / val_batch_size={val_batch_size} must be >= 1")
-        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-            raise ConfigError("llm.teacher.tokenizer needs pad and eos tokens (set pad_token = eos_token)")
         self.tokenizer = tokenizer
+        self.encoder = make_encoder(tokenizer, teacher_tokenizer, max_length, system_prompt, routing)
         self.sources = {"train": (train_file, train_prompts), "val": (val_file, val_prompts)}
         self.only_correct = only_correct
         self.prompt_only = prompt_only
-        self.max_length = max_length
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
-        self.system_prompt = system_prompt
         self.num_workers = num_workers
-        self.splits: dict[str, list[dict[str, list[int]]]] = {}
-
-    def encode(self, prompt: str, completion: str | None) -> dict[str, list[int]]:
-        """Token ids of one example: ``prompt`` (chat-formatted) and ``completion`` (+ EOS, cut to fit)."""
-        prompt_ids = chat_ids(self.tokenizer, prompt, self.system_prompt)
-        if len(prompt_ids) >= self.max_length:
-            raise ConfigError(
-                f"a prompt has {len(prompt_ids)} tokens, no room for a completion within "
-                f"llm.data.max_length={self.max_length}; raise llm.data.max_length ({prompt[:40]!r}...)"
-            )
-        if completion is None:
-            return {"prompt": prompt_ids}
-        completion_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"]
-        completion_ids = [*completion_ids, self.tokenizer.eos_token_id][: self.max_length - len(prompt_ids)]
-        return {"prompt": prompt_ids, "completion": completion_ids}
+        self.splits: dict[str, list[dict[str, Any]]] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -132,29 +218,19 @@ class LLMDataModule(L.LightningDataModule):
             examples = load_examples(file, prompts, f"llm.data.{split}", self.only_correct, with_completions)
             if with_completions and any(example["completion"] is None for example in examples):
                 raise ConfigError(f"llm.data.{split}_file={file} has records without a completion")
+            route = getattr(self.encoder, "route", None)
             self.splits[split] = [
-                self.encode(example["prompt"], example["completion"] if with_completions else None)
+                self.encoder.encode(
+                    example["prompt"],
+                    example["completion"] if with_completions else None,
+                    **({"teacher": route(example)} if route else {}),
+                )
                 for example in examples
             ]
 
-    def collate(self, examples: Sequence[dict[str, list[int]]]) -> dict[str, Tensor]:
+    def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Pad a list of encoded examples into one batch (see the module docstring)."""
-        pad = self.tokenizer.pad_token_id
-        prompt_ids, prompt_mask = left_pad([example["prompt"] for example in examples], pad)
-        batch = {"prompt_input_ids": prompt_ids, "prompt_attention_mask": prompt_mask}
-        if "completion" not in examples[0]:
-            return batch
-        width = max(len(example["prompt"]) + len(example["completion"]) for example in examples)
-        input_ids = torch.full((len(examples), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        labels = torch.full_like(input_ids, IGNORE_INDEX)
-        for row, example in enumerate(examples):
-            prompt, completion = example["prompt"], example["completion"]
-            end = len(prompt) + len(completion)
-            input_ids[row, :end] = torch.as_tensor(prompt + completion)
-            attention_mask[row, :end] = 1
-            labels[row, len(prompt) : end] = torch.as_tensor(completion)
-        return {**batch, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return self.encoder.collate(examples)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         self.setup()

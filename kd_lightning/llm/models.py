@@ -101,6 +101,7 @@ def char_tokenizer() -> PreTrainedTokenizerBase:
 
 def random_llama(
     teacher: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     vocab_size: int | None = None,
     hidden_size: int = 32,
     num_layers: int = 2,
@@ -109,8 +110,13 @@ def random_llama(
     max_position_embeddings: int = 512,
     seed: int = 0,
 ) -> LlamaForCausalLM:
-    """A randomly initialised Llama (seeded) with :func:`char_tokenizer`'s special token ids;
-    ``vocab_size=None`` takes the teacher's (then a teacher is required)."""
+    """A randomly initialised Llama (seeded). Built for ``tokenizer`` when given (the student's own, see
+    ``llm.student.tokenizer``): its size and its BOS / EOS / pad ids; else :func:`char_tokenizer`'s special
+    ids, and ``vocab_size=None`` takes the teacher's size (then a teacher is required)."""
+    special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    if tokenizer is not None:
+        vocab_size = vocab_size or len(tokenizer)
+        special = {name: getattr(tokenizer, name) for name in special}
     if vocab_size is None:
         if teacher is None:
             raise ConfigError("llm.student.vocab_size=null copies the teacher's vocabulary size; set it or a teacher")
@@ -129,9 +135,7 @@ def random_llama(
         intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
+        **special,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -208,21 +212,30 @@ def check_tokenizers(
     first ``len(tokenizer)`` logits. Different tokenizers (``student_tokenizer`` not token-for-token
     equal) cannot be distilled token by token.
     """
-    if student_tokenizer is not None and student_tokenizer is not tokenizer:
-        same = (
-            student_tokenizer.get_vocab() == tokenizer.get_vocab()
-            and student_tokenizer.all_special_ids == tokenizer.all_special_ids
+    if student_tokenizer is not None and not same_tokenizer(student_tokenizer, tokenizer):
+        raise ConfigError(
+            "llm.student and llm.teacher use different tokenizers; token-level KD needs one vocabulary: "
+            "use a cross-tokenizer loss (llm/loss=uld or llm/loss=gold), distil black-box on teacher text "
+            "(llm.loss.alpha=0), or build the student from the teacher (llm/student=layer_subset)"
         )
-        if not same:
-            raise ConfigError(
-                "llm.student and llm.teacher use different tokenizers; token-level KD needs one vocabulary: "
-                "build the student from the teacher (llm/student=layer_subset) or distil black-box on teacher text"
-            )
     vocab = len(tokenizer)
     for key, model in (("llm.teacher", teacher), ("llm.student", student)):
-        if embedding_rows(model) < vocab:
-            raise ConfigError(
-                f"{key} has {embedding_rows(model)} output logits but the tokenizer has {vocab} tokens; "
-                f"{key} must be built for this tokenizer (vocab_size >= {vocab})"
-            )
+        check_vocab_rows(model, tokenizer, key)
     return vocab
+
+
+def same_tokenizer(first: PreTrainedTokenizerBase, second: PreTrainedTokenizerBase) -> bool:
+    """Whether two tokenizers map every token, special ones included, to the same id."""
+    return first is second or (
+        first.get_vocab() == second.get_vocab() and first.all_special_ids == second.all_special_ids
+    )
+
+
+def check_vocab_rows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, key: str) -> None:
+    """Fail early unless ``model`` has an output logit for every token of ``tokenizer``."""
+    vocab = len(tokenizer)
+    if embedding_rows(model) < vocab:
+        raise ConfigError(
+            f"{key} has {embedding_rows(model)} output logits but the tokenizer has {vocab} tokens; "
+            f"{key} must be built for this tokenizer (vocab_size >= {vocab})"
+        )

@@ -16,6 +16,7 @@ float32 tensors instead of several ``[B * T, V]`` ones (measured in ``docs/resul
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -91,7 +92,7 @@ def bucket_log_probs(log_probs: Tensor, ids: Tensor) -> Tensor:
     return torch.cat([top, tail], dim=1)
 
 
-def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, vocab: int) -> Tensor:
+def head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, vocab: int) -> Tensor:
     """``hidden @ weight.T + bias`` in the weight's dtype (autocast off), first ``vocab`` columns, >= float32."""
     if vocab < weight.shape[0]:
         weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
@@ -149,9 +150,20 @@ class TokenDistillationLoss(nn.Module):
         self.vocab_size = vocab_size
         self.monitor = ForwardKL()
 
+    #: Teacher and student read the same token ids (see :class:`~kd_lightning.llm.cross_token_loss.CrossTokenizerLoss`).
+    cross_tokenizer = False
+
     @property
     def temperature(self) -> float:
         return self.divergence.temperature
+
+    def teacher_tokens(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(input_ids, attention_mask)`` the teacher reads: the student's own."""
+        return batch["input_ids"], batch["attention_mask"]
+
+    def alignment(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Extra :meth:`forward` arguments from the batch: none (one tokenisation)."""
+        return {}
 
     @property
     def needs_teacher(self) -> bool:
@@ -270,7 +282,7 @@ class TokenDistillationLoss(nn.Module):
         logits are indexed by ``rows`` here, inside the checkpoint, so no chunk of them outlives its step."""
         # Few [chunk, V] tensors live at once: logits are dropped once softmaxed; at T = 1 the
         # cross-entropy and the divergence share one log-softmax.
-        logits = _logits(hidden, weight, bias, vocab)
+        logits = head_logits(hidden, weight, bias, vocab)
         log_p = F.log_softmax(logits, dim=-1)
         ce = -log_p.gather(1, targets[:, None]).sum()
         zero = ce.new_zeros(())
@@ -287,7 +299,7 @@ class TokenDistillationLoss(nn.Module):
                 log_p = student  # the monitor compares buckets, at the cache's temperature
             else:
                 if teacher_hidden is not None:
-                    teacher_logits = _logits(teacher_hidden, teacher_weight, teacher_bias, vocab)
+                    teacher_logits = head_logits(teacher_hidden, teacher_weight, teacher_bias, vocab)
                 else:
                     teacher_logits = at_least_fp32(teacher_logits.index_select(0, rows)[:, :vocab])
                 teacher = self.divergence.log_probs(teacher_logits)

@@ -12,6 +12,9 @@ from torchmetrics import MeanMetric
 
 from kd_lightning.engine.caching.token_outputs import LogitCache
 from kd_lightning.engine.errors import ConfigError
+from kd_lightning.llm.aligned import AlignedEncoder
+from kd_lightning.llm.cross_token_loss import CrossTokenizerLoss
+from kd_lightning.llm.multi_teacher import RoutedEncoder, TeacherCombination, select_rows
 from kd_lightning.llm.token_loss import IGNORE_INDEX, TokenDistillationLoss, TokenLossOutput, final_hidden_states
 from kd_lightning.methods.base import Method, OptimizerFactory, SchedulerFactory
 
@@ -77,7 +80,7 @@ class LLMDistillationModule(Method):
     def __init__(
         self,
         student: nn.Module,
-        loss: TokenDistillationLoss,
+        loss: TokenDistillationLoss | CrossTokenizerLoss,
         optimizer: OptimizerFactory,
         teacher: nn.Module | None = None,
         scheduler: SchedulerFactory | None = None,
@@ -89,6 +92,10 @@ class LLMDistillationModule(Method):
         eos_token_id: int | list[int] | None = None,
         seed: int = 0,
         save_teacher: bool = False,
+        aligned: AlignedEncoder | RoutedEncoder | None = None,
+        teachers: Mapping[str, nn.Module] | None = None,
+        combination: TeacherCombination | None = None,
+        losses: Mapping[str, TokenDistillationLoss | CrossTokenizerLoss] | None = None,
     ) -> None:
         super().__init__(optimizer, scheduler, save_teacher=save_teacher)
         if not 0.0 <= lmbda <= 1.0:  # also checked by the mode (conf/llm/mode) for command-line runs
@@ -102,7 +109,19 @@ class LLMDistillationModule(Method):
                 "llm/mode=teacher_cache holds teacher outputs for dataset sequences only; on-policy samples "
                 "need the live teacher (llm/mode=on_policy)"
             )
-        if loss.needs_teacher and teacher is None and logit_cache is None:
+        if logit_cache is not None and loss.cross_tokenizer:
+            raise ConfigError(
+                "llm/mode=teacher_cache stores the teacher's top-k over its own vocabulary at the student's token "
+                "positions; with different tokenizers (llm/loss=uld or gold) run the teacher live (llm/mode=off_policy)"
+            )
+        if loss.cross_tokenizer and lmbda > 0 and aligned is None:
+            raise ConfigError("on-policy cross-tokenizer distillation needs the data's AlignedEncoder (aligned=...)")
+        if teachers and (teacher is not None or logit_cache is not None or combination is None):
+            raise ConfigError(
+                "several teachers (llm.teacher.teachers) need llm.teacher.combine and run live: no single teacher, "
+                "no logit cache (llm/mode=off_policy or on_policy)"
+            )
+        if loss.needs_teacher and teacher is None and logit_cache is None and not teachers:
             raise ConfigError("llm.loss.alpha > 0 needs a teacher or a logit cache; set llm.loss.alpha=0 for SFT")
         if logit_cache is not None:
             self._check_cache(logit_cache, loss, student)
@@ -115,7 +134,16 @@ class LLMDistillationModule(Method):
             self.add_frozen("teacher", teacher)
         else:
             self.teacher = None
+        self.teachers: dict[str, nn.Module] = {}
+        for name, model in (teachers or {}).items():
+            if not name.isidentifier():
+                raise ConfigError(f"llm.teacher.teachers: {name!r} is not a valid teacher name (letters, digits, _)")
+            self.teachers[name] = self.add_frozen(f"teacher_{name}", model)
+        self.combination = combination
+        if combination is not None:
+            combination.bind(list(self.teachers))
         self.loss = loss
+        self.losses = nn.ModuleDict(dict(losses) if losses else dict.fromkeys(self.teachers, loss))
         self.lmbda = float(lmbda)
         self.generation = {"max_new_tokens": 64, "temperature": 1.0, "top_k": 0, "top_p": 1.0, **(generation or {})}
         self.logit_cache = logit_cache
@@ -126,9 +154,11 @@ class LLMDistillationModule(Method):
         if lmbda > 0 and (not self.eos_ids or self.pad_token_id is None):
             raise ConfigError("on-policy sampling needs pad and eos token ids (from the tokenizer)")
         self.seed = seed
-        self.heads_checked = False
+        self.aligned = aligned
+        self.heads_checked: set[str] = set()
         self.window_tokens = torch.zeros((), dtype=torch.long)
         self.val_loss, self.val_ce, self.val_kl = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_teacher_kl = nn.ModuleDict({name: MeanMetric() for name in self.teachers})
 
     @staticmethod
     def _check_cache(cache: LogitCache, loss: TokenDistillationLoss, student: nn.Module) -> None:
@@ -151,16 +181,19 @@ class LLMDistillationModule(Method):
 
     def token_loss(self, batch: Batch, monitor_kl: bool = False) -> TokenLossOutput:
         """:class:`TokenDistillationLoss` sums on ``batch``; the teacher (or the cache) runs only when needed."""
-        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        hidden = final_hidden_states(self.student, input_ids, attention_mask)
+        hidden = final_hidden_states(self.student, batch["input_ids"], batch["attention_mask"])
+        if self.combination is not None:
+            head = self.student.get_output_embeddings()
+            return self.combination.loss(hidden, head, batch, self.teachers, self.losses, monitor_kl)
         teacher: dict[str, Any] = {}
-        if self.loss.needs_teacher or monitor_kl:
+        if self.loss.needs_teacher or (monitor_kl and not self.loss.cross_tokenizer):
             if self.logit_cache is not None:
                 teacher = {"teacher_topk": self.logit_cache.lookup(batch)}
             elif self.teacher is not None:
                 with torch.no_grad():
-                    teacher_hidden = final_hidden_states(self.teacher, input_ids, attention_mask)
+                    teacher_hidden = final_hidden_states(self.teacher, *self.loss.teacher_tokens(batch))
                 teacher = {"teacher_hidden": teacher_hidden, "teacher_head": self.teacher.get_output_embeddings()}
+                teacher.update(self.loss.alignment(batch))
         head = self.student.get_output_embeddings()
         return self.loss(hidden, head, batch["labels"], monitor_kl=monitor_kl and bool(teacher), **teacher)
 
@@ -181,7 +214,8 @@ class LLMDistillationModule(Method):
         prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
         seed = int(self._rng(batch_idx, self.global_rank, 1).integers(2**31))
         rows = self.student.get_output_embeddings().weight.shape[0]
-        padding = list(range(self.loss.shared_vocab(rows, None), rows))  # head rows beyond the tokenizer
+        vocab = len(self.aligned.student.tokenizer) if self.aligned else self.loss.shared_vocab(rows, None)
+        padding = list(range(vocab, rows))  # head rows beyond the tokenizer
         was_training = self.student.training
         self.student.eval()
         devices = [self.device] if self.device.type == "cuda" else []
@@ -198,7 +232,29 @@ class LLMDistillationModule(Method):
             )
         self.student.train(was_training)
         eos_ids = torch.as_tensor(self.eos_ids, device=sequences.device)
-        return sampled_batch(prompt_ids, prompt_mask, sequences, eos_ids, self.pad_token_id)
+        sampled = sampled_batch(prompt_ids, prompt_mask, sequences, eos_ids, self.pad_token_id)
+        if "teacher_index" in batch:  # rows keep their teachers
+            sampled["teacher_index"] = batch["teacher_index"]
+        if self.aligned is None or not self.loss.cross_tokenizer:
+            return sampled
+        return self.realign(batch["prompt_text"], sampled, prompt_ids.shape[1])
+
+    def realign(self, prompts: list[str], sampled: Batch, prompt_width: int) -> dict[str, Any]:
+        """The student's samples as text, encoded again for both tokenizers and aligned (cross-tokenizer
+        on-policy, as GOLD does): a sample that ended without EOS gets none."""
+        tokenizer = self.aligned.student.tokenizer
+        labels = sampled["labels"][:, prompt_width:]
+        routes = sampled["teacher_index"].tolist() if "teacher_index" in sampled else [None] * len(prompts)
+        examples = []
+        for prompt, row, route in zip(prompts, labels, routes, strict=True):
+            tokens = row[row != IGNORE_INDEX].tolist()
+            finished = bool(tokens) and tokens[-1] in self.eos_ids
+            text = tokenizer.decode(tokens[:-1] if finished else tokens, skip_special_tokens=True)
+            examples.append(
+                self.aligned.encode(prompt, text, eos=finished, **({} if route is None else {"teacher": route}))
+            )
+        batch = self.aligned.collate(examples)
+        return {key: value.to(self.device) if isinstance(value, Tensor) else value for key, value in batch.items()}
 
     # ------------------------------------------------------------------------------------ training
     def on_train_epoch_start(self) -> None:
@@ -213,13 +269,7 @@ class LLMDistillationModule(Method):
                 f"training batches hold prompts only but llm.mode.lmbda={self.lmbda} < 1 also trains on dataset "
                 "completions; set llm.data.prompt_only=false"
             )
-        if not self.heads_checked:
-            models = {"llm.student.model": self.student}
-            if self.teacher is not None and self.loss.needs_teacher and self.logit_cache is None:
-                models["llm.teacher.model"] = self.teacher
-            for key, model in models.items():
-                check_head(model, key, batch["input_ids"], batch["attention_mask"])
-            self.heads_checked = True
+        self.check_heads(batch)
         out = self.token_loss(batch)
         if not self.finite_step(out.total, out.parts, {}):
             return None
@@ -228,9 +278,33 @@ class LLMDistillationModule(Method):
         log = {"on_step": False, "on_epoch": True, "batch_size": tokens, "sync_dist": True}
         self.log("train/loss", out.total.detach() / tokens, prog_bar=True, **log)
         for name, value in out.parts.items():
-            self.log(f"train/loss_{name}", value / tokens, **log)
+            if name.startswith(("distill", "ce")):  # per-teacher parts: distill/<teacher>, summing to distill
+                self.log(f"train/loss_{name}", value / tokens, **log)
         # A sum: Lightning divides it by accumulate_grad_batches, on_before_optimizer_step by the tokens.
         return out.total * self.trainer.accumulate_grad_batches
+
+    def check_heads(self, batch: Batch) -> None:
+        """Once per model, on the first batch that feeds it: its logits must be ``lm_head(last hidden)``."""
+        models = {"llm.student.model": (self.student, self.loss, None)}
+        if self.teacher is not None and self.loss.needs_teacher and self.logit_cache is None:
+            models["llm.teacher.model"] = (self.teacher, self.loss, None)
+        for index, (name, teacher) in enumerate(self.teachers.items()):
+            if self.losses[name].needs_teacher:
+                models[f"llm.teacher.teachers.{name}.model"] = (teacher, self.losses[name], index)
+        for key, (model, loss, index) in models.items():
+            if key in self.heads_checked:
+                continue
+            rows = batch
+            if index is not None and "teacher_index" in batch:
+                routed = (batch["teacher_index"] == index).nonzero().squeeze(1)
+                if routed.numel() == 0:
+                    continue  # no row for this teacher yet
+                rows = select_rows(batch, routed)
+            ids, mask = (
+                (rows["input_ids"], rows["attention_mask"]) if model is self.student else loss.teacher_tokens(rows)
+            )
+            check_head(model, key, ids, mask)
+            self.heads_checked.add(key)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Divide the summed gradients by the valid tokens of the accumulated batch on all ranks (DDP has
@@ -251,6 +325,10 @@ class LLMDistillationModule(Method):
         self.val_ce.update(out.parts["ce"] / tokens, weight=out.count.float())
         if "kl_to_teacher" in out.parts:
             self.val_kl.update(out.parts["kl_to_teacher"] / tokens, weight=out.count.float())
+        for name, metric in self.val_teacher_kl.items():
+            if f"kl_to_teacher/{name}" in out.parts:
+                count = out.parts[f"tokens/{name}"]
+                metric.update(out.parts[f"kl_to_teacher/{name}"] / count.clamp(min=1), weight=count)
 
     def on_validation_epoch_end(self) -> None:
         # torchmetrics syncs across ranks in compute(); the values are then equal on every rank.
@@ -258,5 +336,8 @@ class LLMDistillationModule(Method):
         self.log("val/ppl", torch.exp(self.val_ce.compute()), prog_bar=True, sync_dist=True)
         if self.val_kl.update_called:
             self.log("val/kl_to_teacher", self.val_kl.compute(), sync_dist=True)
-        for metric in (self.val_loss, self.val_ce, self.val_kl):
+        for name, metric in self.val_teacher_kl.items():
+            if metric.update_called:
+                self.log(f"val/kl_to_teacher/{name}", metric.compute(), sync_dist=True)
+        for metric in (self.val_loss, self.val_ce, self.val_kl, *self.val_teacher_kl.values()):
             metric.reset()
