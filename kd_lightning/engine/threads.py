@@ -62,7 +62,7 @@ def choose_cpu_threads(setting: CpuThreads, models: Iterable[nn.Module], process
 def set_cpu_threads(setting: CpuThreads, models: Iterable[nn.Module], key: str, processes: int = 1) -> int:
     """Apply ``setting`` (checked, naming ``key``) with :func:`torch.set_num_threads`; returns the threads in use."""
     check_cpu_threads(setting, key)
-    threads = choose_cpu_threads(setting, models, processes)
+    threads = choose_cpu_threads(setting, [model for model in models if isinstance(model, nn.Module)], processes)
     if threads is not None and threads != torch.get_num_threads():
         torch.set_num_threads(threads)
     if threads is not None and processes > 1:  # what Lightning's launchers give the processes they start

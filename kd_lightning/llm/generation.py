@@ -18,7 +18,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -30,6 +30,9 @@ from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.instantiate import build
 from kd_lightning.engine.threads import set_cpu_threads
 from kd_lightning.llm.prompts import Prompt, chat_ids, is_correct, make_prompts
+
+if TYPE_CHECKING:
+    from kd_lightning.llm.remote import RemoteTeacher
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +84,11 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def model_identity(model: PreTrainedModel) -> str:
-    """A cheap fingerprint of a model: its class, source and parameter count."""
+def model_identity(model: PreTrainedModel | RemoteTeacher) -> str:
+    """A cheap fingerprint of a model: its class, source and parameter count (a remote teacher: its server
+    and model name)."""
+    if not isinstance(model, torch.nn.Module):
+        return model.identity
     count = sum(parameter.numel() for parameter in model.parameters())
     return f"{type(model).__name__}:{model.config.name_or_path}:{count}"
 
@@ -129,7 +135,10 @@ def complete(
     prompts: Sequence[Prompt],
     settings: GenerationSettings,
 ) -> list[list[str]]:
-    """``settings.num_samples`` completions per prompt (chat template, left padding), special tokens removed."""
+    """``settings.num_samples`` completions per prompt (chat template, left padding), special tokens removed;
+    a remote teacher is asked through its chat API."""
+    if not isinstance(model, torch.nn.Module):
+        return model.complete(prompts, settings)
     ids, mask = left_pad([chat_ids(tokenizer, p.text, settings.system_prompt) for p in prompts], tokenizer.pad_token_id)
     device = next(model.parameters()).device
     sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
@@ -189,7 +198,8 @@ def generate_file(
     todo = [prompt for prompt in prompts if prompt.id not in done]
     if todo:
         log.info("generating %d of %d prompts into %s", len(todo), len(prompts), path)
-    model.eval()
+    if isinstance(model, torch.nn.Module):
+        model.eval()
     with path.open("a") as sink, tqdm(total=len(todo), desc="teacher completions", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]

@@ -118,8 +118,10 @@ def random_llama(
         vocab_size = vocab_size or len(tokenizer)
         special = {name: getattr(tokenizer, name) for name in special}
     if vocab_size is None:
-        if teacher is None:
-            raise ConfigError("llm.student.vocab_size=null copies the teacher's vocabulary size; set it or a teacher")
+        if not hasattr(teacher, "config"):  # no teacher, or a remote one
+            raise ConfigError(
+                "llm.student.vocab_size=null copies an in-process teacher's vocabulary size; set llm.student.vocab_size"
+            )
         vocab_size = teacher.config.vocab_size
     if hidden_size % num_heads:
         raise ConfigError(
@@ -232,7 +234,10 @@ def same_tokenizer(first: PreTrainedTokenizerBase, second: PreTrainedTokenizerBa
 
 
 def check_vocab_rows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, key: str) -> None:
-    """Fail early unless ``model`` has an output logit for every token of ``tokenizer``."""
+    """Fail early unless ``model`` has an output logit for every token of ``tokenizer`` (a remote teacher,
+    not a module, is checked by its answers)."""
+    if not isinstance(model, nn.Module):
+        return
     vocab = len(tokenizer)
     if embedding_rows(model) < vocab:
         raise ConfigError(

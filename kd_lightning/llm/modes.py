@@ -95,7 +95,7 @@ class CachedTeacher(TrainingMode):
             return None
         start = time.perf_counter()
         cache = LogitCache.build(
-            teacher.to(trainer.strategy.root_device),
+            teacher.to(trainer.strategy.root_device) if isinstance(teacher, nn.Module) else teacher,
             [datamodule.train_dataloader(), datamodule.val_dataloader()],
             cache_dir / "llm_logits",
             top_k=self.top_k,

@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from kd_lightning.engine.caching.store import write_json_atomic
 from kd_lightning.engine.errors import ConfigError
@@ -51,12 +52,31 @@ class Teachers:
     combination: TeacherCombination | None
 
 
+def frozen(teacher: Any) -> Any:
+    """A module teacher frozen; a remote one (:class:`~kd_lightning.llm.remote.RemoteTeacher`) as it is."""
+    return freeze(teacher) if isinstance(teacher, nn.Module) else teacher
+
+
+def check_remote(teachers: Teachers, loss: Any, mode: TrainingMode) -> None:
+    """A remote teacher scores tokens only through the logit cache (or writes text: black-box)."""
+    remote = [name for name, model in teachers.models.items() if not isinstance(model, nn.Module)]
+    if not remote:
+        return
+    if teachers.combination is not None:
+        raise ConfigError(f"llm.teacher.teachers: {remote} are remote; several teachers must be in-process models")
+    if loss.needs_teacher and not isinstance(mode, CachedTeacher):
+        raise ConfigError(
+            "llm/teacher=remote scores tokens once into the logit cache: set llm/mode=teacher_cache (grey-box, "
+            "top-k), or distil black-box: kd-llm-generate llm/teacher=remote, then llm/loss=sft llm/data=teacher_text"
+        )
+
+
 def build_teachers(node: DictConfig) -> Teachers:
     """One teacher (``llm.teacher.model`` + ``tokenizer``) or several (``llm.teacher.teachers``: name ->
     ``model`` + ``tokenizer``, combined by ``llm.teacher.combine``), all frozen."""
     if node.get("teachers") is None:
         tokenizer = build(node.tokenizer, "llm.teacher.tokenizer")
-        return Teachers({"teacher": freeze(build(node.model, "llm.teacher.model"))}, {"teacher": tokenizer}, None)
+        return Teachers({"teacher": frozen(build(node.model, "llm.teacher.model"))}, {"teacher": tokenizer}, None)
     if not node.teachers or node.get("combine") is None:
         raise ConfigError(
             "llm.teacher.teachers needs at least one teacher and llm.teacher.combine (routing or mixture)"
@@ -65,7 +85,7 @@ def build_teachers(node: DictConfig) -> Teachers:
     for name, entry in node.teachers.items():
         key = f"llm.teacher.teachers.{name}"
         tokenizers[name] = build(entry.tokenizer, f"{key}.tokenizer")
-        models[name] = freeze(build(entry.model, f"{key}.model"))
+        models[name] = frozen(build(entry.model, f"{key}.model"))
     return Teachers(models, tokenizers, build(node.combine, "llm.teacher.combine"))
 
 
@@ -138,6 +158,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     loss = build(cfg.llm.loss, "llm.loss")
     mode: TrainingMode = build(cfg.llm.mode, "llm.mode")
     teachers = build_teachers(cfg.llm.teacher)
+    check_remote(teachers, loss, mode)
     teacher, tokenizer = next(iter(teachers.models.values())), next(iter(teachers.tokenizers.values()))
     student, student_tokenizer = build_student(cfg.llm.student, teacher, tokenizer)
     set_cpu_threads(cfg.cpu_threads, [*teachers.models.values(), student], "cpu_threads")
@@ -156,7 +177,9 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = build_trainer(cfg)
 
     cache = mode.teacher_cache(teacher, datamodule, loss, trainer, Path(cfg.paths.cache_dir))
-    params = {"params/student": parameter_count(student), "params/teacher": parameter_count(teacher)}
+    params = {"params/student": parameter_count(student)}
+    if isinstance(teacher, nn.Module):
+        params["params/teacher"] = parameter_count(teacher)
     if teachers.combination is not None:
         params.update({f"params/teacher/{name}": parameter_count(m) for name, m in teachers.models.items()})
     lora = OmegaConf.to_container(cfg.llm.lora, resolve=True) if cfg.llm.lora else None
@@ -166,7 +189,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         optimizer=build(cfg.optimizer, "optimizer"),
         # With alpha = 0 (SFT on teacher text) the teacher never runs in training, only to report
         # val/kl_to_teacher.
-        teacher=teacher if cache is None and pairing.teacher_runs and teachers.combination is None else None,
+        teacher=teacher if cache is None and pairing.teacher_runs and isinstance(teacher, nn.Module) else None,
         scheduler=build(cfg.scheduler, "scheduler") if cfg.scheduler else None,
         lmbda=mode.lmbda,
         generation=mode.generation,

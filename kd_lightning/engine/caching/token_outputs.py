@@ -27,7 +27,7 @@ import shutil
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -51,6 +51,14 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 _ARRAYS = ("ids", "log_probs", "tail")
 Batch = Mapping[str, Tensor]
+
+
+class RemoteScorer(Protocol):
+    """A teacher that is not a module: named by ``identity``, scoring batches into top-k rows."""
+
+    identity: str
+
+    def top_k_batch(self, batch: Batch, top_k: int, temperature: float, vocab_size: int) -> SparseTeacher: ...
 
 
 def example_keys(batch: Batch) -> list[tuple[str, int]]:
@@ -151,7 +159,7 @@ class LogitCache:
     @classmethod
     def build(
         cls,
-        teacher: nn.Module,
+        teacher: nn.Module | RemoteScorer,
         loaders: Iterable[Iterable[Batch]],
         root: str | Path,
         top_k: int,
@@ -160,10 +168,23 @@ class LogitCache:
         verify: bool = True,
     ) -> LogitCache:
         """The cache of ``teacher`` over every batch of ``loaders`` under ``root``: opened if one with the same
-        key exists, else computed (the teacher runs once per distinct example) and written atomically."""
+        key exists, else computed (the teacher runs once per distinct example) and written atomically.
+        ``teacher`` is a causal LM, or a remote scorer (:class:`~kd_lightning.llm.remote.RemoteTeacher`:
+        an ``identity`` and ``top_k_batch(batch, top_k, temperature, vocab_size)``)."""
         if not 1 <= top_k < vocab_size:
             raise ConfigError(f"llm.mode.top_k={top_k} must be in [1, vocab size {vocab_size})")
-        teacher.eval()
+        if isinstance(teacher, nn.Module):
+            teacher.eval()
+            identity, device = weights_digest(teacher), next(teacher.parameters()).device
+
+            def score(batch: Batch) -> SparseTeacher:
+                return teacher_top_k(teacher, batch, top_k, temperature, vocab_size)
+        else:
+            identity, device = teacher.identity, torch.device("cpu")
+
+            def score(batch: Batch) -> SparseTeacher:
+                return teacher.top_k_batch(batch, top_k, temperature, vocab_size)
+
         loaders = [list(loader) for loader in loaders]
         layout: dict[str, list[int]] = {}  # example key -> [first row, rows]
         num_tokens = 0
@@ -174,7 +195,7 @@ class LogitCache:
                     num_tokens += count
         settings = {
             "format_version": FORMAT_VERSION,
-            "teacher": weights_digest(teacher),
+            "teacher": identity,
             "top_k": top_k,
             "temperature": float(temperature),
             "vocab_size": vocab_size,
@@ -193,14 +214,13 @@ class LogitCache:
             "log_probs": np.lib.format.open_memmap(tmp / "log_probs.npy", "w+", np.float16, (num_tokens, top_k)),
             "tail": np.lib.format.open_memmap(tmp / "tail.npy", "w+", np.float32, (num_tokens,)),
         }
-        device = next(teacher.parameters()).device
         written: set[str] = set()
         for batch in (batch for loader in loaders for batch in loader):
             keys = example_keys(batch)
             if all(key in written for key, _ in keys):
                 continue
             batch = {name: batch[name].to(device) for name in ("input_ids", "attention_mask", "labels")}
-            top = teacher_top_k(teacher, batch, top_k, temperature, vocab_size)
+            top = score(batch)
             first = 0
             for key, count in keys:
                 start = layout[key][0]
