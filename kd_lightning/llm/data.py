@@ -209,6 +209,7 @@ class LLMDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
         self.splits: dict[str, list[dict[str, Any]]] = {}
+        self.prompts: dict[str, list[str]] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -216,6 +217,7 @@ class LLMDataModule(L.LightningDataModule):
         for split, (file, prompts) in self.sources.items():
             with_completions = split == "val" or not self.prompt_only
             examples = load_examples(file, prompts, f"llm.data.{split}", self.only_correct, with_completions)
+            self.prompts[split] = [example["prompt"] for example in examples]
             if with_completions and any(example["completion"] is None for example in examples):
                 raise ConfigError(f"llm.data.{split}_file={file} has records without a completion")
             route = getattr(self.encoder, "route", None)
@@ -228,9 +230,24 @@ class LLMDataModule(L.LightningDataModule):
                 for example in examples
             ]
 
+    def add_student_responses(self, responses: Mapping[str, str], prefix: str = "sampled_") -> None:
+        """Give every training example a second completion, ``responses[prompt]`` (the student's own, for
+        DistiLLM-2), batched under ``prefix``-ed keys beside the dataset's completion."""
+        if not isinstance(self.encoder, ExampleEncoder):
+            raise ConfigError("student responses (llm/loss=distillm2) need one tokenizer for teacher and student")
+        self.setup()
+        for prompt, example in zip(self.prompts["train"], self.splits["train"], strict=True):
+            if prompt not in responses:
+                raise ConfigError(f"no student response for the training prompt {prompt[:40]!r}...")
+            encoded = self.encoder.encode(prompt, responses[prompt])
+            example.update({f"{prefix}{key}": value for key, value in encoded.items()})
+
     def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Pad a list of encoded examples into one batch (see the module docstring)."""
-        return self.encoder.collate(examples)
+        batch = self.encoder.collate(examples)
+        if "sampled_completion" in examples[0]:
+            batch.update(self.encoder.collate(examples, prefix="sampled_"))
+        return batch
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         self.setup()

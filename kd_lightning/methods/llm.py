@@ -109,6 +109,11 @@ class LLMDistillationModule(Method):
                 "llm/mode=teacher_cache holds teacher outputs for dataset sequences only; on-policy samples "
                 "need the live teacher (llm/mode=on_policy)"
             )
+        if getattr(loss, "sides", None) and (lmbda > 0 or logit_cache is not None or teachers):
+            raise ConfigError(
+                "llm/loss=distillm2 trains on the teacher's and the student's cached responses with the live teacher: "
+                "use llm/mode=off_policy and one teacher"
+            )
         if logit_cache is not None and loss.cross_tokenizer:
             raise ConfigError(
                 "llm/mode=teacher_cache stores the teacher's top-k over its own vocabulary at the student's token "
@@ -180,22 +185,50 @@ class LLMDistillationModule(Method):
         return self.student(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def token_loss(self, batch: Batch, monitor_kl: bool = False) -> TokenLossOutput:
-        """:class:`TokenDistillationLoss` sums on ``batch``; the teacher (or the cache) runs only when needed."""
+        """Loss sums on ``batch``; the teacher (or the cache) runs only when needed. Several teachers: their
+        combination; a loss with ``sides`` (DistiLLM-2): each side on its own sequences (validation batches
+        hold the teacher's responses only)."""
+        sides = getattr(self.loss, "sides", None)
+        if sides is None:
+            return self.one_loss(self.loss, batch, monitor_kl)
+        outputs = []
+        for name, prefix, loss, weight in sides:
+            if f"{prefix}input_ids" not in batch:
+                if self.training:
+                    raise ConfigError(
+                        f"llm/loss=distillm2 needs {prefix}* keys in training batches (the student's responses)"
+                    )
+                continue
+            view = (
+                {key[len(prefix) :]: value for key, value in batch.items() if key.startswith(prefix)}
+                if prefix
+                else batch
+            )
+            outputs.append((name, weight, self.one_loss(loss, view, monitor_kl and not prefix)))
+        parts: dict[str, Tensor] = {}
+        for name, _, out in outputs:
+            for part, value in out.parts.items():
+                parts[part] = parts[part] + value if part in parts else value
+            parts[f"distill/{name}"] = out.parts["distill"]
+        total = sum(weight * out.total for _, weight, out in outputs)
+        return TokenLossOutput(total=total, count=sum(out.count for *_, out in outputs), parts=parts)
+
+    def one_loss(self, loss: nn.Module, batch: Batch, monitor_kl: bool) -> TokenLossOutput:
+        """One loss on ``batch``, with the one teacher, the cache, or the teachers' combination."""
         hidden = final_hidden_states(self.student, batch["input_ids"], batch["attention_mask"])
+        head = self.student.get_output_embeddings()
         if self.combination is not None:
-            head = self.student.get_output_embeddings()
             return self.combination.loss(hidden, head, batch, self.teachers, self.losses, monitor_kl)
         teacher: dict[str, Any] = {}
-        if self.loss.needs_teacher or (monitor_kl and not self.loss.cross_tokenizer):
+        if loss.needs_teacher or (monitor_kl and not loss.cross_tokenizer):
             if self.logit_cache is not None:
                 teacher = {"teacher_topk": self.logit_cache.lookup(batch)}
             elif self.teacher is not None:
                 with torch.no_grad():
-                    teacher_hidden = final_hidden_states(self.teacher, *self.loss.teacher_tokens(batch))
+                    teacher_hidden = final_hidden_states(self.teacher, *loss.teacher_tokens(batch))
                 teacher = {"teacher_hidden": teacher_hidden, "teacher_head": self.teacher.get_output_embeddings()}
-                teacher.update(self.loss.alignment(batch))
-        head = self.student.get_output_embeddings()
-        return self.loss(hidden, head, batch["labels"], monitor_kl=monitor_kl and bool(teacher), **teacher)
+                teacher.update(loss.alignment(batch))
+        return loss(hidden, head, batch["labels"], monitor_kl=monitor_kl and bool(teacher), **teacher)
 
     # ----------------------------------------------------------------------------------- on-policy
     def _rng(self, batch_idx: int, *extra: int) -> np.random.Generator:

@@ -23,6 +23,7 @@ from kd_lightning.engine.instantiate import build, build_trainer, log_run_config
 from kd_lightning.engine.run_dir import announce, start_run
 from kd_lightning.engine.threads import set_cpu_threads
 from kd_lightning.engine.weights import freeze
+from kd_lightning.llm.contrastive import DistiLLM2Loss, student_responses
 from kd_lightning.llm.cross_tokenizer import VocabMapping
 from kd_lightning.llm.models import check_tokenizers, check_vocab_rows, embedding_rows, same_tokenizer
 from kd_lightning.llm.modes import CachedTeacher, TrainingMode
@@ -174,6 +175,16 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         losses = {name: loss if i == 0 else build(cfg.llm.loss, "llm.loss") for i, name in enumerate(teachers.models)}
         pairing = pair_teachers(teachers, losses, student, student_tokenizer)
     datamodule = build(cfg.llm.data, "llm.data", **pairing.data)
+    if isinstance(loss, DistiLLM2Loss):  # the student's own responses, generated once before training
+        datamodule.setup()
+        responses = student_responses(
+            student,
+            student_tokenizer,
+            datamodule.prompts["train"],
+            loss.generation,
+            Path(cfg.paths.cache_dir) / "distillm2",
+        )
+        datamodule.add_student_responses(responses)
     trainer: L.Trainer = build_trainer(cfg)
 
     cache = mode.teacher_cache(teacher, datamodule, loss, trainer, Path(cfg.paths.cache_dir))
