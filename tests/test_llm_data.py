@@ -95,6 +95,23 @@ def test_completions_from_a_file_and_rejection_filter(tmp_path: Path) -> None:
     assert texts == ["The answer is 5.", "Hi!"] and data.tokenizer is tokenizer
 
 
+def test_length_budget_keeps_the_shortest_verified_trace_per_problem(tmp_path: Path) -> None:
+    records = [
+        {"id": "a", "prompt": "What is 2 + 3?", "completion": "2 + 3 = 5. So the answer is 5.", "correct": True},
+        {"id": "a", "prompt": "What is 2 + 3?", "completion": "The answer is 4.", "correct": False},  # shorter, wrong
+        {"id": "a", "prompt": "What is 2 + 3?", "completion": "2 + 3 = 5. The answer is 5.", "correct": True},
+        {"id": "b", "prompt": "What is 2 + 2?", "completion": "The answer is 4.", "correct": True},
+    ]
+    path = tmp_path / "traces.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    tokenizer = char_tokenizer()
+    data = LLMDataModule(tokenizer, train_file=str(path), val_file=str(path), only_correct=True, shortest=True)
+    data.setup()
+    texts = [tokenizer.decode(example["completion"], skip_special_tokens=True) for example in data.splits["train"]]
+    assert texts == ["2 + 3 = 5. The answer is 5.", "The answer is 4."]
+    assert len(data.splits["val"]) == 3  # validation keeps every verified trace
+
+
 def test_prompt_only_batches_for_on_policy_training() -> None:
     data = LLMDataModule(
         char_tokenizer(), train_prompts={**ARITHMETIC, "kind": "mixed"}, val_prompts=HELDOUT, prompt_only=True
@@ -134,3 +151,15 @@ def test_data_configs_compose_and_build(option: str, tmp_path: Path, kd_home: Pa
         heldout = compose_config(tmp_path, ["prompts.num_prompts=32", "prompts.split=heldout"], "llm_generate")
         assert cfg.llm.data.val_file == heldout.generate.out_file
         assert option == "prompts" or cfg.llm.data.train_file == train.generate.out_file
+
+
+def test_multistep_solutions_are_right_step_by_step() -> None:
+    import re
+
+    for prompt in make_prompts("multistep", 60, seed=4):
+        steps = re.findall(r"(\d+) ([+*-]) (\d+) = (\d+)", prompt.solution)
+        assert len(steps) == 4  # three operations, buying bags takes two
+        for a, op, b, c in steps:
+            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(c)
+        assert steps[-1][3] == str(prompt.answer) and prompt.solution.endswith(f"The answer is {prompt.answer}.")
+        assert is_correct(prompt.solution, prompt.answer) and prompt.answer >= 0

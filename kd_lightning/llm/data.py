@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from kd_lightning.engine.errors import ConfigError
-from kd_lightning.llm.generation import keep_correct, left_pad, read_records
+from kd_lightning.llm.generation import keep_correct, keep_shortest, left_pad, read_records
 from kd_lightning.llm.prompts import chat_ids, make_prompts
 from kd_lightning.llm.token_loss import IGNORE_INDEX
 
@@ -40,7 +40,12 @@ def reference_completion(answer: int) -> str:
 
 
 def load_examples(
-    file: str | None, prompts: Mapping[str, Any] | None, key: str, only_correct: bool, need_completions: bool
+    file: str | None,
+    prompts: Mapping[str, Any] | None,
+    key: str,
+    only_correct: bool,
+    need_completions: bool,
+    shortest: bool = False,
 ) -> list[dict[str, Any]]:
     """``[{"prompt": ..., "completion": ... or None, ...}]`` from ``file`` (every field of its records kept, e.g.
     ``kind`` or a ``teacher`` column) or, without one, from generated ``prompts`` (with their ``kind``)."""
@@ -53,6 +58,8 @@ def load_examples(
             raise ConfigError(f"{key}_file={file} is empty; (re)generate it with kd-llm-generate")
         if only_correct:
             records = keep_correct(records, f"{key.rsplit('.', 1)[0]}.only_correct")
+        if shortest:
+            records = keep_shortest(records)
         return [{**record, "completion": record.get("completion")} for record in records]
     if prompts is None:
         raise ConfigError(f"set {key}_file (a JSONL of prompts and completions) or {key}_prompts")
@@ -63,7 +70,7 @@ def load_examples(
                 f"{key}_prompts.kind={prompts['kind']} has no reference completions; use kind=arithmetic, "
                 f"or teacher completions in {key}_file (kd-llm-generate)"
             )
-        completion = None if prompt.answer is None else reference_completion(prompt.answer)
+        completion = prompt.solution or (None if prompt.answer is None else reference_completion(prompt.answer))
         examples.append({"prompt": prompt.text, "completion": completion, "kind": prompt.kind})
     return examples
 
@@ -166,6 +173,7 @@ class LLMDataModule(L.LightningDataModule):
       ``train_prompts`` / ``val_prompts``: :func:`~kd_lightning.llm.prompts.make_prompts` arguments
       (arithmetic problems get reference completions).
     - ``only_correct``: drop file records whose verified final answer is wrong (rejection sampling).
+    - ``shortest``: a length budget ("long-to-short"): keep each prompt's shortest (remaining) completion.
     - ``prompt_only``: training batches hold prompts only (on-policy); validation keeps completions.
     - ``max_length``: prompt + completion tokens; longer completions are cut (their EOS too), a prompt
       that leaves no room for a completion token is an error.
@@ -186,6 +194,7 @@ class LLMDataModule(L.LightningDataModule):
         train_prompts: Mapping[str, Any] | None = None,
         val_prompts: Mapping[str, Any] | None = None,
         only_correct: bool = False,
+        shortest: bool = False,
         prompt_only: bool = False,
         max_length: int = 256,
         batch_size: int = 8,
@@ -204,6 +213,7 @@ class LLMDataModule(L.LightningDataModule):
         self.encoder = make_encoder(tokenizer, teacher_tokenizer, max_length, system_prompt, routing)
         self.sources = {"train": (train_file, train_prompts), "val": (val_file, val_prompts)}
         self.only_correct = only_correct
+        self.shortest = shortest
         self.prompt_only = prompt_only
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -216,7 +226,14 @@ class LLMDataModule(L.LightningDataModule):
             return
         for split, (file, prompts) in self.sources.items():
             with_completions = split == "val" or not self.prompt_only
-            examples = load_examples(file, prompts, f"llm.data.{split}", self.only_correct, with_completions)
+            examples = load_examples(
+                file,
+                prompts,
+                f"llm.data.{split}",
+                self.only_correct,
+                with_completions,
+                self.shortest and split == "train",
+            )
             self.prompts[split] = [example["prompt"] for example in examples]
             if with_completions and any(example["completion"] is None for example in examples):
                 raise ConfigError(f"llm.data.{split}_file={file} has records without a completion")

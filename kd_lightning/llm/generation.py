@@ -240,6 +240,17 @@ def keep_correct(records: list[dict[str, Any]], key: str) -> list[dict[str, Any]
     return kept
 
 
+def keep_shortest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A length budget ("long-to-short"): per prompt, only its shortest completion (in characters; the first
+    of equal ones). Apply after :func:`keep_correct` to keep the shortest *verified* trace."""
+    shortest: dict[str, dict[str, Any]] = {}
+    for record in records:
+        key = record.get("id", record["prompt"])
+        if key not in shortest or len(record["completion"]) < len(shortest[key]["completion"]):
+            shortest[key] = record
+    return list(shortest.values())
+
+
 def run(cfg: DictConfig) -> GenerationReport:
     """``kd-llm-generate``: build the teacher and its tokenizer, make the prompts, generate into the file."""
     torch.manual_seed(cfg.seed)

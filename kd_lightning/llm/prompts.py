@@ -18,9 +18,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 Split = Literal["train", "heldout"]
-Kind = Literal["instructions", "arithmetic", "mixed"]
+Kind = Literal["instructions", "arithmetic", "multistep", "mixed"]
 SPLITS = ("train", "heldout")
-KINDS = ("instructions", "arithmetic", "mixed")
+KINDS = ("instructions", "arithmetic", "multistep", "mixed")
 
 #: One prompt in this many (by hash) is held out.
 HELDOUT_EVERY = 5
@@ -80,12 +80,14 @@ ANSWER_FORMAT = "End your reply with 'The answer is N.'"
 
 @dataclass(frozen=True)
 class Prompt:
-    """A prompt with a stable ``id`` (a hash of its text) and, for arithmetic problems, its integer answer."""
+    """A prompt with a stable ``id`` (a hash of its text) and, for arithmetic problems, its integer answer
+    and (multi-step problems) a reference solution written out step by step."""
 
     id: str
     text: str
     kind: str
     answer: int | None = None
+    solution: str | None = None
 
 
 def prompt_id(text: str) -> str:
@@ -119,6 +121,35 @@ def _arithmetic(rng: random.Random, max_operand: int) -> Prompt:
     return Prompt(prompt_id(text), text, "arithmetic", answer)
 
 
+def _multistep(rng: random.Random, max_operand: int) -> Prompt:
+    """Three operations on one quantity (gets more, buys bags of, gives away), solved step by step."""
+    name, items = rng.choice(_NAMES), rng.choice(_ITEMS)
+    total = rng.randint(2, max_operand)
+    sentences = [f"{name} has {total} {items}."]
+    steps = [f"{name} starts with {total} {items}."]
+    for op in rng.sample(("add", "mul", "sub"), 3):
+        if op == "add":
+            more = rng.randint(2, max_operand)
+            sentences.append(f"Then {name} gets {more} more.")
+            steps.append(f"{total} + {more} = {total + more}.")
+            total += more
+        elif op == "mul":
+            bags, each = rng.randint(2, 5), rng.randint(2, 5)
+            sentences.append(f"Then {name} buys {bags} bags with {each} {items} in each bag.")
+            bought = bags * each
+            steps.append(f"{bags} bags of {each} is {bags} * {each} = {bought}. {total} + {bought} = {total + bought}.")
+            total += bought
+        else:
+            away = rng.randint(1, max(1, total - 1))
+            sentences.append(f"Then {name} gives away {away}.")
+            steps.append(f"{total} - {away} = {total - away}.")
+            total -= away
+    question = f"How many {items} does {name} have now?"
+    text = f"{' '.join(sentences)} {question} Think step by step. {ANSWER_FORMAT}"
+    solution = f"{' '.join(steps)} The answer is {total}."
+    return Prompt(prompt_id(text), text, "multistep", total, solution)
+
+
 def make_prompts(
     kind: Kind, num_prompts: int, seed: int, split: Split = "train", max_operand: int = 20
 ) -> list[Prompt]:
@@ -139,6 +170,7 @@ def make_prompts(
     makers = {
         "instructions": [_instruction],
         "arithmetic": [lambda r: _arithmetic(r, max_operand)],
+        "multistep": [lambda r: _multistep(r, max_operand)],
         "mixed": [_instruction, lambda r: _arithmetic(r, max_operand)],
     }[kind]
     prompts: dict[str, Prompt] = {}

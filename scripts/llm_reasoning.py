@@ -1,0 +1,315 @@
+"""Reasoning distillation on 2 CPU cores: a teacher that reasons well on multi-step arithmetic, distilled three ways.
+
+    python scripts/llm_reasoning.py --seeds 0 1 2      # writes the llm-reasoning section of docs/results/llm.md
+
+1. Teacher: SmolLM2-135M-Instruct (GGUF, float32) fine-tuned on multi-step word problems (three operations,
+   kd_lightning.llm.prompts kind "multistep") with written-out reference solutions, then its greedy pass rate
+   on held-out problems is measured (the verifier reads "The answer is N.").
+2. Traces: the teacher samples --samples solutions per training problem (temperature 0.7, top-p 0.95); the
+   verifier keeps the correct ones (rejection sampling, as for DeepSeek-R1's distilled models).
+3. Student: --student-layers evenly spaced layers of the *base* SmolLM2 (weights copied), trained per seed:
+   - gt_sft: cross-entropy on the ground-truth solutions (the baseline: no teacher);
+   - traces_sft: cross-entropy on the verified teacher traces (black-box);
+   - traces_short: the same, keeping each problem's shortest verified trace ("long-to-short");
+   - traces_kd: token-level forward KL to the teacher on those traces, alpha 0.5 (white-box);
+   - on_policy: JSD(0.5), half of the batches sampled by the student and scored by the teacher (GKD).
+   Held-out greedy pass rates, mean ± std over seeds, against the teacher's and the base models'.
+Every stage is cached under $KD_LIGHTNING_HOME/runs/llm_reasoning and reused, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from multirun import mean_std
+from transformers import AutoModelForCausalLM
+
+from kd_lightning.cli.common import CONFIG_DIR
+from kd_lightning.engine.weights import freeze
+from kd_lightning.llm.data import LLMDataModule
+from kd_lightning.llm.divergences import ForwardKL
+from kd_lightning.llm.generation import GenerationSettings, generate_file, keep_correct, keep_shortest, read_records
+from kd_lightning.llm.models import layer_subset, load_gguf_model, load_gguf_tokenizer
+from kd_lightning.llm.prompts import make_prompts
+from kd_lightning.llm.token_loss import TokenDistillationLoss
+from kd_lightning.methods.llm import LLMDistillationModule
+from kd_lightning.reporting.markdown import write_section
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "docs" / "results" / "llm.md"
+
+#: name -> (kd-llm-distill overrides, training data, description)
+ARMS = {
+    "gt_sft": (["llm/loss=sft"], "ground_truth", "CE on ground-truth solutions (no teacher)"),
+    "traces_sft": (["llm/loss=sft"], "traces", "CE on verified teacher traces (black-box, rejection sampling)"),
+    "traces_short": (["llm/loss=sft"], "shortest", "CE on the shortest verified trace per problem (long-to-short)"),
+    "traces_kd": (["llm/loss=forward_kl"], "traces", "forward KL to the teacher on verified traces, α=0.5 (white-box)"),
+    "on_policy": (
+        ["llm/loss=jsd", "llm/mode=on_policy", "llm.mode.lmbda=0.5"],
+        "traces",
+        "JSD(0.5), half the batches sampled by the student (on-policy)",
+    ),
+}
+
+
+def trainer(steps: int) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        max_epochs=-1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def pass_rate(model, tokenizer, prompts, out_file: Path, max_new_tokens: int) -> float:
+    """Greedy verifier pass rate of ``model`` on ``prompts`` (completions kept in ``out_file``)."""
+    out_file.unlink(missing_ok=True)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    return generate_file(model, tokenizer, prompts, out_file, settings, batch_size=16, progress=False).pass_rate
+
+
+def fine_tune_teacher(base, tokenizer, args: argparse.Namespace, root: Path, heldout) -> tuple[torch.nn.Module, dict]:
+    """The base model fine-tuned on ground-truth step-by-step solutions (saved and reused)."""
+    folder, report_file = root / "teacher", root / "teacher.json"
+    if report_file.is_file():
+        return freeze(AutoModelForCausalLM.from_pretrained(folder).float()), json.loads(report_file.read_text())
+    L.seed_everything(0, workers=True)
+    model = layer_subset(base, num_layers=len(base.model.layers))  # a full copy
+    data = LLMDataModule(
+        tokenizer,
+        train_prompts={"kind": "multistep", "num_prompts": args.train_problems, "seed": 0},
+        val_prompts={"kind": "multistep", "num_prompts": 8, "seed": 0, "split": "heldout"},
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+    )
+    module = LLMDistillationModule(
+        student=model,
+        loss=TokenDistillationLoss(ForwardKL(), alpha=0.0, vocab_size=len(tokenizer)),
+        optimizer=functools.partial(torch.optim.AdamW, lr=args.teacher_lr, weight_decay=0.0),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    start = time.perf_counter()
+    trainer(args.teacher_steps).fit(module, datamodule=data)
+    seconds = time.perf_counter() - start
+    freeze(model)
+    report = {
+        "steps": args.teacher_steps,
+        "train_seconds": seconds,
+        "pass_rate": pass_rate(model, tokenizer, heldout, root / "teacher_heldout.jsonl", args.max_new_tokens),
+        "base_pass_rate": pass_rate(base, tokenizer, heldout, root / "base_heldout.jsonl", args.max_new_tokens),
+    }
+    model.save_pretrained(folder)
+    report_file.write_text(json.dumps(report))
+    print(f"teacher: {report}", flush=True)
+    return model, report
+
+
+def teacher_traces(teacher, tokenizer, args: argparse.Namespace, root: Path) -> dict:
+    """Sampled teacher solutions of the distillation problems (resumable JSONL) and what the verifier kept."""
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens, do_sample=True, temperature=0.7, top_p=0.95, num_samples=args.samples
+    )
+    prompts = make_prompts("multistep", args.distill_problems, 0)
+    path = root / f"traces_{args.distill_problems}x{args.samples}.jsonl"
+    start = time.perf_counter()
+    report = generate_file(teacher, tokenizer, prompts, path, settings, batch_size=8, progress=False)
+    records = read_records(path)
+    kept = keep_correct(records, "traces")
+    return {
+        "file": path,
+        "seconds": time.perf_counter() - start,
+        "sample_pass_rate": report.pass_rate,
+        "kept": len(kept),
+        "sampled": len(records),
+        "problems_kept": len({r["id"] for r in kept}),
+        "mean_chars": sum(len(r["completion"]) for r in kept) / len(kept),
+        "shortest_mean_chars": sum(len(r["completion"]) for r in keep_shortest(kept)) / len({r["id"] for r in kept}),
+    }
+
+
+def ground_truth_file(args: argparse.Namespace, root: Path) -> Path:
+    """The distillation problems with their reference solutions, as a JSONL the data module reads."""
+    path = root / f"ground_truth_{args.distill_problems}.jsonl"
+    if not path.is_file():
+        rows = [
+            {"id": p.id, "prompt": p.text, "completion": p.solution, "answer": p.answer, "correct": True}
+            for p in make_prompts("multistep", args.distill_problems, 0)
+        ]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def run_arm(
+    name: str, seed: int, base, teacher, tokenizer, files: dict, heldout, args: argparse.Namespace, root: Path
+) -> dict:
+    """Train one student arm from the base model's layers; returns its held-out pass rate and timing."""
+    overrides, source, _ = ARMS[name]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="llm_distill", overrides=overrides)
+    L.seed_everything(seed, workers=True)
+    student = layer_subset(base, num_layers=args.student_layers)
+    loss = instantiate(cfg.llm.loss)
+    loss.vocab_size = len(tokenizer)
+    data = LLMDataModule(
+        tokenizer,
+        train_file=str(files["ground_truth" if source == "ground_truth" else "traces"]),
+        val_file=str(files["ground_truth"]),
+        only_correct=source != "ground_truth",
+        shortest=source == "shortest",
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+    )
+    generation = {**cfg.llm.mode.generation, "max_new_tokens": args.max_new_tokens} if cfg.llm.mode.lmbda else None
+    module = LLMDistillationModule(
+        student=student,
+        loss=loss,
+        optimizer=functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.0),
+        teacher=teacher if loss.needs_teacher else None,
+        lmbda=cfg.llm.mode.lmbda,
+        generation=generation,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        seed=seed,
+    )
+    start = time.perf_counter()
+    trainer(args.steps).fit(module, datamodule=data)
+    seconds = time.perf_counter() - start
+    rate = pass_rate(student, tokenizer, heldout, root / f"{name}_seed{seed}_heldout.jsonl", args.max_new_tokens)
+    result = {
+        "arm": name,
+        "seed": seed,
+        "pass_rate": rate,
+        "train_seconds": seconds,
+        "examples": len(data.splits["train"]),
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def write_table(results: list[dict], report: dict, traces: dict, base_student: float, args, timing: dict) -> None:
+    seeds = sorted({r["seed"] for r in results})
+    rows = [
+        f"| teacher (base) | SmolLM2-135M-Instruct before fine-tuning | {100 * report['base_pass_rate']:.1f} | — |",
+        f"| teacher | fine-tuned on {args.train_problems} problems' reference solutions ({report['steps']} steps) | "
+        f"{100 * report['pass_rate']:.1f} | {report['train_seconds']:.0f} |",
+        f"| student (base) | {args.student_layers} layers of the base model, untrained | "
+        f"{100 * base_student:.1f} | — |",
+    ]
+    for name, (_, _, description) in ARMS.items():
+        runs = [r for r in results if r["arm"] == name]
+        if runs:
+            rate, seconds = (
+                mean_std([r["pass_rate"] for r in runs]),
+                mean_std([r["train_seconds"] for r in runs], 1.0, 0),
+            )
+            rows.append(f"| {name} | {description} ({runs[0]['examples']} training sequences) | {rate} | {seconds} |")
+    command = " ".join(["python scripts/llm_reasoning.py", *sys.argv[1:]])
+    lines = [
+        "<!-- written by scripts/llm_reasoning.py; do not edit by hand -->",
+        "## Reasoning distillation: a fine-tuned SmolLM2 reasoner -> a small student (CPU)",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Task: multi-step word problems (three operations: gets more, buys bags of, gives away; "
+        "`kd_lightning.llm.prompts`, kind `multistep`), answered with written-out steps ending in "
+        "'The answer is N.'; a verifier checks the final number. Training and held-out problems are disjoint.",
+        "",
+        f"Teacher: SmolLM2-135M-Instruct fine-tuned on the reference solutions of {args.train_problems} problems "
+        f"(AdamW lr {args.teacher_lr}, batch {args.batch_size}). Traces: {args.samples} samples (T 0.7, top-p 0.95) "
+        f"for each of {args.distill_problems} problems; the verifier kept {traces['kept']} of {traces['sampled']} "
+        f"({traces['problems_kept']} problems with at least one; mean {traces['mean_chars']:.0f} characters, "
+        f"{traces['shortest_mean_chars']:.0f} for the shortest per problem). Students: {args.student_layers} of the "
+        f"base model's 30 layers (weights copied), {args.steps} steps of {args.batch_size} sequences, "
+        f"AdamW lr {args.lr}; "
+        f"the ground-truth baseline trains on the same {args.distill_problems} problems' reference solutions. "
+        f"Mean ± std over seeds {seeds}.",
+        "",
+        f"Metric: greedy pass rate (%) on {args.heldout_problems} held-out problems "
+        f"(at most {args.max_new_tokens} new tokens).",
+        "",
+        "| model | what | held-out pass rate % | train time (s) |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        f"Timings ({args.threads} torch thread on 2 CPU cores shared with other jobs, indicative): teacher traces "
+        f"{traces['seconds']:.0f} s (0 when cached), this invocation {timing['total']:.0f} s "
+        "(finished stages are reused).",
+    ]
+    text = "\n".join(lines)
+    write_section(args.out, text, "llm-reasoning", title="# LM distillation results")
+    print(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--stage", choices=["teacher", "traces", "all"], default="all")
+    parser.add_argument("--train-problems", type=int, default=512, help="the teacher's fine-tuning problems")
+    parser.add_argument("--distill-problems", type=int, default=256, help="problems the students learn from")
+    parser.add_argument("--heldout-problems", type=int, default=64)
+    parser.add_argument("--teacher-steps", type=int, default=150)
+    parser.add_argument("--teacher-lr", type=float, default=2e-4)
+    parser.add_argument("--samples", type=int, default=4, help="teacher traces per distillation problem")
+    parser.add_argument("--student-layers", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=192)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    home = Path(os.environ.get("KD_LIGHTNING_HOME", Path.home() / ".kd_lightning"))
+    root = home / "runs" / "llm_reasoning"
+    root.mkdir(parents=True, exist_ok=True)
+    base, tokenizer = freeze(load_gguf_model()), load_gguf_tokenizer()
+    heldout = make_prompts("multistep", args.heldout_problems, 0, "heldout")
+    teacher, report = fine_tune_teacher(base, tokenizer, args, root, heldout)
+    if args.stage == "teacher":
+        return
+    traces = teacher_traces(teacher, tokenizer, args, root)
+    print(f"traces: {traces}", flush=True)
+    if args.stage == "traces":
+        return
+    files = {"traces": traces["file"], "ground_truth": ground_truth_file(args, root)}
+    base_file = root / f"student_base_{args.student_layers}.json"
+    if not base_file.is_file():
+        untrained = layer_subset(base, num_layers=args.student_layers)
+        rate = pass_rate(untrained, tokenizer, heldout, root / "student_base_heldout.jsonl", args.max_new_tokens)
+        base_file.write_text(json.dumps({"pass_rate": rate}))
+    results = []
+    settings = {k: v for k, v in vars(args).items() if k not in ("seeds", "arms", "stage", "out", "threads")}
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    for seed in args.seeds:
+        for name in args.arms:
+            done = root / f"{name}_seed{seed}_{digest}.json"
+            if not done.exists():
+                done.write_text(json.dumps(run_arm(name, seed, base, teacher, tokenizer, files, heldout, args, root)))
+            results.append(json.loads(done.read_text()))
+    timing = {"total": time.perf_counter() - start}
+    write_table(results, report, traces, json.loads(base_file.read_text())["pass_rate"], args, timing)
+
+
+if __name__ == "__main__":
+    main()
