@@ -12,8 +12,9 @@ One process, teacher loaded once (kd-llm-distill would reload it for every run):
    forward KL, reverse KL and JSD(0.5); on-policy JSD(0.5) (lambda = 0.5: half the batches are sampled
    from the student, the teacher scores them); sequence-level KD (cross-entropy on the same teacher text,
    alpha = 0); black-box KD on arithmetic (cross-entropy on verifier-filtered teacher samples);
-3. held-out metrics: token-level KL(teacher || student) and student perplexity on the teacher's
-   completions of the held-out instructions; verifier pass rate on held-out arithmetic problems.
+3. held-out metrics (the llm-demo section of docs/results/llm.md): token-level KL(teacher || student) and
+   student perplexity on the teacher's completions of the held-out instructions; verifier pass rate on
+   held-out arithmetic problems.
 Losses and modes are composed from the kd-llm-distill configs (conf/llm/loss, conf/llm/mode). Each finished
 run is saved under $KD_LIGHTNING_HOME/runs/llm_demo and reused, so an interrupted demo resumes.
 """
@@ -41,6 +42,7 @@ from kd_lightning.llm.generation import GenerationSettings, generate_file, keep_
 from kd_lightning.llm.models import check_tokenizers, layer_subset, load_gguf_model, load_gguf_tokenizer
 from kd_lightning.llm.prompts import make_prompts
 from kd_lightning.methods.llm import LLMDistillationModule
+from kd_lightning.reporting.markdown import write_section
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "results" / "llm.md"
@@ -197,7 +199,7 @@ def write_table(results: list[dict], data: dict, args: argparse.Namespace, out: 
     seed_note = "Single seed (0): no spread is reported." if len(seeds) == 1 else f"Mean ± std over seeds {seeds}."
     lines = [
         "<!-- written by scripts/llm_demo.py; do not edit by hand -->",
-        f"# LM distillation demo: SmolLM2-135M-Instruct -> {args.num_layers}-layer student (CPU)",
+        f"## LM distillation demo: SmolLM2-135M-Instruct -> {args.num_layers}-layer student (CPU)",
         "",
         f"Command: `{command}`",
         "",
@@ -240,8 +242,8 @@ def write_table(results: list[dict], data: dict, args: argparse.Namespace, out: 
         "pass-rate generation add about 20 s per run).",
         "",
     ]
-    text = "\n".join(lines)
-    out.write_text(text)
+    text = "\n".join(lines).rstrip("\n")
+    write_section(out, text, "llm-demo", title="# LM distillation results")
     print(text)
 
 

@@ -39,7 +39,7 @@ from kd_lightning.cli.common import CONFIG_DIR
 from kd_lightning.engine.weights import freeze
 from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.divergences import ForwardKL
-from kd_lightning.llm.generation import GenerationSettings, generate_file, keep_correct, keep_shortest, read_records
+from kd_lightning.llm.generation import GenerationSettings, generate_file, keep_shortest, read_records
 from kd_lightning.llm.models import layer_subset, load_gguf_model, load_gguf_tokenizer
 from kd_lightning.llm.prompts import make_prompts
 from kd_lightning.llm.token_loss import TokenDistillationLoss
@@ -47,6 +47,9 @@ from kd_lightning.methods.llm import LLMDistillationModule
 from kd_lightning.reporting.markdown import write_section
 
 REPO = Path(__file__).resolve().parents[1]
+#: The students' problems come from another seed than the teacher's fine-tuning problems, so the teacher's
+#: traces are its own solutions of problems it was not trained on.
+DISTILL_SEED = 1
 DEFAULT_OUT = REPO / "docs" / "results" / "llm.md"
 
 #: name -> (kd-llm-distill overrides, training data, description)
@@ -127,21 +130,22 @@ def teacher_traces(teacher, tokenizer, args: argparse.Namespace, root: Path) -> 
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens, do_sample=True, temperature=0.7, top_p=0.95, num_samples=args.samples
     )
-    prompts = make_prompts("multistep", args.distill_problems, 0)
+    prompts = make_prompts("multistep", args.distill_problems, DISTILL_SEED)
     path = root / f"traces_{args.distill_problems}x{args.samples}.jsonl"
     start = time.perf_counter()
     report = generate_file(teacher, tokenizer, prompts, path, settings, batch_size=8, progress=False)
     records = read_records(path)
-    kept = keep_correct(records, "traces")
+    kept = [record for record in records if record["correct"]]
+    problems = len({record["id"] for record in kept})
     return {
         "file": path,
         "seconds": time.perf_counter() - start,
         "sample_pass_rate": report.pass_rate,
         "kept": len(kept),
         "sampled": len(records),
-        "problems_kept": len({r["id"] for r in kept}),
-        "mean_chars": sum(len(r["completion"]) for r in kept) / len(kept),
-        "shortest_mean_chars": sum(len(r["completion"]) for r in keep_shortest(kept)) / len({r["id"] for r in kept}),
+        "problems_kept": problems,
+        "mean_chars": sum(len(r["completion"]) for r in kept) / max(len(kept), 1),
+        "shortest_mean_chars": sum(len(r["completion"]) for r in keep_shortest(kept)) / max(problems, 1),
     }
 
 
@@ -151,7 +155,7 @@ def ground_truth_file(args: argparse.Namespace, root: Path) -> Path:
     if not path.is_file():
         rows = [
             {"id": p.id, "prompt": p.text, "completion": p.solution, "answer": p.answer, "correct": True}
-            for p in make_prompts("multistep", args.distill_problems, 0)
+            for p in make_prompts("multistep", args.distill_problems, DISTILL_SEED)
         ]
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -233,8 +237,9 @@ def write_table(results: list[dict], report: dict, traces: dict, base_student: f
         "'The answer is N.'; a verifier checks the final number. Training and held-out problems are disjoint.",
         "",
         f"Teacher: SmolLM2-135M-Instruct fine-tuned on the reference solutions of {args.train_problems} problems "
-        f"(AdamW lr {args.teacher_lr}, batch {args.batch_size}). Traces: {args.samples} samples (T 0.7, top-p 0.95) "
-        f"for each of {args.distill_problems} problems; the verifier kept {traces['kept']} of {traces['sampled']} "
+        f"(AdamW lr {args.teacher_lr}, batch {args.batch_size}). Traces: "
+        f"{args.samples} samples (T 0.7, top-p 0.95) for each of {args.distill_problems} other problems (not in "
+        "the teacher's fine-tuning set); the verifier kept {traces['kept']} of {traces['sampled']} "
         f"({traces['problems_kept']} problems with at least one; mean {traces['mean_chars']:.0f} characters, "
         f"{traces['shortest_mean_chars']:.0f} for the shortest per problem). Students: {args.student_layers} of the "
         f"base model's 30 layers (weights copied), {args.steps} steps of {args.batch_size} sequences, "

@@ -36,8 +36,8 @@ def run_seeds(overrides: list[str], seeds: list[int], sweep_dir: Path, home: Pat
     return [json.loads(path.read_text()) for path in sorted(sweep_dir.glob("*/summary.json"))]
 
 
-def mean_std(values: list[float], scale: float = 100.0) -> str:
-    """``mean ± std`` of ``values`` times ``scale`` (percent by default), two decimals (std 0 for one value)."""
+def mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    """``mean ± std`` of ``values`` times ``scale`` (percent by default), ``digits`` decimals (std 0 for one value)."""
     scaled = [scale * v for v in values]
     std = statistics.stdev(scaled) if len(scaled) > 1 else 0.0
-    return f"{statistics.mean(scaled):.2f} ± {std:.2f}"
+    return f"{statistics.mean(scaled):.{digits}f} ± {std:.{digits}f}"

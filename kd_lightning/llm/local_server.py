@@ -1,4 +1,5 @@
-"""A small OpenAI-compatible server for tests: a Hugging Face causal LM served on 127.0.0.1 (stdlib HTTP).
+"""A minimal OpenAI-compatible server: a Hugging Face causal LM served on 127.0.0.1 (stdlib HTTP, one model
+call at a time), for tests and CPU demos of ``llm/teacher=remote``; serve real teachers with vLLM or SGLang.
 
 ``/v1/chat/completions`` (greedy or sampled completions of a chat) and ``/v1/completions`` with
 vLLM's prompt scoring (``prompt`` as token ids, ``echo``, ``logprobs``, ``return_tokens_as_token_ids``).
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 
 
 class OpenAIServer:
+    """``with OpenAIServer(model, tokenizer) as server: ... server.base_url``: serves until the block ends."""
+
     def __init__(self, model: Any, tokenizer: Any, name: str = "tiny") -> None:
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.fail_first, self.delay, self.logprobs = 0, 0.0, True
@@ -57,6 +60,7 @@ class OpenAIServer:
         self.httpd.server_close()
 
     def answer(self, path: str, body: dict) -> tuple[int, dict]:
+        """``(HTTP status, JSON answer)`` of one request, with the configured faults."""
         with self.lock:
             self.requests += 1
             number = self.requests
@@ -77,6 +81,7 @@ class OpenAIServer:
                 self.in_flight -= 1
 
     def chat(self, body: dict) -> dict:
+        """``/v1/chat/completions``: ``n`` completions, greedy at temperature 0, else sampled (seeded)."""
         ids = self.tokenizer.apply_chat_template(
             body["messages"], add_generation_prompt=True, tokenize=True, return_dict=True
         )["input_ids"]
@@ -86,7 +91,7 @@ class OpenAIServer:
             sampling = {"do_sample": False}
         choices = []
         for index in range(body.get("n", 1)):
-            torch.manual_seed(body.get("seed") or 0 + index)
+            torch.manual_seed((body.get("seed") or 0) + index)
             out = self.model.generate(
                 input_ids=prompt,
                 attention_mask=torch.ones_like(prompt),
@@ -100,6 +105,8 @@ class OpenAIServer:
         return {"id": "chat-1", "object": "chat.completion", "created": 0, "model": self.name, "choices": choices}
 
     def score(self, body: dict) -> dict:
+        """``/v1/completions`` with ``echo``: the top-``logprobs`` of every prompt position (vLLM's format with
+        ``return_tokens_as_token_ids``), plus one greedy token."""
         ids = torch.tensor([body["prompt"]])
         log_probs = F.log_softmax(self.model(input_ids=ids).logits[0].float(), dim=-1)
         k = body.get("logprobs") or 0

@@ -1,0 +1,338 @@
+"""Measured rows for the LM-frontier features on 2 CPU cores, with SmolLM2-135M-Instruct (GGUF, float32):
+
+    python scripts/llm_frontier.py --seeds 0 1 2      # writes the llm-frontier section of docs/results/llm.md
+
+- distillm2: DistiLLM-2's contrastive objective against forward KL and SFT on the same teacher text
+  (student: 8 of the teacher's layers, as in scripts/llm_demo.py);
+- routing: one student, two teachers picked per row (instructions -> SmolLM2, multi-step problems -> the
+  reasoner fine-tuned by scripts/llm_reasoning.py, which must have run first), against the SmolLM2 teacher
+  alone; KL to each row's own teacher and the multi-step pass rate;
+- remote: the grey-box top-k cache built through an OpenAI-compatible server (kd_lightning.llm.local_server on
+  127.0.0.1 serving the same model) against the in-process cache: agreement and scoring time.
+Teacher text: greedy completions of instructions (shared with scripts/llm_cross_tokenizer.py). Finished runs are
+kept under $KD_LIGHTNING_HOME/runs/llm_frontier and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from llm_cross_tokenizer import teacher_text
+from llm_reasoning import pass_rate, trainer
+from multirun import mean_std
+from transformers import AutoModelForCausalLM
+
+from kd_lightning.cli.common import CONFIG_DIR
+from kd_lightning.engine.caching.token_outputs import LogitCache
+from kd_lightning.engine.weights import freeze
+from kd_lightning.llm.contrastive import DistiLLM2Loss, student_responses
+from kd_lightning.llm.data import LLMDataModule
+from kd_lightning.llm.divergences import ForwardKL
+from kd_lightning.llm.generation import read_records
+from kd_lightning.llm.local_server import OpenAIServer
+from kd_lightning.llm.models import layer_subset, load_gguf_model, load_gguf_tokenizer
+from kd_lightning.llm.multi_teacher import RowRouting
+from kd_lightning.llm.prompts import make_prompts
+from kd_lightning.llm.remote import RemoteTeacher
+from kd_lightning.llm.token_loss import TokenDistillationLoss
+from kd_lightning.methods.llm import LLMDistillationModule
+from kd_lightning.reporting.markdown import write_section
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "docs" / "results" / "llm.md"
+OBJECTIVES = {
+    "sft": (["llm/loss=sft"], "CE on teacher text"),
+    "fkl": (["llm/loss=forward_kl", "llm.loss.alpha=1"], "forward KL (word-level KD)"),
+    "distillm2": (["llm/loss=distillm2"], "DistiLLM-2: SKL on teacher text + SRKL on the student's own responses"),
+}
+
+
+def module_for(student, loss, tokenizer, args, **teachers) -> LLMDistillationModule:
+    return LLMDistillationModule(
+        student=student,
+        loss=loss,
+        optimizer=functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.0),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **teachers,
+    )
+
+
+def validate(module, datamodule) -> dict[str, float]:
+    metrics = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(
+        module, datamodule=datamodule, verbose=False
+    )[0]
+    return {name: float(value) for name, value in metrics.items()}
+
+
+def objective_run(name: str, seed: int, teacher, tokenizer, files: dict, args, root: Path) -> dict:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="llm_distill", overrides=[*OBJECTIVES[name][0], f"seed={seed}"])
+    L.seed_everything(seed, workers=True)
+    student = layer_subset(teacher, num_layers=8)
+    loss = instantiate(cfg.llm.loss)
+    loss.vocab_size = len(tokenizer)
+    data = LLMDataModule(
+        tokenizer,
+        train_file=str(files["train"]),
+        val_file=str(files["heldout"]),
+        max_length=160,
+        batch_size=args.batch_size,
+        val_batch_size=16,
+    )
+    start = time.perf_counter()
+    if isinstance(loss, DistiLLM2Loss):
+        data.setup()
+        data.add_student_responses(
+            student_responses(student, tokenizer, data.prompts["train"], loss.generation, root / "responses")
+        )
+    responses_seconds = time.perf_counter() - start
+    module = module_for(student, loss, tokenizer, args, teacher=teacher)
+    start = time.perf_counter()
+    trainer(args.steps).fit(module, datamodule=data)
+    metrics = validate(module, data)
+    return {
+        "run": name,
+        "seed": seed,
+        "train_seconds": time.perf_counter() - start,
+        "responses_seconds": responses_seconds,
+        "kl": metrics["val/kl_to_teacher"],
+        "ppl": metrics["val/ppl"],
+    }
+
+
+def routed_files(files: dict, root: Path, args) -> dict[str, Path]:
+    """Instruction rows (teacher text) and multi-step rows (reference solutions), one JSONL per split."""
+    out = {}
+    for split, count in (("train", args.train_prompts), ("heldout", args.heldout_prompts)):
+        rows = [{**r, "kind": "instructions"} for r in read_records(files[split])]
+        rows += [
+            {"id": p.id, "prompt": p.text, "completion": p.solution, "kind": "multistep"}
+            for p in make_prompts("multistep", count, 1 if split == "train" else 0, split)
+        ]
+        out[split] = root / f"routed_{split}_{count}.jsonl"
+        out[split].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return out
+
+
+def routing_run(name: str, seed: int, teachers: dict, tokenizer, files: dict, args, root: Path) -> dict:
+    L.seed_everything(seed, workers=True)
+    student = layer_subset(teachers["chat"], num_layers=8)
+    routing = RowRouting(by_kind={"instructions": "chat", "multistep": "math"})
+    routing.bind(list(teachers))
+    data = LLMDataModule(
+        tokenizer,
+        train_file=str(files["train"]),
+        val_file=str(files["heldout"]),
+        max_length=192,
+        batch_size=args.batch_size,
+        val_batch_size=16,
+        routing=routing,
+    )
+    loss = TokenDistillationLoss(ForwardKL(), alpha=0.5, vocab_size=len(tokenizer))
+    used = teachers if name == "routed" else {"chat": teachers["chat"], "math": teachers["chat"]}
+    module = module_for(student, loss, tokenizer, args, teachers=used, combination=routing)
+    start = time.perf_counter()
+    trainer(args.steps).fit(module, datamodule=data)
+    seconds = time.perf_counter() - start
+    judge = module_for(student, loss, tokenizer, args, teachers=teachers, combination=routing)  # KL to each row's own
+    metrics = validate(judge, data)
+    heldout = make_prompts("multistep", args.heldout_prompts, 0, "heldout")
+    rate = pass_rate(student, tokenizer, heldout, root / f"routing_{name}_{seed}.jsonl", 96)
+    return {
+        "run": name,
+        "seed": seed,
+        "train_seconds": seconds,
+        "kl_chat": metrics["val/kl_to_teacher/chat"],
+        "kl_math": metrics["val/kl_to_teacher/math"],
+        "pass_rate": rate,
+    }
+
+
+def remote_check(teacher, tokenizer, files: dict, args, root: Path) -> dict:
+    """The top-k cache through a local OpenAI-compatible server vs in process, on the same examples."""
+    data = LLMDataModule(
+        tokenizer,
+        train_file=str(files["train"]),
+        val_file=str(files["heldout"]),
+        max_length=160,
+        batch_size=args.batch_size,
+        val_batch_size=16,
+    )
+    loaders = [data.train_dataloader(), data.val_dataloader()]
+    start = time.perf_counter()
+    local = LogitCache.build(
+        teacher, loaders, root / "cache_local", top_k=32, temperature=1.0, vocab_size=len(tokenizer)
+    )
+    local_seconds = time.perf_counter() - start
+    with OpenAIServer(teacher, tokenizer, name="smollm2") as server:
+        served = RemoteTeacher(server.base_url, "smollm2", timeout=600, concurrency=4)
+        start = time.perf_counter()
+        remote = LogitCache.build(
+            served, loaders, root / "cache_remote", top_k=32, temperature=1.0, vocab_size=len(tokenizer)
+        )
+        remote_seconds = time.perf_counter() - start
+        requests = server.requests
+    same_ids = (torch.from_numpy(local.arrays["ids"][:]) == torch.from_numpy(remote.arrays["ids"][:])).float().mean()
+    diff = (
+        (
+            torch.from_numpy(local.arrays["log_probs"][:].astype("float32"))
+            - torch.from_numpy(remote.arrays["log_probs"][:].astype("float32"))
+        )
+        .abs()
+        .max()
+    )
+    return {
+        "tokens": int(local.meta["num_tokens"]),
+        "sequences": len(local.index),
+        "local_seconds": local_seconds,
+        "remote_seconds": remote_seconds,
+        "requests": requests,
+        "same_ids": float(same_ids),
+        "max_abs_log_prob_diff": float(diff),
+    }
+
+
+def cached(path: Path, make) -> dict:
+    if not path.is_file():
+        path.write_text(json.dumps(make()))
+    result = json.loads(path.read_text())
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def write_table(objective: list[dict], routing: list[dict], remote: dict | None, args, timing: dict) -> None:
+    seeds = sorted({r["seed"] for r in objective + routing})
+    lines = [
+        "<!-- written by scripts/llm_frontier.py; do not edit by hand -->",
+        "## Frontier objectives and teachers: DistiLLM-2, per-row routing, a remote teacher (CPU)",
+        "",
+        f"Command: `{' '.join(['python scripts/llm_frontier.py', *sys.argv[1:]])}`. Students: 8 of SmolLM2-135M's 30 "
+        f"layers (weights copied), {args.steps} steps of {args.batch_size} sequences, AdamW lr {args.lr}; "
+        f"mean ± std over seeds {seeds}. Held-out: {args.heldout_prompts} instructions (teacher text) and, for "
+        f"routing, {args.heldout_prompts} multi-step problems.",
+        "",
+    ]
+    if objective:
+        lines += [
+            "| objective | what | KL to teacher ↓ | ppl on teacher text ↓ | train time (s) |",
+            "|---|---|---|---|---|",
+        ]
+        for name, (_, description) in OBJECTIVES.items():
+            runs = [r for r in objective if r["run"] == name]
+            if runs:
+                lines.append(
+                    f"| {name} | {description} | {mean_std([r['kl'] for r in runs], 1.0, 3)} | "
+                    f"{mean_std([r['ppl'] for r in runs], 1.0, 1)} | "
+                    f"{mean_std([r['train_seconds'] for r in runs], 1.0, 0)} |"
+                )
+        lines.append("")
+    if routing:
+        lines += [
+            "Routing: training rows are instructions with SmolLM2's completions and multi-step problems with "
+            "reference solutions; `routed` distils each row from its own teacher (instructions: SmolLM2, problems: "
+            "the fine-tuned reasoner of the reasoning section), `one teacher` distils every row from SmolLM2. KL is "
+            "measured against each held-out row's own teacher.",
+            "",
+            "| teachers | KL to SmolLM2 on instructions ↓ | KL to the reasoner on problems ↓ | "
+            "multi-step pass rate % | train time (s) |",
+            "|---|---|---|---|---|",
+        ]
+        for name, label in (("routed", "routed (SmolLM2 + reasoner)"), ("single", "one teacher (SmolLM2)")):
+            runs = [r for r in routing if r["run"] == name]
+            if runs:
+                lines.append(
+                    f"| {label} | {mean_std([r['kl_chat'] for r in runs], 1.0, 3)} | "
+                    f"{mean_std([r['kl_math'] for r in runs], 1.0, 3)} | "
+                    f"{mean_std([r['pass_rate'] for r in runs])} | "
+                    f"{mean_std([r['train_seconds'] for r in runs], 1.0, 0)} |"
+                )
+        lines.append("")
+    if remote:
+        lines += [
+            "Remote teacher: the top-32 logit cache of the training and held-out sequences built through the "
+            "OpenAI-compatible API (`kd_lightning.llm.local_server` on 127.0.0.1 serving SmolLM2, concurrency 4) and "
+            "in process, on the same examples.",
+            "",
+            "| path | sequences | tokens | requests | build time (s) | same top-32 ids | max abs log-prob diff |",
+            "|---|---|---|---|---|---|---|",
+            f"| in-process | {remote['sequences']} | {remote['tokens']} | — | {remote['local_seconds']:.0f} | — | — |",
+            f"| remote (OpenAI-compatible) | {remote['sequences']} | {remote['tokens']} | {remote['requests']} | "
+            f"{remote['remote_seconds']:.0f} | {100 * remote['same_ids']:.2f}% | "
+            f"{remote['max_abs_log_prob_diff']:.4f} |",
+            "",
+        ]
+    lines.append(
+        f"Timings: 1 torch thread on 2 CPU cores shared with other jobs (indicative); this invocation "
+        f"{timing['total']:.0f} s, finished runs reused."
+    )
+    text = "\n".join(lines)
+    write_section(args.out, text, "llm-frontier", title="# LM distillation results")
+    print(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument(
+        "--parts", nargs="+", default=["distillm2", "routing", "remote"], choices=["distillm2", "routing", "remote"]
+    )
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--train-prompts", type=int, default=160)
+    parser.add_argument("--heldout-prompts", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    home = Path(os.environ.get("KD_LIGHTNING_HOME", Path.home() / ".kd_lightning"))
+    root = home / "runs" / "llm_frontier"
+    root.mkdir(parents=True, exist_ok=True)
+    teacher, tokenizer = freeze(load_gguf_model()), load_gguf_tokenizer()
+    files = teacher_text(teacher, tokenizer, args, home / "data" / "llm_demo")
+    tag = f"{args.steps}x{args.batch_size}_lr{args.lr}_{args.train_prompts}"
+    objective, routing, remote = [], [], None
+    if "distillm2" in args.parts:
+        objective = [
+            cached(
+                root / f"{name}_{seed}_{tag}.json",
+                lambda n=name, s=seed: objective_run(n, s, teacher, tokenizer, files, args, root),
+            )
+            for seed in args.seeds
+            for name in OBJECTIVES
+        ]
+    if "routing" in args.parts:
+        reasoner = root.parent / "llm_reasoning" / "teacher"
+        if not reasoner.is_dir():
+            raise SystemExit(f"{reasoner} is missing: run scripts/llm_reasoning.py --stage teacher first")
+        teachers = {"chat": teacher, "math": freeze(AutoModelForCausalLM.from_pretrained(reasoner).float())}
+        mixed = routed_files(files, root, args)
+        routing = [
+            cached(
+                root / f"routing_{name}_{seed}_{tag}.json",
+                lambda n=name, s=seed: routing_run(n, s, teachers, tokenizer, mixed, args, root),
+            )
+            for seed in args.seeds
+            for name in ("routed", "single")
+        ]
+    if "remote" in args.parts:
+        remote = cached(
+            root / f"remote_{args.train_prompts}.json", lambda: remote_check(teacher, tokenizer, files, args, root)
+        )
+    write_table(objective, routing, remote, args, {"total": time.perf_counter() - start})
+
+
+if __name__ == "__main__":
+    main()

