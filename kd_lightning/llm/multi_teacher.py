@@ -41,9 +41,10 @@ def select_rows(batch: Batch, rows: Tensor) -> dict[str, Any]:
     return picked
 
 
-def add_parts(into: dict[str, Tensor], parts: Mapping[str, Tensor], suffix: str = "") -> None:
+def add_parts(into: dict[str, Tensor], parts: Mapping[str, Tensor]) -> None:
+    """Add loss-part sums into ``into``, key by key."""
     for key, value in parts.items():
-        into[key + suffix] = into[key + suffix] + value if key + suffix in into else value
+        into[key] = into[key] + value if key in into else value
 
 
 class TeacherCombination:
@@ -103,7 +104,15 @@ class RowRouting(TeacherCombination):
             )
         return self.names.index(name)
 
-    def loss(self, student_hidden, student_head, batch, teachers, losses, monitor_kl) -> TokenLossOutput:
+    def loss(
+        self,
+        student_hidden: Tensor,
+        student_head: nn.Module,
+        batch: Batch,
+        teachers: Mapping[str, nn.Module],
+        losses: Mapping[str, nn.Module],
+        monitor_kl: bool,
+    ) -> TokenLossOutput:
         if "teacher_index" not in batch:
             raise ConfigError("row routing needs batches with teacher_index; build llm.data with the routing")
         total = count = None
@@ -184,7 +193,15 @@ class TokenMixture(TeacherCombination):
             log_w = torch.log(w / w.sum()).reshape(-1, *([1] * (log_p.dim() - 1)))
         return temperature * torch.logsumexp(log_w + log_p, dim=0)
 
-    def loss(self, student_hidden, student_head, batch, teachers, losses, monitor_kl) -> TokenLossOutput:
+    def loss(
+        self,
+        student_hidden: Tensor,
+        student_head: nn.Module,
+        batch: Batch,
+        teachers: Mapping[str, nn.Module],
+        losses: Mapping[str, nn.Module],
+        monitor_kl: bool,
+    ) -> TokenLossOutput:
         loss = losses[self.names[0]]
         if not (loss.needs_teacher or monitor_kl):
             return loss(student_hidden, student_head, batch["labels"])

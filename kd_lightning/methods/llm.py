@@ -14,7 +14,7 @@ from kd_lightning.engine.caching.token_outputs import LogitCache
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.aligned import AlignedEncoder
 from kd_lightning.llm.cross_token_loss import CrossTokenizerLoss
-from kd_lightning.llm.multi_teacher import RoutedEncoder, TeacherCombination, select_rows
+from kd_lightning.llm.multi_teacher import RoutedEncoder, TeacherCombination, add_parts, select_rows
 from kd_lightning.llm.token_loss import IGNORE_INDEX, TokenDistillationLoss, TokenLossOutput, final_hidden_states
 from kd_lightning.methods.base import Method, OptimizerFactory, SchedulerFactory
 
@@ -67,14 +67,22 @@ class LLMDistillationModule(Method):
       scores them token by token; ``logit_cache``: teacher top-k log-probabilities read from a
       :class:`~kd_lightning.engine.caching.token_outputs.LogitCache` instead of running the teacher; ``loss.alpha = 0``:
       supervised fine-tuning, the teacher never runs (black-box sequence KD on teacher-written data).
+    - Teachers: one (``teacher``), or several (``teachers`` by name, ``combination``: per-row routing or a
+      per-token mixture, :mod:`kd_lightning.llm.multi_teacher`; ``losses``: one loss per teacher).
+    - Tokenizers: a cross-tokenizer loss (:class:`~kd_lightning.llm.cross_token_loss.CrossTokenizerLoss`)
+      reads the teacher's own tokens from the batch (``teacher_*`` keys); on-policy samples are decoded and
+      re-encoded for both tokenizers by ``aligned`` (the data's encoder).
+    - A loss with ``sides`` (:class:`~kd_lightning.llm.contrastive.DistiLLM2Loss`) runs each side on its own
+      sequences of the batch (the teacher's responses, the student's ``sampled_*`` responses).
     - Normalisation: the loss returns sums over valid tokens; gradients are divided by the number of valid
       tokens of the whole accumulated batch (all micro-batches of an optimizer step, all ranks) in
       ``on_before_optimizer_step``, before clipping, so every token weighs the same whatever the padding,
       the accumulation or the world size.
 
-    Logged: ``train/loss``, ``train/loss_ce``, ``train/loss_distill`` (per token), ``val/loss``,
-    ``val/ppl`` (student perplexity on the validation completions), ``val/kl_to_teacher`` (forward KL
-    at T = 1 per token; over the ``k + 1`` buckets at the cache's temperature in cache mode).
+    Logged: ``train/loss``, ``train/loss_ce``, ``train/loss_distill`` (per token; ``train/loss_distill/<part>``
+    per teacher or side, summing to it), ``val/loss``, ``val/ppl`` (student perplexity on the validation
+    completions), ``val/kl_to_teacher`` (forward KL at T = 1 per token; over the ``k + 1`` buckets at the
+    cache's temperature in cache mode; not across tokenizers) and ``val/kl_to_teacher/<name>`` per teacher.
     """
 
     def __init__(
@@ -207,8 +215,7 @@ class LLMDistillationModule(Method):
             outputs.append((name, weight, self.one_loss(loss, view, monitor_kl and not prefix)))
         parts: dict[str, Tensor] = {}
         for name, _, out in outputs:
-            for part, value in out.parts.items():
-                parts[part] = parts[part] + value if part in parts else value
+            add_parts(parts, out.parts)
             parts[f"distill/{name}"] = out.parts["distill"]
         total = sum(weight * out.total for _, weight, out in outputs)
         return TokenLossOutput(total=total, count=sum(out.count for *_, out in outputs), parts=parts)
