@@ -4,6 +4,7 @@
 # 1. kd-distill end to end on CUDA: trainer=gpu at 32-true / 16-mixed / bf16-mixed, strategy ddp and fsdp
 #    (one device each), and bf16-mixed with the teacher-output cache; a table of their metrics.
 # 2. The KD step harness on CUDA (fp32; bf16 autocast + channels_last) and the epoch harness.
+# 3. Throughput of the CIFAR-100 pair and of the SmolLM2 LM-distillation demo (live vs cached teacher).
 # Writes $OUT/gpu_runs.md, $OUT/performance.md (docs/performance.md with the GPU sections) and $OUT/log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,3 +59,5 @@ $PY scripts/bench/epochs.py --device cuda --epochs 3 --sizes 0 40000 --batches 1
 echo "=== CIFAR-100 pair throughput (resnet32x4 -> resnet8x4, synthetic 32x32)"
 cp docs/gpu.md "$OUT/gpu.md"
 $PY scripts/bench/cifar_throughput.py --device cuda --out "$OUT/gpu.md"
+echo "=== LM distillation throughput (SmolLM2 -> 8 layers, live vs cached teacher; needs the llm extra)"
+$PY scripts/bench/llm_throughput.py --device cuda --out "$OUT/gpu.md"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,11 @@ class SyntheticCifar(InMemoryDataModule):
 
 
 class Throughput(L.Callback):
-    """Wall time of the training steps after ``warmup`` (device-synchronised)."""
+    """Wall time of the training steps after ``warmup`` (device-synchronised) and what they processed:
+    ``count(batch)``, images by default."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.images, self.start, self.seconds = warmup, 0, 0.0, 0.0
+    def __init__(self, warmup: int, count: Callable[[Any], int] = lambda batch: batch[0].shape[0]) -> None:
+        self.warmup, self.count, self.images, self.start, self.seconds = warmup, count, 0, 0.0, 0.0
 
     def _sync(self, module: L.LightningModule) -> None:
         if module.device.type == "cuda":
@@ -68,7 +70,7 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, out: Any, batch: Any, i: int) -> None:
         if trainer.global_step > self.warmup:
-            self.images += batch[0].shape[0]
+            self.images += self.count(batch)
             self._sync(module)
             self.seconds = time.perf_counter() - self.start
 
