@@ -9,7 +9,8 @@ each composed from the kd-llm-distill configs and built by the recipe's own func
 
 - ``sft``: cross-entropy on the teacher text only (black-box sequence-level KD, the baseline);
 - ``uld``: + Universal Logit Distillation (llm/loss=uld, position alignment);
-- ``gold``: + GOLD-style span-aligned loss (llm/loss=gold: shared tokens by generalised KL, ULD on the rest).
+- ``gold``: + GOLD-style span-aligned loss (llm/loss=gold: shared tokens by generalised KL, ULD on the rest);
+- ``gold_shared``: the same without the ULD term on unmatched tokens (``llm.loss.unmatched_weight=0``).
 
 Held-out metric: the student's cross-entropy on the teacher's completions of held-out instructions, in nats
 per character of completion text (tokenizer-free, so the teacher's own value on the same text is a reference)
@@ -55,6 +56,7 @@ RUNS = {
     "sft": (["llm/loss=sft"], "CE on teacher text (black-box baseline)"),
     "uld": (["llm/loss=uld"], "CE + ULD (position-aligned sorted probabilities)"),
     "gold": (["llm/loss=gold"], "CE + GOLD (span-aligned; KL on shared tokens, ULD on the rest)"),
+    "gold_shared": (["llm/loss=gold", "llm.loss.unmatched_weight=0"], "CE + GOLD, shared tokens only (no ULD term)"),
 }
 
 

@@ -55,6 +55,48 @@ def sampled_batch(
     }
 
 
+def check_setup(
+    loss: nn.Module,
+    lmbda: float,
+    teacher: nn.Module | None,
+    teachers: Mapping[str, nn.Module] | None,
+    combination: TeacherCombination | None,
+    logit_cache: LogitCache | None,
+    aligned: AlignedEncoder | RoutedEncoder | None,
+) -> None:
+    """Refuse combinations of loss, mode and teachers that cannot train, naming the keys to change."""
+    if not 0.0 <= lmbda <= 1.0:  # also checked by the mode (conf/llm/mode) for command-line runs
+        raise ConfigError(f"llm.mode.lmbda={lmbda} must be in [0, 1] (the fraction of on-policy batches)")
+    if lmbda > 0 and not loss.needs_teacher:
+        raise ConfigError(
+            f"llm.mode.lmbda={lmbda} samples from the student for the teacher to score: set llm.loss.alpha > 0"
+        )
+    if logit_cache is not None and lmbda > 0:
+        raise ConfigError(
+            "llm/mode=teacher_cache holds teacher outputs for dataset sequences only; on-policy samples "
+            "need the live teacher (llm/mode=on_policy)"
+        )
+    if getattr(loss, "sides", None) and (lmbda > 0 or logit_cache is not None or teachers):
+        raise ConfigError(
+            "llm/loss=distillm2 trains on the teacher's and the student's cached responses with the live teacher: "
+            "use llm/mode=off_policy and one teacher"
+        )
+    if logit_cache is not None and loss.cross_tokenizer:
+        raise ConfigError(
+            "llm/mode=teacher_cache stores the teacher's top-k over its own vocabulary at the student's token "
+            "positions; with different tokenizers (llm/loss=uld or gold) run the teacher live (llm/mode=off_policy)"
+        )
+    if loss.cross_tokenizer and lmbda > 0 and aligned is None:
+        raise ConfigError("on-policy cross-tokenizer distillation needs the data's AlignedEncoder (aligned=...)")
+    if teachers and (teacher is not None or logit_cache is not None or combination is None):
+        raise ConfigError(
+            "several teachers (llm.teacher.teachers) need llm.teacher.combine and run live: no single teacher, "
+            "no logit cache (llm/mode=off_policy or on_policy)"
+        )
+    if loss.needs_teacher and teacher is None and logit_cache is None and not teachers:
+        raise ConfigError("llm.loss.alpha > 0 needs a teacher or a logit cache; set llm.loss.alpha=0 for SFT")
+
+
 class LLMDistillationModule(Method):
     """Distils a Hugging Face causal-LM ``teacher`` into ``student`` token by token.
 
@@ -106,36 +148,7 @@ class LLMDistillationModule(Method):
         losses: Mapping[str, TokenDistillationLoss | CrossTokenizerLoss] | None = None,
     ) -> None:
         super().__init__(optimizer, scheduler, save_teacher=save_teacher)
-        if not 0.0 <= lmbda <= 1.0:  # also checked by the mode (conf/llm/mode) for command-line runs
-            raise ConfigError(f"llm.mode.lmbda={lmbda} must be in [0, 1] (the fraction of on-policy batches)")
-        if lmbda > 0 and not loss.needs_teacher:
-            raise ConfigError(
-                f"llm.mode.lmbda={lmbda} samples from the student for the teacher to score: set llm.loss.alpha > 0"
-            )
-        if logit_cache is not None and lmbda > 0:
-            raise ConfigError(
-                "llm/mode=teacher_cache holds teacher outputs for dataset sequences only; on-policy samples "
-                "need the live teacher (llm/mode=on_policy)"
-            )
-        if getattr(loss, "sides", None) and (lmbda > 0 or logit_cache is not None or teachers):
-            raise ConfigError(
-                "llm/loss=distillm2 trains on the teacher's and the student's cached responses with the live teacher: "
-                "use llm/mode=off_policy and one teacher"
-            )
-        if logit_cache is not None and loss.cross_tokenizer:
-            raise ConfigError(
-                "llm/mode=teacher_cache stores the teacher's top-k over its own vocabulary at the student's token "
-                "positions; with different tokenizers (llm/loss=uld or gold) run the teacher live (llm/mode=off_policy)"
-            )
-        if loss.cross_tokenizer and lmbda > 0 and aligned is None:
-            raise ConfigError("on-policy cross-tokenizer distillation needs the data's AlignedEncoder (aligned=...)")
-        if teachers and (teacher is not None or logit_cache is not None or combination is None):
-            raise ConfigError(
-                "several teachers (llm.teacher.teachers) need llm.teacher.combine and run live: no single teacher, "
-                "no logit cache (llm/mode=off_policy or on_policy)"
-            )
-        if loss.needs_teacher and teacher is None and logit_cache is None and not teachers:
-            raise ConfigError("llm.loss.alpha > 0 needs a teacher or a logit cache; set llm.loss.alpha=0 for SFT")
+        check_setup(loss, lmbda, teacher, teachers, combination, logit_cache, aligned)
         if logit_cache is not None:
             self._check_cache(logit_cache, loss, student)
         if lora:

@@ -188,6 +188,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = build_trainer(cfg)
 
     cache = mode.teacher_cache(teacher, datamodule, loss, trainer, Path(cfg.paths.cache_dir))
+    single_module = teachers.combination is None and isinstance(teacher, nn.Module)
     params = {"params/student": parameter_count(student)}
     if isinstance(teacher, nn.Module):
         params["params/teacher"] = parameter_count(teacher)
@@ -200,7 +201,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         optimizer=build(cfg.optimizer, "optimizer"),
         # With alpha = 0 (SFT on teacher text) the teacher never runs in training, only to report
         # val/kl_to_teacher.
-        teacher=teacher if cache is None and pairing.teacher_runs and isinstance(teacher, nn.Module) else None,
+        teacher=teacher if cache is None and pairing.teacher_runs and single_module else None,
         scheduler=build(cfg.scheduler, "scheduler") if cfg.scheduler else None,
         lmbda=mode.lmbda,
         generation=mode.generation,
