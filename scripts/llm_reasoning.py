@@ -239,7 +239,7 @@ def write_table(results: list[dict], report: dict, traces: dict, base_student: f
         f"Teacher: SmolLM2-135M-Instruct fine-tuned on the reference solutions of {args.train_problems} problems "
         f"(AdamW lr {args.teacher_lr}, batch {args.batch_size}). Traces: "
         f"{args.samples} samples (T 0.7, top-p 0.95) for each of {args.distill_problems} other problems (not in "
-        "the teacher's fine-tuning set); the verifier kept {traces['kept']} of {traces['sampled']} "
+        f"the teacher's fine-tuning set); the verifier kept {traces['kept']} of {traces['sampled']} "
         f"({traces['problems_kept']} problems with at least one; mean {traces['mean_chars']:.0f} characters, "
         f"{traces['shortest_mean_chars']:.0f} for the shortest per problem). Students: {args.student_layers} of the "
         f"base model's 30 layers (weights copied), {args.steps} steps of {args.batch_size} sequences, "
