@@ -20,22 +20,18 @@ and as perplexity per student token. Finished runs are kept under $KD_LIGHTNING_
 from __future__ import annotations
 
 import argparse
-import functools
-import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from llm_common import RESULTS, RESULTS_TITLE, adamw, kd_home, llm_config, run_key, timed_fit, validate
 from multirun import mean_std
 from torch import nn
 
-from kd_lightning.cli.common import CONFIG_DIR
 from kd_lightning.engine.instantiate import parameter_count
 from kd_lightning.engine.weights import freeze
 from kd_lightning.llm.data import LLMDataModule
@@ -47,9 +43,9 @@ from kd_lightning.methods.llm import LLMDistillationModule
 from kd_lightning.recipes.llm_distill import build_student, pair_tokenizers
 from kd_lightning.reporting.markdown import write_section
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "docs" / "results" / "llm.md"
 SECTION = "llm-cross-tokenizer"
+#: arguments that do not change a run's result
+IGNORED_ARGS = ("seeds", "runs", "out", "threads")
 
 #: name -> (kd-llm-distill overrides, description)
 RUNS = {
@@ -93,8 +89,7 @@ def nats_per_char(model: nn.Module, datamodule: LLMDataModule) -> float:
 def run_one(name: str, seed: int, teacher, tokenizer, files: dict, args: argparse.Namespace) -> dict:
     """Train one student; returns its held-out metrics and timing."""
     overrides = ["llm/student=bpe_llama", f"seed={seed}", *RUNS[name][0]]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="llm_distill", overrides=overrides)
+    cfg = llm_config(overrides)
     L.seed_everything(seed, workers=True)
     loss = instantiate(cfg.llm.loss)
     student, student_tokenizer = build_student(cfg.llm.student, teacher, tokenizer)
@@ -104,35 +99,19 @@ def run_one(name: str, seed: int, teacher, tokenizer, files: dict, args: argpars
     module = LLMDistillationModule(
         student=student,
         loss=loss,
-        optimizer=functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.0),
+        optimizer=adamw(args.lr),
         teacher=teacher if pairing.teacher_runs else None,
         pad_token_id=student_tokenizer.pad_token_id,
         eos_token_id=student_tokenizer.eos_token_id,
         seed=seed,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=args.steps,
-        max_epochs=-1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        gradient_clip_val=1.0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
-    train_seconds = time.perf_counter() - start
-    metrics = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(
-        module, datamodule=datamodule, verbose=False
-    )[0]
+    train_seconds = timed_fit(module, datamodule, args.steps)
+    metrics = validate(module, datamodule)
     result = {
         "run": name,
         "seed": seed,
         "train_seconds": train_seconds,
-        "ppl": float(metrics["val/ppl"]),
+        "ppl": metrics["val/ppl"],
         "nats_per_char": nats_per_char(student, datamodule),
         "student_params": parameter_count(student),
         "student_vocab": len(student_tokenizer),
@@ -152,12 +131,6 @@ def teacher_reference(teacher, tokenizer, files: dict, args: argparse.Namespace)
         val_batch_size=16,
     )
     return nats_per_char(teacher, datamodule)
-
-
-def run_key(name: str, seed: int, args: argparse.Namespace) -> str:
-    settings = {key: value for key, value in vars(args).items() if key not in ("seeds", "runs", "out", "threads")}
-    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return f"{name}_seed{seed}_{digest}"
 
 
 def write_table(results: list[dict], teacher_npc: float, args: argparse.Namespace, timing: dict) -> None:
@@ -197,7 +170,7 @@ def write_table(results: list[dict], teacher_npc: float, args: argparse.Namespac
         f"{timing['setup']:.0f} s, this invocation {timing['total']:.0f} s (finished runs are reused).",
     ]
     text = "\n".join(lines)
-    write_section(args.out, text, SECTION, title="# LM distillation results")
+    write_section(args.out, text, SECTION, title=RESULTS_TITLE)
     print(text)
 
 
@@ -213,12 +186,12 @@ def main() -> None:
     parser.add_argument("--heldout-prompts", type=int, default=32)
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
-    home = Path(os.environ.get("KD_LIGHTNING_HOME", Path.home() / ".kd_lightning"))
+    home = kd_home()
     data_dir, out_dir = home / "data" / "llm_demo", home / "runs" / "llm_cross_tokenizer"
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher, tokenizer = freeze(load_gguf_model()), load_gguf_tokenizer()
@@ -228,7 +201,7 @@ def main() -> None:
     results = []
     for seed in args.seeds:
         for name in args.runs:
-            done = out_dir / f"{run_key(name, seed, args)}.json"
+            done = out_dir / f"{run_key(name, seed, args, IGNORED_ARGS)}.json"
             if not done.exists():
                 done.write_text(json.dumps(run_one(name, seed, teacher, tokenizer, files, args)))
             results.append(json.loads(done.read_text()))

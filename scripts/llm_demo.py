@@ -22,10 +22,7 @@ run is saved under $KD_LIGHTNING_HOME/runs/llm_demo and reused, so an interrupte
 from __future__ import annotations
 
 import argparse
-import functools
-import hashlib
 import json
-import os
 import statistics
 import sys
 import time
@@ -33,10 +30,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from llm_common import RESULTS, RESULTS_TITLE, adamw, kd_home, llm_config, pass_rate, run_key, timed_fit, validate
 
-from kd_lightning.cli.common import CONFIG_DIR
 from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.generation import GenerationSettings, generate_file, keep_correct, read_records
 from kd_lightning.llm.models import check_tokenizers, layer_subset, load_gguf_model, load_gguf_tokenizer
@@ -44,8 +40,8 @@ from kd_lightning.llm.prompts import make_prompts
 from kd_lightning.methods.llm import LLMDistillationModule
 from kd_lightning.reporting.markdown import write_section
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "docs" / "results" / "llm.md"
+#: arguments that do not change a run's result
+IGNORED_ARGS = ("seeds", "runs", "out", "threads")
 
 #: name -> (kd-llm-distill overrides, training data, description)
 RUNS = {
@@ -92,18 +88,10 @@ def teacher_data(model, tokenizer, args: argparse.Namespace, data_dir: Path) -> 
     }
 
 
-def pass_rate(student, tokenizer, prompts, out_file: Path, args: argparse.Namespace) -> float:
-    """Greedy verifier pass rate of ``student`` on ``prompts`` (completions kept in ``out_file``)."""
-    out_file.unlink(missing_ok=True)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
-    return generate_file(student, tokenizer, prompts, out_file, settings, batch_size=16, progress=False).pass_rate
-
-
 def run_one(name: str, seed: int, teacher, tokenizer, data: dict, args: argparse.Namespace, out_dir: Path) -> dict:
     """Train (or, for ``init``, only evaluate) one student; returns its held-out metrics and timings."""
     overrides, train_data, _ = RUNS.get(name, ([], "instructions", ""))
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="llm_distill", overrides=overrides)
+    cfg = llm_config(overrides)
     L.seed_everything(seed, workers=True)
     student = teacher if name == "teacher" else layer_subset(teacher, num_layers=args.num_layers)
     loss = instantiate(cfg.llm.loss)
@@ -122,7 +110,7 @@ def run_one(name: str, seed: int, teacher, tokenizer, data: dict, args: argparse
     module = LLMDistillationModule(
         student=student,
         loss=loss,
-        optimizer=functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.0),
+        optimizer=adamw(args.lr),
         teacher=teacher,  # also for SFT runs: alpha = 0 never runs it in training, validation reports KL
         lmbda=cfg.llm.mode.lmbda,
         generation=generation,
@@ -130,44 +118,20 @@ def run_one(name: str, seed: int, teacher, tokenizer, data: dict, args: argparse
         eos_token_id=tokenizer.eos_token_id,
         seed=seed,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=args.steps,
-        max_epochs=-1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        gradient_clip_val=1.0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    start = time.perf_counter()
-    if name in RUNS:
-        trainer.fit(module, datamodule=datamodule)
-    train_seconds = time.perf_counter() - start
-    metrics = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(
-        module, datamodule=datamodule, verbose=False
-    )[0]
+    train_seconds = timed_fit(module, datamodule, args.steps) if name in RUNS else 0.0
+    metrics = validate(module, datamodule)
     result = {
         "run": name,
         "seed": seed,
         "train_seconds": train_seconds,
-        "kl_to_teacher": float(metrics["val/kl_to_teacher"]),
-        "ppl": float(metrics["val/ppl"]),
+        "kl_to_teacher": metrics["val/kl_to_teacher"],
+        "ppl": metrics["val/ppl"],
     }
     if name != "teacher":  # the teacher's rate comes with its data
-        heldout = data["heldout_arithmetic"]
-        result["pass_rate"] = pass_rate(student, tokenizer, heldout, out_dir / f"{name}_seed{seed}.jsonl", args)
+        heldout, out_file = data["heldout_arithmetic"], out_dir / f"{name}_seed{seed}.jsonl"
+        result["pass_rate"] = pass_rate(student, tokenizer, heldout, out_file, args.max_new_tokens)
     print(json.dumps(result), flush=True)
     return result
-
-
-def run_key(name: str, seed: int, args: argparse.Namespace) -> str:
-    """File stem of one run's result: its name, seed and every setting that changes it."""
-    settings = {key: value for key, value in vars(args).items() if key not in ("seeds", "runs", "out", "threads")}
-    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{name}_seed{seed}_{digest}"
 
 
 def mean_std(values: list[float], digits: int) -> str:
@@ -243,7 +207,7 @@ def write_table(results: list[dict], data: dict, args: argparse.Namespace, out: 
         "",
     ]
     text = "\n".join(lines).rstrip("\n")
-    write_section(out, text, "llm-demo", title="# LM distillation results")
+    write_section(out, text, "llm-demo", title=RESULTS_TITLE)
     print(text)
 
 
@@ -268,12 +232,12 @@ def main() -> None:
         help="torch threads; 1 by default: on 2 cores shared with other jobs, 2 OpenMP threads made generation "
         "16-40x and training 2-4x slower than 1 (threads waiting on each other)",
     )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
-    home = Path(os.environ.get("KD_LIGHTNING_HOME", Path.home() / ".kd_lightning"))
+    home = kd_home()
     data_dir, out_dir = home / "data" / "llm_demo", home / "runs" / "llm_demo"
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher, tokenizer = load_gguf_model(), load_gguf_tokenizer()
@@ -284,7 +248,7 @@ def main() -> None:
         for name in ["teacher", "init", *args.runs]:
             if name in ("teacher", "init") and seed != args.seeds[0]:
                 continue  # untrained models do not depend on the seed
-            done = out_dir / f"{run_key(name, seed, args)}.json"  # finished runs are reused: resumable
+            done = out_dir / f"{run_key(name, seed, args, IGNORED_ARGS)}.json"  # finished runs are reused: resumable
             if not done.exists():
                 done.write_text(json.dumps(run_one(name, seed, teacher, tokenizer, data, args, out_dir)))
             results.append(json.loads(done.read_text()))

@@ -16,23 +16,19 @@ kept under $KD_LIGHTNING_HOME/runs/llm_frontier and reused.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from llm_common import RESULTS, RESULTS_TITLE, adamw, kd_home, llm_config, pass_rate, timed_fit, validate
 from llm_cross_tokenizer import teacher_text
-from llm_reasoning import pass_rate, trainer
 from multirun import mean_std
 from transformers import AutoModelForCausalLM
 
-from kd_lightning.cli.common import CONFIG_DIR
 from kd_lightning.engine.caching.token_outputs import LogitCache
 from kd_lightning.engine.weights import freeze
 from kd_lightning.llm.contrastive import DistiLLM2Loss, student_responses
@@ -48,8 +44,6 @@ from kd_lightning.llm.token_loss import TokenDistillationLoss
 from kd_lightning.methods.llm import LLMDistillationModule
 from kd_lightning.reporting.markdown import write_section
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "docs" / "results" / "llm.md"
 OBJECTIVES = {
     "sft": (["llm/loss=sft"], "CE on teacher text"),
     "fkl": (["llm/loss=forward_kl", "llm.loss.alpha=1"], "forward KL (word-level KD)"),
@@ -61,35 +55,33 @@ def module_for(student, loss, tokenizer, args, **teachers) -> LLMDistillationMod
     return LLMDistillationModule(
         student=student,
         loss=loss,
-        optimizer=functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.0),
+        optimizer=adamw(args.lr),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         **teachers,
     )
 
 
-def validate(module, datamodule) -> dict[str, float]:
-    metrics = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(
-        module, datamodule=datamodule, verbose=False
-    )[0]
-    return {name: float(value) for name, value in metrics.items()}
+def text_data(tokenizer, files: dict, args, max_length: int, **options) -> LLMDataModule:
+    """The run's train / held-out JSONL files as a data module (held-out batches of 16)."""
+    return LLMDataModule(
+        tokenizer,
+        train_file=str(files["train"]),
+        val_file=str(files["heldout"]),
+        max_length=max_length,
+        batch_size=args.batch_size,
+        val_batch_size=16,
+        **options,
+    )
 
 
 def objective_run(name: str, seed: int, teacher, tokenizer, files: dict, args, root: Path) -> dict:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="llm_distill", overrides=[*OBJECTIVES[name][0], f"seed={seed}"])
+    cfg = llm_config([*OBJECTIVES[name][0], f"seed={seed}"])
     L.seed_everything(seed, workers=True)
     student = layer_subset(teacher, num_layers=8)
     loss = instantiate(cfg.llm.loss)
     loss.vocab_size = len(tokenizer)
-    data = LLMDataModule(
-        tokenizer,
-        train_file=str(files["train"]),
-        val_file=str(files["heldout"]),
-        max_length=160,
-        batch_size=args.batch_size,
-        val_batch_size=16,
-    )
+    data = text_data(tokenizer, files, args, max_length=160)
     start = time.perf_counter()
     if isinstance(loss, DistiLLM2Loss):
         data.setup()
@@ -98,13 +90,12 @@ def objective_run(name: str, seed: int, teacher, tokenizer, files: dict, args, r
         )
     responses_seconds = time.perf_counter() - start
     module = module_for(student, loss, tokenizer, args, teacher=teacher)
-    start = time.perf_counter()
-    trainer(args.steps).fit(module, datamodule=data)
+    seconds = timed_fit(module, data, args.steps)
     metrics = validate(module, data)
     return {
         "run": name,
         "seed": seed,
-        "train_seconds": time.perf_counter() - start,
+        "train_seconds": seconds,
         "responses_seconds": responses_seconds,
         "kl": metrics["val/kl_to_teacher"],
         "ppl": metrics["val/ppl"],
@@ -130,21 +121,11 @@ def routing_run(name: str, seed: int, teachers: dict, tokenizer, files: dict, ar
     student = layer_subset(teachers["chat"], num_layers=8)
     routing = RowRouting(by_kind={"instructions": "chat", "multistep": "math"})
     routing.bind(list(teachers))
-    data = LLMDataModule(
-        tokenizer,
-        train_file=str(files["train"]),
-        val_file=str(files["heldout"]),
-        max_length=192,
-        batch_size=args.batch_size,
-        val_batch_size=16,
-        routing=routing,
-    )
+    data = text_data(tokenizer, files, args, max_length=192, routing=routing)
     loss = TokenDistillationLoss(ForwardKL(), alpha=0.5, vocab_size=len(tokenizer))
     used = teachers if name == "routed" else {"chat": teachers["chat"], "math": teachers["chat"]}
     module = module_for(student, loss, tokenizer, args, teachers=used, combination=routing)
-    start = time.perf_counter()
-    trainer(args.steps).fit(module, datamodule=data)
-    seconds = time.perf_counter() - start
+    seconds = timed_fit(module, data, args.steps)
     judge = module_for(student, loss, tokenizer, args, teachers=teachers, combination=routing)  # KL to each row's own
     metrics = validate(judge, data)
     heldout = make_prompts("multistep", args.heldout_prompts, 0, "heldout")
@@ -161,14 +142,7 @@ def routing_run(name: str, seed: int, teachers: dict, tokenizer, files: dict, ar
 
 def remote_check(teacher, tokenizer, files: dict, args, root: Path) -> dict:
     """The top-k cache through a local OpenAI-compatible server vs in process, on the same examples."""
-    data = LLMDataModule(
-        tokenizer,
-        train_file=str(files["train"]),
-        val_file=str(files["heldout"]),
-        max_length=160,
-        batch_size=args.batch_size,
-        val_batch_size=16,
-    )
+    data = text_data(tokenizer, files, args, max_length=160)
     loaders = [data.train_dataloader(), data.val_dataloader()]
     start = time.perf_counter()
     local = LogitCache.build(
@@ -277,7 +251,7 @@ def write_table(objective: list[dict], routing: list[dict], remote: dict | None,
         f"{timing['total']:.0f} s, finished runs reused."
     )
     text = "\n".join(lines)
-    write_section(args.out, text, "llm-frontier", title="# LM distillation results")
+    write_section(args.out, text, "llm-frontier", title=RESULTS_TITLE)
     print(text)
 
 
@@ -293,11 +267,11 @@ def main() -> None:
     parser.add_argument("--train-prompts", type=int, default=160)
     parser.add_argument("--heldout-prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    home = Path(os.environ.get("KD_LIGHTNING_HOME", Path.home() / ".kd_lightning"))
+    home = kd_home()
     root = home / "runs" / "llm_frontier"
     root.mkdir(parents=True, exist_ok=True)
     teacher, tokenizer = freeze(load_gguf_model()), load_gguf_tokenizer()

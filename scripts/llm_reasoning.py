@@ -20,22 +20,18 @@ Every stage is cached under $KD_LIGHTNING_HOME/runs/llm_reasoning and reused, so
 from __future__ import annotations
 
 import argparse
-import functools
-import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from llm_common import RESULTS, RESULTS_TITLE, adamw, kd_home, llm_config, pass_rate, run_key, timed_fit
 from multirun import mean_std
 from transformers import AutoModelForCausalLM
 
-from kd_lightning.cli.common import CONFIG_DIR
 from kd_lightning.engine.weights import freeze
 from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.divergences import ForwardKL
@@ -46,11 +42,9 @@ from kd_lightning.llm.token_loss import TokenDistillationLoss
 from kd_lightning.methods.llm import LLMDistillationModule
 from kd_lightning.reporting.markdown import write_section
 
-REPO = Path(__file__).resolve().parents[1]
 #: The students' problems come from another seed than the teacher's fine-tuning problems, so the teacher's
 #: traces are its own solutions of problems it was not trained on.
 DISTILL_SEED = 1
-DEFAULT_OUT = REPO / "docs" / "results" / "llm.md"
 
 #: name -> (kd-llm-distill overrides, training data, description)
 ARMS = {
@@ -64,28 +58,6 @@ ARMS = {
         "JSD(0.5), half the batches sampled by the student (on-policy)",
     ),
 }
-
-
-def trainer(steps: int) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        max_epochs=-1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        gradient_clip_val=1.0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-
-
-def pass_rate(model, tokenizer, prompts, out_file: Path, max_new_tokens: int) -> float:
-    """Greedy verifier pass rate of ``model`` on ``prompts`` (completions kept in ``out_file``)."""
-    out_file.unlink(missing_ok=True)
-    settings = GenerationSettings(max_new_tokens=max_new_tokens)
-    return generate_file(model, tokenizer, prompts, out_file, settings, batch_size=16, progress=False).pass_rate
 
 
 def fine_tune_teacher(base, tokenizer, args: argparse.Namespace, root: Path, heldout) -> tuple[torch.nn.Module, dict]:
@@ -105,13 +77,11 @@ def fine_tune_teacher(base, tokenizer, args: argparse.Namespace, root: Path, hel
     module = LLMDistillationModule(
         student=model,
         loss=TokenDistillationLoss(ForwardKL(), alpha=0.0, vocab_size=len(tokenizer)),
-        optimizer=functools.partial(torch.optim.AdamW, lr=args.teacher_lr, weight_decay=0.0),
+        optimizer=adamw(args.teacher_lr),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    start = time.perf_counter()
-    trainer(args.teacher_steps).fit(module, datamodule=data)
-    seconds = time.perf_counter() - start
+    seconds = timed_fit(module, data, args.teacher_steps)
     freeze(model)
     report = {
         "steps": args.teacher_steps,
@@ -166,8 +136,7 @@ def run_arm(
 ) -> dict:
     """Train one student arm from the base model's layers; returns its held-out pass rate and timing."""
     overrides, source, _ = ARMS[name]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="llm_distill", overrides=overrides)
+    cfg = llm_config(overrides)
     L.seed_everything(seed, workers=True)
     student = layer_subset(base, num_layers=args.student_layers)
     loss = instantiate(cfg.llm.loss)
@@ -185,7 +154,7 @@ def run_arm(
     module = LLMDistillationModule(
         student=student,
         loss=loss,
-        optimizer=functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.0),
+        optimizer=adamw(args.lr),
         teacher=teacher if loss.needs_teacher else None,
         lmbda=cfg.llm.mode.lmbda,
         generation=generation,
@@ -193,9 +162,7 @@ def run_arm(
         eos_token_id=tokenizer.eos_token_id,
         seed=seed,
     )
-    start = time.perf_counter()
-    trainer(args.steps).fit(module, datamodule=data)
-    seconds = time.perf_counter() - start
+    seconds = timed_fit(module, data, args.steps)
     rate = pass_rate(student, tokenizer, heldout, root / f"{name}_seed{seed}_heldout.jsonl", args.max_new_tokens)
     result = {
         "arm": name,
@@ -259,7 +226,7 @@ def write_table(results: list[dict], report: dict, traces: dict, base_student: f
         "(finished stages are reused).",
     ]
     text = "\n".join(lines)
-    write_section(args.out, text, "llm-reasoning", title="# LM distillation results")
+    write_section(args.out, text, "llm-reasoning", title=RESULTS_TITLE)
     print(text)
 
 
@@ -281,12 +248,11 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    home = Path(os.environ.get("KD_LIGHTNING_HOME", Path.home() / ".kd_lightning"))
-    root = home / "runs" / "llm_reasoning"
+    root = kd_home() / "runs" / "llm_reasoning"
     root.mkdir(parents=True, exist_ok=True)
     base, tokenizer = freeze(load_gguf_model()), load_gguf_tokenizer()
     heldout = make_prompts("multistep", args.heldout_problems, 0, "heldout")
@@ -304,11 +270,10 @@ def main() -> None:
         rate = pass_rate(untrained, tokenizer, heldout, root / "student_base_heldout.jsonl", args.max_new_tokens)
         base_file.write_text(json.dumps({"pass_rate": rate}))
     results = []
-    settings = {k: v for k, v in vars(args).items() if k not in ("seeds", "arms", "stage", "out", "threads")}
-    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    ignore = ("seeds", "arms", "stage", "out", "threads")
     for seed in args.seeds:
         for name in args.arms:
-            done = root / f"{name}_seed{seed}_{digest}.json"
+            done = root / f"{run_key(name, seed, args, ignore)}.json"
             if not done.exists():
                 done.write_text(json.dumps(run_arm(name, seed, base, teacher, tokenizer, files, heldout, args, root)))
             results.append(json.loads(done.read_text()))

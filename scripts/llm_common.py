@@ -1,0 +1,88 @@
+"""What the LM result scripts (llm_demo, llm_cross_tokenizer, llm_reasoning, llm_frontier) share: the kd-llm-distill
+config they compose runs from, the CPU trainer and optimiser they train with, validation, the verifier's pass
+rate, where finished runs are kept and the key a finished run is found under."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from kd_lightning.cli.common import CONFIG_DIR
+from kd_lightning.llm.generation import GenerationSettings, generate_file
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "docs" / "results" / "llm.md"
+RESULTS_TITLE = "# LM distillation results"
+
+
+def llm_config(overrides: Iterable[str]) -> DictConfig:
+    """The kd-llm-distill config with ``overrides``, as the command line would compose it."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="llm_distill", overrides=list(overrides))
+
+
+def adamw(lr: float) -> functools.partial:
+    """The scripts' optimiser factory: AdamW at ``lr`` without weight decay."""
+    return functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0)
+
+
+def cpu_trainer(steps: int) -> L.Trainer:
+    """A quiet CPU trainer for ``steps`` optimiser steps (no validation, logger or checkpoints; clip 1.0)."""
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        max_epochs=-1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def timed_fit(module: L.LightningModule, datamodule: L.LightningDataModule, steps: int) -> float:
+    """Trains ``module`` for ``steps`` steps on ``datamodule`` with :func:`cpu_trainer`; returns the seconds it took."""
+    start = time.perf_counter()
+    cpu_trainer(steps).fit(module, datamodule=datamodule)
+    return time.perf_counter() - start
+
+
+def validate(module: L.LightningModule, datamodule: L.LightningDataModule) -> dict[str, float]:
+    """The module's validation metrics on the datamodule's validation split, as floats."""
+    metrics = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(
+        module, datamodule=datamodule, verbose=False
+    )[0]
+    return {name: float(value) for name, value in metrics.items()}
+
+
+def pass_rate(model: torch.nn.Module, tokenizer, prompts, out_file: Path, max_new_tokens: int) -> float:
+    """Greedy verifier pass rate of ``model`` on ``prompts`` (completions kept in ``out_file``)."""
+    out_file.unlink(missing_ok=True)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    return generate_file(model, tokenizer, prompts, out_file, settings, batch_size=16, progress=False).pass_rate
+
+
+def kd_home() -> Path:
+    """$KD_LIGHTNING_HOME (default ~/.kd_lightning): the scripts' teacher data and finished runs."""
+    return Path(os.environ.get("KD_LIGHTNING_HOME", Path.home() / ".kd_lightning"))
+
+
+def run_key(name: str, seed: int, args: argparse.Namespace, ignore: Iterable[str]) -> str:
+    """``<name>_seed<seed>_<digest>``: the digest covers every argument but ``ignore`` (those that do not change a
+    run's result), so a finished run is reused only under the settings it ran with."""
+    settings = {key: value for key, value in vars(args).items() if key not in set(ignore)}
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{name}_seed{seed}_{digest}"
