@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from llm_common import RESULTS, RESULTS_TITLE, adamw, kd_home, llm_config, pass_rate, timed_fit, validate
@@ -140,6 +141,14 @@ def routing_run(name: str, seed: int, teachers: dict, tokenizer, files: dict, ar
     }
 
 
+def example_rows(cache: LogitCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache's top-k ids and log-probs, example by example in key order: two caches of the same examples
+    line up row for row even when their loaders were shuffled differently (rows are stored in loader order)."""
+    rows = np.concatenate([np.arange(start, start + count) for _, (start, count) in sorted(cache.index.items())])
+    log_probs = cache.arrays["log_probs"][rows].astype("float32")
+    return torch.from_numpy(cache.arrays["ids"][rows]), torch.from_numpy(log_probs)
+
+
 def remote_check(teacher, tokenizer, files: dict, args, root: Path) -> dict:
     """The top-k cache through a local OpenAI-compatible server vs in process, on the same examples."""
     data = text_data(tokenizer, files, args, max_length=160)
@@ -157,15 +166,10 @@ def remote_check(teacher, tokenizer, files: dict, args, root: Path) -> dict:
         )
         remote_seconds = time.perf_counter() - start
         requests = server.requests
-    same_ids = (torch.from_numpy(local.arrays["ids"][:]) == torch.from_numpy(remote.arrays["ids"][:])).float().mean()
-    diff = (
-        (
-            torch.from_numpy(local.arrays["log_probs"][:].astype("float32"))
-            - torch.from_numpy(remote.arrays["log_probs"][:].astype("float32"))
-        )
-        .abs()
-        .max()
-    )
+    local_ids, local_log_probs = example_rows(local)
+    remote_ids, remote_log_probs = example_rows(remote)
+    same_ids = (local_ids == remote_ids).float().mean()
+    diff = (local_log_probs - remote_log_probs).abs().max()
     return {
         "tokens": int(local.meta["num_tokens"]),
         "sequences": len(local.index),
