@@ -20,6 +20,8 @@ Every stage is cached under $KD_LIGHTNING_HOME/runs/llm_reasoning and reused, so
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import json
 import sys
 import time
@@ -60,11 +62,12 @@ ARMS = {
 }
 
 
-def fine_tune_teacher(base, tokenizer, args: argparse.Namespace, root: Path, heldout) -> tuple[torch.nn.Module, dict]:
-    """The base model fine-tuned on ground-truth step-by-step solutions (saved and reused)."""
+def fine_tune_teacher(base, tokenizer, args: argparse.Namespace, root: Path, heldout) -> dict:
+    """Fine-tunes the base model on ground-truth step-by-step solutions once (saved under ``root/teacher``, see
+    :func:`load_teacher`); returns its report, also kept, with its and the base model's held-out pass rates."""
     folder, report_file = root / "teacher", root / "teacher.json"
     if report_file.is_file():
-        return freeze(AutoModelForCausalLM.from_pretrained(folder).float()), json.loads(report_file.read_text())
+        return json.loads(report_file.read_text())
     L.seed_everything(0, workers=True)
     model = layer_subset(base, num_layers=len(base.model.layers))  # a full copy
     data = LLMDataModule(
@@ -92,25 +95,43 @@ def fine_tune_teacher(base, tokenizer, args: argparse.Namespace, root: Path, hel
     model.save_pretrained(folder)
     report_file.write_text(json.dumps(report))
     print(f"teacher: {report}", flush=True)
-    return model, report
+    return report
 
 
-def teacher_traces(teacher, tokenizer, args: argparse.Namespace, root: Path) -> dict:
-    """Sampled teacher solutions of the distillation problems (resumable JSONL) and what the verifier kept."""
+@functools.cache
+def load_teacher(folder: Path) -> torch.nn.Module:
+    """The fine-tuned teacher, loaded only by the stages that run it (sampling traces, token KD, on-policy): every
+    stage sees the same saved model, so the traces' model fingerprint matches in every invocation."""
+    if not folder.is_dir():
+        raise SystemExit(
+            f"{folder} is missing: the teacher's report is kept but its weights are not; delete "
+            f"{folder.parent / 'teacher.json'} to fine-tune it again"
+        )
+    return freeze(AutoModelForCausalLM.from_pretrained(folder).float())
+
+
+def teacher_traces(tokenizer, args: argparse.Namespace, root: Path) -> dict:
+    """Sampled teacher solutions of the distillation problems (resumable JSONL) and what the verifier kept; the
+    teacher is loaded only while some problem still lacks its samples."""
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens, do_sample=True, temperature=0.7, top_p=0.95, num_samples=args.samples
     )
     prompts = make_prompts("multistep", args.distill_problems, DISTILL_SEED)
-    path = root / f"traces_{args.distill_problems}x{args.samples}.jsonl"
+    path = root / f"traces_{args.distill_problems}x{args.samples}_{args.max_new_tokens}tok.jsonl"
     start = time.perf_counter()
-    report = generate_file(teacher, tokenizer, prompts, path, settings, batch_size=8, progress=False)
+    sampled = collections.Counter(record["id"] for record in read_records(path))
+    if any(sampled[prompt.id] < args.samples for prompt in prompts):
+        generate_file(load_teacher(root / "teacher"), tokenizer, prompts, path, settings, batch_size=8, progress=False)
+    clock = path.with_name(path.name + ".seconds.json")  # sampling time summed over resumed invocations
+    seconds = time.perf_counter() - start + (json.loads(clock.read_text()) if clock.is_file() else 0.0)
+    clock.write_text(json.dumps(seconds))
     records = read_records(path)
     kept = [record for record in records if record["correct"]]
     problems = len({record["id"] for record in kept})
     return {
         "file": path,
-        "seconds": time.perf_counter() - start,
-        "sample_pass_rate": report.pass_rate,
+        "seconds": seconds,
+        "sample_pass_rate": sum(bool(record["correct"]) for record in records) / max(len(records), 1),
         "kept": len(kept),
         "sampled": len(records),
         "problems_kept": problems,
@@ -131,9 +152,7 @@ def ground_truth_file(args: argparse.Namespace, root: Path) -> Path:
     return path
 
 
-def run_arm(
-    name: str, seed: int, base, teacher, tokenizer, files: dict, heldout, args: argparse.Namespace, root: Path
-) -> dict:
+def run_arm(name: str, seed: int, base, tokenizer, files: dict, heldout, args: argparse.Namespace, root: Path) -> dict:
     """Train one student arm from the base model's layers; returns its held-out pass rate and timing."""
     overrides, source, _ = ARMS[name]
     cfg = llm_config(overrides)
@@ -155,7 +174,7 @@ def run_arm(
         student=student,
         loss=loss,
         optimizer=adamw(args.lr),
-        teacher=teacher if loss.needs_teacher else None,
+        teacher=load_teacher(root / "teacher") if loss.needs_teacher else None,
         lmbda=cfg.llm.mode.lmbda,
         generation=generation,
         pad_token_id=tokenizer.pad_token_id,
@@ -175,7 +194,21 @@ def run_arm(
     return result
 
 
-def write_table(results: list[dict], report: dict, traces: dict, base_student: float, args, timing: dict) -> None:
+def traces_summary(traces: dict | None, args: argparse.Namespace) -> str:
+    """What the table says about the verified traces (or that this invocation sampled none)."""
+    sampled = f"{args.samples} samples (T 0.7, top-p 0.95) for each of {args.distill_problems} other problems"
+    if traces is None:
+        return f"Traces: none in this invocation (only the ground-truth arm ran; the trace arms draw {sampled})."
+    return (
+        f"Traces: {sampled} (not in the teacher's fine-tuning set); the verifier kept {traces['kept']} of "
+        f"{traces['sampled']} ({traces['problems_kept']} problems with at least one; mean "
+        f"{traces['mean_chars']:.0f} characters, {traces['shortest_mean_chars']:.0f} for the shortest per problem)."
+    )
+
+
+def write_table(
+    results: list[dict], report: dict, traces: dict | None, base_student: float, args, timing: dict
+) -> None:
     seeds = sorted({r["seed"] for r in results})
     rows = [
         f"| teacher (base) | SmolLM2-135M-Instruct before fine-tuning | {100 * report['base_pass_rate']:.1f} | — |",
@@ -204,11 +237,8 @@ def write_table(results: list[dict], report: dict, traces: dict, base_student: f
         "'The answer is N.'; a verifier checks the final number. Training and held-out problems are disjoint.",
         "",
         f"Teacher: SmolLM2-135M-Instruct fine-tuned on the reference solutions of {args.train_problems} problems "
-        f"(AdamW lr {args.teacher_lr}, batch {args.batch_size}). Traces: "
-        f"{args.samples} samples (T 0.7, top-p 0.95) for each of {args.distill_problems} other problems (not in "
-        f"the teacher's fine-tuning set); the verifier kept {traces['kept']} of {traces['sampled']} "
-        f"({traces['problems_kept']} problems with at least one; mean {traces['mean_chars']:.0f} characters, "
-        f"{traces['shortest_mean_chars']:.0f} for the shortest per problem). Students: {args.student_layers} of the "
+        f"(AdamW lr {args.teacher_lr}, batch {args.batch_size}). {traces_summary(traces, args)} "
+        f"Students: {args.student_layers} of the "
         f"base model's 30 layers (weights copied), {args.steps} steps of {args.batch_size} sequences, "
         f"AdamW lr {args.lr}; "
         f"the ground-truth baseline trains on the same {args.distill_problems} problems' reference solutions. "
@@ -221,9 +251,9 @@ def write_table(results: list[dict], report: dict, traces: dict, base_student: f
         "|---|---|---|---|",
         *rows,
         "",
-        f"Timings ({args.threads} torch thread on 2 CPU cores shared with other jobs, indicative): teacher traces "
-        f"{traces['seconds']:.0f} s (0 when cached), this invocation {timing['total']:.0f} s "
-        "(finished stages are reused).",
+        f"Timings ({args.threads} torch thread on 2 CPU cores shared with other jobs, indicative): "
+        + (f"sampling the teacher traces {traces['seconds']:.0f} s, " if traces else "")
+        + f"this invocation {timing['total']:.0f} s (finished stages are reused).",
     ]
     text = "\n".join(lines)
     write_section(args.out, text, "llm-reasoning", title=RESULTS_TITLE)
@@ -256,14 +286,16 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     base, tokenizer = freeze(load_gguf_model()), load_gguf_tokenizer()
     heldout = make_prompts("multistep", args.heldout_problems, 0, "heldout")
-    teacher, report = fine_tune_teacher(base, tokenizer, args, root, heldout)
+    report = fine_tune_teacher(base, tokenizer, args, root, heldout)
     if args.stage == "teacher":
         return
-    traces = teacher_traces(teacher, tokenizer, args, root)
-    print(f"traces: {traces}", flush=True)
+    traces = None  # the ground-truth baseline needs no traces: it can train while the teacher samples them
+    if args.stage == "traces" or any(ARMS[name][1] != "ground_truth" for name in args.arms):
+        traces = teacher_traces(tokenizer, args, root)
+        print(f"traces: {traces}", flush=True)
     if args.stage == "traces":
         return
-    files = {"traces": traces["file"], "ground_truth": ground_truth_file(args, root)}
+    files = {"traces": traces and traces["file"], "ground_truth": ground_truth_file(args, root)}
     base_file = root / f"student_base_{args.student_layers}.json"
     if not base_file.is_file():
         untrained = layer_subset(base, num_layers=args.student_layers)
@@ -275,7 +307,7 @@ def main() -> None:
         for name in args.arms:
             done = root / f"{run_key(name, seed, args, ignore)}.json"
             if not done.exists():
-                done.write_text(json.dumps(run_arm(name, seed, base, teacher, tokenizer, files, heldout, args, root)))
+                done.write_text(json.dumps(run_arm(name, seed, base, tokenizer, files, heldout, args, root)))
             results.append(json.loads(done.read_text()))
     timing = {"total": time.perf_counter() - start}
     write_table(results, report, traces, json.loads(base_file.read_text())["pass_rate"], args, timing)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -67,7 +68,12 @@ def test_reasoning_script(tmp_path: Path) -> None:
     text = script("llm_reasoning.py", tmp_path, *small, "--arms", "gt_sft")  # trace arms need verified traces
     assert "<!-- llm-reasoning:begin -->" in text and re.search(r"^\| teacher \| fine-tuned on 8", text, re.M)
     assert re.search(r"^\| gt_sft \| .* \| [\d.]+ ± [\d.]+ \|", text, re.M)
-    assert (tmp_path / "runs" / "llm_reasoning" / "teacher").is_dir()
+    assert "Traces: none in this invocation" in text  # the ground-truth arm trains without the teacher's traces
+    runs = tmp_path / "runs" / "llm_reasoning"
+    assert (runs / "teacher").is_dir()
+    script("llm_reasoning.py", tmp_path, *small, "--stage", "traces")  # a later invocation reloads the saved teacher
+    traces = [json.loads(line) for line in (runs / "traces_4x2_8tok.jsonl").read_text().splitlines()]
+    assert len(traces) == 8 and {record["sample"] for record in traces} == {0, 1}
 
 
 def test_frontier_script_remote_part(tmp_path: Path) -> None:
