@@ -103,6 +103,16 @@ def objective_run(name: str, seed: int, teacher, tokenizer, files: dict, args, r
     }
 
 
+def untrained_run(teacher, tokenizer, files: dict, args) -> dict:
+    """KL and perplexity of the copied layers before any training: the objectives' common starting point."""
+    student = layer_subset(teacher, num_layers=8)
+    loss = TokenDistillationLoss(ForwardKL(), alpha=1.0, vocab_size=len(tokenizer))
+    metrics = validate(
+        module_for(student, loss, tokenizer, args, teacher=teacher), text_data(tokenizer, files, args, 160)
+    )
+    return {"kl": metrics["val/kl_to_teacher"], "ppl": metrics["val/ppl"]}
+
+
 def routed_files(files: dict, root: Path, args) -> dict[str, Path]:
     """Instruction rows (teacher text) and multi-step rows (reference solutions), one JSONL per split."""
     out = {}
@@ -189,7 +199,9 @@ def cached(path: Path, make) -> dict:
     return result
 
 
-def write_table(objective: list[dict], routing: list[dict], remote: dict | None, args, timing: dict) -> None:
+def write_table(
+    objective: list[dict], untrained: dict | None, routing: list[dict], remote: dict | None, args, timing: dict
+) -> None:
     seeds = sorted({r["seed"] for r in objective + routing})
     lines = [
         "<!-- written by scripts/llm_frontier.py; do not edit by hand -->",
@@ -205,6 +217,7 @@ def write_table(objective: list[dict], routing: list[dict], remote: dict | None,
         lines += [
             "| objective | what | KL to teacher ↓ | ppl on teacher text ↓ | train time (s) |",
             "|---|---|---|---|---|",
+            f"| untrained | the 8 copied layers before training | {untrained['kl']:.3f} | {untrained['ppl']:.1f} | — |",
         ]
         for name, (_, description) in OBJECTIVES.items():
             runs = [r for r in objective if r["run"] == name]
@@ -281,8 +294,11 @@ def main() -> None:
     teacher, tokenizer = freeze(load_gguf_model()), load_gguf_tokenizer()
     files = teacher_text(teacher, tokenizer, args, home / "data" / "llm_demo")
     tag = f"{args.steps}x{args.batch_size}_lr{args.lr}_{args.train_prompts}"
-    objective, routing, remote = [], [], None
+    objective, untrained, routing, remote = [], None, [], None
     if "distillm2" in args.parts:
+        untrained = cached(
+            root / f"untrained_{args.heldout_prompts}.json", lambda: untrained_run(teacher, tokenizer, files, args)
+        )
         objective = [
             cached(
                 root / f"{name}_{seed}_{tag}.json",
@@ -309,7 +325,7 @@ def main() -> None:
         remote = cached(
             root / f"remote_{args.train_prompts}.json", lambda: remote_check(teacher, tokenizer, files, args, root)
         )
-    write_table(objective, routing, remote, args, {"total": time.perf_counter() - start})
+    write_table(objective, untrained, routing, remote, args, {"total": time.perf_counter() - start})
 
 
 if __name__ == "__main__":
