@@ -78,5 +78,11 @@ def test_reasoning_script(tmp_path: Path) -> None:
 
 def test_frontier_script_remote_part(tmp_path: Path) -> None:
     text = script("llm_frontier.py", tmp_path, "--parts", "remote", "--train-prompts", "4", "--heldout-prompts", "2")
-    row = re.search(r"^\| remote \(OpenAI-compatible\) \| (\d+) \| (\d+) \| (\d+) \| \d+ \| ([\d.]+)% \|", text, re.M)
-    assert row and int(row.group(3)) == int(row.group(1)) == 6 and float(row.group(4)) > 99
+    row = re.search(
+        r"^\| remote \(OpenAI-compatible\) \| (\d+) \| (\d+) \| (\d+) \| \d+ \| (\d+) of (\d+) \| ([\d.]+)% \|",
+        text,
+        re.M,
+    )
+    assert row and int(row.group(3)) == int(row.group(1)) == 6
+    assert int(row.group(5)) == 32 * int(row.group(2)) and int(row.group(4)) > 0.99 * int(row.group(5))
+    assert float(row.group(6)) > 99  # tokens whose top-32 id sets agree
