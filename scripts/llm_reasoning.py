@@ -121,6 +121,8 @@ def teacher_traces(tokenizer, args: argparse.Namespace, root: Path) -> dict:
     start = time.perf_counter()
     sampled = collections.Counter(record["id"] for record in read_records(path))
     if any(sampled[prompt.id] < args.samples for prompt in prompts):
+        if args.stage == "table":
+            raise SystemExit(f"{path} is incomplete: sample the traces first (--stage traces)")
         generate_file(load_teacher(root / "teacher"), tokenizer, prompts, path, settings, batch_size=8, progress=False)
     clock = path.with_name(path.name + ".seconds.json")  # sampling time summed over resumed invocations
     seconds = time.perf_counter() - start + (json.loads(clock.read_text()) if clock.is_file() else 0.0)
@@ -207,14 +209,20 @@ def traces_summary(traces: dict | None, args: argparse.Namespace) -> str:
 
 
 def write_table(
-    results: list[dict], report: dict, traces: dict | None, base_student: float, args, timing: dict
+    results: list[dict],
+    missing: list[str],
+    report: dict,
+    traces: dict | None,
+    base_student: float,
+    args: argparse.Namespace,
+    timing: dict,
 ) -> None:
     seeds = sorted({r["seed"] for r in results})
     rows = [
-        f"| teacher (base) | SmolLM2-135M-Instruct before fine-tuning | {100 * report['base_pass_rate']:.1f} | — |",
+        f"| teacher (base) | SmolLM2-135M-Instruct before fine-tuning | — | {100 * report['base_pass_rate']:.1f} | — |",
         f"| teacher | fine-tuned on {args.train_problems} problems' reference solutions ({report['steps']} steps) | "
-        f"{100 * report['pass_rate']:.1f} | {report['train_seconds']:.0f} |",
-        f"| student (base) | {args.student_layers} layers of the base model, untrained | "
+        f"— | {100 * report['pass_rate']:.1f} | {report['train_seconds']:.0f} |",
+        f"| student (base) | {args.student_layers} layers of the base model, untrained | — | "
         f"{100 * base_student:.1f} | — |",
     ]
     for name, (_, _, description) in ARMS.items():
@@ -224,7 +232,10 @@ def write_table(
                 mean_std([r["pass_rate"] for r in runs]),
                 mean_std([r["train_seconds"] for r in runs], 1.0, 0),
             )
-            rows.append(f"| {name} | {description} ({runs[0]['examples']} training sequences) | {rate} | {seconds} |")
+            rows.append(
+                f"| {name} | {description} ({runs[0]['examples']} training sequences) | "
+                f"{', '.join(str(r['seed']) for r in runs)} | {rate} | {seconds} |"
+            )
     command = " ".join(["python scripts/llm_reasoning.py", *sys.argv[1:]])
     lines = [
         "<!-- written by scripts/llm_reasoning.py; do not edit by hand -->",
@@ -247,10 +258,11 @@ def write_table(
         f"Metric: greedy pass rate (%) on {args.heldout_problems} held-out problems "
         f"(at most {args.max_new_tokens} new tokens).",
         "",
-        "| model | what | held-out pass rate % | train time (s) |",
-        "|---|---|---|---|",
+        "| model | what | seeds | held-out pass rate % | train time (s) |",
+        "|---|---|---|---|---|",
         *rows,
         "",
+        *([f"Not run yet: {', '.join(missing)}.", ""] if missing else []),
         f"Timings ({args.threads} torch thread on 2 CPU cores shared with other jobs, indicative): "
         + (f"sampling the teacher traces {traces['seconds']:.0f} s, " if traces else "")
         + f"this invocation {timing['total']:.0f} s (finished stages are reused).",
@@ -264,7 +276,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--stage", choices=["teacher", "traces", "all"], default="all")
+    parser.add_argument(
+        "--stage",
+        choices=["teacher", "traces", "all", "table"],
+        default="all",
+        help="stop after the teacher or the traces; or 'table': write the table from the finished runs only, "
+        "listing the seeds and arms not run yet",
+    )
     parser.add_argument("--train-problems", type=int, default=512, help="the teacher's fine-tuning problems")
     parser.add_argument("--distill-problems", type=int, default=256, help="problems the students learn from")
     parser.add_argument("--heldout-problems", type=int, default=64)
@@ -286,6 +304,8 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     base, tokenizer = freeze(load_gguf_model()), load_gguf_tokenizer()
     heldout = make_prompts("multistep", args.heldout_problems, 0, "heldout")
+    if args.stage == "table" and not (root / "teacher.json").is_file():
+        raise SystemExit(f"no fine-tuned teacher under {root}: --stage table only reports finished runs")
     report = fine_tune_teacher(base, tokenizer, args, root, heldout)
     if args.stage == "teacher":
         return
@@ -301,16 +321,19 @@ def main() -> None:
         untrained = layer_subset(base, num_layers=args.student_layers)
         rate = pass_rate(untrained, tokenizer, heldout, root / "student_base_heldout.jsonl", args.max_new_tokens)
         base_file.write_text(json.dumps({"pass_rate": rate}))
-    results = []
+    results, missing = [], []
     ignore = ("seeds", "arms", "stage", "out", "threads")
     for seed in args.seeds:
         for name in args.arms:
             done = root / f"{run_key(name, seed, args, ignore)}.json"
+            if not done.exists() and args.stage == "table":
+                missing.append(f"{name} seed {seed}")
+                continue
             if not done.exists():
                 done.write_text(json.dumps(run_arm(name, seed, base, tokenizer, files, heldout, args, root)))
             results.append(json.loads(done.read_text()))
     timing = {"total": time.perf_counter() - start}
-    write_table(results, report, traces, json.loads(base_file.read_text())["pass_rate"], args, timing)
+    write_table(results, missing, report, traces, json.loads(base_file.read_text())["pass_rate"], args, timing)
 
 
 if __name__ == "__main__":

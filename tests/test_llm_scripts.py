@@ -74,6 +74,9 @@ def test_reasoning_script(tmp_path: Path) -> None:
     script("llm_reasoning.py", tmp_path, *small, "--stage", "traces")  # a later invocation reloads the saved teacher
     traces = [json.loads(line) for line in (runs / "traces_4x2_8tok.jsonl").read_text().splitlines()]
     assert len(traces) == 8 and {record["sample"] for record in traces} == {0, 1}
+    text = script("llm_reasoning.py", tmp_path, *small, "--stage", "table", "--arms", "gt_sft", "traces_sft")
+    assert re.search(r"^\| gt_sft \| .* \| 0 \| [\d.]+ ± [\d.]+ \|", text, re.M)  # the finished run, reported
+    assert "Not run yet: traces_sft seed 0." in text and not re.search(r"^\| traces_sft \|", text, re.M)
 
 
 def test_frontier_script_remote_part(tmp_path: Path) -> None:
