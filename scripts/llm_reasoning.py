@@ -236,12 +236,15 @@ def write_table(
                 f"| {name} | {description} ({runs[0]['examples']} training sequences) | "
                 f"{', '.join(str(r['seed']) for r in runs)} | {rate} | {seconds} |"
             )
-    command = " ".join(["python scripts/llm_reasoning.py", *sys.argv[1:]])
+    flags = " ".join(sys.argv[1:]).replace("--stage table", "").split()
+    command = f"`{' '.join(['python scripts/llm_reasoning.py', *flags])}`"
+    if args.stage == "table":
+        command += " (this table: the same with `--stage table`, from the finished runs)"
     lines = [
         "<!-- written by scripts/llm_reasoning.py; do not edit by hand -->",
         "## Reasoning distillation: a fine-tuned SmolLM2 reasoner -> a small student (CPU)",
         "",
-        f"Command: `{command}`",
+        f"Command: {command}",
         "",
         "Task: multi-step word problems (three operations: gets more, buys bags of, gives away; "
         "`kd_lightning.llm.prompts`, kind `multistep`), answered with written-out steps ending in "
@@ -253,7 +256,7 @@ def write_table(
         f"base model's 30 layers (weights copied), {args.steps} steps of {args.batch_size} sequences, "
         f"AdamW lr {args.lr}; "
         f"the ground-truth baseline trains on the same {args.distill_problems} problems' reference solutions. "
-        f"Mean ± std over seeds {seeds}.",
+        + (f"Mean ± std over seeds {seeds}." if not missing else "Mean ± std over each row's seeds."),
         "",
         f"Metric: greedy pass rate (%) on {args.heldout_problems} held-out problems "
         f"(at most {args.max_new_tokens} new tokens).",
