@@ -10,7 +10,8 @@
 - remote: the grey-box top-k cache built through an OpenAI-compatible server (kd_lightning.llm.local_server on
   127.0.0.1 serving the same model) against the in-process cache: agreement and scoring time.
 Teacher text: greedy completions of instructions (shared with scripts/llm_cross_tokenizer.py). Finished runs are
-kept under $KD_LIGHTNING_HOME/runs/llm_frontier and reused.
+kept under $KD_LIGHTNING_HOME/runs/llm_frontier and reused; docs/results/runs/ keeps the records behind the
+published table (see its README).
 """
 
 from __future__ import annotations

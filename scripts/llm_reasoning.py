@@ -14,7 +14,9 @@
    - traces_kd: token-level forward KL to the teacher on those traces, alpha 0.5 (white-box);
    - on_policy: JSD(0.5), half of the batches sampled by the student and scored by the teacher (GKD).
    Held-out greedy pass rates, mean ± std over seeds, against the teacher's and the base models'.
-Every stage is cached under $KD_LIGHTNING_HOME/runs/llm_reasoning and reused, so an interrupted run resumes.
+Every stage is cached under $KD_LIGHTNING_HOME/runs/llm_reasoning and reused, so an interrupted run resumes;
+``--stage table`` writes the table from the finished runs only. docs/results/runs/ keeps the records (not the
+teacher's weights) behind the published table; its README says how to restore them.
 """
 
 from __future__ import annotations
