@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.data import IGNORE_INDEX, LLMDataModule
 from kd_lightning.llm.models import char_tokenizer
-from kd_lightning.llm.prompts import KINDS, extract_answer, is_correct, make_prompts, split_of
+from kd_lightning.llm.prompts import KINDS, extract_answer, has_answer_line, is_correct, make_prompts, split_of
 from tests.conftest import compose_config
 
 ARITHMETIC = {"kind": "arithmetic", "num_prompts": 6, "seed": 0}
@@ -62,6 +62,13 @@ def test_extract_answer(completion: str, answer: int | None) -> None:
 def test_is_correct_checks_the_final_answer_only() -> None:
     assert is_correct("14 - 3 = 11. The answer is 11.", 11)
     assert not is_correct("The answer is 11. Wait, the answer is 12.", 11)
+
+
+def test_strict_verification_needs_the_answer_line() -> None:
+    assert extract_answer("He has 8 apples and 3 pears, so 11", strict=True) is None
+    assert extract_answer("12 + 1 = 13. The answer: **1,250**", strict=True) == 1250
+    assert is_correct("1. 1. 1.", 1) and not is_correct("1. 1. 1.", 1, strict=True)
+    assert has_answer_line("So the answer is 3.") and not has_answer_line("so 3")
 
 
 def test_batches_mask_prompt_and_padding() -> None:

@@ -37,7 +37,7 @@ def test_generation_is_batched_deterministic_and_resumable(teacher, tmp_path: Pa
     assert report.generated == 3 and report.completions == 5
     assert read_records(resumed) == read_records(once)  # same completions, no duplicates
     record = read_records(once)[1]
-    assert set(record) == {"id", "prompt", "kind", "answer", "sample", "completion", "correct"}
+    assert set(record) == {"id", "prompt", "kind", "answer", "sample", "completion", "correct", "answered"}
     assert record["kind"] == "arithmetic" and record["correct"] is False
 
 
@@ -75,6 +75,18 @@ def test_filter_keeps_correct_answers_and_fails_when_none_survive(teacher, tmp_p
         generate_file(model, tokenizer, prompts, tmp_path / "bad.jsonl", SETTINGS, filter_correct=True)
     with pytest.raises(ConfigError, match=r"llm\.data\.only_correct=false"):
         keep_correct(read_records(tmp_path / "bad.jsonl"), "llm.data.only_correct")
+
+
+def test_report_separates_the_answer_line_from_the_last_number_fallback(teacher, tmp_path: Path, monkeypatch) -> None:
+    model, tokenizer = teacher
+    prompts = [Prompt(name, "What is 3 + 4?", "arithmetic", 7) for name in "abcd"]
+    completions = [["3 + 4 = 7. The answer is 7."], ["3 + 4 = 7"], ["The answer is 8."], ["1. 1. 1."]]
+    monkeypatch.setattr("kd_lightning.llm.generation.complete", lambda *a: completions)
+    report = generate_file(model, tokenizer, prompts, tmp_path / "r.jsonl", SETTINGS, progress=False)
+    # flexible: a and b; strict (answer line, right): a only; answer lines: a and c
+    assert (report.correct, report.strict_correct, report.answered) == (2, 1, 2)
+    assert (report.pass_rate, report.strict_pass_rate, report.answered_rate) == (0.5, 0.25, 0.5)
+    assert [record["answered"] for record in read_records(tmp_path / "r.jsonl")] == [True, False, True, False]
 
 
 @pytest.mark.slow  # the generation itself is tested in-process above; this is the console entry's wiring

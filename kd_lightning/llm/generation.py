@@ -29,7 +29,7 @@ from kd_lightning.engine.caching.store import write_text_atomic
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.instantiate import build
 from kd_lightning.engine.threads import set_cpu_threads
-from kd_lightning.llm.prompts import Prompt, chat_ids, is_correct, make_prompts
+from kd_lightning.llm.prompts import Prompt, chat_ids, has_answer_line, is_correct, make_prompts
 
 if TYPE_CHECKING:
     from kd_lightning.llm.remote import RemoteTeacher
@@ -169,11 +169,24 @@ class GenerationReport:
     generated: int
     checkable: int
     correct: int
+    answered: int
+    strict_correct: int
 
     @property
     def pass_rate(self) -> float | None:
-        """Fraction of completions of answerable prompts whose final answer is right."""
+        """Fraction of completions of answerable prompts whose final answer is right (the last number counts
+        when there is no answer line: lm-eval-harness's "flexible-extract")."""
         return self.correct / self.checkable if self.checkable else None
+
+    @property
+    def strict_pass_rate(self) -> float | None:
+        """Fraction of completions of answerable prompts whose answer line is right ("strict-match")."""
+        return self.strict_correct / self.checkable if self.checkable else None
+
+    @property
+    def answered_rate(self) -> float | None:
+        """Fraction of completions of answerable prompts with the answer line ("The answer is N.")."""
+        return self.answered / self.checkable if self.checkable else None
 
 
 def generate_file(
@@ -206,28 +219,37 @@ def generate_file(
             for prompt, samples in zip(batch, complete(model, tokenizer, batch, settings), strict=True):
                 for index, text in enumerate(samples):
                     correct = None if prompt.answer is None else is_correct(text, prompt.answer)
+                    answered = None if prompt.answer is None else has_answer_line(text)
                     record = {"id": prompt.id, "prompt": prompt.text, "kind": prompt.kind, "answer": prompt.answer}
-                    record.update(sample=index, completion=text, correct=correct)
+                    record.update(sample=index, completion=text, correct=correct, answered=answered)
                     sink.write(json.dumps(record) + "\n")
             sink.flush()
             bar.update(len(batch))
     wanted = {prompt.id for prompt in prompts}
-    records = [record for record in read_records(path) if record["id"] in wanted]
-    checkable = [record for record in records if record["correct"] is not None]
-    report = GenerationReport(
-        path=str(path),
-        prompts=len(wanted),
-        completions=len(records),
-        generated=len(todo),
-        checkable=len(checkable),
-        correct=sum(bool(record["correct"]) for record in checkable),
-    )
+    report = score_file(path, wanted, generated=len(todo))
     if filter_correct and report.checkable and not report.correct:
         raise ConfigError(
             f"generate.filter_correct=true kept none of {report.checkable} completions in {path}: "
             f"{_RELAX}generate.filter_correct=false"
         )
     return report
+
+
+def score_file(path: Path, ids: set[str] | None = None, generated: int = 0) -> GenerationReport:
+    """The verifier's counts over the records of ``path`` (those of prompts ``ids``, default all), re-verified
+    from each completion and answer, so records written before a verifier change are scored alike."""
+    records = [record for record in read_records(path) if ids is None or record["id"] in ids]
+    checkable = [record for record in records if record.get("answer") is not None]
+    return GenerationReport(
+        path=str(path),
+        prompts=len(ids) if ids is not None else len({record["id"] for record in records}),
+        completions=len(records),
+        generated=generated,
+        checkable=len(checkable),
+        correct=sum(is_correct(record["completion"], record["answer"]) for record in checkable),
+        answered=sum(has_answer_line(record["completion"]) for record in checkable),
+        strict_correct=sum(is_correct(record["completion"], record["answer"], strict=True) for record in checkable),
+    )
 
 
 def keep_correct(records: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
@@ -267,6 +289,9 @@ def run(cfg: DictConfig) -> GenerationReport:
         batch_size=cfg.generate.batch_size,
         filter_correct=cfg.generate.filter_correct,
     )
-    rate = "" if report.pass_rate is None else f", verifier pass rate {report.pass_rate:.1%}"
+    rate = ""
+    if report.pass_rate is not None:
+        rate = f", verifier pass rate {report.pass_rate:.1%} ({report.strict_pass_rate:.1%} with the answer line, "
+        rate += f"which {report.answered_rate:.1%} have)"
     log.info("%s: %d completions of %d prompts%s", report.path, report.completions, report.prompts, rate)
     return report

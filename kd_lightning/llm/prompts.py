@@ -190,10 +190,11 @@ _ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)\s*\**\s*(-?\d[\d,]*)", re.IGNORECA
 _INTEGER = re.compile(r"-?\d[\d,]*")
 
 
-def extract_answer(completion: str) -> int | None:
-    """The final integer answer of a completion: the number after the last "answer is" / "answer:",
-    else the last integer in the text; ``None`` if it has no number. Thousands separators are ignored."""
-    matches = _ANSWER_IS.findall(completion) or _INTEGER.findall(completion)
+def extract_answer(completion: str, strict: bool = False) -> int | None:
+    """The final integer answer of a completion: the number after the last "answer is" / "answer:" (the answer
+    line :data:`ANSWER_FORMAT` asks for); unless ``strict``, else the last integer in the text (lm-eval-harness's
+    "flexible-extract" vs "strict-match"); ``None`` if there is none. Thousands separators are ignored."""
+    matches = _ANSWER_IS.findall(completion) or ([] if strict else _INTEGER.findall(completion))
     for match in reversed(matches):
         digits = match.replace(",", "")
         if digits.lstrip("-"):
@@ -201,9 +202,14 @@ def extract_answer(completion: str) -> int | None:
     return None
 
 
-def is_correct(completion: str, answer: int) -> bool:
-    """Whether the completion's final answer (:func:`extract_answer`) equals ``answer``."""
-    return extract_answer(completion) == answer
+def has_answer_line(completion: str) -> bool:
+    """Whether the completion states its answer as :data:`ANSWER_FORMAT` asks ("The answer is N.")."""
+    return extract_answer(completion, strict=True) is not None
+
+
+def is_correct(completion: str, answer: int, strict: bool = False) -> bool:
+    """Whether the completion's final answer (:func:`extract_answer`, ``strict`` or not) equals ``answer``."""
+    return extract_answer(completion, strict) == answer
 
 
 def chat_ids(tokenizer: PreTrainedTokenizerBase, text: str, system_prompt: str | None = None) -> list[int]:
