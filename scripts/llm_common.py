@@ -16,10 +16,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
+from multirun import mean_std
 from omegaconf import DictConfig
 
 from kd_lightning.cli.common import CONFIG_DIR
-from kd_lightning.llm.generation import GenerationSettings, generate_file
+from kd_lightning.llm.generation import GenerationSettings, generate_file, score_file
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results" / "llm.md"
@@ -73,6 +74,17 @@ def pass_rate(model: torch.nn.Module, tokenizer, prompts, out_file: Path, max_ne
     out_file.unlink(missing_ok=True)
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     return generate_file(model, tokenizer, prompts, out_file, settings, batch_size=16, progress=False).pass_rate
+
+
+def verified(paths: list[Path], spread: bool = True) -> str:
+    """Table cells from held-out completions, re-verified: pass rate with the answer line (strict), pass rate
+    counting the last number when there is none (flexible), and the answer-line rate; mean ± std over ``paths``
+    (one per seed), or the single value of one file without ``spread``."""
+    reports = [score_file(path) for path in paths]
+    rates = ("strict_pass_rate", "pass_rate", "answered_rate")
+    if not spread:
+        return " | ".join(f"{100 * getattr(reports[0], rate):.1f}" for rate in rates)
+    return " | ".join(mean_std([getattr(report, rate) for report in reports]) for rate in rates)
 
 
 def kd_home() -> Path:

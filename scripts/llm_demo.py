@@ -181,7 +181,8 @@ def write_table(results: list[dict], data: dict, args: argparse.Namespace, out: 
         "",
         "Metrics, on the held-out instructions: **KL** = token-level KL(teacher || student) per completion token "
         "(T = 1); **ppl** = student perplexity on the teacher's completions. **pass rate** = greedy answers to "
-        f"{args.heldout_prompts} held-out arithmetic problems whose final answer the verifier accepts.",
+        f"{args.heldout_prompts} held-out arithmetic problems whose final answer the verifier accepts "
+        "(flexible: the number on the answer line, else the last number).",
         "",
         "| run | what | steps | KL to teacher ↓ | ppl on teacher text ↓ | arithmetic pass rate % | train time (s) |",
         "|---|---|---|---|---|---|---|",

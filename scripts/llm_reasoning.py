@@ -12,8 +12,10 @@
    - traces_sft: cross-entropy on the verified teacher traces (black-box);
    - traces_short: the same, keeping each problem's shortest verified trace ("long-to-short");
    - traces_kd: token-level forward KL to the teacher on those traces, alpha 0.5 (white-box);
-   - on_policy: JSD(0.5), half of the batches sampled by the student and scored by the teacher (GKD).
-   Held-out greedy pass rates, mean ± std over seeds, against the teacher's and the base models'.
+   - on_policy: JSD(0.5), half of the batches sampled by the student and scored by the teacher (GKD);
+   - on_policy_sft: the same after an SFT warm start (the first half of the steps traces_sft), as GKD starts.
+   Held-out greedy pass rates, mean ± std over seeds, against the teacher's and the base models': strict (the
+   answer line is right) and flexible (a last number counts without one), re-verified from the kept completions.
 Every stage is cached under $KD_LIGHTNING_HOME/runs/llm_reasoning and reused, so an interrupted run resumes;
 ``--stage table`` writes the table from the finished runs only. docs/results/runs/ keeps the records (not the
 teacher's weights) behind the published table; its README says how to restore them.
@@ -32,7 +34,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from llm_common import RESULTS, RESULTS_TITLE, adamw, kd_home, llm_config, pass_rate, run_key, timed_fit
+from llm_common import RESULTS, RESULTS_TITLE, adamw, kd_home, llm_config, pass_rate, run_key, timed_fit, verified
 from multirun import mean_std
 from transformers import AutoModelForCausalLM
 
@@ -61,15 +63,55 @@ ARMS = {
         "traces",
         "JSD(0.5), half the batches sampled by the student (on-policy)",
     ),
+    "on_policy_sft": (
+        ["llm/loss=jsd", "llm/mode=on_policy", "llm.mode.lmbda=0.5"],
+        "traces",
+        "on_policy after an SFT warm start: half the steps traces_sft, then on_policy (GKD starts from SFT)",
+    ),
 }
+#: arm -> the arm whose objective trains its first half of the steps (the same total as every arm)
+WARM_START = {"on_policy_sft": "traces_sft"}
+
+
+#: the flags the teacher is fine-tuned and evaluated with: its report keeps them, a later invocation must match
+TEACHER_FLAGS = (
+    "train_problems",
+    "teacher_steps",
+    "teacher_lr",
+    "batch_size",
+    "max_length",
+    "heldout_problems",
+    "max_new_tokens",
+)
+NEW_EXPERIMENT = "set KD_LIGHTNING_HOME to a new folder (or move {root} away): a new teacher is a new experiment"
 
 
 def fine_tune_teacher(base, tokenizer, args: argparse.Namespace, root: Path, heldout) -> dict:
     """Fine-tunes the base model on ground-truth step-by-step solutions once (saved under ``root/teacher``, see
-    :func:`load_teacher`); returns its report, also kept, with its and the base model's held-out pass rates."""
+    :func:`load_teacher`); returns its report, also kept, with its and the base model's held-out pass rates.
+    Stops early rather than mix teachers: when the kept teacher was fine-tuned with other flags, or when records
+    of an earlier teacher (traces, finished arms) are in ``root`` without it."""
     folder, report_file = root / "teacher", root / "teacher.json"
+    settings = {flag: getattr(args, flag) for flag in TEACHER_FLAGS}
     if report_file.is_file():
-        return json.loads(report_file.read_text())
+        report = json.loads(report_file.read_text())
+        changed = {
+            f"--{flag.replace('_', '-')}": (report["settings"][flag], value)
+            for flag, value in settings.items()
+            if report["settings"][flag] != value
+        }
+        if changed:
+            raise SystemExit(
+                f"{report_file}: the kept teacher was fine-tuned with other flags {changed} (kept, requested); "
+                f"rerun with the kept ones, or {NEW_EXPERIMENT.format(root=root)}"
+            )
+        return report
+    earlier = sorted(path.name for path in [*root.glob("traces_*.jsonl"), *root.glob("*_seed*_*.json")])
+    if earlier:
+        raise SystemExit(
+            f"{root} holds records of an earlier teacher ({', '.join(earlier[:3])}, ...) but not its teacher.json; "
+            + NEW_EXPERIMENT.format(root=root)
+        )
     L.seed_everything(0, workers=True)
     model = layer_subset(base, num_layers=len(base.model.layers))  # a full copy
     data = LLMDataModule(
@@ -89,6 +131,7 @@ def fine_tune_teacher(base, tokenizer, args: argparse.Namespace, root: Path, hel
     seconds = timed_fit(module, data, args.teacher_steps)
     freeze(model)
     report = {
+        "settings": settings,
         "steps": args.teacher_steps,
         "train_seconds": seconds,
         "pass_rate": pass_rate(model, tokenizer, heldout, root / "teacher_heldout.jsonl", args.max_new_tokens),
@@ -106,8 +149,8 @@ def load_teacher(folder: Path) -> torch.nn.Module:
     stage sees the same saved model, so the traces' model fingerprint matches in every invocation."""
     if not folder.is_dir():
         raise SystemExit(
-            f"{folder} is missing: the teacher's report is kept but its weights are not; delete "
-            f"{folder.parent / 'teacher.json'} to fine-tune it again"
+            f"{folder} is missing: the teacher's report is kept but its weights are not; to fine-tune another, "
+            + NEW_EXPERIMENT.format(root=folder.parent)
         )
     return freeze(AutoModelForCausalLM.from_pretrained(folder).float())
 
@@ -156,12 +199,11 @@ def ground_truth_file(args: argparse.Namespace, root: Path) -> Path:
     return path
 
 
-def run_arm(name: str, seed: int, base, tokenizer, files: dict, heldout, args: argparse.Namespace, root: Path) -> dict:
-    """Train one student arm from the base model's layers; returns its held-out pass rate and timing."""
+def fit_objective(name: str, student, steps: int, seed: int, tokenizer, files: dict, args, root: Path):
+    """Trains ``student`` in place for ``steps`` steps with arm ``name``'s objective and data; returns the seconds
+    it took and the number of training sequences."""
     overrides, source, _ = ARMS[name]
     cfg = llm_config(overrides)
-    L.seed_everything(seed, workers=True)
-    student = layer_subset(base, num_layers=args.student_layers)
     loss = instantiate(cfg.llm.loss)
     loss.vocab_size = len(tokenizer)
     data = LLMDataModule(
@@ -185,17 +227,34 @@ def run_arm(name: str, seed: int, base, tokenizer, files: dict, heldout, args: a
         eos_token_id=tokenizer.eos_token_id,
         seed=seed,
     )
-    seconds = timed_fit(module, data, args.steps)
-    rate = pass_rate(student, tokenizer, heldout, root / f"{name}_seed{seed}_heldout.jsonl", args.max_new_tokens)
+    return timed_fit(module, data, steps), len(data.splits["train"])
+
+
+def run_arm(name: str, seed: int, base, tokenizer, files: dict, heldout, args: argparse.Namespace, root: Path) -> dict:
+    """Train one student arm from the base model's layers (after its warm start, if it has one); returns its
+    held-out pass rate and timing."""
+    L.seed_everything(seed, workers=True)
+    student = layer_subset(base, num_layers=args.student_layers)
+    warm_steps = args.steps // 2 if name in WARM_START else 0
+    seconds = 0.0
+    if warm_steps:
+        seconds, _ = fit_objective(WARM_START[name], student, warm_steps, seed, tokenizer, files, args, root)
+    train_seconds, examples = fit_objective(name, student, args.steps - warm_steps, seed, tokenizer, files, args, root)
+    rate = pass_rate(student, tokenizer, heldout, heldout_file(root, name, seed), args.max_new_tokens)
     result = {
         "arm": name,
         "seed": seed,
         "pass_rate": rate,
-        "train_seconds": seconds,
-        "examples": len(data.splits["train"]),
+        "train_seconds": seconds + train_seconds,
+        "examples": examples,
     }
     print(json.dumps(result), flush=True)
     return result
+
+
+def heldout_file(root: Path, name: str, seed: int) -> Path:
+    """Where arm ``name``'s seed-``seed`` student keeps its held-out completions (the table re-scores them)."""
+    return root / f"{name}_seed{seed}_heldout.jsonl"
 
 
 def traces_summary(traces: dict | None, args: argparse.Namespace) -> str:
@@ -215,28 +274,30 @@ def write_table(
     missing: list[str],
     report: dict,
     traces: dict | None,
-    base_student: float,
     args: argparse.Namespace,
+    root: Path,
     timing: dict,
 ) -> None:
     seeds = sorted({r["seed"] for r in results})
+
+    def single(name: str) -> str:
+        return verified([root / name], spread=False)
+
     rows = [
-        f"| teacher (base) | SmolLM2-135M-Instruct before fine-tuning | — | {100 * report['base_pass_rate']:.1f} | — |",
+        f"| teacher (base) | SmolLM2-135M-Instruct before fine-tuning | — | {single('base_heldout.jsonl')} | — |",
         f"| teacher | fine-tuned on {args.train_problems} problems' reference solutions ({report['steps']} steps) | "
-        f"— | {100 * report['pass_rate']:.1f} | {report['train_seconds']:.0f} |",
+        f"— | {single('teacher_heldout.jsonl')} | {report['train_seconds']:.0f} |",
         f"| student (base) | {args.student_layers} layers of the base model, untrained | — | "
-        f"{100 * base_student:.1f} | — |",
+        f"{single('student_base_heldout.jsonl')} | — |",
     ]
     for name, (_, _, description) in ARMS.items():
         runs = [r for r in results if r["arm"] == name]
         if runs:
-            rate, seconds = (
-                mean_std([r["pass_rate"] for r in runs]),
-                mean_std([r["train_seconds"] for r in runs], 1.0, 0),
-            )
             rows.append(
                 f"| {name} | {description} ({runs[0]['examples']} training sequences) | "
-                f"{', '.join(str(r['seed']) for r in runs)} | {rate} | {seconds} |"
+                f"{', '.join(str(r['seed']) for r in runs)} | "
+                f"{verified([heldout_file(root, name, r['seed']) for r in runs])} | "
+                f"{mean_std([r['train_seconds'] for r in runs], 1.0, 0)} |"
             )
     flags = " ".join(sys.argv[1:]).replace("--stage table", "").split()
     command = f"`{' '.join(['python scripts/llm_reasoning.py', *flags])}`"
@@ -250,7 +311,7 @@ def write_table(
         "",
         "Task: multi-step word problems (three operations: gets more, buys bags of, gives away; "
         "`kd_lightning.llm.prompts`, kind `multistep`), answered with written-out steps ending in "
-        "'The answer is N.'; a verifier checks the final number. Training and held-out problems are disjoint.",
+        "'The answer is N.'; a verifier checks that number (see Metric). Training and held-out problems are disjoint.",
         "",
         f"Teacher: SmolLM2-135M-Instruct fine-tuned on the reference solutions of {args.train_problems} problems "
         f"(AdamW lr {args.teacher_lr}, batch {args.batch_size}). {traces_summary(traces, args)} "
@@ -261,10 +322,13 @@ def write_table(
         + (f"Mean ± std over seeds {seeds}." if not missing else "Mean ± std over each row's seeds."),
         "",
         f"Metric: greedy pass rate (%) on {args.heldout_problems} held-out problems "
-        f"(at most {args.max_new_tokens} new tokens).",
+        f"(at most {args.max_new_tokens} new tokens), re-verified from the kept completions: **strict** counts "
+        "an answer line 'The answer is N.' with the right N; **flexible** also takes the last number of a "
+        "completion without one (lm-eval-harness's strict-match and flexible-extract); **answer line** is the "
+        "share of completions that have one.",
         "",
-        "| model | what | seeds | held-out pass rate % | train time (s) |",
-        "|---|---|---|---|---|",
+        "| model | what | seeds | pass % strict | pass % flexible | answer line % | train time (s) |",
+        "|---|---|---|---|---|---|---|",
         *rows,
         "",
         *([f"Not run yet: {', '.join(missing)}.", ""] if missing else []),
@@ -338,7 +402,7 @@ def main() -> None:
                 done.write_text(json.dumps(run_arm(name, seed, base, tokenizer, files, heldout, args, root)))
             results.append(json.loads(done.read_text()))
     timing = {"total": time.perf_counter() - start}
-    write_table(results, missing, report, traces, json.loads(base_file.read_text())["pass_rate"], args, timing)
+    write_table(results, missing, report, traces, args, root, timing)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,15 @@ pytestmark = [
 ]
 
 
-def script(name: str, home: Path, *args: str) -> str:
-    out = home / "llm.md"
+def run_script(name: str, home: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "KD_LIGHTNING_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(REPO / "scripts" / name), *args, "--out", str(out)]
-    subprocess.run(command, check=True, capture_output=True, timeout=1800, env=env)
-    return out.read_text()
+    command = [sys.executable, str(REPO / "scripts" / name), *args, "--out", str(home / "llm.md")]
+    return subprocess.run(command, capture_output=True, text=True, timeout=1800, env=env)
+
+
+def script(name: str, home: Path, *args: str) -> str:
+    run_script(name, home, *args).check_returncode()
+    return (home / "llm.md").read_text()
 
 
 def test_cross_tokenizer_script(tmp_path: Path) -> None:
@@ -71,12 +74,29 @@ def test_reasoning_script(tmp_path: Path) -> None:
     assert "Traces: none in this invocation" in text  # the ground-truth arm trains without the teacher's traces
     runs = tmp_path / "runs" / "llm_reasoning"
     assert (runs / "teacher").is_dir()
+    failed = run_script("llm_reasoning.py", tmp_path, *small, "--teacher-steps", "2")  # never the kept teacher
+    assert failed.returncode == 1 and "'--teacher-steps': (1, 2)" in failed.stderr, failed.stderr[-2000:]
     script("llm_reasoning.py", tmp_path, *small, "--stage", "traces")  # a later invocation reloads the saved teacher
     traces = [json.loads(line) for line in (runs / "traces_4x2_8tok.jsonl").read_text().splitlines()]
     assert len(traces) == 8 and {record["sample"] for record in traces} == {0, 1}
     text = script("llm_reasoning.py", tmp_path, *small, "--stage", "table", "--arms", "gt_sft", "traces_sft")
     assert re.search(r"^\| gt_sft \| .* \| 0 \| [\d.]+ ± [\d.]+ \|", text, re.M)  # the finished run, reported
     assert "Not run yet: traces_sft seed 0." in text and not re.search(r"^\| traces_sft \|", text, re.M)
+    # the teacher row's strict, flexible and answer-line rates, re-verified from its kept completions
+    assert re.search(r"^\| teacher \| .* \| — \| [\d.]+ \| [\d.]+ \| [\d.]+ \| \d+ \|$", text, re.M)
+    text = script("llm_reasoning.py", tmp_path, *small, "--arms", "on_policy_sft", "--steps", "2")
+    assert re.search(
+        r"^\| on_policy_sft \| .* \| 0 \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \|", text, re.M
+    )
+
+
+def test_frontier_script_objectives(tmp_path: Path) -> None:
+    small = ["--parts", "distillm2", "--steps", "2", "--train-prompts", "4", "--heldout-prompts", "2"]
+    text = script("llm_frontier.py", tmp_path, *small, "--max-new-tokens", "8")
+    for name in ("sft", "fkl", "distillm2", "distillm2_sft"):
+        assert re.search(rf"^\| {name} \| .* \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| \d+ ± \d+ \|$", text, re.M), name
+    # DistiLLM-2 samples its responses from the untrained copy, the warm-started run from its SFT student
+    assert len(list((tmp_path / "runs" / "llm_frontier" / "responses").glob("*.jsonl"))) == 2
 
 
 def test_frontier_script_remote_part(tmp_path: Path) -> None:
