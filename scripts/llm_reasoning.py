@@ -43,7 +43,7 @@ from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.divergences import ForwardKL
 from kd_lightning.llm.generation import GenerationSettings, generate_file, keep_shortest, read_records
 from kd_lightning.llm.models import layer_subset, load_gguf_model, load_gguf_tokenizer
-from kd_lightning.llm.prompts import make_prompts
+from kd_lightning.llm.prompts import make_prompts, written_steps
 from kd_lightning.llm.token_loss import TokenDistillationLoss
 from kd_lightning.methods.llm import LLMDistillationModule
 from kd_lightning.reporting.markdown import write_section
@@ -269,6 +269,25 @@ def traces_summary(traces: dict | None, args: argparse.Namespace) -> str:
     )
 
 
+def steps_summary(root: Path, traces: dict | None) -> str:
+    """A process check the outcome verifier does not make: how often the teacher's written equations are right,
+    per operation, and how many kept traces reach the right answer through a wrong one (they are still kept)."""
+    steps = collections.defaultdict(list)
+    for record in read_records(root / "teacher_heldout.jsonl"):
+        for op, right in written_steps(record["completion"]):
+            steps[op].append(right)
+    rates = ", ".join(f"`{op}` {100 * sum(v) / len(v):.0f}% of {len(v)}" for op, v in sorted(steps.items()))
+    rates = rates or "it writes none"
+    text = (
+        f"Written steps (checked one by one, not used to filter): the teacher's held-out equations are right: {rates}."
+    )
+    if traces is not None:
+        kept = [record for record in read_records(traces["file"]) if record["correct"]]
+        lucky = sum(not all(right for _, right in written_steps(record["completion"])) for record in kept)
+        text += f" {lucky} of the {len(kept)} kept traces reach the right answer through a wrong equation."
+    return text
+
+
 def write_table(
     results: list[dict],
     missing: list[str],
@@ -330,6 +349,8 @@ def write_table(
         "| model | what | seeds | pass % strict | pass % flexible | answer line % | train time (s) |",
         "|---|---|---|---|---|---|---|",
         *rows,
+        "",
+        steps_summary(root, traces),
         "",
         *([f"Not run yet: {', '.join(missing)}.", ""] if missing else []),
         f"Timings ({args.threads} torch thread on 2 CPU cores shared with other jobs, indicative): "

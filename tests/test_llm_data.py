@@ -12,7 +12,15 @@ from hydra.utils import instantiate
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.data import IGNORE_INDEX, LLMDataModule
 from kd_lightning.llm.models import char_tokenizer
-from kd_lightning.llm.prompts import KINDS, extract_answer, has_answer_line, is_correct, make_prompts, split_of
+from kd_lightning.llm.prompts import (
+    KINDS,
+    extract_answer,
+    has_answer_line,
+    is_correct,
+    make_prompts,
+    split_of,
+    written_steps,
+)
 from tests.conftest import compose_config
 
 ARITHMETIC = {"kind": "arithmetic", "num_prompts": 6, "seed": 0}
@@ -69,6 +77,15 @@ def test_strict_verification_needs_the_answer_line() -> None:
     assert extract_answer("12 + 1 = 13. The answer: **1,250**", strict=True) == 1250
     assert is_correct("1. 1. 1.", 1) and not is_correct("1. 1. 1.", 1, strict=True)
     assert has_answer_line("So the answer is 3.") and not has_answer_line("so 3")
+
+
+def test_written_steps_are_checked_one_by_one() -> None:
+    lucky = "6 + 12 = 28. 2 bags of 4 is 2 * 4 = 8. 28 + 8 = 36. 36 - 13 = 13. The answer is 13."
+    assert is_correct(lucky, 13)  # the outcome verifier accepts it...
+    assert written_steps(lucky) == [("+", False), ("*", True), ("+", True), ("-", False)]  # ...two steps are wrong
+    assert written_steps("The answer is 13.") == []
+    for prompt in make_prompts("multistep", 20, seed=0):
+        assert written_steps(prompt.solution) and all(right for _, right in written_steps(prompt.solution))
 
 
 def test_batches_mask_prompt_and_padding() -> None:

@@ -188,6 +188,8 @@ def make_prompts(
 
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)\s*\**\s*(-?\d[\d,]*)", re.IGNORECASE)
 _INTEGER = re.compile(r"-?\d[\d,]*")
+_EQUATION = re.compile(r"(-?\d+)\s*([-+*])\s*(-?\d+)\s*=\s*(-?\d+)")
+_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
 def extract_answer(completion: str, strict: bool = False) -> int | None:
@@ -205,6 +207,12 @@ def extract_answer(completion: str, strict: bool = False) -> int | None:
 def has_answer_line(completion: str) -> bool:
     """Whether the completion states its answer as :data:`ANSWER_FORMAT` asks ("The answer is N.")."""
     return extract_answer(completion, strict=True) is not None
+
+
+def written_steps(completion: str) -> list[tuple[str, bool]]:
+    """Each equation ``a op b = c`` the completion writes (op: + - *), as ``(op, whether c is right)``: a
+    process check beside the outcome verifier, which accepts a right answer reached through a wrong step."""
+    return [(op, _APPLY[op](int(a), int(b)) == int(c)) for a, op, b, c in _EQUATION.findall(completion)]
 
 
 def is_correct(completion: str, answer: int, strict: bool = False) -> bool:
