@@ -86,6 +86,7 @@ def text_data(tokenizer, files: dict, args, max_length: int, **options) -> LLMDa
 
 
 def objective_loss(name: str, seed: int, tokenizer) -> torch.nn.Module:
+    """Objective ``name``'s token loss, as kd-llm-distill composes it, over the tokenizer's vocabulary."""
     cfg = llm_config([*OBJECTIVES[name][0], f"seed={seed}"])
     loss = instantiate(cfg.llm.loss)
     loss.vocab_size = len(tokenizer)
