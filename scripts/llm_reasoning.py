@@ -269,6 +269,16 @@ def traces_summary(traces: dict | None, args: argparse.Namespace) -> str:
     )
 
 
+def equations_right(paths: list[Path], spread: bool = True) -> str:
+    """The share of written equations (:func:`written_steps`) that are right in each file of held-out completions:
+    a graded view of the arithmetic beside the pass rate; mean ± std over ``paths``, or one file's value."""
+    rates = []
+    for path in paths:
+        steps = [right for record in read_records(path) for _, right in written_steps(record["completion"])]
+        rates.append(sum(steps) / len(steps) if steps else 0.0)
+    return mean_std(rates) if spread else f"{100 * rates[0]:.1f}"
+
+
 def steps_summary(root: Path, traces: dict | None) -> str:
     """A process check the outcome verifier does not make: how often the teacher's written equations are right,
     per operation, and how many kept traces reach the right answer through a wrong one (they are still kept)."""
@@ -300,7 +310,7 @@ def write_table(
     seeds = sorted({r["seed"] for r in results})
 
     def single(name: str) -> str:
-        return verified([root / name], spread=False)
+        return f"{verified([root / name], spread=False)} | {equations_right([root / name], spread=False)}"
 
     rows = [
         f"| teacher (base) | SmolLM2-135M-Instruct before fine-tuning | — | {single('base_heldout.jsonl')} | — |",
@@ -315,7 +325,8 @@ def write_table(
             rows.append(
                 f"| {name} | {description} ({runs[0]['examples']} training sequences) | "
                 f"{', '.join(str(r['seed']) for r in runs)} | "
-                f"{verified([heldout_file(root, name, r['seed']) for r in runs])} | "
+                f"{verified(files := [heldout_file(root, name, r['seed']) for r in runs])} | "
+                f"{equations_right(files)} | "
                 f"{mean_std([r['train_seconds'] for r in runs], 1.0, 0)} |"
             )
     flags = " ".join(sys.argv[1:]).replace("--stage table", "").split()
@@ -344,10 +355,12 @@ def write_table(
         f"(at most {args.max_new_tokens} new tokens), re-verified from the kept completions: **strict** counts "
         "an answer line 'The answer is N.' with the right N; **flexible** also takes the last number of a "
         "completion without one (lm-eval-harness's strict-match and flexible-extract); **answer line** is the "
-        "share of completions that have one.",
+        "share of completions that have one; **equations right** is the share of the written equations "
+        "`a op b = c` whose result is right (0 for a model that writes none).",
         "",
-        "| model | what | seeds | pass % strict | pass % flexible | answer line % | train time (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| model | what | seeds | pass % strict | pass % flexible | answer line % | equations right % | "
+        "train time (s) |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         steps_summary(root, traces),
