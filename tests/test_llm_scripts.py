@@ -82,8 +82,8 @@ def test_reasoning_script(tmp_path: Path) -> None:
     text = script("llm_reasoning.py", tmp_path, *small, "--stage", "table", "--arms", "gt_sft", "traces_sft")
     assert re.search(r"^\| gt_sft \| .* \| 0 \| [\d.]+ ± [\d.]+ \|", text, re.M)  # the finished run, reported
     assert "Not run yet: traces_sft seed 0." in text and not re.search(r"^\| traces_sft \|", text, re.M)
-    # the teacher row's strict, flexible and answer-line rates, re-verified from its kept completions
-    assert re.search(r"^\| teacher \| .* \| — \| [\d.]+ \| [\d.]+ \| [\d.]+ \| \d+ \|$", text, re.M)
+    # the teacher row's strict, flexible, answer-line and equation rates, re-verified from its kept completions
+    assert re.search(r"^\| teacher \| .* \| — \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| \d+ \|$", text, re.M)
     text = script("llm_reasoning.py", tmp_path, *small, "--arms", "on_policy_sft", "--steps", "2")
     assert re.search(
         r"^\| on_policy_sft \| .* \| 0 \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \|", text, re.M
