@@ -163,15 +163,16 @@ def teacher_traces(tokenizer, args: argparse.Namespace, root: Path) -> dict:
     )
     prompts = make_prompts("multistep", args.distill_problems, DISTILL_SEED)
     path = root / f"traces_{args.distill_problems}x{args.samples}_{args.max_new_tokens}tok.jsonl"
-    start = time.perf_counter()
+    clock = path.with_name(path.name + ".seconds.json")  # sampling time summed over resumed invocations
+    seconds = json.loads(clock.read_text()) if clock.is_file() else 0.0
     sampled = collections.Counter(record["id"] for record in read_records(path))
     if any(sampled[prompt.id] < args.samples for prompt in prompts):
         if args.stage == "table":
             raise SystemExit(f"{path} is incomplete: sample the traces first (--stage traces)")
+        start = time.perf_counter()
         generate_file(load_teacher(root / "teacher"), tokenizer, prompts, path, settings, batch_size=8, progress=False)
-    clock = path.with_name(path.name + ".seconds.json")  # sampling time summed over resumed invocations
-    seconds = time.perf_counter() - start + (json.loads(clock.read_text()) if clock.is_file() else 0.0)
-    clock.write_text(json.dumps(seconds))
+        seconds += time.perf_counter() - start
+        clock.write_text(json.dumps(seconds))
     records = read_records(path)
     kept = [record for record in records if record["correct"]]
     problems = len({record["id"] for record in kept})
