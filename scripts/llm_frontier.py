@@ -168,7 +168,7 @@ def routing_run(name: str, seed: int, teachers: dict, tokenizer, files: dict, ar
     judge = module_for(student, loss, tokenizer, args, teachers=teachers, combination=routing)  # KL to each row's own
     metrics = validate(judge, data)
     heldout = make_prompts("multistep", args.heldout_prompts, 0, "heldout")
-    rate = pass_rate(student, tokenizer, heldout, routing_file(root, name, seed), 96)
+    rate = pass_rate(student, tokenizer, heldout, routing_file(root, name, seed, args), 96)
     return {
         "run": name,
         "seed": seed,
@@ -179,9 +179,15 @@ def routing_run(name: str, seed: int, teachers: dict, tokenizer, files: dict, ar
     }
 
 
-def routing_file(root: Path, name: str, seed: int) -> Path:
-    """The held-out multi-step completions of routing run ``name`` (the table re-verifies them)."""
-    return root / f"routing_{name}_{seed}.jsonl"
+def run_tag(args) -> str:
+    """The settings a finished run is kept under (in its file names)."""
+    return f"{args.steps}x{args.batch_size}_lr{args.lr}_{args.train_prompts}"
+
+
+def routing_file(root: Path, name: str, seed: int, args) -> Path:
+    """The held-out multi-step completions of routing run ``name``, which the table re-verifies: keyed like the
+    run's result, so a run under other settings never overwrites them."""
+    return root / f"routing_{name}_{seed}_{run_tag(args)}.jsonl"
 
 
 def example_rows(cache: LogitCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,7 +296,7 @@ def write_table(
                 lines.append(
                     f"| {label} | {mean_std([r['kl_chat'] for r in runs], 1.0, 3)} | "
                     f"{mean_std([r['kl_math'] for r in runs], 1.0, 3)} | "
-                    f"{verified([routing_file(root, name, r['seed']) for r in runs])} | "
+                    f"{verified([routing_file(root, name, r['seed'], args) for r in runs])} | "
                     f"{mean_std([r['train_seconds'] for r in runs], 1.0, 0)} |"
                 )
         lines.append("")
@@ -341,7 +347,7 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     teacher, tokenizer = freeze(load_gguf_model()), load_gguf_tokenizer()
     files = teacher_text(teacher, tokenizer, args, home / "data" / "llm_demo")
-    tag = f"{args.steps}x{args.batch_size}_lr{args.lr}_{args.train_prompts}"
+    tag = run_tag(args)
     objective, untrained, routing, remote = [], None, [], None
     if "distillm2" in args.parts:
         untrained = cached(

@@ -231,7 +231,9 @@ def fit_objective(name: str, student, steps: int, seed: int, tokenizer, files: d
     return timed_fit(module, data, steps), len(data.splits["train"])
 
 
-def run_arm(name: str, seed: int, base, tokenizer, files: dict, heldout, args: argparse.Namespace, root: Path) -> dict:
+def run_arm(
+    name: str, seed: int, key: str, base, tokenizer, files: dict, heldout, args: argparse.Namespace, root: Path
+) -> dict:
     """Train one student arm from the base model's layers (after its warm start, if it has one); returns its
     held-out pass rate and timing."""
     L.seed_everything(seed, workers=True)
@@ -241,7 +243,7 @@ def run_arm(name: str, seed: int, base, tokenizer, files: dict, heldout, args: a
     if warm_steps:
         seconds, _ = fit_objective(WARM_START[name], student, warm_steps, seed, tokenizer, files, args, root)
     train_seconds, examples = fit_objective(name, student, args.steps - warm_steps, seed, tokenizer, files, args, root)
-    rate = pass_rate(student, tokenizer, heldout, heldout_file(root, name, seed), args.max_new_tokens)
+    rate = pass_rate(student, tokenizer, heldout, heldout_file(root, key), args.max_new_tokens)
     result = {
         "arm": name,
         "seed": seed,
@@ -253,9 +255,15 @@ def run_arm(name: str, seed: int, base, tokenizer, files: dict, heldout, args: a
     return result
 
 
-def heldout_file(root: Path, name: str, seed: int) -> Path:
-    """Where arm ``name``'s seed-``seed`` student keeps its held-out completions (the table re-scores them)."""
-    return root / f"{name}_seed{seed}_heldout.jsonl"
+def heldout_file(root: Path, key: str) -> Path:
+    """Where the run under ``key`` (:func:`run_key`) keeps its held-out completions, which the table re-scores:
+    keyed like the run's result, so a run under other settings never overwrites them."""
+    return root / f"{key}_heldout.jsonl"
+
+
+def student_base_file(root: Path, args: argparse.Namespace) -> Path:
+    """The untrained student's held-out completions, keyed by what they depend on."""
+    return root / f"student_base_{args.student_layers}_{args.heldout_problems}x{args.max_new_tokens}tok_heldout.jsonl"
 
 
 def traces_summary(traces: dict | None, args: argparse.Namespace) -> str:
@@ -318,7 +326,7 @@ def write_table(
         f"| teacher | fine-tuned on {args.train_problems} problems' reference solutions ({report['steps']} steps) | "
         f"— | {single('teacher_heldout.jsonl')} | {report['train_seconds']:.0f} |",
         f"| student (base) | {args.student_layers} layers of the base model, untrained | — | "
-        f"{single('student_base_heldout.jsonl')} | — |",
+        f"{single(student_base_file(root, args).name)} | — |",
     ]
     for name, (_, _, description) in ARMS.items():
         runs = [r for r in results if r["arm"] == name]
@@ -326,7 +334,7 @@ def write_table(
             rows.append(
                 f"| {name} | {description} ({runs[0]['examples']} training sequences) | "
                 f"{', '.join(str(r['seed']) for r in runs)} | "
-                f"{verified(files := [heldout_file(root, name, r['seed']) for r in runs])} | "
+                f"{verified(files := [heldout_file(root, r['key']) for r in runs])} | "
                 f"{equations_right(files)} | "
                 f"{mean_std([r['train_seconds'] for r in runs], 1.0, 0)} |"
             )
@@ -420,22 +428,24 @@ def main() -> None:
     if args.stage == "traces":
         return
     files = {"traces": traces and traces["file"], "ground_truth": ground_truth_file(args, root)}
-    base_file = root / f"student_base_{args.student_layers}.json"
-    if not base_file.is_file():
+    base_completions = student_base_file(root, args)
+    base_done = base_completions.with_name(base_completions.name.replace("_heldout.jsonl", ".json"))
+    if not base_done.is_file():  # written once its completions are complete
         untrained = layer_subset(base, num_layers=args.student_layers)
-        rate = pass_rate(untrained, tokenizer, heldout, root / "student_base_heldout.jsonl", args.max_new_tokens)
-        base_file.write_text(json.dumps({"pass_rate": rate}))
+        rate = pass_rate(untrained, tokenizer, heldout, base_completions, args.max_new_tokens)
+        base_done.write_text(json.dumps({"pass_rate": rate}))
     results, missing = [], []
     ignore = ("seeds", "arms", "stage", "out", "threads")
     for seed in args.seeds:
         for name in args.arms:
-            done = root / f"{run_key(name, seed, args, ignore)}.json"
+            key = run_key(name, seed, args, ignore)
+            done = root / f"{key}.json"
             if not done.exists() and args.stage == "table":
                 missing.append(f"{name} seed {seed}")
                 continue
             if not done.exists():
-                done.write_text(json.dumps(run_arm(name, seed, base, tokenizer, files, heldout, args, root)))
-            results.append(json.loads(done.read_text()))
+                done.write_text(json.dumps(run_arm(name, seed, key, base, tokenizer, files, heldout, args, root)))
+            results.append({**json.loads(done.read_text()), "key": key})
     timing = {"total": time.perf_counter() - start}
     write_table(results, missing, report, traces, args, root, timing)
 

@@ -219,9 +219,8 @@ def generate_file(
             for prompt, samples in zip(batch, complete(model, tokenizer, batch, settings), strict=True):
                 for index, text in enumerate(samples):
                     correct = None if prompt.answer is None else is_correct(text, prompt.answer)
-                    answered = None if prompt.answer is None else has_answer_line(text)
                     record = {"id": prompt.id, "prompt": prompt.text, "kind": prompt.kind, "answer": prompt.answer}
-                    record.update(sample=index, completion=text, correct=correct, answered=answered)
+                    record.update(sample=index, completion=text, correct=correct)
                     sink.write(json.dumps(record) + "\n")
             sink.flush()
             bar.update(len(batch))

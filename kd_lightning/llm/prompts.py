@@ -7,6 +7,7 @@ Every prompt belongs to exactly one split, decided by a hash of its text (about 
 from __future__ import annotations
 
 import hashlib
+import operator
 import random
 import re
 from dataclasses import dataclass
@@ -189,7 +190,7 @@ def make_prompts(
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)\s*\**\s*(-?\d[\d,]*)", re.IGNORECASE)
 _INTEGER = re.compile(r"-?\d[\d,]*")
 _EQUATION = re.compile(r"(-?\d+)\s*([-+*])\s*(-?\d+)\s*=\s*(-?\d+)")
-_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+_APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
 
 def extract_answer(completion: str, strict: bool = False) -> int | None:
