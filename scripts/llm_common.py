@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import time
@@ -85,6 +86,34 @@ def verified(paths: list[Path], spread: bool = True) -> str:
     if not spread:
         return " | ".join(f"{100 * getattr(reports[0], rate):.1f}" for rate in rates)
     return " | ".join(mean_std([getattr(report, rate) for report in reports]) for rate in rates)
+
+
+SOFTWARE = ("torch", "transformers", "lightning")
+
+
+def software() -> dict[str, str]:
+    """The versions of the packages a run's numbers depend on: the same seed and flags under other versions train
+    to other weights, so every kept record carries them (see :func:`finished`, :func:`software_summary`)."""
+    return {name: importlib.metadata.version(name) for name in SOFTWARE}
+
+
+def finished(path: Path, make) -> dict:
+    """The record of a finished run kept at ``path``: made once by ``make()``, kept with :func:`software`."""
+    if not path.is_file():
+        path.write_text(json.dumps({**make(), "software": software()}))
+    return json.loads(path.read_text())
+
+
+def software_summary(records: Iterable[dict]) -> str:
+    """The table's sentence on the software its records come from; it says so when they disagree, since rows
+    trained under other versions are not like-for-like (records older than the field: "not recorded")."""
+    seen = sorted({json.dumps(record.get("software"), sort_keys=True) for record in records})
+    versions = [json.loads(item) or {} for item in seen]
+    names = [", ".join(f"{name} {kept[name]}" for name in SOFTWARE if name in kept) for kept in versions]
+    names = [name or "not recorded" for name in names]
+    if len(names) == 1:
+        return f"Software: {names[0]}."
+    return f"Software: the records come from {len(names)} version sets ({'; '.join(names)}): rows may differ by it."
 
 
 def kd_home() -> Path:

@@ -20,6 +20,7 @@ and as perplexity per student token. Finished runs are kept under $KD_LIGHTNING_
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -28,7 +29,18 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from llm_common import RESULTS, RESULTS_TITLE, adamw, kd_home, llm_config, run_key, timed_fit, validate
+from llm_common import (
+    RESULTS,
+    RESULTS_TITLE,
+    adamw,
+    finished,
+    kd_home,
+    llm_config,
+    run_key,
+    software_summary,
+    timed_fit,
+    validate,
+)
 from multirun import mean_std
 from torch import nn
 
@@ -167,7 +179,8 @@ def write_table(results: list[dict], teacher_npc: float, args: argparse.Namespac
         *rows,
         "",
         f"Timings ({args.threads} torch thread on 2 shared CPU cores, indicative): teacher load and data "
-        f"{timing['setup']:.0f} s, this invocation {timing['total']:.0f} s (finished runs are reused).",
+        f"{timing['setup']:.0f} s, this invocation {timing['total']:.0f} s (finished runs are reused). "
+        + software_summary(results),
     ]
     text = "\n".join(lines)
     write_section(args.out, text, SECTION, title=RESULTS_TITLE)
@@ -202,9 +215,7 @@ def main() -> None:
     for seed in args.seeds:
         for name in args.runs:
             done = out_dir / f"{run_key(name, seed, args, IGNORED_ARGS)}.json"
-            if not done.exists():
-                done.write_text(json.dumps(run_one(name, seed, teacher, tokenizer, files, args)))
-            results.append(json.loads(done.read_text()))
+            results.append(finished(done, functools.partial(run_one, name, seed, teacher, tokenizer, files, args)))
     timing["total"] = time.perf_counter() - start
     write_table(results, teacher_npc, args, timing)
 

@@ -22,6 +22,7 @@ run is saved under $KD_LIGHTNING_HOME/runs/llm_demo and reused, so an interrupte
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -31,7 +32,19 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from llm_common import RESULTS, RESULTS_TITLE, adamw, kd_home, llm_config, pass_rate, run_key, timed_fit, validate
+from llm_common import (
+    RESULTS,
+    RESULTS_TITLE,
+    adamw,
+    finished,
+    kd_home,
+    llm_config,
+    pass_rate,
+    run_key,
+    software_summary,
+    timed_fit,
+    validate,
+)
 
 from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.generation import GenerationSettings, generate_file, keep_correct, read_records
@@ -204,7 +217,7 @@ def write_table(results: list[dict], data: dict, args: argparse.Namespace, out: 
         f"teacher load {timing['load']:.0f} s, teacher data {sum(data['seconds'].values()):.0f} s (0 when cached), "
         f"training {sum(r['train_seconds'] for r in results):.0f} s summed over all runs, this invocation "
         f"{timing['total']:.0f} s (runs finished by an earlier invocation are reused, not rerun; validation and "
-        "pass-rate generation add about 20 s per run).",
+        "pass-rate generation add about 20 s per run). " + software_summary(results),
         "",
     ]
     text = "\n".join(lines).rstrip("\n")
@@ -250,9 +263,9 @@ def main() -> None:
             if name in ("teacher", "init") and seed != args.seeds[0]:
                 continue  # untrained models do not depend on the seed
             done = out_dir / f"{run_key(name, seed, args, IGNORED_ARGS)}.json"  # finished runs are reused: resumable
-            if not done.exists():
-                done.write_text(json.dumps(run_one(name, seed, teacher, tokenizer, data, args, out_dir)))
-            results.append(json.loads(done.read_text()))
+            results.append(
+                finished(done, functools.partial(run_one, name, seed, teacher, tokenizer, data, args, out_dir))
+            )
     timing["total"] = time.perf_counter() - start
     write_table(results, data, args, args.out, timing)
 

@@ -28,7 +28,19 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from llm_common import RESULTS, RESULTS_TITLE, adamw, kd_home, llm_config, pass_rate, timed_fit, validate, verified
+from llm_common import (
+    RESULTS,
+    RESULTS_TITLE,
+    adamw,
+    finished,
+    kd_home,
+    llm_config,
+    pass_rate,
+    software_summary,
+    timed_fit,
+    validate,
+    verified,
+)
 from llm_cross_tokenizer import teacher_text
 from multirun import mean_std
 from transformers import AutoModelForCausalLM
@@ -234,9 +246,8 @@ def remote_check(teacher, tokenizer, files: dict, args, root: Path) -> dict:
 
 
 def cached(path: Path, make) -> dict:
-    if not path.is_file():
-        path.write_text(json.dumps(make()))
-    result = json.loads(path.read_text())
+    """:func:`finished`, printed."""
+    result = finished(path, make)
     print(json.dumps(result), flush=True)
     return result
 
@@ -319,7 +330,8 @@ def write_table(
         ]
     lines.append(
         f"Timings: 1 torch thread on 2 CPU cores shared with other jobs (indicative); this invocation "
-        f"{timing['total']:.0f} s, finished runs reused."
+        f"{timing['total']:.0f} s, finished runs reused. "
+        + software_summary([*objective, *([untrained] if untrained else []), *routing, *([remote] if remote else [])])
     )
     text = "\n".join(lines)
     write_section(args.out, text, "llm-frontier", title=RESULTS_TITLE)

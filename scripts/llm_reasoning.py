@@ -34,7 +34,20 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from llm_common import RESULTS, RESULTS_TITLE, adamw, kd_home, llm_config, pass_rate, run_key, timed_fit, verified
+from llm_common import (
+    RESULTS,
+    RESULTS_TITLE,
+    adamw,
+    finished,
+    kd_home,
+    llm_config,
+    pass_rate,
+    run_key,
+    software,
+    software_summary,
+    timed_fit,
+    verified,
+)
 from multirun import mean_std
 from transformers import AutoModelForCausalLM
 
@@ -136,6 +149,7 @@ def fine_tune_teacher(base, tokenizer, args: argparse.Namespace, root: Path, hel
         "train_seconds": seconds,
         "pass_rate": pass_rate(model, tokenizer, heldout, root / "teacher_heldout.jsonl", args.max_new_tokens),
         "base_pass_rate": pass_rate(base, tokenizer, heldout, root / "base_heldout.jsonl", args.max_new_tokens),
+        "software": software(),
     }
     model.save_pretrained(folder)
     report_file.write_text(json.dumps(report))
@@ -377,7 +391,8 @@ def write_table(
         *([f"Not run yet: {', '.join(missing)}.", ""] if missing else []),
         f"Timings ({args.threads} torch thread on 2 CPU cores shared with other jobs, indicative): "
         + (f"sampling the teacher traces {traces['seconds']:.0f} s, " if traces else "")
-        + f"this invocation {timing['total']:.0f} s (finished stages are reused).",
+        + f"this invocation {timing['total']:.0f} s (finished stages are reused). "
+        + software_summary([report, *results]),
     ]
     text = "\n".join(lines)
     write_section(args.out, text, "llm-reasoning", title=RESULTS_TITLE)
@@ -443,9 +458,10 @@ def main() -> None:
             if not done.exists() and args.stage == "table":
                 missing.append(f"{name} seed {seed}")
                 continue
-            if not done.exists():
-                done.write_text(json.dumps(run_arm(name, seed, key, base, tokenizer, files, heldout, args, root)))
-            results.append({**json.loads(done.read_text()), "key": key})
+            record = finished(
+                done, functools.partial(run_arm, name, seed, key, base, tokenizer, files, heldout, args, root)
+            )
+            results.append({**record, "key": key})
     timing = {"total": time.perf_counter() - start}
     write_table(results, missing, report, traces, args, root, timing)
 

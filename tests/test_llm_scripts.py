@@ -72,7 +72,9 @@ def test_reasoning_script(tmp_path: Path) -> None:
     assert "<!-- llm-reasoning:begin -->" in text and re.search(r"^\| teacher \| fine-tuned on 8", text, re.M)
     assert re.search(r"^\| gt_sft \| .* \| [\d.]+ ± [\d.]+ \|", text, re.M)
     assert "Traces: none in this invocation" in text  # the ground-truth arm trains without the teacher's traces
+    assert re.search(r"Software: torch [^,]+, transformers [^,]+, lightning [^.]+\.", text)  # one version set
     runs = tmp_path / "runs" / "llm_reasoning"
+    assert "software" in json.loads((runs / "teacher.json").read_text())
     assert (runs / "teacher").is_dir()
     failed = run_script("llm_reasoning.py", tmp_path, *small, "--teacher-steps", "2")  # never the kept teacher
     assert failed.returncode == 1 and "'--teacher-steps': (1, 2)" in failed.stderr, failed.stderr[-2000:]
