@@ -167,6 +167,27 @@ def load_reasoner(reasoning_runs: Path) -> torch.nn.Module:
     return freeze(AutoModelForCausalLM.from_pretrained(folder).float())
 
 
+def reasoner_report(reasoning_runs: Path) -> dict | None:
+    """Which reasoner the routed problems are distilled from: the fine-tuning steps and held-out pass rate of
+    scripts/llm_reasoning.py's kept teacher (``None`` without its report)."""
+    report_file = reasoning_runs / "teacher.json"
+    if not report_file.is_file():
+        return None
+    report = json.loads(report_file.read_text())
+    return {"steps": report["steps"], "pass_rate": report["pass_rate"]}
+
+
+def same_reasoner(path: Path, record: dict, reasoner: dict | None) -> dict:
+    """``record`` (kept at ``path``) if it was routed with the kept reasoner; stops rather than report routing runs
+    of another reasoner beside it (with no reasoner kept, the records say which they had)."""
+    if reasoner is not None and record.get("reasoner") != reasoner:
+        raise SystemExit(
+            f"{path} was routed with the reasoner {record.get('reasoner')} (fine-tuning steps, held-out pass rate), "
+            f"not the kept one {reasoner}: move it away to rerun, or use the reasoning runs it came from"
+        )
+    return record
+
+
 def routing_run(name: str, seed: int, teachers: dict, tokenizer, files: dict, args, root: Path) -> dict:
     L.seed_everything(seed, workers=True)
     student = layer_subset(teachers["chat"], num_layers=8)
@@ -189,6 +210,17 @@ def routing_run(name: str, seed: int, teachers: dict, tokenizer, files: dict, ar
         "kl_math": metrics["val/kl_to_teacher/math"],
         "pass_rate": rate,
     }
+
+
+def reasoner_text(routing: list[dict]) -> str:
+    """The routing table's words for its math teacher, from what the records kept."""
+    reasoner = routing[0].get("reasoner")
+    if reasoner is None:
+        return "the reasoner scripts/llm_reasoning.py fine-tuned (not recorded which)"
+    return (
+        f"the reasoner scripts/llm_reasoning.py fine-tuned for {reasoner['steps']} steps, "
+        f"{100 * reasoner['pass_rate']:.1f}% held-out"
+    )
 
 
 def run_tag(args) -> str:
@@ -291,7 +323,7 @@ def write_table(
         lines += [
             "Routing: training rows are instructions with SmolLM2's completions and multi-step problems with "
             "reference solutions; `routed` distils each row from its own teacher (instructions: SmolLM2, problems: "
-            "the fine-tuned reasoner of the reasoning section), `one teacher` distils every row from SmolLM2. KL is "
+            f"{reasoner_text(routing)}), `one teacher` distils every row from SmolLM2. KL is "
             "measured against each held-out row's own teacher.",
             "",
             "Multi-step pass rates are re-verified from the kept completions, as in the reasoning section: "
@@ -377,14 +409,18 @@ def main() -> None:
         # the reasoner is loaded (and the routed files written) only when some routing run is not finished yet
         teachers = functools.cache(lambda: {"chat": teacher, "math": load_reasoner(root.parent / "llm_reasoning")})
         mixed = functools.cache(lambda: routed_files(files, root, args))
-        routing = [
-            cached(
-                root / f"routing_{name}_{seed}_{tag}.json",
-                lambda n=name, s=seed: routing_run(n, s, teachers(), tokenizer, mixed(), args, root),
-            )
-            for seed in args.seeds
-            for name in ("routed", "single")
-        ]
+        reasoner = reasoner_report(root.parent / "llm_reasoning")
+        for seed in args.seeds:
+            for name in ("routed", "single"):
+                path = root / f"routing_{name}_{seed}_{tag}.json"
+                record = cached(
+                    path,
+                    lambda n=name, s=seed: {
+                        **routing_run(n, s, teachers(), tokenizer, mixed(), args, root),
+                        "reasoner": reasoner,
+                    },
+                )
+                routing.append(same_reasoner(path, record, reasoner))
     if "remote" in args.parts:
         remote = cached(
             root / f"remote_{args.train_prompts}.json", lambda: remote_check(teacher, tokenizer, files, args, root)

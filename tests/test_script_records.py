@@ -42,3 +42,23 @@ def test_software_summary_flags_mixed_versions(llm_common) -> None:
     assert llm_common.software_summary([now, now]) == "Software: torch 2.13.0, transformers 5.25.0, lightning 2.6.6."
     mixed = llm_common.software_summary([now, {"pass_rate": 0.1}])
     assert "2 version sets" in mixed and "not recorded" in mixed and "torch 2.13.0" in mixed
+
+
+def test_routing_records_refuse_another_reasoner(llm_common, tmp_path: Path) -> None:
+    import llm_frontier
+
+    reasoning = tmp_path / "llm_reasoning"
+    assert llm_frontier.reasoner_report(reasoning) is None  # nothing kept: the records say which reasoner
+    reasoning.mkdir()
+    (reasoning / "teacher.json").write_text(json.dumps({"steps": 300, "pass_rate": 0.65, "settings": {}}))
+    kept = llm_frontier.reasoner_report(reasoning)
+    assert kept == {"steps": 300, "pass_rate": 0.65}
+    record = {"run": "routed", "reasoner": kept}
+    assert llm_frontier.same_reasoner(tmp_path / "r.json", record, kept) is record
+    assert llm_frontier.same_reasoner(tmp_path / "r.json", record, None) is record
+    with pytest.raises(SystemExit, match=r"r\.json was routed with the reasoner \{'steps': 150"):
+        llm_frontier.same_reasoner(tmp_path / "r.json", {"reasoner": {"steps": 150, "pass_rate": 0.47}}, kept)
+    assert "150 steps, 46.9% held-out" in llm_frontier.reasoner_text(
+        [{"reasoner": {"steps": 150, "pass_rate": 0.46875}}]
+    )
+    assert "not recorded" in llm_frontier.reasoner_text([{"run": "routed"}])
