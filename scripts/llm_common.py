@@ -110,7 +110,7 @@ def software_summary(records: Iterable[dict]) -> str:
     seen = sorted({json.dumps(record.get("software"), sort_keys=True) for record in records})
     versions = [json.loads(item) or {} for item in seen]
     names = [", ".join(f"{name} {kept[name]}" for name in SOFTWARE if name in kept) for kept in versions]
-    names = [name or "not recorded" for name in names]
+    names = [name or "not recorded (records older than the field)" for name in names]
     if len(names) == 1:
         return f"Software: {names[0]}."
     return f"Software: the records come from {len(names)} version sets ({'; '.join(names)}): rows may differ by it."
