@@ -413,7 +413,12 @@ def main() -> None:
     parser.add_argument("--train-problems", type=int, default=512, help="the teacher's fine-tuning problems")
     parser.add_argument("--distill-problems", type=int, default=256, help="problems the students learn from")
     parser.add_argument("--heldout-problems", type=int, default=64)
-    parser.add_argument("--teacher-steps", type=int, default=150)
+    parser.add_argument(
+        "--teacher-steps",
+        type=int,
+        default=300,
+        help="fine-tuning steps: 150 passed 47%% of the held-out problems, 300 passed 64%% and 66%% in two fine-tunes",
+    )
     parser.add_argument("--teacher-lr", type=float, default=2e-4)
     parser.add_argument("--samples", type=int, default=4, help="teacher traces per distillation problem")
     parser.add_argument("--student-layers", type=int, default=10)
