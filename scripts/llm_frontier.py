@@ -410,17 +410,23 @@ def main() -> None:
         teachers = functools.cache(lambda: {"chat": teacher, "math": load_reasoner(root.parent / "llm_reasoning")})
         mixed = functools.cache(lambda: routed_files(files, root, args))
         reasoner = reasoner_report(root.parent / "llm_reasoning")
-        for seed in args.seeds:
-            for name in ("routed", "single"):
-                path = root / f"routing_{name}_{seed}_{tag}.json"
-                record = cached(
-                    path,
-                    lambda n=name, s=seed: {
-                        **routing_run(n, s, teachers(), tokenizer, mixed(), args, root),
-                        "reasoner": reasoner,
-                    },
-                )
-                routing.append(same_reasoner(path, record, reasoner))
+        runs = [
+            (name, seed, root / f"routing_{name}_{seed}_{tag}.json")
+            for seed in args.seeds
+            for name in ("routed", "single")
+        ]
+        for _, _, path in runs:  # before any training: kept runs of another reasoner stop the script early
+            if path.is_file():
+                same_reasoner(path, json.loads(path.read_text()), reasoner)
+        for name, seed, path in runs:
+            record = cached(
+                path,
+                lambda n=name, s=seed: {
+                    **routing_run(n, s, teachers(), tokenizer, mixed(), args, root),
+                    "reasoner": reasoner,
+                },
+            )
+            routing.append(record)
     if "remote" in args.parts:
         remote = cached(
             root / f"remote_{args.train_prompts}.json", lambda: remote_check(teacher, tokenizer, files, args, root)
