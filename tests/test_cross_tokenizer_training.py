@@ -25,8 +25,8 @@ from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.divergences import ForwardKL
 from kd_lightning.llm.models import char_tokenizer, random_llama
 from kd_lightning.llm.token_loss import IGNORE_INDEX, TokenDistillationLoss
-from kd_lightning.methods.llm import LLMDistillationModule
-from kd_lightning.recipes.llm_distill import pair_tokenizers
+from kd_lightning.methods.lm import LMMethod, OnPolicy, TokenKD
+from kd_lightning.recipes.llm_components import pair_tokenizers
 from tests.test_cli import run
 from tests.test_llm_module import changed, fit, snapshot
 
@@ -184,10 +184,13 @@ def test_gold_needs_its_vocabulary_mapping() -> None:
 
 # ------------------------------------------------------------------------------------------------ module
 def cross_setup(student_tokenizer, teacher_tokenizer, loss: str, **data):
+    """``loss`` names an llm/loss config; ``sft``: llm/method=sft, which reads no loss."""
     teacher = random_llama(vocab_size=128, seed=0)
     student = random_llama(tokenizer=student_tokenizer, hidden_size=32, num_layers=1, seed=1)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        built = instantiate(compose("llm_distill", overrides=[f"llm/loss={loss}"]).llm.loss)
+    built = None
+    if loss != "sft":
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            built = instantiate(compose("llm_distill", overrides=[f"llm/loss={loss}"]).llm.loss)
     pairing = pair_tokenizers(built, teacher, student, teacher_tokenizer, student_tokenizer)
     datamodule = LLMDataModule(
         **pairing.data,
@@ -205,17 +208,10 @@ def test_module_distils_across_tokenizers(student_tokenizer, teacher_tokenizer, 
         student_tokenizer, teacher_tokenizer, "gold", prompt_only=lmbda == 1.0
     )
     assert loss.mapping is not None and loss.mapping.student_size == len(student_tokenizer)
-    module = LLMDistillationModule(
-        student=student,
-        loss=loss,
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-2),
-        teacher=teacher,
-        lmbda=lmbda,
-        generation={"max_new_tokens": 6},
-        pad_token_id=student_tokenizer.pad_token_id,
-        eos_token_id=student_tokenizer.eos_token_id,
-        aligned=datamodule.encoder,
-    )
+    common = {"student": student, "loss": loss, "optimizer": functools.partial(torch.optim.AdamW, lr=1e-2)}
+    sampling = {"lmbda": lmbda, "generation": {"max_new_tokens": 6}, "aligned": datamodule.encoder}
+    sampling |= {"pad_token_id": student_tokenizer.pad_token_id, "eos_token_id": student_tokenizer.eos_token_id}
+    module = OnPolicy(**common, teacher=teacher, **sampling) if lmbda else TokenKD(**common, teacher=teacher)
     calls = []
     if lmbda:  # the student's samples, re-encoded for both tokenizers, are what the loss sees
         realign = module.realign
@@ -243,7 +239,7 @@ def test_module_distils_across_tokenizers(student_tokenizer, teacher_tokenizer, 
     assert "val/kl_to_teacher" not in metrics and metrics["val/loss"] > 0
 
 
-def validate(module: LLMDistillationModule, datamodule: LLMDataModule) -> dict:
+def validate(module: LMMethod, datamodule: LLMDataModule) -> dict:
     return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(
         module, datamodule=datamodule, verbose=False
     )[0]
@@ -255,7 +251,7 @@ def test_pairing_refuses_same_vocabulary_losses_and_keeps_the_teacher_out_of_sft
     with pytest.raises(ConfigError, match="llm/loss=uld or llm/loss=gold"):
         cross_setup(student_tokenizer, teacher_tokenizer, "forward_kl")
     *_, pairing, datamodule = cross_setup(student_tokenizer, teacher_tokenizer, "sft")
-    assert not pairing.teacher_runs and datamodule.tokenizer is student_tokenizer
+    assert not pairing.teacher_reads_student and datamodule.tokenizer is student_tokenizer
     assert "teacher_input_ids" not in next(iter(datamodule.train_dataloader()))
 
 
@@ -287,4 +283,4 @@ def test_kd_llm_distill_runs_a_student_with_its_own_tokenizer(kd_home: Path) -> 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["metrics"]["val/loss"] > 0 and summary["params/student"] < summary["params/teacher"] * 10
+    assert summary["metrics"]["val/loss"] > 0 and summary["student_params"] < summary["teacher_params"] * 10

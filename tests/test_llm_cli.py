@@ -14,7 +14,7 @@ TINY_LM = ["llm/teacher=tiny", "llm/student=tiny", "trainer.max_steps=3", "+trai
 
 @pytest.mark.parametrize(
     "overrides",
-    [["llm/loss=forward_kl"], ["llm/loss=jsd", "llm/mode=on_policy"], ["llm/loss=sft"]],
+    [["llm/loss=forward_kl"], ["llm/loss=jsd", "llm/method=on_policy"], ["llm/method=sft"]],
     ids=["forward_kl", "jsd_on_policy", "sft"],
 )
 def test_kd_llm_distill_trains_and_reports_validation_metrics(overrides: list[str], kd_home: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 
 from kd_lightning.engine.errors import ConfigError
-from kd_lightning.llm.data import IGNORE_INDEX, LLMDataModule
+from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.models import char_tokenizer
 from kd_lightning.llm.prompts import (
     KINDS,
@@ -21,6 +21,7 @@ from kd_lightning.llm.prompts import (
     split_of,
     written_steps,
 )
+from kd_lightning.llm.token_loss import IGNORE_INDEX
 from tests.conftest import compose_config
 
 ARITHMETIC = {"kind": "arithmetic", "num_prompts": 6, "seed": 0}

@@ -16,7 +16,7 @@ from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.generation import GenerationSettings
 from kd_lightning.llm.models import char_tokenizer, random_llama
 from kd_lightning.llm.token_loss import IGNORE_INDEX
-from kd_lightning.methods.llm import LLMDistillationModule
+from kd_lightning.methods.lm import DistiLLM2
 from tests.test_cli import run
 from tests.test_llm_module import changed, fit, snapshot
 
@@ -47,11 +47,9 @@ def test_loss_is_skew_kl_on_teacher_responses_plus_skew_reverse_kl_on_student_re
     assert {"sampled_input_ids", "sampled_labels"} <= set(batch)
     assert not torch.equal(batch["sampled_labels"], batch["labels"])
     loss = DistiLLM2Loss(skew=0.2, student_weight=0.5, chunk_size=4)
-    module = LLMDistillationModule(
-        student=student, loss=loss, optimizer=torch.optim.SGD, teacher=teacher, pad_token_id=2, eos_token_id=2
-    )
+    module = DistiLLM2(student=student, loss=loss, optimizer=torch.optim.SGD, teacher=teacher)
     module.train()
-    out = module.token_loss(batch)
+    out = module.loss_on(batch)
     expected, tokens = 0.0, 0
     for prefix, weight, teacher_first in (("", 1.0, True), ("sampled_", 0.5, False)):
         ids, mask, labels = (batch[f"{prefix}{key}"] for key in ("input_ids", "attention_mask", "labels"))
@@ -85,13 +83,8 @@ def test_student_responses_are_generated_once_per_student(tmp_path: Path) -> Non
 
 def test_module_trains_on_both_sides_and_validates_on_teacher_text(tmp_path: Path) -> None:
     teacher, student = random_llama(vocab_size=99, seed=0), random_llama(vocab_size=99, seed=1)
-    module = LLMDistillationModule(
-        student=student,
-        loss=DistiLLM2Loss(),
-        teacher=teacher,
-        pad_token_id=2,
-        eos_token_id=2,
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-2),
+    module = DistiLLM2(
+        student=student, loss=DistiLLM2Loss(), teacher=teacher, optimizer=functools.partial(torch.optim.AdamW, lr=1e-2)
     )
     before = snapshot(student)
     trainer = fit(module, data_with_responses(student, tmp_path), tmp_path, max_steps=2)
@@ -106,8 +99,8 @@ def test_kd_llm_distill_distillm2(kd_home: Path) -> None:
     common = [
         "llm/teacher=tiny",
         "llm/student=tiny",
-        "llm/loss=distillm2",
-        "llm.loss.generation.max_new_tokens=6",
+        "llm/method=distillm2",
+        "llm.method.generation.max_new_tokens=6",
         "trainer.max_steps=2",
         "+trainer.enable_progress_bar=false",
     ]
@@ -115,5 +108,5 @@ def test_kd_llm_distill_distillm2(kd_home: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["metrics"]["val/loss"] > 0
     assert len(list((kd_home / "cache" / "distillm2").glob("*.jsonl"))) == 1
-    result = run("kd-llm-distill", *common, "llm/mode=on_policy", f"hydra.run.dir={run_dir}_bad", home=kd_home)
-    assert result.returncode == 2 and "llm/mode=off_policy" in result.stderr
+    result = run("kd-llm-distill", *common, "llm/teacher_cache=top_k", f"hydra.run.dir={run_dir}_bad", home=kd_home)
+    assert result.returncode == 2 and "llm/teacher_cache=none" in result.stderr

@@ -1,4 +1,5 @@
-"""LLMDistillationModule end to end with tiny random Llamas: modes, frozen teacher, normalisation, cache, configs."""
+"""The LM schemes (kd_lightning.methods.lm) end to end with tiny random Llamas: frozen teacher, normalisation,
+cache, configs."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kd_lightning.cli.common import CONFIG_DIR
-from kd_lightning.engine.caching.token_outputs import LogitCache, teacher_top_k
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.divergences import DIVERGENCES, ForwardKL, GeneralizedJSD
+from kd_lightning.llm.logit_cache import LogitCache, teacher_top_k
 from kd_lightning.llm.token_loss import TokenDistillationLoss
-from kd_lightning.methods.llm import LLMDistillationModule, sampled_batch
+from kd_lightning.methods.lm import SFT, LMMethod, OnPolicy, TokenKD, sampled_batch
+from kd_lightning.recipes.llm_components import scheme_factory
 
 VOCAB, PAD, EOS = 128, 0, 2
 
@@ -86,20 +88,19 @@ class TinyData(L.LightningDataModule):
         return DataLoader(self.val, batch_size=4, collate_fn=collate)
 
 
-def make_module(alpha: float = 0.5, teacher: bool = True, **kwargs) -> LLMDistillationModule:
+def make_module(alpha: float = 0.5, teacher: bool = True, **kwargs) -> LMMethod:
+    """The scheme the arguments ask for: SFT (alpha 0, no teacher), OnPolicy (lmbda), else TokenKD."""
     loss = TokenDistillationLoss(kwargs.pop("divergence", ForwardKL()), alpha=alpha, chunk_size=8)
-    return LLMDistillationModule(
-        student=tiny_llama(1),
-        loss=loss,
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-2),
-        teacher=tiny_llama(0) if teacher else None,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        **kwargs,
-    )
+    common = {"student": tiny_llama(1), "optimizer": functools.partial(torch.optim.AdamW, lr=1e-2)}
+    common["teacher"] = tiny_llama(0) if teacher else None
+    if alpha == 0 and not teacher and "lmbda" not in kwargs:
+        return SFT(**common, chunk_size=8, **kwargs)
+    if "lmbda" in kwargs:
+        return OnPolicy(**common, loss=loss, pad_token_id=PAD, eos_token_id=EOS, **kwargs)
+    return TokenKD(**common, loss=loss, **kwargs)
 
 
-def fit(module: LLMDistillationModule, data: L.LightningDataModule, tmp_path: Path, **trainer) -> L.Trainer:
+def fit(module: LMMethod, data: L.LightningDataModule, tmp_path: Path, **trainer) -> L.Trainer:
     options = {
         "max_steps": 3,
         "accelerator": "cpu",
@@ -164,7 +165,9 @@ def test_on_policy_samples_from_the_student_and_trains(tmp_path: Path) -> None:
         assert not (labelled & ~sampled["attention_mask"].bool()).any()
     # the same seed, epoch and batch sample the same tokens
     batch = collate(examples(2, 5), prompt_only=True)
-    torch.testing.assert_close(module.sample(batch, 0), module.sample(batch, 0))
+    first, second = module.sample(batch, 0), module.sample(batch, 0)
+    assert first.pop("token_source") == second.pop("token_source") == "student"
+    torch.testing.assert_close(first, second)
 
 
 def test_sampled_batch_labels_generated_tokens_up_to_eos() -> None:
@@ -244,7 +247,7 @@ def test_gradient_accumulation_normalises_by_all_tokens_of_the_step(tmp_path: Pa
 
     whole, accumulated = step(one_batch, 1), step(micro, 2)
     reference = make_module()  # by hand: one SGD step (lr 1) on the per-token mean of the whole batch
-    out = reference.token_loss(one_batch[0])
+    out = reference.loss_on(one_batch[0])
     (out.total / out.count).backward()
     expected = {name: p.detach() - p.grad for name, p in reference.student.named_parameters()}
     for name, value in whole.items():
@@ -271,6 +274,8 @@ class _Fixed(L.LightningDataModule):
         ({"alpha": 0.5, "teacher": False}, "needs a teacher"),
         ({"alpha": 0.0, "lmbda": 0.5}, "alpha > 0"),
         ({"lmbda": 1.5}, "lmbda"),
+        ({"lmbda": 0.0}, "llm/method=token_kd"),
+        ({"alpha": 0.0}, "llm/method=sft"),
     ],
 )
 def test_module_config_errors(kwargs: dict, match: str) -> None:
@@ -280,26 +285,43 @@ def test_module_config_errors(kwargs: dict, match: str) -> None:
 
 def test_prompt_only_batches_need_lambda_one(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="prompt_only"):
-        fit(make_module(lmbda=0.0), TinyData(prompt_only=True), tmp_path, max_steps=1)
+        fit(make_module(lmbda=0.5), TinyData(prompt_only=True), tmp_path, max_steps=4)
+    with pytest.raises(ConfigError, match="prompt_only"):
+        fit(make_module(), TinyData(prompt_only=True), tmp_path, max_steps=1)
 
 
 # ---------------------------------------------------------------------------------- configs
-@pytest.mark.parametrize("loss", sorted([*DIVERGENCES, "sft"]))
+@pytest.mark.parametrize("loss", sorted(DIVERGENCES))
 def test_loss_configs_compose_and_build(loss: str) -> None:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("llm_distill", overrides=[f"llm/loss={loss}"], return_hydra_config=False)
     built = instantiate(cfg.llm.loss)
     assert isinstance(built, TokenDistillationLoss)
-    if loss != "sft":
-        assert isinstance(built.divergence, DIVERGENCES[loss])
+    assert isinstance(built.divergence, DIVERGENCES[loss])
 
 
-@pytest.mark.parametrize("mode", ["off_policy", "on_policy", "teacher_cache"])
-def test_mode_configs_compose(mode: str) -> None:
+METHODS = {"token_kd": TokenKD, "sft": SFT, "on_policy": OnPolicy}
+
+
+@pytest.mark.parametrize("method", sorted(p.stem for p in (Path(CONFIG_DIR) / "llm" / "method").glob("*.yaml")))
+def test_method_configs_compose_and_name_their_scheme(method: str) -> None:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("llm_distill", overrides=[f"llm/mode={mode}"])
-    assert cfg.llm.mode.name == mode and 0.0 <= cfg.llm.mode.lmbda <= 1.0
+        cfg = compose("llm_distill", overrides=[f"llm/method={method}"])
+    factory, loss_cfg = scheme_factory(cfg)
+    assert (loss_cfg is None) == (method == "sft")
+    assert issubclass(factory.func, LMMethod) and factory.func.config_name() == method
+    if method in METHODS:
+        assert factory.func is METHODS[method]
     assert cfg.trainer._target_ and cfg.callbacks.model_checkpoint.monitor == "val/loss"
+
+
+@pytest.mark.parametrize("cache", ["none", "top_k"])
+def test_teacher_cache_configs_compose(cache: str) -> None:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("llm_distill", overrides=[f"llm/teacher_cache={cache}"])
+    assert bool(cfg.llm.teacher_cache) == (cache == "top_k")
+    if cache == "top_k":
+        assert instantiate(cfg.llm.teacher_cache).top_k >= 1
 
 
 def test_head_check_rejects_scaled_logits(tmp_path: Path) -> None:

@@ -20,8 +20,8 @@ from kd_lightning.llm.divergences import ForwardKL
 from kd_lightning.llm.models import char_tokenizer, random_llama
 from kd_lightning.llm.multi_teacher import RowRouting, TokenMixture, select_rows
 from kd_lightning.llm.token_loss import TokenDistillationLoss, final_hidden_states
-from kd_lightning.methods.llm import LLMDistillationModule
-from kd_lightning.recipes.llm_distill import build_teachers
+from kd_lightning.methods.lm import MultiTeacher
+from kd_lightning.recipes.llm_components import build_teachers
 from tests.test_cli import run
 from tests.test_llm_module import changed, fit, snapshot
 
@@ -128,7 +128,7 @@ def test_module_distils_from_a_mixture_and_reports_each_teacher(tmp_path: Path) 
         val_prompts={"kind": "arithmetic", "num_prompts": 4, "seed": 0, "split": "heldout"},
         batch_size=4,
     )
-    module = LLMDistillationModule(
+    module = MultiTeacher(
         student=student,
         loss=TokenDistillationLoss(ForwardKL(), alpha=0.5, vocab_size=99),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-2),
@@ -157,6 +157,7 @@ def test_kd_llm_distill_routes_rows_between_two_teachers(kd_home: Path) -> None:
     data = routed_data(kd_home, RowRouting())  # writes routed.jsonl: both kinds of rows
     result = run(
         "kd-llm-distill",
+        "llm/method=multi_teacher",
         "llm/teacher=routed_tiny",
         "llm/student=tiny",
         "llm/data=teacher_text",
@@ -170,20 +171,23 @@ def test_kd_llm_distill_routes_rows_between_two_teachers(kd_home: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["metrics"]["val/kl_to_teacher/math"] > 0 and summary["metrics"]["val/kl_to_teacher/chat"] > 0
-    assert summary["params/teacher/chat"] != summary["params/teacher/math"]
+    assert summary["details"]["params/teacher/chat"] != summary["details"]["params/teacher/math"]
 
 
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
         (["llm/teacher=mixture_tiny", "llm/student=bpe_llama", "llm/loss=gold"], "route rows instead"),
-        (["llm/teacher=routed_tiny", "llm/student=tiny", "llm/mode=teacher_cache"], "run the teachers live"),
-        (["llm/teacher=routed_tiny", "llm/student=tiny", "llm/loss=sft"], "nothing is distilled"),
+        (["llm/teacher=routed_tiny", "llm/student=tiny", "llm/teacher_cache=top_k"], "runs the teachers live"),
+        (["llm/teacher=routed_tiny", "llm/student=tiny", "llm.loss.alpha=0"], "distils nothing"),
+        (["llm/teacher=routed_tiny", "llm/student=tiny", "llm/method=token_kd"], "llm/method=multi_teacher"),
     ],
-    ids=["mixture_across_tokenizers", "cache", "sft"],
+    ids=["mixture_across_tokenizers", "cache", "sft", "not_multi_teacher"],
 )
 def test_multi_teacher_config_errors(overrides: list[str], match: str, kd_home: Path) -> None:
     run_dir = kd_home / "llm_cli" / "multi_bad"
     tiny = ["llm.student.hidden_size=32", "llm.student.num_layers=1"] if "llm/student=bpe_llama" in overrides else []
-    result = run("kd-llm-distill", *overrides, *tiny, "llm/data=arithmetic", f"hydra.run.dir={run_dir}", home=kd_home)
+    method = [] if any(o.startswith("llm/method=") for o in overrides) else ["llm/method=multi_teacher"]
+    args = [*method, *overrides, *tiny, "llm/data=arithmetic", f"hydra.run.dir={run_dir}"]
+    result = run("kd-llm-distill", *args, home=kd_home)
     assert result.returncode == 2 and match in result.stderr, result.stderr[-2000:]

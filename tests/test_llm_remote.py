@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_lightning.engine.caching.token_outputs import LogitCache
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.divergences import ForwardKL
 from kd_lightning.llm.generation import GenerationSettings, complete, generate_file, read_records
 from kd_lightning.llm.local_server import OpenAIServer
+from kd_lightning.llm.logit_cache import LogitCache
 from kd_lightning.llm.models import char_tokenizer, random_llama
 from kd_lightning.llm.prompts import make_prompts
 from kd_lightning.llm.remote import RemoteTeacher, RemoteTeacherError
@@ -137,14 +137,14 @@ def test_kd_llm_distill_with_a_remote_teacher(server, kd_home: Path) -> None:
     result = run(
         "kd-llm-distill",
         *common,
-        "llm/mode=teacher_cache",
-        "llm.mode.top_k=8",
+        "llm/teacher_cache=top_k",
+        "llm.teacher_cache.top_k=8",
         f"hydra.run.dir={run_dir}",
         home=kd_home,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["metrics"]["val/kl_to_teacher"] > 0 and summary["logit_cache"]
+    assert summary["metrics"]["val/kl_to_teacher"] > 0 and summary["details"]["logit_cache"]
     assert server.requests == 12  # every training and validation example scored once
     result = run("kd-llm-distill", *common, f"hydra.run.dir={kd_home / 'llm_cli' / 'remote_bad'}", home=kd_home)
-    assert result.returncode == 2 and "llm/mode=teacher_cache" in result.stderr
+    assert result.returncode == 2 and "llm/teacher_cache=top_k" in result.stderr

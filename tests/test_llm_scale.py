@@ -16,7 +16,7 @@ from kd_lightning.llm.divergences import ForwardKL
 from kd_lightning.llm.models import random_llama
 from kd_lightning.llm.sharding import layer_wrapped_fsdp
 from kd_lightning.llm.token_loss import TokenDistillationLoss, final_hidden_states
-from kd_lightning.methods.llm import LLMDistillationModule
+from kd_lightning.methods.lm import TokenKD
 
 
 def test_fsdp_llm_makes_every_teacher_and_student_layer_its_own_unit() -> None:
@@ -27,13 +27,8 @@ def test_fsdp_llm_makes_every_teacher_and_student_layer_its_own_unit() -> None:
     policy = strategy.kwargs["auto_wrap_policy"]  # Lightning turns the class set into this policy
     assert isinstance(policy, ModuleWrapPolicy)
     teacher, student = random_llama(vocab_size=64, num_layers=4, seed=0), random_llama(vocab_size=64, seed=1)
-    module = LLMDistillationModule(
-        student=student,
-        loss=TokenDistillationLoss(ForwardKL()),
-        teacher=teacher,
-        optimizer=torch.optim.SGD,
-        pad_token_id=2,
-        eos_token_id=2,
+    module = TokenKD(
+        student=student, loss=TokenDistillationLoss(ForwardKL()), teacher=teacher, optimizer=torch.optim.SGD
     )
     units = policy._run_policy(module, set(), {})
     layers = [*module.teacher.model.layers, *module.student.model.layers]

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.cross_tokenizer import AlignedSpan, align_spans
-from kd_lightning.llm.data import ExampleEncoder
+from kd_lightning.llm.encoding import ExampleEncoder
 
 NO_SPAN = -1
 

@@ -20,35 +20,43 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from kd_lightning.engine.caching.store import weights_digest
-from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.llm.divergences import SkewKL, SkewReverseKL
 from kd_lightning.llm.generation import GenerationSettings, generate_file, read_records
 from kd_lightning.llm.prompts import Prompt, prompt_id
-from kd_lightning.llm.token_loss import TokenDistillationLoss
+from kd_lightning.llm.protocol import SUPERVISED_SOURCES, TokenSource
+from kd_lightning.llm.token_loss import TokenDistillationLoss, TokenLossOutput
 
 #: Batch-key prefix of the student's own responses.
 SAMPLED = "sampled_"
 
 
 class DistiLLM2Loss(nn.Module):
-    """The two-sided objective of the module docstring: ``sides`` lists each side's name, batch-key prefix,
-    token loss and weight; :class:`~kd_lightning.methods.llm.LLMDistillationModule` runs each side on its
-    sequences.
+    """The two-sided objective of the module docstring as one :class:`~kd_lightning.llm.protocol.TokenLoss`:
+    a batch of the teacher's responses (ground truth or teacher-written tokens) is scored by the skew KL
+    side, a batch of the student's own responses (``source=STUDENT``) by the skew reverse KL side, times
+    ``student_weight``. :class:`~kd_lightning.methods.lm.DistiLLM2` feeds it both batches of each step.
 
     Args:
         skew: :math:`\\beta` of both skew divergences (the paper: 0.1).
         student_weight: :math:`w`, the weight of the student-response side.
-        alpha: weight of the divergence against cross-entropy on the teacher's responses (1: none).
+        alpha: weight of the divergence against cross-entropy on the teacher's responses (1: none; the
+            cross-entropy never reads the student's responses).
         temperature, chunk_size, vocab_size: as :class:`~kd_lightning.llm.token_loss.TokenDistillationLoss`.
-        generation: how the student's responses are sampled (:class:`~kd_lightning.llm.generation.GenerationSettings`).
     """
 
     cross_tokenizer = False
+    needs_teacher = True
+    reads: ClassVar[Mapping[str, frozenset[TokenSource]]] = {
+        "ce": SUPERVISED_SOURCES,
+        "teacher_responses": SUPERVISED_SOURCES,
+        "student_responses": frozenset({TokenSource.STUDENT}),
+    }
 
     def __init__(
         self,
@@ -58,27 +66,14 @@ class DistiLLM2Loss(nn.Module):
         temperature: float = 1.0,
         chunk_size: int | None = 512,
         vocab_size: int | None = None,
-        generation: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        check_type(student_weight, (int, float), "llm.method.loss.student_weight")
         if not student_weight >= 0:
-            raise ConfigError(f"llm.loss.student_weight={student_weight} must be >= 0")
+            raise ConfigError(f"llm.method.loss.student_weight={student_weight} must be >= 0")
         self.teacher_side = TokenDistillationLoss(SkewKL(skew, temperature), alpha, chunk_size, vocab_size)
         self.student_side = TokenDistillationLoss(SkewReverseKL(skew, temperature), 1.0, chunk_size, vocab_size)
         self.student_weight = float(student_weight)
-        self.generation = GenerationSettings(**{"max_new_tokens": 64, "do_sample": True, **(generation or {})})
-
-    @property
-    def sides(self) -> list[tuple[str, str, TokenDistillationLoss, float]]:
-        """``(name, batch-key prefix, token loss, weight)`` per side."""
-        return [
-            ("teacher_responses", "", self.teacher_side, 1.0),
-            ("student_responses", SAMPLED, self.student_side, self.student_weight),
-        ]
-
-    @property
-    def needs_teacher(self) -> bool:
-        return True
 
     @property
     def temperature(self) -> float:
@@ -97,6 +92,28 @@ class DistiLLM2Loss(nn.Module):
 
     def teacher_tokens(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         return self.teacher_side.teacher_tokens(batch)
+
+    def alignment(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {}
+
+    def forward(
+        self,
+        student_hidden: Tensor,
+        student_head: nn.Module,
+        labels: Tensor,
+        source: TokenSource = TokenSource.GROUND_TRUTH,
+        monitor_kl: bool = False,
+        **teacher: Any,
+    ) -> TokenLossOutput:
+        """The side that reads ``source``: sums as :class:`~kd_lightning.llm.token_loss.TokenLossOutput`, with
+        ``parts["distill/<side>"]`` naming it."""
+        side = next(name for name in ("teacher_responses", "student_responses") if source in self.reads[name])
+        loss, weight = (
+            (self.teacher_side, 1.0) if side == "teacher_responses" else (self.student_side, self.student_weight)
+        )
+        out = loss(student_hidden, student_head, labels, monitor_kl=monitor_kl, source=source, **teacher)
+        parts = {**out.parts, f"distill/{side}": out.parts["distill"]}
+        return TokenLossOutput(total=weight * out.total, count=out.count, parts=parts)
 
 
 def student_responses(

@@ -3,15 +3,16 @@ r"""CrossTokenizerLoss: token-level distillation between a teacher and a student
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.llm.aligned import row_spans
 from kd_lightning.llm.cross_tokenizer import VocabMapping, gold_loss, uld_loss
+from kd_lightning.llm.protocol import ANY_SOURCE, SUPERVISED_SOURCES, TokenSource
 from kd_lightning.llm.token_loss import IGNORE_INDEX, TokenLossOutput, head_logits, linear_head, next_token_targets
 
 Alignment = Literal["position", "spans"]
@@ -71,6 +72,8 @@ class CrossTokenizerLoss(nn.Module):
     """
 
     cross_tokenizer = True
+    #: Which token sources each term may read (:mod:`kd_lightning.llm.protocol`).
+    reads: ClassVar[Mapping[str, frozenset[TokenSource]]] = {"ce": SUPERVISED_SOURCES, "distill": ANY_SOURCE}
 
     def __init__(
         self,
@@ -81,8 +84,9 @@ class CrossTokenizerLoss(nn.Module):
         unmatched_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-            raise ConfigError(f"llm.loss.alpha={alpha} is outside [0, 1]; 0 is supervised fine-tuning")
+        check_type(alpha, (int, float), "llm.loss.alpha")
+        if not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"llm.loss.alpha={alpha} is outside [0, 1]; 1 is distillation only")
         if alignment not in ("position", "spans"):
             raise ConfigError(f"llm.loss.alignment={alignment!r} must be 'position' (ULD) or 'spans' (GOLD)")
         if not (isinstance(temperature, (int, float)) and temperature > 0):
@@ -130,10 +134,12 @@ class CrossTokenizerLoss(nn.Module):
         student_spans: Tensor | None = None,
         teacher_spans: Tensor | None = None,
         monitor_kl: bool = False,
+        source: TokenSource = TokenSource.GROUND_TRUTH,
     ) -> TokenLossOutput:
         """Sums over the labelled student tokens (see :class:`~kd_lightning.llm.token_loss.TokenLossOutput`):
         ``parts`` are ``ce``, ``distill`` and ``aligned`` (the number of aligned units). ``monitor_kl`` is
-        accepted for the common call shape; a KL between different vocabularies is not defined, none is added."""
+        accepted for the common call shape; a KL between different vocabularies is not defined, none is added.
+        The cross-entropy reads ``source`` only if :attr:`reads` lets it (never the student's own samples)."""
         weight, bias = linear_head(student_head, "llm.student.model")
         batch, length = labels.shape
         targets, positions = next_token_targets(labels)
@@ -152,6 +158,8 @@ class CrossTokenizerLoss(nn.Module):
                 if student_spans is None or teacher_spans is None:
                     raise ValueError("alignment='spans' needs student_spans and teacher_spans")
                 distill, aligned = self._gold(student, teacher, labels, teacher_labels, student_spans, teacher_spans)
+        if source not in self.reads["ce"]:
+            ce = ce * 0.0
         total = (1.0 - self.alpha) * ce + self.alpha * distill
         parts = {"ce": ce.detach(), "distill": distill.detach(), "aligned": aligned.detach()}
         return TokenLossOutput(total=total, count=positions.new_tensor(positions.numel()), parts=parts)

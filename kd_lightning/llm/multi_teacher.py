@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_lightning.engine.errors import ConfigError
+from kd_lightning.llm.protocol import batch_source
 from kd_lightning.llm.token_loss import TokenLossOutput, final_hidden_states, head_logits, linear_head
+from kd_lightning.losses.mixture import mixture_logits
 
 Batch = Mapping[str, Any]
 
@@ -133,6 +135,7 @@ class RowRouting(TeacherCombination):
                 student_head,
                 sub["labels"],
                 monitor_kl=monitor_kl and "teacher_hidden" in extra,
+                source=batch_source(sub),
                 **extra,
             )
             total = out.total if total is None else total + out.total
@@ -182,16 +185,17 @@ class TokenMixture(TeacherCombination):
             )
 
     def mixture_logits(self, teacher_logits: Sequence[Tensor], temperature: float) -> Tensor:
-        """``T * log sum_k w_k softmax(z_k / T)`` over ``[K]`` logits ``[..., V]`` (>= float32)."""
-        log_p = torch.stack([F.log_softmax(z.float() / temperature, dim=-1) for z in teacher_logits])
+        """``T * log sum_k w_k softmax(z_k / T)`` over ``[K]`` logits ``[..., V]`` (>= float32;
+        :func:`~kd_lightning.losses.mixture.mixture_logits`)."""
+        stacked = torch.stack([z.float() for z in teacher_logits])
         if self.confidence:
-            top1 = torch.stack([F.softmax(z.float(), dim=-1).amax(dim=-1) for z in teacher_logits])
-            log_w = torch.log(top1 / top1.sum(dim=0, keepdim=True))[..., None]
+            top1 = F.softmax(stacked, dim=-1).amax(dim=-1)
+            log_w = torch.log(top1 / top1.sum(dim=0, keepdim=True))
         else:
             weights = self.weights or dict.fromkeys(self.names, 1.0)
-            w = torch.tensor([weights[name] for name in self.names], dtype=log_p.dtype, device=log_p.device)
-            log_w = torch.log(w / w.sum()).reshape(-1, *([1] * (log_p.dim() - 1)))
-        return temperature * torch.logsumexp(log_w + log_p, dim=0)
+            w = torch.tensor([weights[name] for name in self.names], dtype=stacked.dtype, device=stacked.device)
+            log_w = torch.log(w / w.sum()).reshape(-1, *([1] * (stacked.dim() - 2)))
+        return mixture_logits(stacked, log_w, temperature)
 
     def loss(
         self,
@@ -202,9 +206,9 @@ class TokenMixture(TeacherCombination):
         losses: Mapping[str, nn.Module],
         monitor_kl: bool,
     ) -> TokenLossOutput:
-        loss = losses[self.names[0]]
+        loss, source = losses[self.names[0]], batch_source(batch)
         if not (loss.needs_teacher or monitor_kl):
-            return loss(student_hidden, student_head, batch["labels"])
+            return loss(student_hidden, student_head, batch["labels"], source=source)
         logits = {}
         with torch.no_grad():
             for name in self.names:
@@ -212,12 +216,19 @@ class TokenMixture(TeacherCombination):
                 weight, bias = linear_head(teachers[name].get_output_embeddings(), "llm.teacher.teachers")
                 logits[name] = head_logits(hidden, weight, bias, loss.vocab_size or weight.shape[0])
             mixed = self.mixture_logits(list(logits.values()), loss.temperature)
-        out = loss(student_hidden, student_head, batch["labels"], teacher_logits=mixed, monitor_kl=monitor_kl)
+        out = loss(
+            student_hidden, student_head, batch["labels"], teacher_logits=mixed, monitor_kl=monitor_kl, source=source
+        )
         parts = dict(out.parts)
         if monitor_kl:
             for name, teacher_logits in logits.items():
                 single = loss(
-                    student_hidden, student_head, batch["labels"], teacher_logits=teacher_logits, monitor_kl=True
+                    student_hidden,
+                    student_head,
+                    batch["labels"],
+                    teacher_logits=teacher_logits,
+                    monitor_kl=True,
+                    source=source,
                 )
                 parts[f"kl_to_teacher/{name}"] = single.parts["kl_to_teacher"]
                 parts[f"tokens/{name}"] = single.count.float()

@@ -17,15 +17,16 @@ float32 tensors instead of several ``[B * T, V]`` ones (measured in ``docs/resul
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.llm.divergences import ForwardKL, TokenDivergence
+from kd_lightning.llm.protocol import ANY_SOURCE, SUPERVISED_SOURCES, TokenSource
 from kd_lightning.losses.precision import at_least_fp32, autocast_off
 
 #: Label of tokens that are not predicted (prompt, padding, positions after the end of a sample).
@@ -109,9 +110,13 @@ class TokenDistillationLoss(nn.Module):
 
     the LM form of Hinton et al. (2015) used by word-level KD (Kim & Rush 2016), GKD (Agarwal et al.
     2024) and DistiLLM (Ko et al. 2024); :math:`D` is any divergence from
-    :mod:`kd_lightning.llm.divergences`. ``alpha = 0`` is supervised fine-tuning (the teacher is not
-    needed: black-box sequence KD on teacher-written data); ``alpha = 1`` distillation only.
+    :mod:`kd_lightning.llm.divergences`. ``alpha`` only weighs the two terms (``alpha = 1``: distillation
+    only); fine-tuning without a teacher is a method of its own (``llm/method=sft``).
     :meth:`forward` returns *sums* and the token count :math:`N` (see :class:`TokenLossOutput`).
+
+    Token sources (:mod:`kd_lightning.llm.protocol`): the cross-entropy reads ground-truth and
+    teacher-written tokens only; on the student's own samples (``source=STUDENT``) the loss is
+    :math:`\alpha\, T^2 D` alone, for every ``alpha``.
 
     The teacher is given as hidden states plus its ``lm_head`` (chunked like the student), as full
     logits ``[B, T, V]``, or as a :class:`SparseTeacher` (top-k + tail bucket: :math:`D` is computed over
@@ -137,21 +142,22 @@ class TokenDistillationLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.divergence = divergence
-        if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-            raise ConfigError(
-                f"llm.loss.alpha={alpha} is outside [0, 1]; 0 is supervised fine-tuning, 1 distillation only"
-            )
+        check_type(alpha, (int, float), "llm.loss.alpha")
+        if not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"llm.loss.alpha={alpha} is outside [0, 1]; 1 is distillation only")
         self.alpha = float(alpha)
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (type(chunk_size) is not int or chunk_size < 1):
             raise ConfigError(f"llm.loss.chunk_size={chunk_size} must be a positive number of tokens (or null)")
         self.chunk_size = chunk_size
-        if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 1):
+        if vocab_size is not None and (type(vocab_size) is not int or vocab_size < 1):
             raise ConfigError(f"llm.loss.vocab_size={vocab_size} must be a positive integer (or null)")
         self.vocab_size = vocab_size
         self.monitor = ForwardKL()
 
     #: Teacher and student read the same token ids (see :class:`~kd_lightning.llm.cross_token_loss.CrossTokenizerLoss`).
     cross_tokenizer = False
+    #: Which token sources each term may read (:mod:`kd_lightning.llm.protocol`).
+    reads: ClassVar[Mapping[str, frozenset[TokenSource]]] = {"ce": SUPERVISED_SOURCES, "distill": ANY_SOURCE}
 
     @property
     def temperature(self) -> float:
@@ -185,7 +191,7 @@ class TokenDistillationLoss(nn.Module):
         raise ConfigError(
             f"the vocabularies differ ({sizes}); if one head is only padded, set llm.loss.vocab_size to the "
             "shared tokenizer size, otherwise the tokenizers differ and white-box KD does not apply "
-            "(use llm.loss.alpha=0 on teacher-written data)"
+            "(fine-tune on teacher-written data: llm/method=sft)"
         )
 
     def forward(
@@ -198,8 +204,9 @@ class TokenDistillationLoss(nn.Module):
         teacher_logits: Tensor | None = None,
         teacher_topk: SparseTeacher | None = None,
         monitor_kl: bool = False,
+        source: TokenSource = TokenSource.GROUND_TRUTH,
     ) -> TokenLossOutput:
-        """Sums over the valid tokens of ``labels`` ``[B, T]``.
+        """Sums over the valid tokens of ``labels`` ``[B, T]``, which came from ``source``.
 
         ``student_hidden`` ``[B, T, H]`` are the final hidden states (logits = ``student_head(hidden)``);
         give the teacher as ``teacher_hidden`` + ``teacher_head``, ``teacher_logits`` ``[B, T, V_t]`` or
@@ -257,8 +264,10 @@ class TokenDistillationLoss(nn.Module):
             sums = torch.stack(chunk_sums).sum(dim=0)
         else:  # no valid token: zeros that still reach the student's graph
             sums = (student_hidden.sum() + weight.sum()).float().mul(0).expand(3)
-        total = (1.0 - self.alpha) * sums[0] + self.alpha * sums[1]
-        parts = {"ce": sums[0].detach(), "distill": sums[1].detach()}
+        ce_weight = (1.0 - self.alpha) if source in self.reads["ce"] else 0.0
+        total = ce_weight * sums[0] + self.alpha * sums[1]
+        read = source in self.reads["ce"]
+        parts = {"ce": sums[0].detach() if read else sums[0].detach() * 0, "distill": sums[1].detach()}
         if monitor_kl:
             parts["kl_to_teacher"] = sums[2].detach()
         return TokenLossOutput(total=total, count=count, parts=parts)

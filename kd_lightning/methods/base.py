@@ -62,6 +62,11 @@ class Method(FrozenOutOfCheckpoints, L.LightningModule):
     uses_unlabelled_data: bool = False
     compared_with_scratch: bool = False
     teacher_range: tuple[int, int | None] = (0, 0)
+    #: The settings a diverged run's error names (keys of the command that runs the method).
+    divergence_advice = (
+        "lower optimizer.lr, check the teacher's weights (teacher.checkpoint), or set runtime.nonfinite=skip "
+        "to skip such steps"
+    )
 
     def __init__(
         self,
@@ -176,8 +181,7 @@ class Method(FrozenOutOfCheckpoints, L.LightningModule):
             return False
         raise TrainingDiverged(
             f"the training loss is non-finite at {where} (non-finite loss parts: {bad_parts or 'the total'}; "
-            f"non-finite outputs of: {bad_models or 'no model'}): lower optimizer.lr, check the teacher's "
-            "weights (teacher.checkpoint), or set runtime.nonfinite=skip to skip such steps"
+            f"non-finite outputs of: {bad_models or 'no model'}): {self.divergence_advice}"
         )
 
     def on_train_epoch_end(self) -> None:

@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from kd_lightning.engine.batches import Inputs
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.losses import UNLABELLED, DistillationLoss
+from kd_lightning.losses.mixture import mixture_logits
 from kd_lightning.methods.kd import DistillationModule
 
 #: The name loss terms read the combined target under (the individual teachers keep their own names).
@@ -98,9 +99,7 @@ class MultiTeacherDistillation(DistillationModule):
         """``T log sum_k w_k softmax(z_k / T)`` (see the class docstring), float32."""
         names = list(self.teachers)
         stacked = torch.stack([logits[name].float() for name in names])  # (K, B, C)
-        log_p = F.log_softmax(stacked / self.temperature, dim=-1)
-        log_w = torch.log(self.sample_weights(names, stacked, targets))  # (K, B)
-        return self.temperature * torch.logsumexp(log_w[..., None] + log_p, dim=0)
+        return mixture_logits(stacked, torch.log(self.sample_weights(names, stacked, targets)), self.temperature)
 
     def sample_weights(self, names: list[str], logits: Tensor, targets: Tensor | None) -> Tensor:
         """Per-teacher, per-sample weights ``(K, B)`` summing to 1 over teachers."""

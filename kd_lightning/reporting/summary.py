@@ -36,6 +36,8 @@ class Summary:
     stages: list[dict[str, Any]] = field(default_factory=list)
     #: torch's CPU threads in this process (``cpu_threads``, :mod:`kd_lightning.engine.threads`).
     cpu_threads: int | None = None
+    #: What else a command records (kd-llm-distill: its scheme, logit cache, per-teacher parameters).
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def compression(self) -> float | None:
@@ -54,6 +56,8 @@ class Summary:
     def rows(self) -> list[tuple[str, str, str]]:
         """(quantity, value, note) rows of the summary table."""
         m = self.metrics
+        if "val/ppl" in m:  # a language model (kd-llm-distill)
+            return self.lm_rows() + self.size_rows()
         rows = [
             ("student test acc", _pct(m.get("test/acc")), "best-val checkpoint"),
             ("student test acc, last epoch", _pct(m.get("test/acc_last")), ""),
@@ -84,7 +88,24 @@ class Summary:
             value = "0 ms (cached)" if cost.get("cached") else f"{cost['forward_ms']:.2f} ms"
             note = f"batch of {cost['batch_size']} on {cost['device']}; {memory}"
             rows.append((f"{name} forward per step", value, note))
-        rows.append(("student parameters", f"{self.student_params:,}", ""))
+        return rows + self.size_rows()
+
+    def lm_rows(self) -> list[tuple[str, str, str]]:
+        """The validation rows of a language-model run."""
+        m, scheme = self.metrics, self.details.get("method", "")
+        rows = [
+            ("student val loss", f"{m['val/loss']:.4f}", f"llm/method={scheme}, per token"),
+            ("student val perplexity", f"{m['val/ppl']:.3f}", "validation completions"),
+        ]
+        if "val/kl_to_teacher" in m:
+            rows.append(("KL(teacher || student)", f"{m['val/kl_to_teacher']:.4f}", "val, T = 1, per token"))
+        if self.details.get("logit_cache"):
+            rows.append(("teacher logit cache", "top-k", str(self.details["logit_cache"])))
+        return rows
+
+    def size_rows(self) -> list[tuple[str, str, str]]:
+        """Parameters and wall time."""
+        rows = [("student parameters", f"{self.student_params:,}", "")]
         if self.adapter_params:
             rows.append(("loss adapters / heads", f"{self.adapter_params:,}", "trained with the student, not deployed"))
         if self.teacher_params is not None:

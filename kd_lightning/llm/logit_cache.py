@@ -106,7 +106,9 @@ class LogitCache:
         self.path = Path(path)
         meta_file = self.path / "meta.json"
         if not meta_file.is_file():
-            raise ConfigError(f"no logit cache at {self.path} (meta.json missing); rebuild it (llm/mode=teacher_cache)")
+            raise ConfigError(
+                f"no logit cache at {self.path} (meta.json missing); rebuild it (llm/teacher_cache=top_k)"
+            )
         self.meta: dict[str, Any] = json.loads(meta_file.read_text())
         wanted = {"format_version": FORMAT_VERSION, **(expected or {})}
         differing = [name for name, value in wanted.items() if self.meta.get(name) != value]
@@ -172,7 +174,7 @@ class LogitCache:
         ``teacher`` is a causal LM, or a remote scorer (:class:`~kd_lightning.llm.remote.RemoteTeacher`:
         an ``identity`` and ``top_k_batch(batch, top_k, temperature, vocab_size)``)."""
         if not 1 <= top_k < vocab_size:
-            raise ConfigError(f"llm.mode.top_k={top_k} must be in [1, vocab size {vocab_size})")
+            raise ConfigError(f"llm.teacher_cache.top_k={top_k} must be in [1, vocab size {vocab_size})")
         if isinstance(teacher, nn.Module):
             teacher.eval()
             identity, device = weights_digest(teacher), next(teacher.parameters()).device

@@ -1,0 +1,290 @@
+"""LMMethod: what every LM distillation scheme shares (``conf/llm/method/*.yaml`` builds one subclass)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from kd_lightning.engine.caching.store import weights_digest
+from kd_lightning.engine.errors import ConfigError
+from kd_lightning.llm.logit_cache import LogitCache
+from kd_lightning.llm.protocol import TokenLoss, batch_source
+from kd_lightning.llm.token_loss import TokenLossOutput, final_hidden_states
+from kd_lightning.methods.base import Method, OptimizerFactory, SchedulerFactory
+from kd_lightning.methods.lm.heads import check_head
+
+Batch = Mapping[str, Any]
+#: What a run does when its training loss goes non-finite, in this tool's keys.
+LM_DIVERGENCE_ADVICE = (
+    "lower optimizer.lr (or set trainer.gradient_clip_val), check llm.teacher.model's weights, or set "
+    "llm.nonfinite=skip to skip such steps"
+)
+
+
+class LMMethod(Method):
+    """Base of the LM schemes: a trainable causal-LM ``student`` and a frozen ``teacher`` (or its outputs
+    from a ``logit_cache``), one :class:`~kd_lightning.llm.protocol.TokenLoss`, Lightning's loop.
+
+    - Teachers: frozen (``eval()``, ``requires_grad_(False)``), run under ``no_grad``, never in the optimizer,
+      left out of checkpoints unless ``save_teacher`` (put back from memory on load): one ``teacher``, or
+      several by name (``teachers``, for schemes that combine them). ``logit_cache``: the one teacher's
+      top-k outputs read back instead (:class:`~kd_lightning.llm.logit_cache.LogitCache`).
+    - Student: fully fine-tuned, or LoRA adapters only when ``lora`` (``peft.LoraConfig`` arguments) is given.
+    - Tokens: each batch says where its labelled tokens came from (``token_source``) and the loss applies
+      each term only to the sources it declares (:mod:`kd_lightning.llm.protocol`).
+    - Normalisation: the loss returns sums over valid tokens; gradients are divided by the valid tokens of
+      the whole accumulated batch (every micro-batch of an optimizer step, every rank) in
+      :meth:`on_before_optimizer_step`, before clipping, so every token weighs the same.
+    - Head check: once per model, its logits must be ``lm_head(last hidden state)`` (:func:`check_head`).
+
+    A scheme overrides :meth:`training_batch` (what a step trains on) and :meth:`loss_on` (the loss of a
+    batch), and states its rules as class methods (:meth:`check_config`, :meth:`check_options`) that
+    ``kd-llm-distill`` runs before any model is built. Class attributes read by the recipe:
+    ``teacher_range`` (teachers it takes: one via ``llm.teacher``, several via ``llm.teacher.teachers``),
+    ``takes_logit_cache`` (``llm/teacher_cache`` may replace the live teacher), ``uses_loss`` (``llm.loss``
+    is its objective).
+
+    Logged: ``train/loss``, ``train/loss_ce``, ``train/loss_distill`` (per token), ``val/loss``, ``val/ppl``
+    (student perplexity on the validation completions), ``val/kl_to_teacher`` (forward KL at T = 1 per token;
+    over the cache's buckets in cache mode; not across tokenizers).
+    """
+
+    teacher_range: tuple[int, int | None] = (1, 1)
+    takes_logit_cache: bool = True
+    uses_loss: bool = True
+    divergence_advice = LM_DIVERGENCE_ADVICE
+
+    def __init__(
+        self,
+        student: nn.Module,
+        loss: TokenLoss,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        teacher: nn.Module | None = None,
+        teachers: Mapping[str, nn.Module] | None = None,
+        logit_cache: LogitCache | None = None,
+        lora: Mapping[str, Any] | None = None,
+        save_teacher: bool = False,
+        nonfinite: str = "error",
+    ) -> None:
+        super().__init__(optimizer, scheduler, save_teacher=save_teacher, nonfinite=nonfinite)
+        names = ["teacher"] if teacher is not None or logit_cache is not None else []
+        type(self).check_config(loss, [*names, *(teachers or {})], cached=logit_cache is not None, remote=False)
+        if logit_cache is not None:
+            check_cache(logit_cache, loss, student)
+        if lora:
+            from peft import LoraConfig, get_peft_model
+
+            student = get_peft_model(student, LoraConfig(**{"task_type": "CAUSAL_LM", **lora}))
+        self.student = student
+        self.teacher = self.add_frozen("teacher", teacher) if teacher is not None else None
+        self.teachers: dict[str, nn.Module] = {}
+        for name, model in (teachers or {}).items():
+            if not name.isidentifier():
+                raise ConfigError(f"llm.teacher.teachers: {name!r} is not a valid teacher name (letters, digits, _)")
+            self.teachers[name] = self.add_frozen(f"teacher_{name}", model)
+        self.loss = loss
+        self.logit_cache = logit_cache
+        self.heads_checked: set[str] = set()
+        self.teacher_digests: dict[str, str] = {}
+        self.window_tokens = torch.zeros((), dtype=torch.long)
+        self.val_loss, self.val_ce, self.val_kl = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_teacher_kl = nn.ModuleDict()
+
+    # ------------------------------------------------------------------------------ declared rules
+    @classmethod
+    def check_config(cls, loss: TokenLoss | None, teachers: Sequence[str], cached: bool, remote: bool) -> None:
+        """Refuse what this scheme cannot train (``teachers``: their names; ``cached``: ``llm/teacher_cache``
+        is set; ``remote``: a teacher is behind an API), naming the keys; run before any model is built."""
+        fewest, most = cls.teacher_range
+        name = cls.config_name()
+        if len(teachers) < fewest:
+            raise ConfigError(f"llm/method={name} needs a teacher (llm/teacher) or a logit cache (llm/teacher_cache)")
+        if most is not None and len(teachers) > most:
+            raise ConfigError(
+                f"llm.teacher.teachers names {len(teachers)} teachers {list(teachers)} but llm/method={name} takes "
+                f"at most {most}: use llm/method=multi_teacher (or one teacher: llm/teacher=...)"
+            )
+        if cached and not cls.takes_logit_cache:
+            raise ConfigError(
+                f"llm/teacher_cache holds one teacher's outputs for dataset sequences; llm/method={cls.config_name()} "
+                "runs the teachers live: set llm/teacher_cache=none"
+            )
+        if remote and not cached and cls.uses_loss and loss is not None and loss.needs_teacher:
+            raise ConfigError(
+                "llm/teacher=remote scores tokens once into the logit cache: set llm/teacher_cache=top_k (grey-box), "
+                "or distil black-box: kd-llm-generate llm/teacher=remote, then llm/method=sft llm/data=teacher_text"
+            )
+        if cls.uses_loss and loss is not None:
+            if not loss.needs_teacher:
+                raise ConfigError(
+                    "llm.loss.alpha=0 distils nothing (cross-entropy only); to fine-tune on teacher-written text "
+                    "use llm/method=sft, else set llm.loss.alpha > 0"
+                )
+            if cached and loss.cross_tokenizer:
+                raise ConfigError(
+                    "llm/teacher_cache stores the teacher's top-k over its own vocabulary at the student's "
+                    "positions; with different tokenizers (llm/loss=uld or gold) set llm/teacher_cache=none"
+                )
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any], models: Mapping[str, nn.Module] | None = None) -> None:
+        """Checks of the scheme's own ``llm.method.*`` options, before any model is built. Nothing here."""
+
+    @classmethod
+    def metric_names(cls, loss: nn.Module | None, teachers: Sequence[str]) -> set[str]:
+        names = {"train/loss", "train/loss_ce", "train/loss_distill", "val/loss", "val/ppl"}
+        if teachers:
+            names.add("val/kl_to_teacher")
+        return names | super().metric_names(loss, teachers)
+
+    @classmethod
+    def config_name(cls) -> str:
+        """The scheme's ``conf/llm/method`` name, for messages (``scheme``; else the class name)."""
+        return cls.__dict__.get("scheme") or cls.__name__.lower()
+
+    # ----------------------------------------------------------------------------- scheme hooks
+    def before_fit(self, datamodule: L.LightningDataModule, tokenizer: Any, cache_dir: Any) -> None:
+        """Called by the recipe before ``fit``: e.g. add the student's own responses. Nothing here."""
+
+    def training_batch(self, batch: Batch, batch_idx: int) -> Batch:
+        """What training step ``batch_idx`` trains on: the dataset batch itself here."""
+        if "input_ids" not in batch:
+            raise ConfigError(
+                f"training batches hold prompts only but llm/method={self.config_name()} trains on dataset "
+                "completions; set llm.data.prompt_only=false (or llm/method=on_policy with llm.method.lmbda=1)"
+            )
+        return batch
+
+    def loss_on(self, batch: Batch, monitor_kl: bool = False) -> TokenLossOutput:
+        """Loss sums of ``batch`` (the teacher, or the cache, runs only when needed)."""
+        return self.one_loss(self.loss, batch, monitor_kl)
+
+    def head_models(self, batch: Batch) -> dict[str, tuple[nn.Module, Batch, Any]]:
+        """``{config key: (model, rows it reads, loss)}`` whose heads :meth:`check_heads` verifies."""
+        models: dict[str, tuple[nn.Module, Batch, Any]] = {"llm.student.model": (self.student, batch, None)}
+        if self.teacher is not None and self.loss.needs_teacher and self.logit_cache is None:
+            models["llm.teacher.model"] = (self.teacher, batch, self.loss)
+        return models
+
+    # -------------------------------------------------------------------------------- the loss
+    def teacher_outputs(self, loss: TokenLoss, batch: Batch, monitor_kl: bool) -> dict[str, Any]:
+        """The teacher's keyword arguments of ``loss`` on ``batch``: cached top-k, live hidden states, or none."""
+        if not (loss.needs_teacher or (monitor_kl and not loss.cross_tokenizer)):
+            return {}
+        if self.logit_cache is not None:
+            return {"teacher_topk": self.logit_cache.lookup(batch)}
+        if self.teacher is None:
+            return {}
+        with torch.no_grad():
+            hidden = final_hidden_states(self.teacher, *loss.teacher_tokens(batch))
+        return {"teacher_hidden": hidden, "teacher_head": self.teacher.get_output_embeddings(), **loss.alignment(batch)}
+
+    def one_loss(self, loss: TokenLoss, batch: Batch, monitor_kl: bool) -> TokenLossOutput:
+        """``loss`` on ``batch`` with this method's teacher, told where the batch's tokens came from."""
+        hidden = final_hidden_states(self.student, batch["input_ids"], batch["attention_mask"])
+        teacher = self.teacher_outputs(loss, batch, monitor_kl)
+        monitor = monitor_kl and bool(teacher)
+        head = self.student.get_output_embeddings()
+        return loss(hidden, head, batch["labels"], monitor_kl=monitor, source=batch_source(batch), **teacher)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Student logits (full vocabulary: for inspection, not for the loss)."""
+        return self.student(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    # ------------------------------------------------------------------------------------ training
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self.window_tokens = torch.zeros((), dtype=torch.long, device=self.device)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+        batch = self.training_batch(batch, batch_idx)
+        self.check_heads(batch)
+        out = self.loss_on(batch)
+        if not self.finite_step(out.total, out.parts, {}):
+            return None
+        self.window_tokens = self.window_tokens + out.count
+        tokens = max(int(out.count), 1)
+        log = {"on_step": False, "on_epoch": True, "batch_size": tokens, "sync_dist": True}
+        self.log("train/loss", out.total.detach() / tokens, prog_bar=True, **log)
+        for name, value in out.parts.items():
+            if name.startswith(("distill", "ce")):  # per-teacher / per-side parts: distill/<name>
+                self.log(f"train/loss_{name}", value / tokens, **log)
+        # A sum: Lightning divides it by accumulate_grad_batches, on_before_optimizer_step by the tokens.
+        return out.total * self.trainer.accumulate_grad_batches
+
+    def check_heads(self, batch: Batch) -> None:
+        """Once per model, on the first batch that feeds it: its logits must be ``lm_head(last hidden)``."""
+        for key, (model, rows, loss) in self.head_models(batch).items():
+            if key not in self.heads_checked:
+                ids, mask = (rows["input_ids"], rows["attention_mask"]) if loss is None else loss.teacher_tokens(rows)
+                check_head(model, key, ids, mask)
+                self.heads_checked.add(key)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide the summed gradients by the valid tokens of the accumulated batch on all ranks (DDP has
+        averaged gradients over ranks: multiply back by the world size)."""
+        tokens = self.trainer.strategy.reduce(self.window_tokens.float(), reduce_op="sum")
+        scale = self.trainer.world_size / max(float(tokens), 1.0)
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.mul_(scale)
+        self.window_tokens = torch.zeros_like(self.window_tokens)
+
+    # ---------------------------------------------------------------------------------- evaluation
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        out = self.loss_on(batch, monitor_kl=True)
+        tokens = out.count.clamp(min=1).float()
+        self.val_loss.update(out.total / tokens, weight=out.count.float())
+        self.val_ce.update(out.parts["ce"] / tokens, weight=out.count.float())
+        if "kl_to_teacher" in out.parts:
+            self.val_kl.update(out.parts["kl_to_teacher"] / tokens, weight=out.count.float())
+        for name, metric in self.val_teacher_kl.items():
+            if f"kl_to_teacher/{name}" in out.parts:
+                count = out.parts[f"tokens/{name}"]
+                metric.update(out.parts[f"kl_to_teacher/{name}"] / count.clamp(min=1), weight=count)
+
+    def on_validation_epoch_end(self) -> None:
+        # torchmetrics syncs across ranks in compute(); the values are then equal on every rank.
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(self.val_ce.compute()), prog_bar=True, sync_dist=True)
+        if self.val_kl.update_called:
+            self.log("val/kl_to_teacher", self.val_kl.compute(), sync_dist=True)
+        for name, metric in self.val_teacher_kl.items():
+            if metric.update_called:
+                self.log(f"val/kl_to_teacher/{name}", metric.compute(), sync_dist=True)
+        for metric in (self.val_loss, self.val_ce, self.val_kl, *self.val_teacher_kl.values()):
+            metric.reset()
+
+    # ------------------------------------------------------------------------------------ resuming
+    def teacher_identities(self) -> dict[str, str]:
+        """What the student is distilled from, by teacher name (weights digests; the cache's key)."""
+        if not self.teacher_digests:
+            self.teacher_digests = {name: weights_digest(model) for name, model in self.frozen_models().items()}
+            if self.logit_cache is not None:
+                self.teacher_digests["logit_cache"] = self.logit_cache.path.name
+        return self.teacher_digests
+
+    def resume_state(self) -> dict[str, Any]:
+        return {**super().resume_state(), "teachers": self.teacher_identities()}
+
+
+def check_cache(cache: LogitCache, loss: Any, student: nn.Module) -> None:
+    """The cache must hold the teacher at the loss's temperature over the loss's vocabulary."""
+    if cache.temperature != loss.temperature:
+        raise ConfigError(
+            f"the logit cache holds teacher log-probs at T={cache.temperature} but the loss compares at "
+            f"T={loss.temperature}; rebuild the cache at the loss temperature"
+        )
+    vocab = loss.shared_vocab(student.get_output_embeddings().weight.shape[0], None)
+    if cache.vocab_size != vocab:
+        raise ConfigError(
+            f"the logit cache covers {cache.vocab_size} tokens but the loss compares {vocab}; "
+            "set llm.loss.vocab_size to the tokenizer size and rebuild the cache"
+        )

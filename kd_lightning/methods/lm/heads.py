@@ -1,0 +1,28 @@
+"""The check that a causal LM's logits are ``lm_head(last hidden state)``, which the chunked token loss
+relies on (it computes logits from hidden states chunk by chunk)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from kd_lightning.engine.errors import ConfigError
+from kd_lightning.llm.token_loss import final_hidden_states
+
+
+@torch.no_grad()
+def check_head(model: nn.Module, key: str, input_ids: Tensor, attention_mask: Tensor) -> None:
+    """Fail unless ``model``'s logits are ``lm_head(last hidden state)`` (logit soft-capping or scaling
+    breaks it). Runs the first attended tokens of one row, in eval mode."""
+    tokens = input_ids[0][attention_mask[0].bool()][:32].unsqueeze(0)
+    mask = torch.ones_like(tokens)
+    was_training = model.training
+    model.eval()
+    logits = model(input_ids=tokens, attention_mask=mask, use_cache=False).logits.float()
+    recomputed = model.get_output_embeddings()(final_hidden_states(model, tokens, mask)).float()
+    model.train(was_training)
+    if not torch.allclose(recomputed, logits, rtol=1e-3, atol=1e-3):
+        raise ConfigError(
+            f"{key}: the model's logits are not lm_head(last hidden state) (logit scaling or soft-capping?); "
+            "the chunked token loss cannot distil it"
+        )
