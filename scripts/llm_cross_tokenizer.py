@@ -29,6 +29,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from kd_lightning.methods.llm import LLMDistillationModule
 from llm_common import (
     RESULTS,
     RESULTS_TITLE,
@@ -51,7 +52,6 @@ from kd_lightning.llm.generation import GenerationSettings, generate_file
 from kd_lightning.llm.models import load_gguf_model, load_gguf_tokenizer
 from kd_lightning.llm.prompts import make_prompts
 from kd_lightning.llm.token_loss import IGNORE_INDEX
-from kd_lightning.methods.llm import LLMDistillationModule
 from kd_lightning.recipes.llm_distill import build_student, pair_tokenizers
 from kd_lightning.reporting.markdown import write_section
 

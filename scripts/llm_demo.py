@@ -32,6 +32,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from kd_lightning.methods.llm import LLMDistillationModule
 from llm_common import (
     RESULTS,
     RESULTS_TITLE,
@@ -50,7 +51,6 @@ from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.generation import GenerationSettings, generate_file, keep_correct, read_records
 from kd_lightning.llm.models import check_tokenizers, layer_subset, load_gguf_model, load_gguf_tokenizer
 from kd_lightning.llm.prompts import make_prompts
-from kd_lightning.methods.llm import LLMDistillationModule
 from kd_lightning.reporting.markdown import write_section
 
 #: arguments that do not change a run's result

@@ -28,6 +28,8 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
+from kd_lightning.engine.caching.token_outputs import LogitCache
+from kd_lightning.methods.llm import LLMDistillationModule
 from llm_common import (
     RESULTS,
     RESULTS_TITLE,
@@ -45,7 +47,6 @@ from llm_cross_tokenizer import teacher_text
 from multirun import mean_std
 from transformers import AutoModelForCausalLM
 
-from kd_lightning.engine.caching.token_outputs import LogitCache
 from kd_lightning.engine.weights import freeze
 from kd_lightning.llm.contrastive import DistiLLM2Loss, student_responses
 from kd_lightning.llm.data import LLMDataModule
@@ -57,7 +58,6 @@ from kd_lightning.llm.multi_teacher import RowRouting
 from kd_lightning.llm.prompts import make_prompts
 from kd_lightning.llm.remote import RemoteTeacher
 from kd_lightning.llm.token_loss import TokenDistillationLoss
-from kd_lightning.methods.llm import LLMDistillationModule
 from kd_lightning.reporting.markdown import write_section
 
 OBJECTIVES = {

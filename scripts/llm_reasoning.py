@@ -34,6 +34,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from kd_lightning.methods.llm import LLMDistillationModule
 from llm_common import (
     RESULTS,
     RESULTS_TITLE,
@@ -58,7 +59,6 @@ from kd_lightning.llm.generation import GenerationSettings, generate_file, keep_
 from kd_lightning.llm.models import layer_subset, load_gguf_model, load_gguf_tokenizer
 from kd_lightning.llm.prompts import make_prompts, written_steps
 from kd_lightning.llm.token_loss import TokenDistillationLoss
-from kd_lightning.methods.llm import LLMDistillationModule
 from kd_lightning.reporting.markdown import write_section
 
 #: The students' problems come from another seed than the teacher's fine-tuning problems, so the teacher's

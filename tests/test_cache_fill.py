@@ -17,10 +17,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kd_lightning.data import MNIST1DDataModule
-from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
-from kd_lightning.engine.caching.teacher_views import TeacherViewCache
 from kd_lightning.models import MLP
 from kd_lightning.teacher import Teacher
+from kd_lightning.teacher.outputs import TeacherOutputCache
+from kd_lightning.teacher.views import TeacherViewCache
 
 BATCH = 20
 

@@ -103,10 +103,10 @@ def test_two_teachers_of_different_architectures_distil_end_to_end(tmp_path: Pat
 def test_the_summary_reports_what_each_teacher_adds_per_step() -> None:
     """Per teacher: parameters, weight memory and the forward time on one training batch; a bigger teacher
     costs more, and a cached one adds nothing to a training step."""
-    from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
     from kd_lightning.reporting.summary import Summary
     from kd_lightning.reporting.teacher_cost import teacher_costs
     from kd_lightning.teacher import Teacher
+    from kd_lightning.teacher.outputs import TeacherOutputCache
 
     big, small = nn.Sequential(nn.Flatten(), nn.Linear(40, 2048), nn.Linear(2048, 10)), nn.Linear(40, 10)
     teachers = {

@@ -13,12 +13,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kd_lightning.engine import threads
-from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.runtime import Runtime
 from kd_lightning.losses import DistillationLoss, KLDivergence
 from kd_lightning.methods.kd import DistillationModule
 from kd_lightning.models import resnet8x4
+from kd_lightning.teacher.outputs import TeacherOutputCache
 from tests.conftest import compose_config
 
 

@@ -12,8 +12,8 @@ from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.weights import read_state_dict
 from kd_lightning.methods.stages import Stage
 from kd_lightning.recipes.distill import distill
+from kd_lightning.recipes.report import Run
 from kd_lightning.recipes.stages import ensemble_accuracy
-from kd_lightning.reporting.report import Run
 from tests.conftest import TINY, compose_config
 
 BORN_AGAIN = [*TINY, "method=born_again", "logger=none", "trainer.deterministic=true"]

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from kd_lightning.data import MNIST1DDataModule
-from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.runtime import Runtime
 from kd_lightning.losses import DistillationLoss, KLDivergence
 from kd_lightning.methods.kd import DistillationModule
 from kd_lightning.models import MLP, ConvNet1D
 from kd_lightning.recipes.distill import distill
+from kd_lightning.teacher.outputs import TeacherOutputCache
 from tests.conftest import TINY, compose_config
 
 

@@ -12,10 +12,10 @@ from torch import nn
 
 from kd_lightning.data import DigitsDataModule
 from kd_lightning.engine.caching.store import weights_digest
-from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.recipes.distill import distill
 from kd_lightning.teacher import Teacher
+from kd_lightning.teacher.outputs import TeacherOutputCache
 from kd_lightning.teacher_inputs import AdaptedModel, ImageInput, TokenInput
 from tests.conftest import compose_config
 

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from kd_lightning.data import MNIST1DDataModule
-from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
-from kd_lightning.engine.caching.teacher_views import TeacherViewCache, view_seed
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.runtime import Runtime
 from kd_lightning.recipes.distill import distill
+from kd_lightning.teacher.outputs import TeacherOutputCache
+from kd_lightning.teacher.views import TeacherViewCache, view_seed
 from tests.conftest import TINY, compose_config
 from tests.test_teacher_cache import counting, fit, module, teacher
 

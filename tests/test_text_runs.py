@@ -63,7 +63,7 @@ def test_bert_style_teacher_to_smaller_student_on_csv(text_data: dict[str, Path]
     assert {"test/acc", "teacher/test_acc", "val/agreement", "train/loss_kd"} <= set(metrics)
     assert summary["student_params"] < summary["teacher_params"]
     # kd-report reads the text run too (token batches, not image tensors): the same test accuracy.
-    from kd_lightning.reporting.report import report
+    from kd_lightning.recipes.report import report
 
     threads = torch.get_num_threads()
     try:

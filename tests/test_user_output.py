@@ -100,7 +100,7 @@ def test_kd_report_says_the_thread_count_and_warns_on_a_busy_machine(monkeypatch
 
     import torch
 
-    from kd_lightning.reporting import report
+    from kd_lightning.recipes import report
 
     measured = report.Measured(accuracy=0.9, ece=0.05, params=10, size_bytes=1024, latency_s=0.001)
     latency_row = report.rows({"student": measured}, None, batch_size=32, repeats=5)[-1]

@@ -8,13 +8,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.quiet import quiet_third_party
 from kd_lightning.engine.resolvers import register_resolvers
+from kd_lightning.engine.run_dir import in_multirun
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 
@@ -50,10 +49,6 @@ def lightning_console_logging() -> None:
 register_resolvers()  # before @hydra.main composes any config
 quiet_third_party()
 lightning_console_logging()
-
-
-def in_multirun() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def exit_on_config_error(job: Callable[[DictConfig], Any], cfg: DictConfig, program: str) -> Any:

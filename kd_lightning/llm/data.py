@@ -29,6 +29,7 @@ from kd_lightning.llm.encoding import ExampleEncoder
 from kd_lightning.llm.generation import keep_correct, keep_shortest, read_records
 from kd_lightning.llm.multi_teacher import RoutedEncoder, RowRouting
 from kd_lightning.llm.prompts import make_prompts
+from kd_lightning.llm.protocol import SOURCE_KEY, TokenSource
 
 
 def reference_completion(answer: int) -> str:
@@ -50,9 +51,15 @@ def load_examples(
         path = Path(file).expanduser()
         if not path.is_file():
             raise ConfigError(f"{key}_file={file} does not exist; write it with kd-llm-generate or fix the path")
-        records = read_records(path)
+        records = read_records(path, f"{key}_file")
         if not records:
             raise ConfigError(f"{key}_file={file} is empty; (re)generate it with kd-llm-generate")
+        for number, record in enumerate(records, 1):
+            if not isinstance(record.get("prompt"), str) or not isinstance(record.get("completion", ""), str | None):
+                raise ConfigError(
+                    f"{key}_file={file}: record {number} needs a string 'prompt' (and a string 'completion'); "
+                    "fix the file or regenerate it with kd-llm-generate"
+                )
         if only_correct:
             records = keep_correct(records, f"{key.rsplit('.', 1)[0]}.only_correct")
         if shortest:
@@ -106,6 +113,8 @@ class LLMDataModule(L.LightningDataModule):
     - ``teacher_tokenizer``: a teacher with its own tokenizer (cross-tokenizer distillation): every example
       is also encoded for the teacher, ``teacher_*`` keys, with the two completions' token spans aligned
       (:class:`~kd_lightning.llm.aligned.AlignedEncoder`).
+    - ``source``: where the completions came from, ``ground_truth`` (references) or ``teacher`` (teacher-written);
+      batches carry it as ``token_source`` (:mod:`kd_lightning.llm.protocol`).
     - ``routing``: several teachers, one per row (:class:`~kd_lightning.llm.multi_teacher.RowRouting`):
       batches get ``teacher_index``; with ``teacher_tokenizer`` one tokenizer per teacher, in order, each
       row aligned for its own teacher.
@@ -128,8 +137,12 @@ class LLMDataModule(L.LightningDataModule):
         num_workers: int = 0,
         teacher_tokenizer: PreTrainedTokenizerBase | Sequence[PreTrainedTokenizerBase] | None = None,
         routing: RowRouting | None = None,
+        source: str = TokenSource.GROUND_TRUTH.value,
     ) -> None:
         super().__init__()
+        if source not in (TokenSource.GROUND_TRUTH.value, TokenSource.TEACHER.value):
+            raise ConfigError(f"llm.data.source={source!r}: the completions are 'ground_truth' or 'teacher' text")
+        self.source = source
         if max_length < 2:
             raise ConfigError(f"llm.data.max_length={max_length} must be >= 2")
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
@@ -189,7 +202,7 @@ class LLMDataModule(L.LightningDataModule):
         batch = self.encoder.collate(examples)
         if "sampled_completion" in examples[0]:
             batch.update(self.encoder.collate(examples, prefix="sampled_"))
-        return batch
+        return {**batch, SOURCE_KEY: self.source}
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         self.setup()

@@ -68,19 +68,33 @@ class GenerationSettings:
             )
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSONL file; a last line cut short by an interrupted run is dropped from the file."""
+def read_records(path: Path, key: str | None = None, repair: bool = False) -> list[dict[str, Any]]:
+    """The JSON-object records of a JSONL file (blank lines skipped); the file is only read.
+
+    A line that is not a JSON object is an error naming ``key`` (the config key of the file) and the line;
+    except, with ``repair`` (this library's own output being resumed), a last line cut short by an
+    interrupted run, which is dropped from the file."""
     if not path.exists():
         return []
-    lines = path.read_text().splitlines(keepends=True)
+    name = f"{key}={path}" if key else str(path)
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines(keepends=True)
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{name} is not UTF-8 text (byte {error.start}); save it as UTF-8 JSONL") from None
     records = []
     for number, line in enumerate(lines):
+        if not line.strip():
+            continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            if number != len(lines) - 1:
-                raise ConfigError(f"{path}: line {number + 1} is not JSON; delete or fix the file") from None
-            path.write_text("".join(lines[:-1]))
+            if repair and number == len(lines) - 1 and not line.endswith("\n"):
+                path.write_text("".join(lines[:-1]))
+                break
+            raise ConfigError(f"{name}: line {number + 1} is not JSON; fix or delete that line") from None
+        if not isinstance(record, dict):
+            raise ConfigError(f'{name}: line {number + 1} is not a JSON object ({{"prompt": ..., ...}})')
+        records.append(record)
     return records
 
 
@@ -207,7 +221,7 @@ def generate_file(
         raise ConfigError(f"generate.batch_size={batch_size} must be >= 1")
     path = Path(out_file).expanduser()
     _check_settings(path, settings, model, "generate.out_file")
-    done = {record["id"] for record in read_records(path)}
+    done = {record["id"] for record in read_records(path, "generate.out_file", repair=True)}
     todo = [prompt for prompt in prompts if prompt.id not in done]
     if todo:
         log.info("generating %d of %d prompts into %s", len(todo), len(prompts), path)

@@ -13,7 +13,6 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning.data.contract import HasExampleInput, HasTrainSize, is_deterministic
 from kd_lightning.engine.batches import Inputs, batch_size, to_device
-from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.runtime import Runtime
 from kd_lightning.engine.taps import Taps
@@ -22,6 +21,7 @@ from kd_lightning.losses.base import TASK_MODEL
 from kd_lightning.methods.base import OptimizerFactory, SchedulerFactory
 from kd_lightning.methods.classifier import Batch, ClassifierMethod, unpack
 from kd_lightning.teacher import Teacher
+from kd_lightning.teacher.outputs import TeacherOutputCache
 
 
 class DistillationModule(ClassifierMethod):

@@ -17,8 +17,8 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from kd_lightning.cli.common import in_multirun
 from kd_lightning.engine.caching.store import write_text_atomic
+from kd_lightning.engine.run_dir import in_multirun
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
+from kd_lightning.teacher.outputs import TeacherOutputCache
 
 
 def main(rows: int = 24_000, classes: int = 10, batch: int = 256, lookups: int = 1000) -> None:

@@ -27,12 +27,12 @@ from kd_step import REPO, bench_trainer, write_section
 from torch import Tensor
 
 from kd_lightning.data.in_memory import InMemoryDataModule
-from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
 from kd_lightning.engine.runtime import Runtime
 from kd_lightning.losses import DistillationLoss, KLDivergence
 from kd_lightning.methods.kd import DistillationModule
 from kd_lightning.models.cifar import resnet8x4, resnet32x4
 from kd_lightning.teacher import Teacher
+from kd_lightning.teacher.outputs import TeacherOutputCache
 
 
 class SyntheticCifar(InMemoryDataModule):

@@ -41,12 +41,12 @@ import lightning as L
 import torch
 
 from kd_lightning.data import MNIST1DDataModule
-from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
-from kd_lightning.engine.caching.teacher_views import TeacherViewCache
 from kd_lightning.engine.runtime import Runtime
 from kd_lightning.losses import DistillationLoss, KLDivergence
 from kd_lightning.methods.kd import DistillationModule
 from kd_lightning.models import MLP, ConvNet1D
+from kd_lightning.teacher.outputs import TeacherOutputCache
+from kd_lightning.teacher.views import TeacherViewCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kd_step import REPO, bench_trainer, write_section

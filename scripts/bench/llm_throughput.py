@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 from cifar_throughput import Throughput
+from kd_lightning.engine.caching.token_outputs import LogitCache
+from kd_lightning.methods.llm import LLMDistillationModule
 from kd_step import REPO, bench_trainer, write_section
 
-from kd_lightning.engine.caching.token_outputs import LogitCache
 from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.divergences import ForwardKL
 from kd_lightning.llm.models import layer_subset, load_gguf_model, load_gguf_tokenizer
 from kd_lightning.llm.token_loss import IGNORE_INDEX, TokenDistillationLoss
-from kd_lightning.methods.llm import LLMDistillationModule
 
 
 def labelled_tokens(batch: dict) -> int:

@@ -18,12 +18,12 @@ from torch import Tensor, nn
 from kd_lightning.data.contract import CacheableData
 from kd_lightning.engine.batches import Inputs, batch_size, input_device
 from kd_lightning.engine.caching.store import weights_digest
-from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.resume import side_rng
 from kd_lightning.engine.runtime import TEACHER_DTYPES
 from kd_lightning.engine.taps import Taps
 from kd_lightning.engine.weights import freeze
+from kd_lightning.teacher.outputs import TeacherOutputCache
 from kd_lightning.teacher_inputs import adapted
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ class Teacher:
         name: the teacher's name: its state-dict prefix in the method and the ``model`` that loss terms
             read (``teacher: {model: <name>}``).
         precision: ``bf16`` / ``fp16`` runs it under autocast (outputs cast back to float32); None: as is.
-        cache: a :class:`~kd_lightning.engine.caching.teacher_outputs.TeacherOutputCache` of its logits
+        cache: a :class:`~kd_lightning.teacher.outputs.TeacherOutputCache` of its logits
             per split, looked up by sample index (``conf/teacher_cache``); None: always run the model.
         reuse_val_outputs: keep the validation logits of the first epoch and reuse them, for data
             that declares ``random_augmentation = False``.

@@ -12,7 +12,7 @@ sample, drawn in index order from a generator seeded with ``(seed, v)``. Epoch :
 :math:`v = t \bmod E`: the datamodule rebuilds :math:`x^{(v)}_i` from the stored :math:`\theta_{v,i}` (the
 very input the teacher labelled, bit for bit: the same deterministic :math:`A` on the same values) and the
 lookup returns the teacher's stored outputs for :math:`(v, i)`. Validation and test are not augmented: their
-tables are :class:`~kd_lightning.engine.caching.teacher_outputs.TeacherOutputCache`'s.
+tables are :class:`~kd_lightning.teacher.outputs.TeacherOutputCache`'s.
 
 Two entries per teacher on disk: the views (the parameters, keyed by the data's content identity, ``views``
 and ``seed``; shared by every teacher, so several teachers label the same views) and the teacher's outputs
@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from kd_lightning.data.contract import CacheableData, ReplaysViews, check_view_replay
 from kd_lightning.engine.caching.store import cache_key, weights_digest
-from kd_lightning.engine.caching.teacher_outputs import TeacherOutputCache
 from kd_lightning.engine.errors import ConfigError
+from kd_lightning.teacher.outputs import TeacherOutputCache
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
