@@ -93,7 +93,8 @@ def test_batches_mask_prompt_and_padding() -> None:
     tokenizer = char_tokenizer()
     data = LLMDataModule(tokenizer, train_prompts=ARITHMETIC, val_prompts=HELDOUT, batch_size=3, max_length=200)
     batch = next(iter(data.val_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "prompt_input_ids", "prompt_attention_mask"}
+    keys = {"input_ids", "attention_mask", "labels", "prompt_input_ids", "prompt_attention_mask", "token_source"}
+    assert set(batch) == keys and batch["token_source"] == "ground_truth"
     for row in range(3):
         mask, labels = batch["attention_mask"][row].bool(), batch["labels"][row]
         prompt = batch["prompt_input_ids"][row][batch["prompt_attention_mask"][row].bool()]
@@ -142,7 +143,7 @@ def test_prompt_only_batches_for_on_policy_training() -> None:
         char_tokenizer(), train_prompts={**ARITHMETIC, "kind": "mixed"}, val_prompts=HELDOUT, prompt_only=True
     )
     batch = next(iter(data.train_dataloader()))
-    assert set(batch) == {"prompt_input_ids", "prompt_attention_mask"}
+    assert set(batch) == {"prompt_input_ids", "prompt_attention_mask", "token_source"}
     assert "labels" in next(iter(data.val_dataloader()))
 
 

@@ -11,9 +11,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.multirun import in_multirun
 from kd_lightning.engine.quiet import quiet_third_party
 from kd_lightning.engine.resolvers import register_resolvers
-from kd_lightning.engine.run_dir import in_multirun
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 

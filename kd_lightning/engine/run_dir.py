@@ -9,8 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
@@ -94,8 +92,3 @@ def start_run(cfg: DictConfig) -> RunStart:
     else:
         announce(f"run directory: {out_dir}")
     return RunStart(out_dir, ckpt_path, finished)
-
-
-def in_multirun() -> bool:
-    """Whether this process runs one job of a Hydra multirun (``-m``)."""
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

@@ -18,7 +18,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
 from kd_lightning.engine.caching.store import write_text_atomic
-from kd_lightning.engine.run_dir import in_multirun
+from kd_lightning.engine.multirun import in_multirun
 
 log = logging.getLogger(__name__)
 
