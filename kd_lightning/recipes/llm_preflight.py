@@ -21,6 +21,9 @@ from kd_lightning.methods.lm.base import LMMethod
 
 log = logging.getLogger(__name__)
 
+#: The largest learning rate accepted: beyond it one step moves weights by more than their scale.
+MAX_LM_LR = 1.0
+
 
 def check_values(cfg: DictConfig) -> None:
     """Types and ranges of the run's own options, the training budget and device count, the optimizer."""
@@ -29,7 +32,13 @@ def check_values(cfg: DictConfig) -> None:
     if cfg.llm.get("nonfinite", "error") not in NONFINITE:
         raise ConfigError(f"llm.nonfinite={cfg.llm.nonfinite!r}: use one of {list(NONFINITE)}")
     check_trainer(cfg.trainer)
-    checked_factory(cfg.optimizer, "optimizer")
+    optimizer = checked_factory(cfg.optimizer, "optimizer")
+    lr = optimizer.keywords.get("lr", 0.0)
+    if lr > MAX_LM_LR:
+        raise ConfigError(
+            f"optimizer.lr={lr} would wreck the student in one step (LM fine-tuning uses about 1e-6 to 1e-3); "
+            f"set optimizer.lr <= {MAX_LM_LR}"
+        )
     if cfg.get("scheduler"):
         checked_factory(cfg.scheduler, "scheduler")
 
