@@ -29,7 +29,6 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from kd_lightning.methods.llm import LLMDistillationModule
 from llm_common import (
     RESULTS,
     RESULTS_TITLE,
@@ -52,7 +51,7 @@ from kd_lightning.llm.generation import GenerationSettings, generate_file
 from kd_lightning.llm.models import load_gguf_model, load_gguf_tokenizer
 from kd_lightning.llm.prompts import make_prompts
 from kd_lightning.llm.token_loss import IGNORE_INDEX
-from kd_lightning.recipes.llm_distill import build_student, pair_tokenizers
+from kd_lightning.recipes.llm_components import build_student, offer, pair_tokenizers, scheme_factory
 from kd_lightning.reporting.markdown import write_section
 
 SECTION = "llm-cross-tokenizer"
@@ -61,7 +60,7 @@ IGNORED_ARGS = ("seeds", "runs", "out", "threads")
 
 #: name -> (kd-llm-distill overrides, description)
 RUNS = {
-    "sft": (["llm/loss=sft"], "CE on teacher text (black-box baseline)"),
+    "sft": (["llm/method=sft"], "CE on teacher text (black-box baseline)"),
     "uld": (["llm/loss=uld"], "CE + ULD (position-aligned sorted probabilities)"),
     "gold": (["llm/loss=gold"], "CE + GOLD (span-aligned; KL on shared tokens, ULD on the rest)"),
     "gold_shared": (["llm/loss=gold", "llm.loss.unmatched_weight=0"], "CE + GOLD, shared tokens only (no ULD term)"),
@@ -103,16 +102,19 @@ def run_one(name: str, seed: int, teacher, tokenizer, files: dict, args: argpars
     overrides = ["llm/student=bpe_llama", f"seed={seed}", *RUNS[name][0]]
     cfg = llm_config(overrides)
     L.seed_everything(seed, workers=True)
-    loss = instantiate(cfg.llm.loss)
+    factory, loss_cfg = scheme_factory(cfg)
+    loss = instantiate(loss_cfg) if loss_cfg is not None else None
     student, student_tokenizer = build_student(cfg.llm.student, teacher, tokenizer)
     pairing = pair_tokenizers(loss, teacher, student, tokenizer, student_tokenizer)
     data = {"train_file": str(files["train"]), "val_file": str(files["heldout"]), "max_length": args.max_length}
     datamodule = LLMDataModule(**pairing.data, **data, batch_size=args.batch_size, val_batch_size=16)
-    module = LLMDistillationModule(
+    module = offer(
+        factory,
         student=student,
         loss=loss,
+        vocab_size=pairing.vocab_size,
         optimizer=adamw(args.lr),
-        teacher=teacher if pairing.teacher_runs else None,
+        teacher=teacher if loss is not None or pairing.teacher_reads_student else None,
         pad_token_id=student_tokenizer.pad_token_id,
         eos_token_id=student_tokenizer.eos_token_id,
         seed=seed,

@@ -15,7 +15,7 @@ One process, teacher loaded once (kd-llm-distill would reload it for every run):
 3. held-out metrics (the llm-demo section of docs/results/llm.md): token-level KL(teacher || student) and
    student perplexity on the teacher's completions of the held-out instructions; verifier pass rate on
    held-out arithmetic problems.
-Losses and modes are composed from the kd-llm-distill configs (conf/llm/loss, conf/llm/mode). Each finished
+Schemes and losses are composed from the kd-llm-distill configs (conf/llm/method, conf/llm/loss). Each finished
 run is saved under $KD_LIGHTNING_HOME/runs/llm_demo and reused, so an interrupted demo resumes.
 """
 
@@ -31,8 +31,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
-from kd_lightning.methods.llm import LLMDistillationModule
 from llm_common import (
     RESULTS,
     RESULTS_TITLE,
@@ -51,6 +49,7 @@ from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.generation import GenerationSettings, generate_file, keep_correct, read_records
 from kd_lightning.llm.models import check_tokenizers, layer_subset, load_gguf_model, load_gguf_tokenizer
 from kd_lightning.llm.prompts import make_prompts
+from kd_lightning.recipes.llm_components import scheme_from_config
 from kd_lightning.reporting.markdown import write_section
 
 #: arguments that do not change a run's result
@@ -62,12 +61,12 @@ RUNS = {
     "rkl": (["llm/loss=reverse_kl"], "instructions", "token KD, reverse KL, off-policy"),
     "jsd": (["llm/loss=jsd"], "instructions", "token KD, JSD(0.5), off-policy"),
     "jsd_on": (
-        ["llm/loss=jsd", "llm/mode=on_policy", "llm.mode.lmbda=0.5"],
+        ["llm/method=on_policy", "llm/loss=jsd", "llm.method.lmbda=0.5"],
         "instructions",
         "token KD, JSD(0.5), on-policy λ=0.5",
     ),
-    "seqkd": (["llm/loss=sft"], "instructions", "sequence-level KD (CE on teacher text, α=0)"),
-    "blackbox": (["llm/loss=sft"], "arithmetic", "black-box: CE on verifier-filtered teacher arithmetic samples"),
+    "seqkd": (["llm/method=sft"], "instructions", "sequence-level KD (CE on teacher text, α=0)"),
+    "blackbox": (["llm/method=sft"], "arithmetic", "black-box: CE on verifier-filtered teacher arithmetic samples"),
 }
 
 
@@ -107,8 +106,7 @@ def run_one(name: str, seed: int, teacher, tokenizer, data: dict, args: argparse
     cfg = llm_config(overrides)
     L.seed_everything(seed, workers=True)
     student = teacher if name == "teacher" else layer_subset(teacher, num_layers=args.num_layers)
-    loss = instantiate(cfg.llm.loss)
-    loss.vocab_size = check_tokenizers(teacher, student, tokenizer)
+    vocab = check_tokenizers(teacher, student, tokenizer)
     files = data["files"]
     datamodule = LLMDataModule(
         tokenizer,
@@ -119,17 +117,17 @@ def run_one(name: str, seed: int, teacher, tokenizer, data: dict, args: argparse
         batch_size=args.batch_size,
         val_batch_size=16,
     )
-    generation = {**cfg.llm.mode.generation, "max_new_tokens": args.max_new_tokens} if cfg.llm.mode.lmbda else None
-    module = LLMDistillationModule(
+    sampling = {"generation": {**cfg.llm.method.generation, "max_new_tokens": args.max_new_tokens}}
+    module = scheme_from_config(
+        cfg,
+        vocab_size=vocab,
         student=student,
-        loss=loss,
         optimizer=adamw(args.lr),
-        teacher=teacher,  # also for SFT runs: alpha = 0 never runs it in training, validation reports KL
-        lmbda=cfg.llm.mode.lmbda,
-        generation=generation,
+        teacher=teacher,  # also for SFT runs: it never runs in training, validation reports KL
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         seed=seed,
+        **(sampling if "generation" in cfg.llm.method else {}),
     )
     train_seconds = timed_fit(module, datamodule, args.steps) if name in RUNS else 0.0
     metrics = validate(module, datamodule)

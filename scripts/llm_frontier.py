@@ -27,9 +27,6 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from kd_lightning.engine.caching.token_outputs import LogitCache
-from kd_lightning.methods.llm import LLMDistillationModule
 from llm_common import (
     RESULTS,
     RESULTS_TITLE,
@@ -48,24 +45,26 @@ from multirun import mean_std
 from transformers import AutoModelForCausalLM
 
 from kd_lightning.engine.weights import freeze
-from kd_lightning.llm.contrastive import DistiLLM2Loss, student_responses
 from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.divergences import ForwardKL
 from kd_lightning.llm.generation import read_records
 from kd_lightning.llm.local_server import OpenAIServer
+from kd_lightning.llm.logit_cache import LogitCache
 from kd_lightning.llm.models import layer_subset, load_gguf_model, load_gguf_tokenizer
 from kd_lightning.llm.multi_teacher import RowRouting
 from kd_lightning.llm.prompts import make_prompts
 from kd_lightning.llm.remote import RemoteTeacher
 from kd_lightning.llm.token_loss import TokenDistillationLoss
+from kd_lightning.methods.lm import LMMethod, MultiTeacher, TokenKD
+from kd_lightning.recipes.llm_components import scheme_from_config
 from kd_lightning.reporting.markdown import write_section
 
 OBJECTIVES = {
-    "sft": (["llm/loss=sft"], "CE on teacher text"),
+    "sft": (["llm/method=sft"], "CE on teacher text"),
     "fkl": (["llm/loss=forward_kl", "llm.loss.alpha=1"], "forward KL (word-level KD)"),
-    "distillm2": (["llm/loss=distillm2"], "DistiLLM-2: SKL on teacher text + SRKL on the student's own responses"),
+    "distillm2": (["llm/method=distillm2"], "DistiLLM-2: SKL on teacher text + SRKL on the student's own responses"),
     "distillm2_sft": (
-        ["llm/loss=distillm2"],
+        ["llm/method=distillm2"],
         "DistiLLM-2 after an SFT warm start (half the steps sft; responses from the warm student, as in the paper)",
     ),
 }
@@ -73,10 +72,13 @@ OBJECTIVES = {
 WARM_START = {"distillm2_sft": "sft"}
 
 
-def module_for(student, loss, tokenizer, args, **teachers) -> LLMDistillationModule:
-    return LLMDistillationModule(
+def module_for(name: str, seed: int, student, tokenizer, args, **teachers) -> LMMethod:
+    """Objective ``name``'s scheme, as kd-llm-distill composes it, over the tokenizer's vocabulary."""
+    cfg = llm_config([*OBJECTIVES[name][0], f"seed={seed}"])
+    return scheme_from_config(
+        cfg,
+        vocab_size=len(tokenizer),
         student=student,
-        loss=loss,
         optimizer=adamw(args.lr),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -97,32 +99,19 @@ def text_data(tokenizer, files: dict, args, max_length: int, **options) -> LLMDa
     )
 
 
-def objective_loss(name: str, seed: int, tokenizer) -> torch.nn.Module:
-    """Objective ``name``'s token loss, as kd-llm-distill composes it, over the tokenizer's vocabulary."""
-    cfg = llm_config([*OBJECTIVES[name][0], f"seed={seed}"])
-    loss = instantiate(cfg.llm.loss)
-    loss.vocab_size = len(tokenizer)
-    return loss
-
-
 def objective_run(name: str, seed: int, teacher, tokenizer, files: dict, args, root: Path) -> dict:
     L.seed_everything(seed, workers=True)
     student = layer_subset(teacher, num_layers=8)
     warm_steps = args.steps // 2 if name in WARM_START else 0
     seconds = 0.0
     if warm_steps:  # the warm start's data module is its own: the responses below are the warm student's
-        warm = module_for(student, objective_loss(WARM_START[name], seed, tokenizer), tokenizer, args, teacher=teacher)
+        warm = module_for(WARM_START[name], seed, student, tokenizer, args, teacher=teacher)
         seconds = timed_fit(warm, text_data(tokenizer, files, args, max_length=160), warm_steps)
-    loss = objective_loss(name, seed, tokenizer)
+    module = module_for(name, seed, student, tokenizer, args, teacher=teacher)
     data = text_data(tokenizer, files, args, max_length=160)
     start = time.perf_counter()
-    if isinstance(loss, DistiLLM2Loss):
-        data.setup()
-        data.add_student_responses(
-            student_responses(student, tokenizer, data.prompts["train"], loss.generation, root / "responses")
-        )
+    module.before_fit(data, tokenizer, root)  # DistiLLM-2: the student's responses, under root/distillm2
     responses_seconds = time.perf_counter() - start
-    module = module_for(student, loss, tokenizer, args, teacher=teacher)
     seconds += timed_fit(module, data, args.steps - warm_steps)
     metrics = validate(module, data)
     return {
@@ -139,9 +128,8 @@ def untrained_run(teacher, tokenizer, files: dict, args) -> dict:
     """KL and perplexity of the copied layers before any training: the objectives' common starting point."""
     student = layer_subset(teacher, num_layers=8)
     loss = TokenDistillationLoss(ForwardKL(), alpha=1.0, vocab_size=len(tokenizer))
-    metrics = validate(
-        module_for(student, loss, tokenizer, args, teacher=teacher), text_data(tokenizer, files, args, 160)
-    )
+    module = TokenKD(student=student, loss=loss, teacher=teacher, optimizer=adamw(args.lr))
+    metrics = validate(module, text_data(tokenizer, files, args, 160))
     return {"kl": metrics["val/kl_to_teacher"], "ppl": metrics["val/ppl"]}
 
 
@@ -196,9 +184,10 @@ def routing_run(name: str, seed: int, teachers: dict, tokenizer, files: dict, ar
     data = text_data(tokenizer, files, args, max_length=192, routing=routing)
     loss = TokenDistillationLoss(ForwardKL(), alpha=0.5, vocab_size=len(tokenizer))
     used = teachers if name == "routed" else {"chat": teachers["chat"], "math": teachers["chat"]}
-    module = module_for(student, loss, tokenizer, args, teachers=used, combination=routing)
+    common = {"student": student, "loss": loss, "optimizer": adamw(args.lr), "combination": routing}
+    module = MultiTeacher(**common, teachers=used)
     seconds = timed_fit(module, data, args.steps)
-    judge = module_for(student, loss, tokenizer, args, teachers=teachers, combination=routing)  # KL to each row's own
+    judge = MultiTeacher(**common, teachers=teachers)  # KL to each row's own teacher
     metrics = validate(judge, data)
     heldout = make_prompts("multistep", args.heldout_prompts, 0, "heldout")
     rate = pass_rate(student, tokenizer, heldout, routing_file(root, name, seed, args), 96)

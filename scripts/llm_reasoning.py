@@ -33,8 +33,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
-from kd_lightning.methods.llm import LLMDistillationModule
 from llm_common import (
     RESULTS,
     RESULTS_TITLE,
@@ -54,11 +52,11 @@ from transformers import AutoModelForCausalLM
 
 from kd_lightning.engine.weights import freeze
 from kd_lightning.llm.data import LLMDataModule
-from kd_lightning.llm.divergences import ForwardKL
 from kd_lightning.llm.generation import GenerationSettings, generate_file, keep_shortest, read_records
 from kd_lightning.llm.models import layer_subset, load_gguf_model, load_gguf_tokenizer
 from kd_lightning.llm.prompts import make_prompts, written_steps
-from kd_lightning.llm.token_loss import TokenDistillationLoss
+from kd_lightning.methods.lm import SFT
+from kd_lightning.recipes.llm_components import scheme_from_config
 from kd_lightning.reporting.markdown import write_section
 
 #: The students' problems come from another seed than the teacher's fine-tuning problems, so the teacher's
@@ -67,17 +65,17 @@ DISTILL_SEED = 1
 
 #: name -> (kd-llm-distill overrides, training data, description)
 ARMS = {
-    "gt_sft": (["llm/loss=sft"], "ground_truth", "CE on ground-truth solutions (no teacher)"),
-    "traces_sft": (["llm/loss=sft"], "traces", "CE on verified teacher traces (black-box, rejection sampling)"),
-    "traces_short": (["llm/loss=sft"], "shortest", "CE on the shortest verified trace per problem (long-to-short)"),
+    "gt_sft": (["llm/method=sft"], "ground_truth", "CE on ground-truth solutions (no teacher)"),
+    "traces_sft": (["llm/method=sft"], "traces", "CE on verified teacher traces (black-box, rejection sampling)"),
+    "traces_short": (["llm/method=sft"], "shortest", "CE on the shortest verified trace per problem (long-to-short)"),
     "traces_kd": (["llm/loss=forward_kl"], "traces", "forward KL to the teacher on verified traces, α=0.5 (white-box)"),
     "on_policy": (
-        ["llm/loss=jsd", "llm/mode=on_policy", "llm.mode.lmbda=0.5"],
+        ["llm/method=on_policy", "llm/loss=jsd", "llm.method.lmbda=0.5"],
         "traces",
         "JSD(0.5), half the batches sampled by the student (on-policy)",
     ),
     "on_policy_sft": (
-        ["llm/loss=jsd", "llm/mode=on_policy", "llm.mode.lmbda=0.5"],
+        ["llm/method=on_policy", "llm/loss=jsd", "llm.method.lmbda=0.5"],
         "traces",
         "on_policy after an SFT warm start: half the steps traces_sft, then on_policy (GKD starts from SFT)",
     ),
@@ -134,13 +132,7 @@ def fine_tune_teacher(base, tokenizer, args: argparse.Namespace, root: Path, hel
         max_length=args.max_length,
         batch_size=args.batch_size,
     )
-    module = LLMDistillationModule(
-        student=model,
-        loss=TokenDistillationLoss(ForwardKL(), alpha=0.0, vocab_size=len(tokenizer)),
-        optimizer=adamw(args.teacher_lr),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    module = SFT(student=model, optimizer=adamw(args.teacher_lr), vocab_size=len(tokenizer))
     seconds = timed_fit(module, data, args.teacher_steps)
     freeze(model)
     report = {
@@ -219,8 +211,6 @@ def fit_objective(name: str, student, steps: int, seed: int, tokenizer, files: d
     it took and the number of training sequences."""
     overrides, source, _ = ARMS[name]
     cfg = llm_config(overrides)
-    loss = instantiate(cfg.llm.loss)
-    loss.vocab_size = len(tokenizer)
     data = LLMDataModule(
         tokenizer,
         train_file=str(files["ground_truth" if source == "ground_truth" else "traces"]),
@@ -230,17 +220,17 @@ def fit_objective(name: str, student, steps: int, seed: int, tokenizer, files: d
         max_length=args.max_length,
         batch_size=args.batch_size,
     )
-    generation = {**cfg.llm.mode.generation, "max_new_tokens": args.max_new_tokens} if cfg.llm.mode.lmbda else None
-    module = LLMDistillationModule(
+    sampling = {"generation": {**cfg.llm.method.generation, "max_new_tokens": args.max_new_tokens}}
+    module = scheme_from_config(
+        cfg,
+        vocab_size=len(tokenizer),
         student=student,
-        loss=loss,
         optimizer=adamw(args.lr),
-        teacher=load_teacher(root / "teacher") if loss.needs_teacher else None,
-        lmbda=cfg.llm.mode.lmbda,
-        generation=generation,
+        teacher=None if "llm/method=sft" in overrides else load_teacher(root / "teacher"),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         seed=seed,
+        **(sampling if "generation" in cfg.llm.method else {}),
     )
     return timed_fit(module, data, steps), len(data.splits["train"])
 

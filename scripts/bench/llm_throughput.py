@@ -1,5 +1,5 @@
 """Training throughput of the SmolLM2 LM-distillation demo: tokens/s with the teacher run live vs read from the
-teacher top-k cache (llm/mode=teacher_cache), and the student alone (SFT) as the floor.
+teacher top-k cache (llm/teacher_cache=top_k), and the student alone (SFT) as the floor.
 
     python scripts/bench/llm_throughput.py --device cuda      # writes docs/gpu.md (section llm-throughput)
     python scripts/bench/llm_throughput.py --device cpu --steps 8 --warmup 2 --out docs/performance.md \
@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 from cifar_throughput import Throughput
-from kd_lightning.engine.caching.token_outputs import LogitCache
-from kd_lightning.methods.llm import LLMDistillationModule
 from kd_step import REPO, bench_trainer, write_section
 
 from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.divergences import ForwardKL
+from kd_lightning.llm.logit_cache import LogitCache
 from kd_lightning.llm.models import layer_subset, load_gguf_model, load_gguf_tokenizer
 from kd_lightning.llm.token_loss import IGNORE_INDEX, TokenDistillationLoss
+from kd_lightning.methods.lm import SFT, TokenKD
 
 
 def labelled_tokens(batch: dict) -> int:
@@ -45,7 +45,7 @@ def measure(teacher, tokenizer, args: argparse.Namespace, mode: str, cache_root:
         val_prompts={"kind": "arithmetic", "num_prompts": 4, "seed": 0, "split": "heldout"},
         batch_size=args.batch,
     )
-    loss = TokenDistillationLoss(ForwardKL(), alpha=0.0 if mode == "none" else 1.0, vocab_size=len(tokenizer))
+    loss = TokenDistillationLoss(ForwardKL(), alpha=1.0, vocab_size=len(tokenizer))
     cache, build = None, 0.0
     if mode == "cached":
         start = time.perf_counter()
@@ -58,15 +58,14 @@ def measure(teacher, tokenizer, args: argparse.Namespace, mode: str, cache_root:
             vocab_size=len(tokenizer),
         )
         build = time.perf_counter() - start
-    module = LLMDistillationModule(
-        student=layer_subset(teacher, num_layers=8),
-        loss=loss,
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-4),
-        teacher=teacher if mode == "live" else None,
-        logit_cache=cache,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    common = {
+        "student": layer_subset(teacher, num_layers=8),
+        "optimizer": functools.partial(torch.optim.AdamW, lr=1e-4),
+    }
+    if mode == "none":
+        module = SFT(**common, vocab_size=len(tokenizer))
+    else:
+        module = TokenKD(**common, loss=loss, teacher=teacher if mode == "live" else None, logit_cache=cache)
     clock = Throughput(args.warmup, labelled_tokens)
     precision = "bf16-mixed" if args.device == "cuda" else "32-true"
     trainer = bench_trainer(args.device, [clock], max_steps=steps, precision=precision, num_sanity_val_steps=0)
