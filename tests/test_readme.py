@@ -43,3 +43,22 @@ def test_readme_commands_compose(program: str, config: str, tmp_path: Path) -> N
     assert commands
     for overrides in commands:
         compose_config(tmp_path, overrides, config_name=config)
+
+
+def test_readme_llm_commands_use_todays_spelling_and_pass_the_scheme_checks(tmp_path: Path) -> None:
+    """Every kd-llm-distill line of the README composes, is not an old spelling, and its scheme accepts its
+    loss, teachers and cache (the checks kd-llm-distill runs before building a model)."""
+    from hydra.utils import instantiate
+
+    from kd_lightning.cli.renamed import LLM_RENAMED, renamed
+    from kd_lightning.recipes.llm_components import scheme_factory, teacher_names
+    from kd_lightning.recipes.llm_preflight import check_scheme
+    from tests.conftest import compose_config
+
+    for overrides in readme_commands("kd-llm-distill"):
+        assert not [o for o in overrides if renamed(o, LLM_RENAMED)], overrides
+        cfg = compose_config(tmp_path, overrides, config_name="llm_distill")
+        factory, loss_cfg = scheme_factory(cfg)
+        loss = instantiate(loss_cfg) if loss_cfg is not None else None
+        remote = "RemoteTeacher" in str(cfg.llm.teacher.get("model", {}).get("_target_", ""))
+        check_scheme(factory, loss, teacher_names(cfg.llm.teacher), bool(cfg.llm.teacher_cache), remote)
