@@ -8,7 +8,6 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from kd_lightning.engine.caching.store import weights_digest
 from kd_lightning.engine.errors import ConfigError
@@ -16,7 +15,8 @@ from kd_lightning.llm.logit_cache import LogitCache
 from kd_lightning.llm.protocol import TokenLoss, batch_source
 from kd_lightning.llm.token_loss import TokenLossOutput, final_hidden_states
 from kd_lightning.methods.base import Method, OptimizerFactory, SchedulerFactory
-from kd_lightning.methods.lm.heads import check_head
+from kd_lightning.methods.lm.heads import check_cache, check_head
+from kd_lightning.methods.lm.metrics import TokenMetrics
 
 Batch = Mapping[str, Any]
 #: What a run does when its training loss goes non-finite, in this tool's keys.
@@ -26,7 +26,7 @@ LM_DIVERGENCE_ADVICE = (
 )
 
 
-class LMMethod(Method):
+class LMMethod(TokenMetrics, Method):
     """Base of the LM schemes: a trainable causal-LM ``student`` and a frozen ``teacher`` (or its outputs
     from a ``logit_cache``), one :class:`~kd_lightning.llm.protocol.TokenLoss`, Lightning's loop.
 
@@ -93,8 +93,7 @@ class LMMethod(Method):
         self.heads_checked: set[str] = set()
         self.teacher_digests: dict[str, str] = {}
         self.window_tokens = torch.zeros((), dtype=torch.long)
-        self.val_loss, self.val_ce, self.val_kl = MeanMetric(), MeanMetric(), MeanMetric()
-        self.val_teacher_kl = nn.ModuleDict()
+        self.init_metrics()
 
     # ------------------------------------------------------------------------------ declared rules
     @classmethod
@@ -237,31 +236,6 @@ class LMMethod(Method):
                     param.grad.mul_(scale)
         self.window_tokens = torch.zeros_like(self.window_tokens)
 
-    # ---------------------------------------------------------------------------------- evaluation
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        out = self.loss_on(batch, monitor_kl=True)
-        tokens = out.count.clamp(min=1).float()
-        self.val_loss.update(out.total / tokens, weight=out.count.float())
-        self.val_ce.update(out.parts["ce"] / tokens, weight=out.count.float())
-        if "kl_to_teacher" in out.parts:
-            self.val_kl.update(out.parts["kl_to_teacher"] / tokens, weight=out.count.float())
-        for name, metric in self.val_teacher_kl.items():
-            if f"kl_to_teacher/{name}" in out.parts:
-                count = out.parts[f"tokens/{name}"]
-                metric.update(out.parts[f"kl_to_teacher/{name}"] / count.clamp(min=1), weight=count)
-
-    def on_validation_epoch_end(self) -> None:
-        # torchmetrics syncs across ranks in compute(); the values are then equal on every rank.
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=True)
-        self.log("val/ppl", torch.exp(self.val_ce.compute()), prog_bar=True, sync_dist=True)
-        if self.val_kl.update_called:
-            self.log("val/kl_to_teacher", self.val_kl.compute(), sync_dist=True)
-        for name, metric in self.val_teacher_kl.items():
-            if metric.update_called:
-                self.log(f"val/kl_to_teacher/{name}", metric.compute(), sync_dist=True)
-        for metric in (self.val_loss, self.val_ce, self.val_kl, *self.val_teacher_kl.values()):
-            metric.reset()
-
     # ------------------------------------------------------------------------------------ resuming
     def teacher_identities(self) -> dict[str, str]:
         """What the student is distilled from, by teacher name (weights digests; the cache's key)."""
@@ -273,18 +247,3 @@ class LMMethod(Method):
 
     def resume_state(self) -> dict[str, Any]:
         return {**super().resume_state(), "teachers": self.teacher_identities()}
-
-
-def check_cache(cache: LogitCache, loss: Any, student: nn.Module) -> None:
-    """The cache must hold the teacher at the loss's temperature over the loss's vocabulary."""
-    if cache.temperature != loss.temperature:
-        raise ConfigError(
-            f"the logit cache holds teacher log-probs at T={cache.temperature} but the loss compares at "
-            f"T={loss.temperature}; rebuild the cache at the loss temperature"
-        )
-    vocab = loss.shared_vocab(student.get_output_embeddings().weight.shape[0], None)
-    if cache.vocab_size != vocab:
-        raise ConfigError(
-            f"the logit cache covers {cache.vocab_size} tokens but the loss compares {vocab}; "
-            "set llm.loss.vocab_size to the tokenizer size and rebuild the cache"
-        )
