@@ -1,6 +1,7 @@
-"""Bad input to ``kd-llm-distill``, one table of real subprocesses (the LM twin of test_bad_inputs.py).
+"""Bad input to ``kd-llm-distill`` and ``kd-llm-generate``, one table of real subprocesses (the LM twin of
+test_bad_inputs.py).
 
-Every case must: exit 2; print exactly one line ``kd-llm-distill: error: ...`` naming the case's key; print no
+Every case must: exit 2; print exactly one line ``<program>: error: ...`` naming the case's key; print no
 traceback; train nothing (no ``checkpoints/``, ``summary.json`` or ``csv/`` in its run directory); and leave
 every input file byte-identical.
 """
@@ -17,7 +18,12 @@ import pytest
 
 from tests.test_cli import run
 
-PROGRAM = "kd-llm-distill"
+TINY_GENERATE = (
+    "llm/teacher=tiny",
+    "prompts.kind=arithmetic",
+    "prompts.num_prompts=4",
+    "generate.out_file={case}/out.jsonl",
+)
 TINY_LM = (
     "llm/teacher=tiny",
     "llm/student=tiny",
@@ -38,6 +44,7 @@ class Case:
     expect: str
     args: tuple[str, ...]
     files: dict[str, bytes] | None = None
+    program: str = "kd-llm-distill"
 
 
 def case(case_id: str, expect: str, *args: str, **kwargs) -> Case:
@@ -93,6 +100,15 @@ CASES = [
     file_case("file-not-utf8", "UTF-8", GOOD_ROW.encode() + b'{"prompt": "\xff\xfe"}\n'),
     file_case("file-not-objects", "JSON object", (GOOD_ROW + "[1, 2, 3]\n").encode()),
 ]
+GENERATE_CASES = [
+    Case("generate-do-sample-maybe", "generate.do_sample", ("generate.do_sample=maybe",), program="kd-llm-generate"),
+    Case(
+        "generate-tokens-float", "generate.max_new_tokens", ("generate.max_new_tokens=1.5",), program="kd-llm-generate"
+    ),
+    Case("generate-batch-size-zero", "generate.batch_size", ("generate.batch_size=0",), program="kd-llm-generate"),
+    Case("generate-seed-float", "seed", ("seed=1.5",), program="kd-llm-generate"),
+]
+CASES += GENERATE_CASES
 assert len({c.id for c in CASES}) == len(CASES)
 
 
@@ -121,8 +137,9 @@ def launch(c: Case, folder: Path, home: Path) -> Result:
     keys = {arg.split("=", 1)[0].lstrip("+~") for arg in args}
     if "llm/data" in keys:  # a data file: no generated prompts to size
         keys |= {"llm.data.train_prompts.num_prompts", "llm.data.val_prompts.num_prompts"}
-    tiny = [arg for arg in TINY_LM if arg.split("=", 1)[0].lstrip("+~") not in keys]
-    result = run(PROGRAM, *tiny, *args, f"hydra.run.dir={run_dir}", home=home, timeout=240)
+    budget = TINY_LM if c.program == "kd-llm-distill" else TINY_GENERATE
+    tiny = [arg.replace("{case}", str(folder)) for arg in budget if arg.split("=", 1)[0].lstrip("+~") not in keys]
+    result = run(c.program, *tiny, *args, f"hydra.run.dir={run_dir}", home=home, timeout=240)
     return Result(result.returncode, result.stdout, result.stderr, run_dir, before, digests(folder, names))
 
 
@@ -138,7 +155,7 @@ def results(kd_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 def test_bad_llm_input_fails_fast_with_one_line(c: Case, results: dict[str, Result]) -> None:
     result = results[c.id]
     err = result.stderr
-    lines = [line for line in err.splitlines() if line.startswith(f"{PROGRAM}: error:")]
+    lines = [line for line in err.splitlines() if line.startswith(f"{c.program}: error:")]
     failures = []
     if result.returncode != 2:
         failures.append(f"exit code {result.returncode}")
@@ -146,7 +163,8 @@ def test_bad_llm_input_fails_fast_with_one_line(c: Case, results: dict[str, Resu
         failures.append(f"error lines {lines} do not name {c.expect!r} once")
     if "Traceback" in err or "Traceback" in result.stdout:
         failures.append("a traceback was printed")
-    left = [name for name in ("checkpoints", "summary.json", "csv") if (result.run_dir / name).exists()]
+    outputs = [result.run_dir / name for name in ("checkpoints", "summary.json", "csv")]
+    left = [path.name for path in [*outputs, result.run_dir.parent / "out.jsonl"] if path.exists()]
     if left:
         failures.append(f"trained: {left} in the run directory")
     if result.before != result.after:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kd_lightning.engine.caching.store import write_text_atomic
-from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.engine.instantiate import build
 from kd_lightning.engine.threads import set_cpu_threads
 from kd_lightning.llm.prompts import Prompt, chat_ids, has_answer_line, is_correct, make_prompts
@@ -38,6 +38,28 @@ log = logging.getLogger(__name__)
 
 #: What to relax when rejection sampling keeps nothing.
 _RELAX = "raise generate.num_samples (with generate.do_sample=true), raise generate.max_new_tokens, or set "
+
+
+#: The type each generation setting must have (a bool is never a number, a string never a bool).
+_SETTING_TYPES: dict[str, Any] = {
+    "max_new_tokens": int,
+    "do_sample": bool,
+    "temperature": (int, float),
+    "top_p": (int, float),
+    "num_samples": int,
+    "seed": int,
+    "system_prompt": (str, type(None)),
+}
+
+
+def checked_settings(values: Mapping[str, Any], key: str) -> GenerationSettings:
+    """:class:`GenerationSettings` from ``values`` (the config node ``key``), each value's type checked first."""
+    unknown = sorted(set(values) - set(_SETTING_TYPES))
+    if unknown:
+        raise ConfigError(f"{key} has unknown settings {unknown}; use {sorted(_SETTING_TYPES)}")
+    for name, value in values.items():
+        check_type(value, _SETTING_TYPES[name], f"{key}.{name}")
+    return GenerationSettings(**values)
 
 
 @dataclass(frozen=True)
@@ -288,6 +310,10 @@ def keep_shortest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def run(cfg: DictConfig) -> GenerationReport:
     """``kd-llm-generate``: build the teacher and its tokenizer, make the prompts, generate into the file."""
+    check_type(cfg.seed, int, "seed")
+    check_type(cfg.generate.batch_size, int, "generate.batch_size")
+    check_type(cfg.generate.filter_correct, bool, "generate.filter_correct")
+    settings = checked_settings({f.name: cfg.generate[f.name] for f in fields(GenerationSettings)}, "generate")
     torch.manual_seed(cfg.seed)
     prompts = make_prompts(**cfg.prompts)
     model = build(cfg.llm.teacher.model, "llm.teacher.model")
@@ -298,7 +324,7 @@ def run(cfg: DictConfig) -> GenerationReport:
         tokenizer,
         prompts,
         cfg.generate.out_file,
-        GenerationSettings(**{field.name: cfg.generate[field.name] for field in fields(GenerationSettings)}),
+        settings,
         batch_size=cfg.generate.batch_size,
         filter_correct=cfg.generate.filter_correct,
     )

@@ -11,7 +11,7 @@ from torch import nn
 
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.contrastive import SAMPLED, DistiLLM2Loss, student_responses
-from kd_lightning.llm.generation import GenerationSettings
+from kd_lightning.llm.generation import checked_settings
 from kd_lightning.llm.multi_teacher import add_parts
 from kd_lightning.llm.protocol import SOURCE_KEY, TokenLoss, TokenSource
 from kd_lightning.llm.token_loss import TokenLossOutput
@@ -39,7 +39,8 @@ class DistiLLM2(LMMethod):
 
     def __init__(self, *args: Any, generation: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.generation = GenerationSettings(**{"max_new_tokens": 64, "do_sample": True, **(generation or {})})
+        defaults = {"max_new_tokens": 64, "do_sample": True}
+        self.generation = checked_settings({**defaults, **(generation or {})}, "llm.method.generation")
 
     @classmethod
     def check_config(cls, loss: TokenLoss | None, teachers: Sequence[str], cached: bool, remote: bool) -> None:
