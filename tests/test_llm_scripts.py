@@ -98,7 +98,7 @@ def test_frontier_script_objectives(tmp_path: Path) -> None:
     for name in ("sft", "fkl", "distillm2", "distillm2_sft"):
         assert re.search(rf"^\| {name} \| .* \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| \d+ ± \d+ \|$", text, re.M), name
     # DistiLLM-2 samples its responses from the untrained copy, the warm-started run from its SFT student
-    assert len(list((tmp_path / "runs" / "llm_frontier" / "responses").glob("*.jsonl"))) == 2
+    assert len(list((tmp_path / "runs" / "llm_frontier" / "distillm2").glob("*.jsonl"))) == 2
 
 
 def test_frontier_script_remote_part(tmp_path: Path) -> None:
