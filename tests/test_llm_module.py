@@ -336,3 +336,18 @@ def test_head_check_rejects_scaled_logits(tmp_path: Path) -> None:
     module.student.forward = scaled
     with pytest.raises(ConfigError, match="lm_head"):
         fit(module, TinyData(), tmp_path, max_steps=1)
+
+
+def test_a_diverged_lm_step_names_this_tools_keys(tmp_path: Path) -> None:
+    """The non-finite stop of an LM scheme advises keys kd-llm-distill has (llm.nonfinite), not kd-distill's."""
+    module = make_module()
+    forward = module.loss_on
+
+    def poisoned(batch, monitor_kl=False):
+        out = forward(batch, monitor_kl)
+        return out._replace(total=out.total * float("nan"))
+
+    module.loss_on = poisoned
+    with pytest.raises(ConfigError, match="non-finite") as error:
+        fit(module, TinyData(), tmp_path, max_steps=1)
+    assert "llm.nonfinite=skip" in str(error.value) and "runtime.nonfinite" not in str(error.value)

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from kd_lightning.engine.errors import ConfigError
-from kd_lightning.engine.instantiate import build
+from kd_lightning.engine.instantiate import build, parameter_count
 from kd_lightning.engine.weights import freeze
 from kd_lightning.llm.cross_tokenizer import VocabMapping
 from kd_lightning.llm.models import check_tokenizers, check_vocab_rows, embedding_rows, same_tokenizer
@@ -173,3 +173,16 @@ def scheme_from_config(cfg: DictConfig, vocab_size: int | None = None, **ingredi
     if loss is not None and vocab_size is not None and getattr(loss, "vocab_size", 0) is None:
         loss.vocab_size = vocab_size
     return offer(factory, loss=loss, vocab_size=vocab_size, **ingredients)
+
+
+def parameter_counts(student: nn.Module, method: LMMethod, teachers: Teachers) -> dict[str, int]:
+    """``params/student``, ``params/trainable`` (all of the student, or its LoRA adapters) and the in-process
+    teachers': ``params/teacher``, or ``params/teacher/<name>`` for several."""
+    params = {"params/student": parameter_count(student)}
+    params["params/trainable"] = sum(p.numel() for p in method.trainable_parameters())
+    modules = {name: m for name, m in teachers.models.items() if isinstance(m, nn.Module)}
+    prefix = "params/teacher" if teachers.combination is None else "params/teacher/"
+    params |= {
+        prefix + ("" if teachers.combination is None else name): parameter_count(m) for name, m in modules.items()
+    }
+    return params

@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd_lightning.engine.instantiate import build, build_trainer, log_run_config, parameter_count
+from kd_lightning.engine.instantiate import build, build_trainer, log_run_config
 from kd_lightning.engine.run_dir import announce, start_run
 from kd_lightning.engine.threads import set_cpu_threads
 from kd_lightning.recipes.fit import sync_csv_columns
@@ -25,6 +25,7 @@ from kd_lightning.recipes.llm_components import (
     offer,
     pair_teachers,
     pair_tokenizers,
+    parameter_counts,
     scheme_factory,
     teacher_names,
 )
@@ -45,10 +46,10 @@ log = logging.getLogger(__name__)
 def distill(cfg: DictConfig) -> dict[str, Any]:
     """Run one LM distillation job; returns the summary (metrics included), also written to summary.json."""
     start = time.perf_counter()
+    check_values(cfg)
     run = start_run(cfg)
     if run.finished is not None:  # a requeued job of a run that already finished
         return run.finished
-    check_values(cfg)
     factory, loss_cfg = scheme_factory(cfg)
     loss = build(loss_cfg, "llm.method.loss" if "loss" in cfg.llm.method else "llm.loss") if loss_cfg else None
     names, cached = teacher_names(cfg.llm.teacher), bool(cfg.llm.get("teacher_cache"))
@@ -68,10 +69,8 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         losses = {name: loss if i == 0 else build(loss_cfg, "llm.loss") for i, name in enumerate(teachers.models)}
         pairing = pair_teachers(teachers, losses, student, student_tokenizer)
     datamodule = build(cfg.llm.data, "llm.data", **pairing.data)
-    readers = {"llm.student.model": student}
-    if pairing.teacher_reads_student:
-        readers |= {f"llm.teacher.{name}": model for name, model in teachers.models.items()}
-    check_token_ids(datamodule, readers)
+    readers = teachers.models if pairing.teacher_reads_student else {}
+    check_token_ids(datamodule, {"llm.student.model": student, **{f"llm.teacher.{n}": m for n, m in readers.items()}})
 
     live = teachers.combination is None and isinstance(teacher, nn.Module)
     cache = None
@@ -103,13 +102,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     if run.ckpt_path:
         check_resume_checkpoint(run.ckpt_path, module)
         check_resume_teacher(run.ckpt_path, module, cfg.allow_other_teacher)
-    params = {"params/student": parameter_count(student)}
-    params["params/trainable"] = sum(p.numel() for p in module.trainable_parameters())
-    modules = {name: m for name, m in teachers.models.items() if isinstance(m, nn.Module)}
-    if teachers.combination is None and modules:
-        params["params/teacher"] = parameter_count(teacher)
-    elif teachers.combination is not None:
-        params |= {f"params/teacher/{name}": parameter_count(m) for name, m in modules.items()}
+    params = parameter_counts(student, module, teachers)
     log_run_config(trainer, cfg, params)
 
     fit_start = time.perf_counter()
@@ -119,7 +112,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     check_finite_validation(metrics, module)
-    frozen = [parameter_count(m) for m in teachers.models.values() if isinstance(m, nn.Module)]
+    frozen = [count for name, count in params.items() if name.startswith("params/teacher")]
     summary = Summary(
         metrics=metrics,
         student_params=params["params/student"],
