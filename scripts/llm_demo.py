@@ -117,7 +117,9 @@ def run_one(name: str, seed: int, teacher, tokenizer, data: dict, args: argparse
         batch_size=args.batch_size,
         val_batch_size=16,
     )
-    sampling = {"generation": {**cfg.llm.method.generation, "max_new_tokens": args.max_new_tokens}}
+    sampling = {}
+    if "generation" in cfg.llm.method:  # the on-policy arms' sampling, at the script's length
+        sampling["generation"] = {**cfg.llm.method.generation, "max_new_tokens": args.max_new_tokens}
     module = scheme_from_config(
         cfg,
         vocab_size=vocab,
@@ -127,7 +129,7 @@ def run_one(name: str, seed: int, teacher, tokenizer, data: dict, args: argparse
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         seed=seed,
-        **(sampling if "generation" in cfg.llm.method else {}),
+        **sampling,
     )
     train_seconds = timed_fit(module, datamodule, args.steps) if name in RUNS else 0.0
     metrics = validate(module, datamodule)

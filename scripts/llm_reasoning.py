@@ -220,7 +220,9 @@ def fit_objective(name: str, student, steps: int, seed: int, tokenizer, files: d
         max_length=args.max_length,
         batch_size=args.batch_size,
     )
-    sampling = {"generation": {**cfg.llm.method.generation, "max_new_tokens": args.max_new_tokens}}
+    sampling = {}
+    if "generation" in cfg.llm.method:  # the on-policy arms' sampling, at the script's length
+        sampling["generation"] = {**cfg.llm.method.generation, "max_new_tokens": args.max_new_tokens}
     module = scheme_from_config(
         cfg,
         vocab_size=len(tokenizer),
@@ -230,7 +232,7 @@ def fit_objective(name: str, student, steps: int, seed: int, tokenizer, files: d
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         seed=seed,
-        **(sampling if "generation" in cfg.llm.method else {}),
+        **sampling,
     )
     return timed_fit(module, data, steps), len(data.splits["train"])
 
