@@ -57,11 +57,14 @@ class Method(FrozenOutOfCheckpoints, L.LightningModule):
     - ``compared_with_scratch``: the summary compares the student with the same student trained alone
       (``compare_scratch``); a method that *is* that baseline says no.
     - ``teacher_range``: how many teachers (``method.teachers``) it takes, (fewest, most; None: no limit).
+    - ``caches_teacher_outputs``: its teachers may read per-sample outputs from ``teacher_cache``.
     """
 
     uses_unlabelled_data: bool = False
     compared_with_scratch: bool = False
     teacher_range: tuple[int, int | None] = (0, 0)
+    #: Its teachers may serve outputs stored per sample (``teacher_cache``), which ``teacher_cache=auto`` uses.
+    caches_teacher_outputs: bool = False
     #: The settings a diverged run's error names (keys of the command that runs the method).
     divergence_advice = (
         "lower optimizer.lr, check the teacher's weights (teacher.checkpoint), or set runtime.nonfinite=skip "

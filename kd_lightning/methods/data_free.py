@@ -141,6 +141,8 @@ class DataFreeDistillation(DistillationModule):
     generated sample to the class it was generated for, or, with ``targets=argmax``, its mean top-1 probability).
     """
 
+    caches_teacher_outputs = False  # new inputs every step: nothing per sample to store
+
     teacher_range = (1, 1)
 
     def __init__(

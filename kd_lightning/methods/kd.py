@@ -52,6 +52,8 @@ class DistillationModule(ClassifierMethod):
     ``teacher/val_acc`` and ``teacher/test_acc``.
     """
 
+    caches_teacher_outputs = True
+
     uses_unlabelled_data = True
     compared_with_scratch = True
     teacher_range = (1, None)

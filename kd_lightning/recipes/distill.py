@@ -28,12 +28,14 @@ from kd_lightning.engine.threads import set_cpu_threads
 from kd_lightning.methods.base import Method
 from kd_lightning.recipes.components import data_overrides, method_factory, offer, parameter_counts, teachers_for
 from kd_lightning.recipes.fit import run_test
+from kd_lightning.recipes.placement import place_teacher, place_with_data
 from kd_lightning.recipes.preflight import check_resume_checkpoint, preflight
 from kd_lightning.recipes.stages import distill_stages, multi_stage_method
 from kd_lightning.recipes.teacher import config_key, scratch_baseline, teacher_input
 from kd_lightning.reporting.summary import Summary
 from kd_lightning.reporting.teacher_cost import teacher_costs
 from kd_lightning.reporting.tracking import finish_runs
+from kd_lightning.teacher.placement import Placement
 from kd_lightning.teacher_inputs import adapted
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class Parts:
     optimizer: Callable[..., Any]
     scheduler: Callable[..., Any] | None
     trainer: L.Trainer
+    placement: Placement
 
 
 def assemble(cfg: DictConfig) -> Parts:
@@ -75,10 +78,12 @@ def assemble(cfg: DictConfig) -> Parts:
     runtime: Runtime = build(cfg.runtime, "runtime")
     loss = build(cfg.loss, "loss")
     factory, teacher_cfgs = method_factory(cfg)
+    auto, placement = place_teacher(cfg, factory.func, loss, list(teacher_cfgs))
     overrides = data_overrides(cfg, factory.func, loss, bool(teacher_cfgs) and bool(cfg.get("teacher_cache")))
     with open_dict(cfg):  # recorded in the summary's config as run
         cfg.data.update(overrides)
     datamodule = build(cfg.data, "data")
+    placement = place_with_data(cfg, auto, placement, datamodule)
     student = build(cfg.student.model, "student.model")
     models = {name: build(node.model, f"{config_key(name)}.model") for name, node in teacher_cfgs.items()}
     inputs = {name: teacher_input(node, name) for name, node in teacher_cfgs.items()}
@@ -98,7 +103,18 @@ def assemble(cfg: DictConfig) -> Parts:
     set_cpu_threads(runtime.cpu_threads, [student, *models.values()], "runtime.cpu_threads", processes)
     preflight(cfg, factory, loss, datamodule, {"student": student, **models}, teacher_cfgs, trainer)
     return Parts(
-        runtime, loss, factory, teacher_cfgs, datamodule, student, models, inputs, optimizer, scheduler, trainer
+        runtime,
+        loss,
+        factory,
+        teacher_cfgs,
+        datamodule,
+        student,
+        models,
+        inputs,
+        optimizer,
+        scheduler,
+        trainer,
+        placement,
     )
 
 
@@ -161,6 +177,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         config=OmegaConf.to_container(cfg, resolve=True),
         teacher_costs=costs,
         cpu_threads=torch.get_num_threads(),
+        details={"teacher_placement": {"where": parts.placement.where, "reason": parts.placement.reason}},
     )
     finish_runs(trainer.loggers, summary.as_dict())
     if trainer.is_global_zero:  # strategy=ddp runs this whole function once per process

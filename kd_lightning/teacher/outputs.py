@@ -262,7 +262,8 @@ class TeacherOutputCache:
             log.warning("teacher-output cache %s is damaged (%s); rebuilding it", entry, damaged[0])
             shutil.rmtree(entry, ignore_errors=True)
             return None
-        log.info("Reusing cached teacher outputs %s", entry)
+        if verify:  # a hit (the unverified read is of a table this run just wrote)
+            log.info("Reusing cached teacher outputs %s", entry)
         return table
 
     # ----------------------------------------------------------------------------------- lookup
