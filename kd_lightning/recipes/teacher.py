@@ -21,6 +21,8 @@ from kd_lightning.engine.caching.store import (
     file_digest,
     read_verified_json,
     trainer_identity,
+    weight_files,
+    weight_files_digest,
     write_verified_json,
 )
 from kd_lightning.engine.checks import check_class_counts, check_fit
@@ -82,11 +84,18 @@ def obtain_teacher(
     key = config_key(name)
     if teacher_cfg.checkpoint:
         load_weights(model, teacher_cfg.checkpoint, key=f"{key}.checkpoint")
+        log.info("%s: weights from %s.checkpoint=%s, used as given", name, key, teacher_cfg.checkpoint)
         return Provenance(f"checkpoint {teacher_cfg.checkpoint}")
+    supplied = weight_files(teacher_cfg.model)
+    if supplied and not teacher_cfg.get("fine_tune", False):
+        given = ", ".join(f"{key}.model.{field}={path}" for field, path in supplied.items())
+        log.info("%s: weights from %s, used as given (%s.fine_tune=true fine-tunes them first)", name, given, key)
+        return Provenance(f"as given: {given}")
     if not teacher_cfg.get("fit"):
         return Provenance(f"as built by {teacher_cfg.model._target_}")
     entry_key = cache_key(
         model=teacher_cfg.model,
+        **file_key(teacher_cfg.model),
         code=code_digest(model),
         fit=teacher_cfg.fit,
         data=data_identity(cfg.data),
@@ -121,6 +130,13 @@ def obtain_teacher(
     return Provenance(f"trained, cached at {weights}", result.seconds)
 
 
+def file_key(model_cfg: DictConfig) -> dict[str, dict[str, str]]:
+    """The cache-key part that covers the bytes of the model's weight files (none: no part, so the keys of
+    models without such files stay as they were)."""
+    digests = weight_files_digest(model_cfg)
+    return {"files": digests} if digests else {}
+
+
 def cached_teacher(entry: Path, model: nn.Module) -> bool:
     """Load the cached teacher at ``entry`` into ``model`` if it is there and intact (its weights' sha256 as
     recorded); a damaged entry is removed with a warning (the teacher is then trained again)."""
@@ -146,6 +162,7 @@ def scratch_baseline(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     student = build(cfg.student.model, "student.model")
     key = cache_key(
         model=cfg.student.model,
+        **file_key(cfg.student.model),
         code=code_digest(student),
         data=data_identity(cfg.data),
         optimizer=cfg.optimizer,

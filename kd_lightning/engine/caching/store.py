@@ -142,6 +142,40 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+#: Content digests of the files a run read, by (path, size, mtime): each file is hashed once per process.
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+#: Keys of a model config that name local files its weights come from.
+WEIGHT_FILE_KEYS = ("path", "weights")
+
+
+def path_digest(path: str | Path) -> str:
+    """sha256 over a file's bytes, or over every file of a directory (relative name and bytes, in name order);
+    remembered per (path, size, mtime) so a file is read once per run."""
+    root = Path(path).expanduser()
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        memo = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+        if memo not in _FILE_DIGESTS:
+            _FILE_DIGESTS[memo] = file_digest(file)
+        digest.update(f"{file.relative_to(root) if root.is_dir() else file.name}:{_FILE_DIGESTS[memo]}".encode())
+    return digest.hexdigest()
+
+
+def weight_files(model_cfg: Any) -> dict[str, str]:
+    """``{config key: path}`` of the local files a model config takes its weights from (``path``, ``weights``)."""
+    get = getattr(model_cfg, "get", None)
+    if get is None:
+        return {}
+    return {key: str(get(key)) for key in WEIGHT_FILE_KEYS if get(key) and Path(str(get(key))).expanduser().exists()}
+
+
+def weight_files_digest(model_cfg: Any) -> dict[str, str]:
+    """:func:`path_digest` of each of the model config's weight files: what a cache key must cover."""
+    return {key: path_digest(path) for key, path in weight_files(model_cfg).items()}
+
+
 def publish_directory(tmp: Path, entry: Path) -> None:
     """Rename the fully written ``tmp`` to ``entry`` (atomic); if another job published ``entry`` first,
     keep theirs (same key, same content) and drop ``tmp``."""
