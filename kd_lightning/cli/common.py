@@ -30,6 +30,9 @@ CONFIG_DIR = config_dir()
 
 log = logging.getLogger("kd_lightning")
 
+#: Exit status of a run stopped by SIGTERM (128 + 15, as a shell reports it), so requeue-on-failure fires.
+INTERRUPTED = 143
+
 
 def lightning_console_logging() -> None:
     """Lightning's subpackages log to a plain stderr handler of their own, not propagated, when they are
@@ -52,13 +55,23 @@ lightning_console_logging()
 
 
 def exit_on_config_error(job: Callable[[DictConfig], Any], cfg: DictConfig, program: str) -> Any:
-    """Run ``job(cfg)``; a :class:`ConfigError` ends a single run with one line and exit code 2.
+    """Run ``job(cfg)``; a :class:`ConfigError` ends a single run with one line and exit code 2, a SIGTERM
+    (preemption, a SLURM time limit) with one line and exit code 143 (:data:`INTERRUPTED`).
 
     In a multirun the error is logged and re-raised instead, so Hydra records this job as failed
     and still runs the others (it reports the failure after the batch).
     """
     try:
         return job(cfg)
+    except SystemExit as stop:  # Lightning ends a fit on SIGTERM with a SystemExit that would exit 0
+        if type(stop).__name__ != "SIGTERMException":
+            raise
+        print(
+            f"{program}: interrupted by SIGTERM before the run finished (no summary written); its last checkpoint "
+            "resumes it: the same command with ckpt_path=auto",
+            file=sys.stderr,
+        )
+        raise SystemExit(INTERRUPTED) from None
     except ConfigError as error:
         log.error("%s", error)
         if in_multirun():
