@@ -190,6 +190,7 @@ CASES = [
     distill("max-epochs-zero", "trainer.max_epochs", "trainer.max_epochs=0"),
     distill("max-epochs-float", "trainer.max_epochs", "trainer.max_epochs=2.5"),
     distill("devices-beyond-cores", "trainer.devices", "trainer.devices=99", "trainer.accelerator=cpu"),
+    distill("devices-string-beyond-cores", "trainer.devices", "trainer.devices='99'", "trainer.accelerator=cpu"),
     distill("optimized-metric-unknown", "val/nope", "optimized_metric=val/nope"),
     distill("checkpoint-monitor-unknown", "val/nope", "callbacks.model_checkpoint.monitor=val/nope"),
     # optimizer / scheduler
@@ -245,6 +246,8 @@ CASES = [
     train("train-fit-max-epochs-zero", "teacher.fit.max_epochs", *KD_TRAIN[1:], "teacher.fit.max_epochs=0"),
     train("train-fit-lr-negative", "teacher.fit.optimizer.lr", *KD_TRAIN, "teacher.fit.optimizer.lr=-1"),
     train("train-teacher-num-classes", "teacher.model", *KD_TRAIN, "teacher.model.num_classes=3"),
+    train("train-devices-beyond-cores", "trainer.devices", *KD_TRAIN, "trainer.devices=99"),
+    train("train-seed-string", "seed", *KD_TRAIN, "seed=abc"),
     # kd-report
     report("report-no-summary", "summary.json", "{case}/report_run", existing=False, setup=make_empty_run_dir),
     report("report-not-a-directory", "not a directory", "{case}/report_run", existing=False),

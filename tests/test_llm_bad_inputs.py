@@ -87,6 +87,7 @@ CASES = [
     case("nonfinite-ignore", "llm.nonfinite", "llm.nonfinite=ignore"),
     case("max-epochs-forever", "trainer.max_epochs", "trainer.max_epochs=-1", "trainer.max_steps=-1"),
     case("devices-beyond-cores", "trainer.devices", "trainer.devices=99", "trainer.accelerator=cpu"),
+    case("devices-list-beyond-cores", "trainer.devices", "trainer.devices=[0,1,2,3,4]", "trainer.accelerator=cpu"),
     case("lr-negative", "optimizer.lr", "optimizer.lr=-1"),
     case("lr-nan", "optimizer.lr", "optimizer.lr=nan"),
     case("optimized-metric-unknown", "val/nope", "optimized_metric=val/nope"),

@@ -133,3 +133,11 @@ def test_set_cpu_threads_applies_the_choice_and_refuses_bad_values(monkeypatch: 
     for bad in (0, -1, "many", 1.5, True):
         with pytest.raises(ConfigError, match=r"cpu_threads=.*auto"):
             threads.set_cpu_threads(bad, [], "cpu_threads")
+
+
+def test_every_spelling_of_trainer_devices_counts_its_processes() -> None:
+    from kd_lightning.engine.checks import process_count
+
+    assert [process_count(d) for d in (4, "4", "0,1,2", [0, 1], (0,), -1, "auto", None, True)] == [
+        4, 4, 3, 2, 1, None, None, None, None,
+    ]  # fmt: skip

@@ -72,6 +72,26 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def process_count(devices: Any) -> int | None:
+    """How many processes ``trainer.devices`` asks for, whatever its spelling (``4``, ``'4'``, ``[0, 1]``,
+    ``'0,1'``); None for ``auto`` / ``-1`` (Lightning picks) or a value it would refuse itself."""
+    if isinstance(devices, bool):
+        return None
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text.lstrip("-").isdigit():
+            devices = int(text)
+        elif "," in text:
+            return len([part for part in text.split(",") if part.strip()])
+        else:
+            return None
+    if isinstance(devices, int):
+        return devices if devices > 0 else None
+    if isinstance(devices, (list, tuple)) or type(devices).__name__ == "ListConfig":
+        return len(devices)
+    return None
+
+
 def check_trainer(trainer_cfg: DictConfig, key: str = "trainer") -> None:
     """A training budget that ends, and no more CPU processes than cores."""
     max_epochs, max_steps = trainer_cfg.get("max_epochs"), trainer_cfg.get("max_steps", -1)
@@ -84,10 +104,10 @@ def check_trainer(trainer_cfg: DictConfig, key: str = "trainer") -> None:
             f"{key}.max_epochs={max_epochs} gives no training budget (-1 would train forever, 0 not at all); "
             f"set {key}.max_epochs >= 1 (or {key}.max_steps >= 1)"
         )
-    devices, accelerator = trainer_cfg.get("devices"), str(trainer_cfg.get("accelerator", "auto"))
+    devices, accelerator = process_count(trainer_cfg.get("devices")), str(trainer_cfg.get("accelerator", "auto"))
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     cores = usable_cores()
-    if on_cpu and isinstance(devices, int) and not isinstance(devices, bool) and devices > cores:
+    if on_cpu and devices is not None and devices > cores:
         raise ConfigError(
             f"{key}.devices={devices} starts {devices} CPU processes on {cores} cores; set {key}.devices to at "
             f"most {cores} (or run on GPUs: {key}.accelerator=gpu)"
