@@ -73,10 +73,10 @@ def exit_on_config_error(job: Callable[[DictConfig], Any], cfg: DictConfig, prog
         )
         raise SystemExit(INTERRUPTED) from None
     except ConfigError as error:
-        log.error("%s", error)
-        if in_multirun():
+        if in_multirun():  # Hydra reports the failed job; its log keeps the line
+            log.error("%s", error)
             raise
-        print(f"{program}: error: {error}", file=sys.stderr)
+        print(f"{program}: error: {error}", file=sys.stderr)  # once: not also through the console logger
         raise SystemExit(2) from None
 
 

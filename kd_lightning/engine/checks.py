@@ -104,6 +104,13 @@ def check_trainer(trainer_cfg: DictConfig, key: str = "trainer") -> None:
             f"{key}.max_epochs={max_epochs} gives no training budget (-1 would train forever, 0 not at all); "
             f"set {key}.max_epochs >= 1 (or {key}.max_steps >= 1)"
         )
+    accumulate = trainer_cfg.get("accumulate_grad_batches", 1)
+    check_type(accumulate, int, f"{key}.accumulate_grad_batches")
+    if accumulate < 1:
+        raise ConfigError(f"{key}.accumulate_grad_batches={accumulate} must be >= 1 (batches per optimizer step)")
+    limit = trainer_cfg.get("limit_train_batches")
+    if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit <= 0:
+        raise ConfigError(f"{key}.limit_train_batches={limit} trains on no batch; set it > 0 (1.0: every batch)")
     devices, accelerator = process_count(trainer_cfg.get("devices")), str(trainer_cfg.get("accelerator", "auto"))
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     cores = usable_cores()

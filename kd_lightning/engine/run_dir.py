@@ -12,7 +12,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError, check_type
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,7 @@ def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
     """``ckpt_path``: null (fresh run), a checkpoint path, ``last`` (this run dir's ``last.ckpt``, which
     must exist) or ``auto`` (``last.ckpt`` if this run dir has one, else a fresh run: what a requeued
     SLURM job wants)."""
+    check_type(ckpt_path, (str, type(None)), "ckpt_path")
     if ckpt_path is None:
         return None
     last = out_dir / "checkpoints" / "last.ckpt"
