@@ -194,3 +194,27 @@ def test_the_reliability_diagram_counts_the_samples_per_bin_and_its_legend_cover
         for artist in [*ax.patches, *ax.lines]:
             assert not box.overlaps(artist.get_window_extent(renderer))
     assert box.y0 >= 0 and box.x0 >= 0 and box.x1 <= figure.bbox.width  # and not clipped by the figure
+
+
+def test_a_lower_is_better_metric_picks_the_lowest_job_and_a_typo_is_one_error(tmp_path: Path) -> None:
+    from kd_lightning.engine.metrics import direction
+    from kd_lightning.reporting.sweep_report import write_table
+
+    root = make_sweep(tmp_path / "sweep", [({"loss.alpha": "0.1"}, 0.2), ({"loss.alpha": "0.5"}, 0.9)])
+    for job, value in zip(sorted(root.iterdir()), (0.2, 0.9), strict=True):  # the same values as val/loss
+        summary = json.loads((job / "summary.json").read_text())
+        summary["metrics"]["val/loss"] = value
+        (job / "summary.json").write_text(json.dumps(summary))
+    varying, records, metric = read_jobs(root, "val/loss")
+    table = write_table(records, varying, metric, tmp_path).read_text()
+    assert "Best val/loss: 0.2000 (job 0: loss.alpha=0.1)" in table
+    varying, records, metric = read_jobs(root, METRIC)
+    assert (
+        "Best val/acc_best: 0.9000 (job 1: loss.alpha=0.5)"
+        in write_table(records, varying, metric, tmp_path).read_text()
+    )
+    assert [direction(m) for m in ("val/loss", "val/kl_to_teacher", "val/ppl", "test/ece", "val/acc_best")] == [
+        "minimize", "minimize", "minimize", "minimize", "maximize",
+    ]  # fmt: skip
+    with pytest.raises(SystemExit, match="--metric val/nope is in no job's summary"):
+        read_jobs(root, "val/nope")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from kd_lightning.engine.metrics import direction
+
 
 def ensure_dir(path: str) -> str:
     """``${ensure_dir:/some/dir}``: create the directory (e.g. for a sweeper's SQLite file), return it."""
@@ -56,6 +58,7 @@ def unwritable(path: Path) -> str | None:
 
 
 def register_resolvers() -> None:
-    for name, resolver in {"ensure_dir": ensure_dir, "run_stamp": run_stamp, "kd_home": home}.items():
+    resolvers = {"ensure_dir": ensure_dir, "run_stamp": run_stamp, "kd_home": home, "metric_direction": direction}
+    for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import yaml
 
 from kd_lightning.engine.caching.store import write_text_atomic
+from kd_lightning.engine.metrics import best as best_record
+from kd_lightning.engine.metrics import lower_is_better
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -78,7 +80,11 @@ def read_jobs(sweep_dir: Path, metric: str | None) -> tuple[list[str], list[dict
                 "status": status,
             }
         )
-    return varying, records, metric or "val/acc_best"
+    metric = metric or "val/acc_best"
+    logged = sorted({name for job in jobs if (s := read_summary(job / "summary.json")[0]) for name in s["metrics"]})
+    if logged and all(record["value"] is None for record in records) and metric not in logged:
+        raise SystemExit(f"kd-sweep-report: error: --metric {metric} is in no job's summary; pick one of {logged}")
+    return varying, records, metric
 
 
 def write_table(records: list[dict[str, Any]], varying: list[str], metric: str, out_dir: Path) -> Path:
@@ -92,7 +98,7 @@ def write_table(records: list[dict[str, Any]], varying: list[str], metric: str, 
     writer.writerow(columns)
     writer.writerows(rows)
     write_text_atomic(out_dir / "sweep_summary.csv", handle.getvalue())
-    best = max((r for r in records if r["value"] is not None), key=lambda r: r["value"], default=None)
+    best = best_record(records, metric, lambda r: r["value"])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     if best is not None:
@@ -265,9 +271,9 @@ def _contrast(rgba: tuple[float, ...]) -> str:
     return "black" if luminance > 0.179 else "white"
 
 
-def _best(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The record with the highest metric (the first of ties, as in the table)."""
-    return max((r for r in records if _value(r) is not None), key=_value, default=None)
+def _best(records: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    """The record with the best metric (lowest for a loss, KL, perplexity, ECE; the first of ties, as in the table)."""
+    return best_record(records, metric, _value)
 
 
 def _grid_figure(records: list[dict[str, Any]], varying: list[str], metric: str) -> Figure:
@@ -297,7 +303,7 @@ def _grid_figure(records: list[dict[str, Any]], varying: list[str], metric: str)
     for spine in ax.spines.values():
         spine.set_visible(False)
     ax.set(xlabel=col_key, ylabel=row_key)
-    best = _best(records)
+    best = _best(records, metric)
     for (i, j), record in cells.items():
         value = _value(record)
         if record["status"] != "ok":  # failed or unreadable: the job exists and gave no result
@@ -360,7 +366,7 @@ def _search_figure(records: list[dict[str, Any]], varying: list[str], metric: st
     values = [_value(r) for r in records]
     ok = np.array([v is not None for v in values])
     metric_values = np.array([np.nan if v is None else v for v in values])
-    best = _best(records)
+    best = _best(records, metric)
     best_index = next(i for i, r in enumerate(records) if r is best) if best is not None else None
     best_label = f"best: {_format_value(_value(best))} (trial {trials[best_index]})" if best else None
     placed = [i for i, r in enumerate(records) if all(r[k] != "" for k in varying)]
@@ -401,7 +407,7 @@ def _search_figure(records: list[dict[str, Any]], varying: list[str], metric: st
     dots = "_trial" if two else "trial"  # two panels: the scatter's coloured points stand for the trials
     ax.plot(trials[ok], metric_values[ok], "o", color="C0", markersize=5, zorder=2, label=dots)
     if ok.any():
-        running = np.fmax.accumulate(metric_values[order])
+        running = (np.fmin if lower_is_better(metric) else np.fmax).accumulate(metric_values[order])
         ax.plot(trials[order], running, drawstyle="steps-post", color="C1", lw=2, zorder=1, label="running best")
     if (~ok).any():  # no value to place them by: a row of crosses along the bottom
         ax.plot(
