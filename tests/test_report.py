@@ -98,3 +98,13 @@ def test_a_directory_that_is_not_a_finished_run_stops_with_one_line(
     assert stopped.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kd-report: error: ") and "is not a directory" in lines[0]
+
+
+def test_ratios_read_the_right_way_round_when_the_student_is_larger() -> None:
+    from kd_lightning.recipes.report import Measured, rows
+
+    teacher = Measured(accuracy=0.9, ece=0.05, params=100, size_bytes=4096, latency_s=0.001)
+    student = Measured(accuracy=0.8, ece=0.05, params=1000, size_bytes=1024, latency_s=0.004)
+    table = {row[0].split(" (")[0]: row[3] for row in rows({"teacher": teacher, "student": student}, 0.9, 64, 5)}
+    assert table["parameters"] == "10.0x more"  # not "0.1x fewer"
+    assert table["size on disk"] == "4.0x smaller" and table["CPU latency per batch of 64"] == "4.0x slower"

@@ -187,21 +187,26 @@ def rows(measured: dict[str, Measured], agreement: float | None, batch_size: int
     """(quantity, teacher, student, student vs teacher) rows of the report table."""
     teacher, student = measured.get("teacher"), measured["student"]
 
-    def row(quantity: str, value: Callable[[Measured], float], fmt: str, ratio: str = "") -> list[str]:
-        times = f"{value(teacher) / value(student):.1f}x {ratio}" if teacher and ratio else ""
+    def row(
+        quantity: str, value: Callable[[Measured], float], fmt: str, ratio: tuple[str, str] = ("", "")
+    ) -> list[str]:
+        times = ""
+        if teacher and ratio[0] and value(student) > 0 and value(teacher) > 0:
+            factor = value(teacher) / value(student)  # below 1: the student is the larger / slower one
+            times = f"{factor:.1f}x {ratio[0]}" if factor >= 1 else f"{1 / factor:.1f}x {ratio[1]}"
         return [quantity, format(value(teacher), fmt) if teacher else "—", format(value(student), fmt), times]
 
     return [
         row("test accuracy (%)", lambda m: 100 * m.accuracy, ".2f"),
         ["top-1 agreement with the teacher (%)", "—", "—" if agreement is None else f"{100 * agreement:.2f}", ""],
         row(f"ECE, {N_BINS} bins (%)", lambda m: 100 * m.ece, ".2f"),
-        row("parameters", lambda m: m.params, ",", "fewer"),
-        row("size on disk (KiB, safetensors)", lambda m: m.size_bytes / 1024, ".1f", "smaller"),
+        row("parameters", lambda m: m.params, ",", ("fewer", "more")),
+        row("size on disk (KiB, safetensors)", lambda m: m.size_bytes / 1024, ".1f", ("smaller", "larger")),
         row(
             f"CPU latency per batch of {batch_size} (ms, median of {repeats}, {torch.get_num_threads()} threads)",
             lambda m: 1000 * m.latency_s,
             ".3f",
-            "faster",
+            ("faster", "slower"),
         ),
     ]
 
