@@ -331,3 +331,19 @@ def test_cifar100_protocol_script_tabulates_seeds_beside_the_published_numbers(t
         r"^\| kd \| resnet32x4 -> resnet8x4 \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| 73\.33 \|", text, re.M
     )
     assert re.search(r"^\| dkd_wrn \| wrn_40_2 -> wrn_16_2 \| .* \| 76\.23 \| .* \| 2 \|$", text, re.M)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (Path(CONFIG_DIR) / "debug").glob("*.yaml")))
+def test_every_debug_preset_fits_every_data_option(preset: str, tmp_path: Path) -> None:
+    """A preset sets only keys each datamodule's constructor takes (one on data=cifar10 set transfer_samples,
+    which only MNIST-1D and text data have: 'unexpected keyword argument')."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    for data in sorted(p.stem for p in (Path(CONFIG_DIR) / "data").glob("*.yaml")):
+        node = compose_config(tmp_path, [f"debug={preset}", f"data={data}"]).data
+        keys = {key for key in node if not key.startswith("_")}
+        parameters = inspect.signature(get_class(node._target_)).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            assert keys <= set(parameters), (preset, data, sorted(keys - set(parameters)))
