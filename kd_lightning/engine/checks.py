@@ -27,9 +27,18 @@ def check_class_counts(
     for key, model in models.items():
         was_training = model.training
         model.eval()
-        with torch.no_grad():
-            out = model(example)
-        model.train(was_training)
+        try:
+            with torch.no_grad():
+                out = model(example)
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:  # the input does not fit the model
+            target = (configs or {}).get(key, {}).get("_target_", type(model).__name__) if configs else key
+            first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+            raise ConfigError(
+                f"{key}.model ({target}) cannot read the data's batches ({describe(example)}): {first}; pick a "
+                f"{key} config for this data (e.g. {key.split('.')[0]}=<a model of conf/{key.split('.')[0]}>)"
+            ) from None
+        finally:
+            model.train(was_training)
         check_output_shape(out, key)
         if out.shape[-1] != num_classes:
             field = class_count_field((configs or {}).get(key), out.shape[-1])
@@ -37,6 +46,15 @@ def check_class_counts(
                 f"{key}.model outputs {out.shape[-1]} classes but data.num_classes={num_classes}; "
                 f"set {key}.model.{field}={num_classes} (or pick matching data)"
             )
+
+
+def describe(example: Inputs) -> str:
+    """The shape of an example batch, for messages: ``input (2, 1, 40)`` or each key's shape."""
+    if isinstance(example, torch.Tensor):
+        return f"input {tuple(example.shape)}"
+    if isinstance(example, Mapping):
+        return ", ".join(f"{k} {tuple(v.shape)}" for k, v in example.items() if isinstance(v, torch.Tensor))
+    return type(example).__name__
 
 
 def class_count_field(model_cfg: Any, produced: int) -> str:
