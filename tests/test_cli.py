@@ -129,6 +129,8 @@ def test_kd_train_then_distill_from_its_checkpoint(kd_home: Path) -> None:
     assert trained.returncode == 0, trained.stderr[-3000:]
     checkpoint = re.search(r"^checkpoint: (\S+)$", trained.stdout, re.MULTILINE).group(1)
     assert Path(checkpoint).is_file() and Path(checkpoint).parent == train_dir / "checkpoints"
+    printed = re.search(r"^distill from it with: (.+)$", trained.stdout, re.MULTILINE).group(1)
+    assert printed == f"kd-distill data=mnist1d teacher=cnn1d teacher.checkpoint={checkpoint}"
 
     distill_dir = kd_home / "from_checkpoint"
     result = run(

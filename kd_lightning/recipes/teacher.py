@@ -4,6 +4,7 @@ the scratch-student baseline; and ``kd-train``."""
 from __future__ import annotations
 
 import logging
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -191,6 +192,20 @@ def scratch_baseline(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     return record
 
 
+def distill_command(checkpoint: str) -> str:
+    """The kd-distill command that distils from the checkpoint kd-train wrote: the same teacher and data
+    choices and every override of theirs on kd-train's command line (model settings, data paths), so it runs
+    as printed."""
+    hydra = HydraConfig.get()
+    choices = [f"{group}={hydra.runtime.choices[group]}" for group in ("data", "teacher")]
+    kept = [
+        override
+        for override in hydra.overrides.task
+        if override.lstrip("+~").startswith(("data.", "teacher.model.", "teacher.input", "seed="))
+    ]
+    return " ".join(["kd-distill", *choices, *(shlex.quote(o) for o in kept), f"teacher.checkpoint={checkpoint}"])
+
+
 def train_model(cfg: DictConfig) -> float:
     """``kd-train``: supervised training of the ``teacher`` model with its fit recipe; prints the checkpoint."""
     out_dir = Path(cfg.paths.output_dir)
@@ -211,10 +226,9 @@ def train_model(cfg: DictConfig) -> float:
         example, cfg.data.num_classes, {"teacher": adapted(model, input)}, {"teacher": cfg.teacher.model}
     )
     result = train_teacher(cfg, cfg.teacher, model, out_dir, input)
-    teacher_choice = HydraConfig.get().runtime.choices["teacher"]
     print(
         f"kd-train: val acc (best) {100 * result.val_acc_best:.2f}%, test acc {100 * result.test_acc:.2f}% "
         f"in {result.seconds:.1f} s\ncheckpoint: {result.best_checkpoint}\n"
-        f"distill from it with: kd-distill teacher={teacher_choice} teacher.checkpoint={result.best_checkpoint}"
+        f"distill from it with: {distill_command(result.best_checkpoint)}"
     )
     return result.val_acc_best
