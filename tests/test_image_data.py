@@ -188,3 +188,30 @@ def test_digits_splits_are_stratified_standardised_and_resizable() -> None:
     assert torch.equal(first[:, 0], first[:, 2])
     with pytest.raises(ConfigError, match=r"data\.channels=2"):
         DigitsDataModule(channels=2)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda b: {**b, b"labels": b[b"labels"][:-3]}, "images but"),
+        (lambda b: {**b, b"data": b[b"data"].astype(np.float32)}, "float32 pixels"),
+        (lambda b: {**b, b"labels": [*b[b"labels"][:-1], 10]}, "span"),
+    ],
+    ids=["fewer-labels-than-images", "float-pixels", "label-out-of-range"],
+)
+def test_a_cifar_file_whose_labels_do_not_line_up_is_refused(tmp_path: Path, edit, match: str) -> None:
+    from tests.image_fixtures import CIFAR10_FOLDER, _dump
+
+    write_cifar10(tmp_path)
+    test_batch = tmp_path / CIFAR10_FOLDER / "test_batch"
+    with open(test_batch, "rb") as file:
+        batch = pickle.load(file, encoding="bytes")
+    _dump(test_batch, edit(batch))
+    with pytest.raises(ConfigError, match=match):
+        CIFARDataModule(str(tmp_path), dataset="cifar10", num_classes=10, val_samples=0).setup()
+
+
+def test_a_holdout_larger_than_the_training_set_names_data_val_samples(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)
+    with pytest.raises(ConfigError, match=r"data\.val_samples=5000"):
+        CIFARDataModule(str(tmp_path), dataset="cifar10", num_classes=10, val_samples=5000).setup()

@@ -214,11 +214,21 @@ class CIFARDataModule(InMemoryDataModule):
                 raise ConfigError(
                     f"data.root: {self.folder / name} lacks 'data' or {key!r}; is it a {self.dataset} file?"
                 )
-            data = np.asarray(batch["data"], dtype=np.uint8)
-            if data.ndim != 2 or data.shape[1] != 3072:
-                raise ConfigError(f"data.root: {self.folder / name} holds images of shape {data.shape}, not (N, 3072)")
-            images.append(data.reshape(-1, 3, 32, 32))
-            labels.append(np.asarray(batch[key], dtype=np.int64))
+            raw, targets = np.asarray(batch["data"]), np.asarray(batch[key])
+            if raw.ndim != 2 or raw.shape[1] != 3072:
+                raise ConfigError(f"data.root: {self.folder / name} holds images of shape {raw.shape}, not (N, 3072)")
+            if raw.dtype != np.uint8 or targets.dtype.kind not in "iu" or targets.ndim != 1:
+                raise ConfigError(
+                    f"data.root: {self.folder / name} holds {raw.dtype} pixels and {targets.dtype} labels, not uint8 "
+                    "pixels and integer labels as distributed"
+                )
+            if len(targets) != len(raw):
+                raise ConfigError(
+                    f"data.root: {self.folder / name} holds {len(raw)} images but {len(targets)} labels; the file is "
+                    "damaged or edited (each image needs exactly one label)"
+                )
+            images.append(raw.reshape(-1, 3, 32, 32))
+            labels.append(targets.astype(np.int64))
         return np.concatenate(images), np.concatenate(labels)
 
     def build_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -227,9 +237,16 @@ class CIFARDataModule(InMemoryDataModule):
         self.label_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(names_key, [])]
         x, y = self._images(self.layout.train_files)
         x_test, y_test = self._images([self.layout.test_file])
-        if y.min() < 0 or y.max() >= self.num_classes:
+        for split, targets in (("training", y), ("test", y_test)):
+            if len(targets) and (targets.min() < 0 or targets.max() >= self.num_classes):
+                raise ConfigError(
+                    f"data.root: {split} labels in {self.folder} span {targets.min()}..{targets.max()}, not "
+                    f"0..{self.num_classes - 1} (data.num_classes={self.num_classes})"
+                )
+        if self.val_samples and self.val_samples >= len(y):
             raise ConfigError(
-                f"data.root: labels in {self.folder} span {y.min()}..{y.max()}, not 0..{self.num_classes - 1}"
+                f"data.val_samples={self.val_samples} holds out every one of the {len(y)} training images; set "
+                f"data.val_samples below {len(y)} (0: validate on the test split)"
             )
         test = (torch.from_numpy(x_test), torch.from_numpy(y_test))
         if not self.val_samples:
