@@ -154,3 +154,18 @@ def test_a_student_starts_from_local_weights_with_a_fresh_head(tmp_path: Path) -
         timm_model("resnet18", num_classes=3, weights=str(path))
     student = timm_model("resnet18", num_classes=3, weights=str(path), keep_mismatched=True)
     assert torch.equal(student.conv1.weight, pretrained.conv1.weight) and student.fc.out_features == 3
+
+
+def test_symbolic_links_never_lead_out_of_or_back_into_the_folder(tmp_path: Path) -> None:
+    """A loop (a class folder linking to its split) and a link to images elsewhere add no image: a folder of
+    24 training images stays 24, each with its own class."""
+    root = write_image_folder(tmp_path / "images", per_class={"train": 8, "val": 3})
+    outside = write_image_folder(tmp_path / "elsewhere", per_class={"train": 5})
+    (root / "train" / "class_0" / "loop").symlink_to(root / "train", target_is_directory=True)
+    (root / "train" / "class_1" / "borrowed").symlink_to(outside / "train" / "class_2", target_is_directory=True)
+    (root / "train" / "class_2" / "0_copy.png").symlink_to(outside / "train" / "class_0" / "0.png")
+    dm = ImageFolderDataModule(str(root), num_classes=3, resolution=16)
+    dm.setup()
+    samples = dm._eval_train.samples
+    assert len(samples) == 24 and all("loop" not in p and "borrowed" not in p and "copy" not in p for p, _ in samples)
+    assert all(Path(p).parent.name == f"class_{label}" for p, label in samples)

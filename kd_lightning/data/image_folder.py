@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from kd_lightning.data.contract import check_loader_options
 from kd_lightning.engine.errors import ConfigError, check_type
+
+log = logging.getLogger(__name__)
 
 #: ImageNet's per-channel statistics, the default normalisation of pretrained timm / torchvision models.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -165,10 +168,28 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _folder_dataset(self, path: Path, transform: Callable[[Any], Tensor]) -> Dataset:
         datasets = _torchvision().datasets
+        linked: list[str] = []
+
+        def inside(file: str) -> bool:  # an image reached through no symbolic link
+            if not datasets.folder.has_file_allowed_extension(file, datasets.folder.IMG_EXTENSIONS):
+                return False
+            through_link = any(part.is_symlink() for part in [Path(file), *Path(file).parents] if path in part.parents)
+            if through_link:
+                linked.append(file)
+            return not through_link
+
         try:
-            dataset = datasets.ImageFolder(str(path), transform=transform)
+            dataset = datasets.ImageFolder(str(path), transform=transform, is_valid_file=inside)
         except (FileNotFoundError, RuntimeError) as error:
             raise ConfigError(f"data.root: {path} is not a folder of class folders with images ({error})") from None
+        if linked:
+            log.warning(
+                "data.root: %d files under %s are reached through symbolic links (e.g. %s) and were left out: a "
+                "folder reads only the images inside it",
+                len(linked),
+                path,
+                linked[0],
+            )
         if self.class_names and dataset.classes != self.class_names:
             raise ConfigError(
                 f"data.root: {path} has classes {dataset.classes[:5]}... but train has {self.class_names[:5]}...; "
