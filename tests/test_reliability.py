@@ -140,3 +140,29 @@ def test_one_truncated_summary_does_not_stop_the_sweep_report(tmp_path: Path) ->
     varying, records, _ = read_jobs(tmp_path, "val/acc_best")
     assert varying == ["loss.alpha"] and [r["status"] for r in records] == ["ok", "unreadable"]
     assert records[0]["value"] == 0.5 and records[1]["value"] is None
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    import numpy as np
+
+    from kd_lightning.engine.caching.store import write_text_atomic
+    from kd_lightning.engine.errors import ConfigError
+    from kd_lightning.teacher.outputs import TeacherOutputCache
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "summary.json"
+    monkeypatch.setattr(os, "fdopen", full)
+    with pytest.raises(ConfigError, match=f"no space left on the disk of {tmp_path}"):
+        write_text_atomic(target, "{}")
+    monkeypatch.undo()
+    cache = TeacherOutputCache(location="disk", directory=str(tmp_path / "tables"))
+    monkeypatch.setattr(np, "save", full)
+    with pytest.raises(ConfigError, match="no space left"):
+        cache.write(tmp_path / "tables" / "entry", {"logits": np.zeros((4, 3), np.float32)}, {"split": "train"})
+    left = sorted(p.name for p in tmp_path.rglob("*"))
+    assert left == ["tables"], left  # no temporary file or directory, no half entry

@@ -24,7 +24,13 @@ from torch.utils.data import DataLoader, Subset
 
 from kd_lightning.data.contract import CacheableData, check_cacheable
 from kd_lightning.engine.batches import Inputs, to_device
-from kd_lightning.engine.caching.store import array_record, open_array, publish_directory, weights_digest
+from kd_lightning.engine.caching.store import (
+    array_record,
+    disk_writes,
+    open_array,
+    publish_directory,
+    weights_digest,
+)
 from kd_lightning.engine.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -241,11 +247,12 @@ class TeacherOutputCache:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}."))
         files = {}
-        for name, array in table.items():
-            np.save(tmp / f"{name}.npy", array)
-            files[name] = array_record(tmp / f"{name}.npy")
-        (tmp / "meta.json").write_text(json.dumps({**meta, "files": files}, indent=2))
-        publish_directory(tmp, entry)
+        with disk_writes(entry, tmp):
+            for name, array in table.items():
+                np.save(tmp / f"{name}.npy", array)
+                files[name] = array_record(tmp / f"{name}.npy")
+            (tmp / "meta.json").write_text(json.dumps({**meta, "files": files}, indent=2))
+            publish_directory(tmp, entry)
 
     def read(self, entry: Path | None, verify: bool = True) -> dict[str, np.ndarray] | None:
         """The table at ``entry`` memory-mapped, or None if absent or (``verify``) failing its checksums

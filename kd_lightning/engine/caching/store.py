@@ -11,6 +11,7 @@ LM top-k token log-probabilities).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import inspect
 import json
@@ -18,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+
+from kd_lightning.engine.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +71,32 @@ def cache_key(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def disk_writes(target: Path, temporary: Path | None = None) -> Iterator[None]:
+    """Writes to ``target``: a full disk (or quota) is one :class:`ConfigError` naming the directory, and the
+    ``temporary`` file or directory being written is removed (the published entries are never touched)."""
+    try:
+        yield
+    except OSError as error:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True) if temporary.is_dir() else temporary.unlink(missing_ok=True)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ConfigError(
+                f"no space left on the disk of {target.parent} while writing {target.name}; free space there or "
+                "point paths.cache_dir / hydra.run.dir to another disk"
+            ) from None
+        raise
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file in ``path``'s directory and rename it over ``path``: a reader (or a
-    crash) never sees half a file."""
+    crash) never sees half a file, and a full disk leaves no temporary file (:func:`disk_writes`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with disk_writes(path, Path(name)):
+        with os.fdopen(handle, "w") as tmp:
+            tmp.write(text)
+        os.replace(name, path)
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
