@@ -239,7 +239,14 @@ CASES = [
     distill("method-target-not-a-method", "method._target_", "method._target_=torch.nn.Linear"),
     distill("method-group-unknown", "method/does_not_exist", "method=does_not_exist", hydra_error=True),
     distill("student-num-classes-three", "student.model", "student.model.num_classes=3"),
-    distill("student-input-does-not-fit-data", "cannot read the data's batches", "data=digits"),
+    distill(
+        "student-input-does-not-fit-data",
+        "cannot read the data's batches",
+        "data=digits",
+        "trainer.max_epochs=1",
+        "trainer.accelerator=cpu",
+        tiny=False,  # TINY sets data.transfer_samples, which digits has not
+    ),
     distill(
         "home-is-a-file",
         "paths.home",

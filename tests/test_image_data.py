@@ -211,7 +211,7 @@ def test_a_cifar_file_whose_labels_do_not_line_up_is_refused(tmp_path: Path, edi
         CIFARDataModule(str(tmp_path), dataset="cifar10", num_classes=10, val_samples=0).setup()
 
 
-def test_a_holdout_larger_than_the_training_set_names_data_val_samples(tmp_path: Path) -> None:
-    write_cifar10(tmp_path)
-    with pytest.raises(ConfigError, match=r"data\.val_samples=5000"):
+def test_a_holdout_that_leaves_no_training_image_names_data_val_samples(tmp_path: Path) -> None:
+    write_cifar10(tmp_path, per_batch=2)  # 10 training images, one per class
+    with pytest.raises(ConfigError, match=r"data\.val_samples=5000 holds out every one of the 10"):
         CIFARDataModule(str(tmp_path), dataset="cifar10", num_classes=10, val_samples=5000).setup()

@@ -91,7 +91,8 @@ def test_hugging_face_image_teacher_and_student_with_feature_taps(cifar_root: Pa
 
 def test_a_misspelt_tap_of_a_hugging_face_model_lists_the_nearest_names(cifar_root: Path, tmp_path: Path) -> None:
     pytest.importorskip("transformers")
-    overrides = ["data=cifar100", f"data.root={cifar_root}", *HF_TEACHER, *QUIET]
+    # data.val_samples=100: the 5,000 default would hold out all 160 fake images (now its own error)
+    overrides = ["data=cifar100", f"data.root={cifar_root}", "data.val_samples=100", *HF_TEACHER, *QUIET]
     overrides[-len(QUIET) - 1] = "loss.terms.fitnet.teacher_layer=model.resnet.encoder.stage.1"
     with pytest.raises(
         ConfigError, match=r"teacher_layer='model\.resnet\.encoder\.stage\.1'.*model\.resnet\.encoder\.stages"

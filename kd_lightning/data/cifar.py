@@ -243,16 +243,16 @@ class CIFARDataModule(InMemoryDataModule):
                     f"data.root: {split} labels in {self.folder} span {targets.min()}..{targets.max()}, not "
                     f"0..{self.num_classes - 1} (data.num_classes={self.num_classes})"
                 )
-        if self.val_samples and self.val_samples >= len(y):
-            raise ConfigError(
-                f"data.val_samples={self.val_samples} holds out every one of the {len(y)} training images; set "
-                f"data.val_samples below {len(y)} (0: validate on the test split)"
-            )
         test = (torch.from_numpy(x_test), torch.from_numpy(y_test))
         if not self.val_samples:
             return {"train": (torch.from_numpy(x), torch.from_numpy(y)), "val": test, "test": test}
         held = balanced_holdout(y, self.val_samples, self.num_classes, self.split_seed)
         kept = np.setdiff1d(np.arange(len(y)), held)
+        if not len(kept):
+            raise ConfigError(
+                f"data.val_samples={self.val_samples} holds out every one of the {len(y)} training images; set "
+                f"data.val_samples below {len(y)} (0: validate on the test split)"
+            )
         split = {"train": kept, "val": held}
         return {name: (torch.from_numpy(x[rows]), torch.from_numpy(y[rows])) for name, rows in split.items()} | {
             "test": test
