@@ -312,6 +312,8 @@ def test_method_configs_compose_and_name_their_scheme(method: str) -> None:
     assert issubclass(factory.func, LMMethod) and factory.func.config_name() == method
     if method in METHODS:
         assert factory.func is METHODS[method]
+    if "lmbda" in cfg.llm.method:
+        assert 0.0 <= cfg.llm.method.lmbda <= 1.0
     assert cfg.trainer._target_ and cfg.callbacks.model_checkpoint.monitor == "val/loss"
 
 

@@ -64,7 +64,9 @@ def exit_on_config_error(job: Callable[[DictConfig], Any], cfg: DictConfig, prog
     try:
         return job(cfg)
     except SystemExit as stop:  # Lightning ends a fit on SIGTERM with a SystemExit that would exit 0
-        if type(stop).__name__ != "SIGTERMException":
+        from lightning.pytorch.utilities.exceptions import SIGTERMException  # imported by the run already
+
+        if not isinstance(stop, SIGTERMException):
             raise
         print(
             f"{program}: interrupted by SIGTERM before the run finished (no summary written); its last checkpoint "

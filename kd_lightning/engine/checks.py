@@ -31,7 +31,7 @@ def check_class_counts(
             with torch.no_grad():
                 out = model(example)
         except (RuntimeError, ValueError, TypeError, IndexError) as error:  # the input does not fit the model
-            target = (configs or {}).get(key, {}).get("_target_", type(model).__name__) if configs else key
+            target = type(model).__name__
             first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
             raise ConfigError(
                 f"{key}.model ({target}) cannot read the data's batches ({describe(example)}): {first}; pick a "

@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from kd_lightning.engine.checkpointing import AtomicCheckpointIO
@@ -28,6 +28,22 @@ def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
             raise cause from None
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise ConfigError(f"{key} could not be built: {reason}; check the {key} config") from error
+
+
+def build_partial(node: DictConfig, key: str, base: type, public: str, pop: str) -> tuple[Any, Any]:
+    """``(constructor, popped)``: ``node`` without its ``pop`` entry built as a ``_partial_`` constructor of a
+    ``base`` subclass (``public``: where users find ``base``), and that entry (None if absent)."""
+    node = node.copy()
+    with open_dict(node):
+        popped = node.pop(pop, None)
+    factory = build(node, key)
+    cls = getattr(factory, "func", None)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(
+            f"{key}._target_={node.get('_target_')} is not a {base.__name__} built with _partial_: true; "
+            f"subclass {public} and set _partial_: true"
+        )
+    return factory, popped
 
 
 def build_group(nodes: DictConfig | None, key: str) -> list[Any]:

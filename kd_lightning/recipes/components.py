@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from kd_lightning.engine.errors import ConfigError
-from kd_lightning.engine.instantiate import build, parameter_count
+from kd_lightning.engine.instantiate import build, build_partial, parameter_count
 from kd_lightning.engine.runtime import Runtime
 from kd_lightning.methods.base import Method
 from kd_lightning.recipes.fit import labelled_only
@@ -25,17 +24,8 @@ log = logging.getLogger(__name__)
 
 def method_factory(cfg: DictConfig) -> tuple[Callable[..., Method], dict[str, DictConfig]]:
     """The method's constructor (``method`` without its ``teachers``) and its teacher configs by name."""
-    method_cfg = cfg.method.copy()
-    with open_dict(method_cfg):
-        teachers = dict((method_cfg.pop("teachers", None) or {}).items())
-    factory = build(method_cfg, "method")
-    cls = getattr(factory, "func", None)
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise ConfigError(
-            f"method._target_={cfg.method.get('_target_')} is not a kd_lightning Method built with _partial_: true; "
-            "subclass kd_lightning.methods.Method and set _partial_: true"
-        )
-    return factory, teachers
+    factory, teachers = build_partial(cfg.method, "method", Method, "kd_lightning.methods.Method", pop="teachers")
+    return factory, dict((teachers or {}).items())
 
 
 def offer(factory: Callable[..., Method], **ingredients: Any) -> Method:

@@ -8,11 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kd_lightning.engine.errors import ConfigError
-from kd_lightning.engine.instantiate import build, parameter_count
+from kd_lightning.engine.instantiate import build, build_partial, parameter_count
 from kd_lightning.engine.weights import freeze
 from kd_lightning.llm.cross_tokenizer import VocabMapping
 from kd_lightning.llm.models import check_tokenizers, check_vocab_rows, embedding_rows, same_tokenizer
@@ -38,17 +38,10 @@ class Teachers:
 def scheme_factory(cfg: DictConfig) -> tuple[Callable[..., LMMethod], DictConfig | None]:
     """The scheme's constructor (``llm.method`` without its own ``loss``) and the objective's config: the
     scheme's ``loss`` node if it ships one (DistiLLM-2), else ``llm.loss``; None if it reads no loss."""
-    method_cfg = cfg.llm.method.copy()
-    with open_dict(method_cfg):
-        own_loss = method_cfg.pop("loss", None)
-    factory = build(method_cfg, "llm.method")
-    cls = getattr(factory, "func", None)
-    if not (isinstance(cls, type) and issubclass(cls, LMMethod)):
-        raise ConfigError(
-            f"llm.method._target_={cfg.llm.method.get('_target_')} is not an LM scheme built with _partial_: true; "
-            "subclass kd_lightning.methods.lm.LMMethod and set _partial_: true"
-        )
-    return factory, own_loss if own_loss is not None else (cfg.llm.loss if cls.uses_loss else None)
+    factory, own_loss = build_partial(
+        cfg.llm.method, "llm.method", LMMethod, "kd_lightning.methods.lm.LMMethod", "loss"
+    )
+    return factory, own_loss if own_loss is not None else (cfg.llm.loss if factory.func.uses_loss else None)
 
 
 def accepted(cls: type) -> set[str] | None:

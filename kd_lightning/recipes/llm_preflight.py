@@ -80,7 +80,7 @@ def check_token_ids(datamodule: L.LightningDataModule, models: Mapping[str, Any]
     splits: Mapping[str, list[dict[str, Any]]] = getattr(datamodule, "splits", {})
     if not splits.get("train"):
         raise ConfigError("llm.data has no training example; check llm.data.train_file / train_prompts")
-    largest = max(max(ids(example)) for rows in splits.values() for example in rows)
+    largest = max(max(ids(example), default=0) for rows in splits.values() for example in rows)
     for key, model in models.items():
         if isinstance(model, nn.Module) and largest >= (rows := model.get_output_embeddings().weight.shape[0]):
             raise ConfigError(
@@ -91,7 +91,7 @@ def check_token_ids(datamodule: L.LightningDataModule, models: Mapping[str, Any]
 
 def ids(example: Mapping[str, Any]) -> Iterable[int]:
     """The student-side token ids of one encoded example."""
-    return [*example.get("prompt", []), *example.get("completion", []), 0]
+    return [*example.get("prompt", []), *example.get("completion", [])]
 
 
 def check_resume_teacher(ckpt_path: str | None, method: LMMethod, allow: bool) -> None:
