@@ -40,7 +40,7 @@ def build_partial(node: DictConfig, key: str, base: type, public: str, pop: str)
     cls = getattr(factory, "func", None)
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ConfigError(
-            f"{key}._target_={node.get('_target_')} is not a {base.__name__} built with _partial_: true; "
+            f"{key}._target_={node.get('_target_')} is not a kd_lightning {base.__name__} built with _partial_: true; "
             f"subclass {public} and set _partial_: true"
         )
     return factory, popped
