@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,15 @@ TINY_LM = ["llm/teacher=tiny", "llm/student=tiny", "trainer.max_steps=3", "+trai
 )
 def test_kd_llm_distill_trains_and_reports_validation_metrics(overrides: list[str], kd_home: Path) -> None:
     run_dir = kd_home / "llm_cli" / overrides[0].split("=")[1] / overrides[-1].split("=")[1]
-    result = run("kd-llm-distill", *TINY_LM, *overrides, f"hydra.run.dir={run_dir}", home=kd_home)
+    # in-epoch progress lines after every step (without a terminal; default: at most every 30 s)
+    interval = "callbacks.epoch_lines.interval_s=0.000001"
+    result = run("kd-llm-distill", *TINY_LM, *overrides, interval, f"hydra.run.dir={run_dir}", home=kd_home)
     assert result.returncode == 0, result.stderr[-3000:]
+    # max_steps=3 bounds the run: its ETA counts the steps left, whatever the epoch's length
+    steps = re.findall(
+        r"^llm_distill epoch 1/1  step (\d+)/\d+  [\d,]+ samples/s  .*run ETA \d+ s$", result.stdout, re.M
+    )
+    assert steps == ["1", "2", "3"], result.stdout[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     # max_steps ends the fit before the epoch's validation: a final validation still reports metrics,
     # and SFT (alpha = 0) runs still measure the KL to the teacher.

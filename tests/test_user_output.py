@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from kd_lightning.engine.checks import check_class_counts
@@ -20,6 +21,8 @@ def piped_run(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("fresh_home")  # a fresh home: the teacher is trained, as a new user's is
     run_dir = home / "run"
     overrides = [o for o in TINY if "enable_progress_bar" not in o]  # the default: no bar setting at all
+    # in-epoch progress lines after every batch (default: at most every 30 s)
+    overrides.append("callbacks.epoch_lines.interval_s=0.000001")
     return run("kd-distill", *overrides, f"hydra.run.dir={run_dir}", home=home), run_dir
 
 
@@ -40,6 +43,23 @@ def test_without_a_terminal_each_epoch_prints_one_line_and_no_bar(piped_run) -> 
     assert re.search(r"^distill epoch 1/2 .*val/agreement [\d.]+  [\d.]+ s$", result.stdout, re.M)
     before_summary = result.stdout.split("kd_lightning summary")[0]
     assert "━" not in before_summary and "it/s" not in result.stdout  # no progress bar
+
+
+def test_without_a_terminal_long_epochs_print_progress_lines_with_etas(piped_run) -> None:
+    """With a short ``callbacks.epoch_lines.interval_s`` every fit (teacher, distill, scratch) prints lines
+    inside its epochs: step / total, samples/s and the epoch's and the run's remaining time."""
+    result, _ = piped_run
+    step = (
+        r"^(teacher|distill|scratch) epoch (\d)/2  step (\d+)/(\d+)  [\d,]+ samples/s  epoch ETA \d+ s  run ETA \d+ s$"
+    )
+    lines = re.findall(step, result.stdout, re.M)
+    assert {(fit, epoch) for fit, epoch, _, _ in lines} == {
+        (f, n) for f in ("teacher", "distill", "scratch") for n in "12"
+    }
+    for fit in ("teacher", "distill", "scratch"):
+        steps = [(int(epoch), int(done), int(total)) for f, epoch, done, total in lines if f == fit]
+        assert steps == sorted(steps) and all(1 <= done <= total for _, done, total in steps), fit
+        assert steps[-1][1] == steps[-1][2]  # the last batch of the last epoch
 
 
 def test_a_default_run_prints_no_third_party_notices(piped_run) -> None:
@@ -110,3 +130,12 @@ def test_kd_report_says_the_thread_count_and_warns_on_a_busy_machine(monkeypatch
     monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
     warning = report.machine_load()
     assert warning is not None and "load average 64.0" in warning and "not reliable" in warning
+
+
+def test_progress_durations_read_as_a_person_reads_them_and_a_bad_interval_names_its_key() -> None:
+    from kd_lightning.callbacks.progress import EpochLines, batch_rows, duration
+
+    assert [duration(s) for s in (0.4, 42, 600, 3 * 3600 + 300)] == ["0 s", "42 s", "10 min", "3 h 05 min"]
+    assert batch_rows({"ids": torch.zeros(8, 3), "n": 1}) == 8 and batch_rows((torch.tensor(1.0),)) is None
+    with pytest.raises(ConfigError, match=r"callbacks\.epoch_lines\.interval_s=-1: use seconds >= 0"):
+        EpochLines(interval_s=-1)

@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kd_lightning.callbacks.checkpoint import ModelCheckpoint
@@ -48,6 +48,12 @@ def run_test(
     sync_csv_columns(trainer)
     metrics = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)[0]
     return {name: float(value) for name, value in metrics.items()}
+
+
+def progress_interval(cfg: DictConfig) -> float:
+    """Seconds between in-epoch progress lines of a recipe's own fits (teacher, scratch): the run's
+    ``callbacks.epoch_lines.interval_s`` (30 when the run has none)."""
+    return float(OmegaConf.select(cfg, "callbacks.epoch_lines.interval_s", default=30.0))
 
 
 @dataclass
@@ -94,7 +100,7 @@ def fit_supervised(
         "trainer",
         max_epochs=max_epochs,
         default_root_dir=str(out_dir),
-        callbacks=[checkpoint, EpochLines(out_dir.name)],
+        callbacks=[checkpoint, EpochLines(out_dir.name, progress_interval(cfg))],
         logger=CSVLogger(str(out_dir), name="csv"),
         **bar_when_piped(trainer_cfg),
     )
