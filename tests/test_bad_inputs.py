@@ -247,6 +247,8 @@ CASES = [
         "trainer.accelerator=cpu",
         tiny=False,  # TINY sets data.transfer_samples, which digits has not
     ),
+    # the CIFAR-zoo networks with an ImageNet namesake are cifar_<name> (old names: one line naming the new)
+    distill("old-cifar-zoo-name", "student=cifar_mobilenetv2", "student=mobilenetv2"),
     distill(
         "home-is-a-file",
         "paths.home",
@@ -259,6 +261,7 @@ CASES = [
     train("train-teacher-num-classes", "teacher.model", *KD_TRAIN, "teacher.model.num_classes=3"),
     train("train-devices-beyond-cores", "trainer.devices", *KD_TRAIN, "trainer.devices=99"),
     train("train-seed-string", "seed", *KD_TRAIN, "seed=abc"),
+    train("train-old-cifar-zoo-name", "teacher=cifar_vgg13", *KD_TRAIN, "teacher=vgg13"),
     # kd-report
     report("report-no-summary", "summary.json", "{case}/report_run", existing=False, setup=make_empty_run_dir),
     report("report-not-a-directory", "not a directory", "{case}/report_run", existing=False),

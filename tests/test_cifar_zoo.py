@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from kd_lightning.cli.common import CONFIG_DIR
+from kd_lightning.cli.renamed import CIFAR_NAMESAKES
 from kd_lightning.models.cifar import ZOO
 from tests.conftest import compose_config
 
@@ -189,20 +190,29 @@ def test_the_package_exports_keep_working() -> None:
     assert [n for n, _ in resnet8x4().named_children()] == ["stem", "layer1", "layer2", "layer3", "pool", "head"]
 
 
+def config_name(name: str) -> str:
+    """The teacher / student option of zoo model ``name``: ``cifar_<name>`` where an ImageNet architecture
+    has the same name (``cifar_resnet50``, ``cifar_mobilenetv2``), else the name (``resnet32x4``)."""
+    return f"cifar_{name}" if name in CIFAR_NAMESAKES else name
+
+
 def test_every_cifar_model_has_a_teacher_and_a_student_config() -> None:
     for group in ("teacher", "student"):
         cifar = set()
         for path in (Path(CONFIG_DIR) / group).glob("*.yaml"):
             target = OmegaConf.select(OmegaConf.load(path), "model._target_", throw_on_resolution_failure=False)
             if str(target).startswith("kd_lightning.models.cifar."):
-                assert target == f"kd_lightning.models.cifar.{path.stem}", path
-                cifar.add(path.stem)
+                name = str(target).removeprefix("kd_lightning.models.cifar.")
+                assert path.stem == config_name(name), path
+                cifar.add(name)
         assert cifar == set(ZOO), group
+    assert set(CIFAR_NAMESAKES) < set(ZOO)
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_configs_instantiate_the_model(name: str, tmp_path: Path) -> None:
-    cfg = compose_config(tmp_path, [f"teacher={name}", f"student={name}", "data.num_classes=100"])
+    option = config_name(name)
+    cfg = compose_config(tmp_path, [f"teacher={option}", f"student={option}", "data.num_classes=100"])
     expected = ZOO[name](num_classes=100)
     for group in ("teacher", "student"):
         node = cfg[group]
@@ -242,3 +252,20 @@ def test_weights_start_as_the_reference_code_initialises_them(name: str, linear_
     assert all(torch.equal(m.weight, torch.ones_like(m.weight)) and not m.bias.any() for m in norms)
     if linear_std is not None:
         assert abs(float(model.head.weight.std()) / linear_std - 1) < 0.1 and not model.head.bias.any()
+
+
+def test_old_zoo_names_point_to_the_new_and_resnet50_on_cifar_gets_a_note(capsys: pytest.CaptureFixture) -> None:
+    from kd_lightning.cli.renamed import CLASSIFIER_RENAMED, exit_on_renamed, renamed
+
+    for name in CIFAR_NAMESAKES:
+        message = renamed(f"student={name}", CLASSIFIER_RENAMED)
+        assert message is not None and f"student=cifar_{name} now" in message
+    assert renamed("teacher=resnet50", CLASSIFIER_RENAMED) is None  # torchvision's ResNet-50 now
+    assert renamed("student=resnet32x4", CLASSIFIER_RENAMED) is None
+    exit_on_renamed("kd-distill", ["teacher=resnet50", "student=resnet18"], CLASSIFIER_RENAMED)
+    assert capsys.readouterr().err == ""
+    exit_on_renamed("kd-distill", ["data=cifar100", "teacher=resnet50"], CLASSIFIER_RENAMED)
+    assert "kd-distill: note: teacher=resnet50 is torchvision's" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as raised:
+        exit_on_renamed("kd-train", ["teacher=vgg13"], CLASSIFIER_RENAMED)
+    assert raised.value.code == 2 and "teacher=cifar_vgg13" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from kd_lightning.cli.common import CONFIG_DIR
 from kd_lightning.losses import DistillationLoss
@@ -34,12 +35,23 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
 
 
-#: Model options that need the vision extra (torchvision, timm): run in its environment (pytest -m vision).
-VISION_MODELS = {"timm", "torchvision"}
+#: Model builders that need the vision extra (torchvision, timm): run in its environment (pytest -m vision).
+VISION_MODELS = {"kd_lightning.models.external.timm_model", "kd_lightning.models.external.torchvision_model"}
+
+
+def builds_vision_model(group: str, option: str) -> bool:
+    """Whether option ``option`` of ``group`` (teacher / student) builds a timm or torchvision model, by itself
+    or through the group option it extends (``defaults: [torchvision]``)."""
+    config = OmegaConf.load(Path(CONFIG_DIR) / group / f"{option}.yaml")
+    if OmegaConf.select(config, "model._target_") in VISION_MODELS:
+        return True
+    return any(
+        isinstance(d, str) and d != "_self_" and builds_vision_model(group, d) for d in config.get("defaults", [])
+    )
 
 
 def marked(group: str, option: str) -> object:
-    vision = group in ("teacher", "student") and option in VISION_MODELS
+    vision = group in ("teacher", "student") and builds_vision_model(group, option)
     return pytest.param(group, option, marks=pytest.mark.vision) if vision else (group, option)
 
 

@@ -3,10 +3,13 @@ teacher into the student) and report it."""
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from kd_lightning.cli.common import CONFIG_DIR, run_for_sweeper
+from kd_lightning.cli.renamed import CLASSIFIER_RENAMED, exit_on_renamed
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="distill")
@@ -17,5 +20,11 @@ def main(cfg: DictConfig) -> float:
     return run_for_sweeper(distill, cfg, "kd-distill")
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The console script: old spellings get one line naming the new one, then Hydra composes the run."""
+    exit_on_renamed("kd-distill", sys.argv[1:], CLASSIFIER_RENAMED)
     main()
+
+
+if __name__ == "__main__":
+    entry()

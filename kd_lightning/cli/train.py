@@ -3,10 +3,13 @@ model), with the teacher config's fit recipe; prints the checkpoint to distill f
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from kd_lightning.cli.common import CONFIG_DIR, exit_on_config_error
+from kd_lightning.cli.renamed import CLASSIFIER_RENAMED, exit_on_renamed
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -16,5 +19,11 @@ def main(cfg: DictConfig) -> float:
     return exit_on_config_error(train_model, cfg, "kd-train")
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The console script: old spellings get one line naming the new one, then Hydra composes the run."""
+    exit_on_renamed("kd-train", sys.argv[1:], CLASSIFIER_RENAMED)
     main()
+
+
+if __name__ == "__main__":
+    entry()
