@@ -16,7 +16,8 @@ from matplotlib.image import AxesImage
 
 from kd_lightning.cli.sweep_report import main
 from kd_lightning.reporting.calibration import ReliabilityBins, expected_calibration_error, reliability_figure
-from kd_lightning.reporting.sweep_report import plot_sweep, read_jobs, sweep_kind
+from kd_lightning.reporting.sweep_plots import plot_sweep
+from kd_lightning.reporting.sweep_report import read_jobs, sweep_kind
 
 METRIC = "val/acc_best"
 
@@ -218,3 +219,70 @@ def test_a_lower_is_better_metric_picks_the_lowest_job_and_a_typo_is_one_error(t
     ]  # fmt: skip
     with pytest.raises(SystemExit, match="--metric val/nope is in no job's summary"):
         read_jobs(root, "val/nope")
+
+
+def seeded_grid_jobs() -> list[tuple[dict[str, str], float | str | None]]:
+    """``-m loss.temperature=1,4 loss.alpha=0.1,0.9 seed=0,1``: the seeds differ by ±0.01 (T=4, alpha=0.9 by
+    ±0.02); seed 1 of T=1, alpha=0.1 failed."""
+    jobs = []
+    for alpha in ("0.1", "0.9"):
+        for temperature in ("1", "4"):
+            mean = 0.70 + float(alpha) / 100 + float(temperature) / 200
+            noise = 0.02 if (temperature, alpha) == ("4", "0.9") else 0.01
+            for seed, sign in (("0", -1), ("1", 1)):
+                failed = (temperature, alpha, seed) == ("1", "0.1", "1")
+                value = None if failed else mean + sign * noise
+                jobs.append(({"loss.temperature": temperature, "loss.alpha": alpha, "seed": seed}, value))
+    return jobs
+
+
+def test_a_sweep_over_seeds_is_a_heatmap_of_mean_and_std_on_a_noise_wide_scale(tmp_path: Path) -> None:
+    """Each cell is one setting's mean ± std over its seeds; the colour scale spans at least 4 pooled seed
+    standard deviations (cells within noise look alike) and its legend says so; the table adds the setting rows."""
+    import math
+
+    from kd_lightning.reporting.sweep_report import by_setting, pooled_std
+
+    varying, records, metric = read_jobs(make_sweep(tmp_path / "seeds", seeded_grid_jobs()), None)
+    assert varying == ["loss.alpha", "loss.temperature", "seed"]
+    settings, merged = by_setting(records, varying)
+    assert settings == ["loss.alpha", "loss.temperature"] and len(merged) == 4
+    first = merged[0]  # alpha 0.1, T 1: one seed of two gave a value
+    assert (first["seeds"], first["failed"], first["std"]) == (1, 1, None)
+    assert first["value"] == pytest.approx(0.70 + 0.001 + 0.005 - 0.01)
+    widest = next(r for r in merged if (r["loss.alpha"], r["loss.temperature"]) == ("0.9", "4"))
+    assert widest["std"] == pytest.approx(0.02 * math.sqrt(2))  # two seeds at mean ± 0.02
+    noise = pooled_std(merged)  # three settings with 2 seeds, one degree of freedom each
+    assert noise == pytest.approx(math.sqrt((2 * (0.01 * math.sqrt(2)) ** 2 + (0.02 * math.sqrt(2)) ** 2) / 3))
+
+    plot = plot_sweep(records, varying, metric)
+    assert plot.kind == "grid"
+    ax, colorbar_ax = plot.figure.axes
+    labels = texts(ax)
+    assert labels[(1.0, 1.0)] == f"{0.70 + 0.009 + 0.02:.3f}\n± {0.02 * math.sqrt(2):.3f}\nn=2\nbest"
+    assert labels[(0.0, 0.0)] == f"{0.70 + 0.001 + 0.005 - 0.01:.3f}\nn=1, 1 failed"  # one seed: no ± shown
+    assert labels[(1.0, 0.0)] == f"{0.70 + 0.001 + 0.02:.3f}\n± {0.01 * math.sqrt(2):.3f}\nn=2"
+    assert "mean ± std over 2 seeds" in ax.get_title()
+    low, high = ax.images[0].get_clim()
+    cells = [r["value"] for r in merged]
+    assert high - low == pytest.approx(max(max(cells) - min(cells), 4 * noise))
+    assert (low + high) / 2 == pytest.approx((max(cells) + min(cells)) / 2)
+    assert f"±{2 * noise:.3g}" in colorbar_ax.get_ylabel()
+
+    main([str(tmp_path / "seeds")])
+    table = (tmp_path / "seeds" / "sweep_summary.md").read_text()
+    assert "| 0.9 | 4 | " + f"{widest['value']:.4f} ± {widest['std']:.4f} | 2 |" in table
+    assert "| 0.1 | 1 | " + f"{first['value']:.4f} | 1 (1 failed) |" in table
+    assert "Best mean val/acc_best: " in table
+
+
+def test_a_one_seed_heatmap_says_so_and_a_small_accuracy_spread_is_not_stretched(tmp_path: Path) -> None:
+    jobs = [
+        ({"loss.temperature": t, "loss.alpha": a}, 0.80 + 0.001 * i)
+        for i, (t, a) in enumerate((t, a) for a in ("0.1", "0.9") for t in ("1", "4"))
+    ]
+    varying, records, metric = read_jobs(make_sweep(tmp_path, jobs), None)
+    ax, colorbar_ax = plot_sweep(records, varying, metric).figure.axes
+    assert "(1 seed)" in ax.get_title() and "1 seed: scale ≥ 0.05 wide" in colorbar_ax.get_ylabel()
+    low, high = ax.images[0].get_clim()
+    assert high - low == pytest.approx(0.05)  # a 0.003 spread is not drawn from darkest to brightest

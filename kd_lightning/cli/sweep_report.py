@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kd_lightning.reporting.sweep_plots import write_sweep_plot
 from kd_lightning.reporting.sweep_report import __doc__ as DESCRIPTION
-from kd_lightning.reporting.sweep_report import read_jobs, write_sweep_plot, write_table
+from kd_lightning.reporting.sweep_report import read_jobs, write_table
 
 
 def main(argv: list[str] | None = None) -> None:
