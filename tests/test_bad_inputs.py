@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY
-from tests.test_cli import BIN, REPO, run
+from tests.test_cli import REPO, run
+from tests.warm_process import run_console_script
 
 #: Seconds one case may take (a case that got through its check trains a few tiny epochs at most).
 CASE_TIMEOUT = 240
@@ -329,14 +330,7 @@ def launch(case: Case, paths: Paths, home: Path) -> Result:
                 "PYTHONPATH": str(REPO),
                 **{name: fill(value, paths) for name, value in case.env.items()},
             }
-            result = subprocess.run(
-                [str(BIN / case.program), *argv(case, paths)],
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=CASE_TIMEOUT,
-                cwd=paths.case,
-            )
+            result = run_console_script(case.program, argv(case, paths), env, paths.case, CASE_TIMEOUT)
         else:
             result = run(case.program, *argv(case, paths), home=home, timeout=CASE_TIMEOUT)
         returncode, stdout, stderr = result.returncode, result.stdout, result.stderr

@@ -12,17 +12,19 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY
+from tests.warm_process import run_console_script
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(program: str, *overrides: str, home: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run a console script from ``home`` (``tests.*`` classes importable, as configs may name them)."""
+def run(
+    program: str, *overrides: str, home: Path, timeout: int = 300, fresh: bool = False
+) -> subprocess.CompletedProcess:
+    """Run a console script from ``home`` (``tests.*`` classes importable, as configs may name them), in its own
+    process forked from the warm worker (:mod:`tests.warm_process`), or a fresh interpreter when ``fresh``."""
     env = {**os.environ, "KD_LIGHTNING_HOME": str(home), "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [str(BIN / program), *overrides], capture_output=True, text=True, env=env, timeout=timeout, cwd=home
-    )
+    return run_console_script(program, list(overrides), env, home, timeout, fresh=fresh)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ def piped_run(tmp_path_factory: pytest.TempPathFactory):
     overrides = [o for o in TINY if "enable_progress_bar" not in o]  # the default: no bar setting at all
     # in-epoch progress lines after every batch (default: at most every 30 s)
     overrides.append("callbacks.epoch_lines.interval_s=0.000001")
-    return run("kd-distill", *overrides, f"hydra.run.dir={run_dir}", home=home), run_dir
+    # a fresh interpreter: what a user sees includes what importing the libraries prints
+    return run("kd-distill", *overrides, f"hydra.run.dir={run_dir}", home=home, fresh=True), run_dir
 
 
 def test_the_run_directory_is_printed_at_the_start_and_the_end(piped_run) -> None:
