@@ -35,7 +35,7 @@ def _require(module: str, extra: str) -> Any:
     except ImportError as error:
         raise ConfigError(
             f"{KEY}._target_ builds a {module} model, but {module} cannot be imported ({error}); "
-            f'pip install -e ".[{extra}]" (README: optional extras)'
+            f'pip install -e ".[{extra}]" (docs/install.md: optional extras)'
         ) from None
 
 

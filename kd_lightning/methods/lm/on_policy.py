@@ -55,7 +55,9 @@ class OnPolicy(LMMethod):
         lmbda: the fraction of on-policy batches, in (0, 1].
         generation: ``transformers`` ``generate()`` sampling arguments (``max_new_tokens``, ``temperature``,
             ``top_k``, ``top_p``).
-        seed, pad_token_id, eos_token_id: sampling seed and the student tokenizer's special ids.
+        seed: the sampling seed.
+        pad_token_id: the student tokenizer's padding id.
+        eos_token_id: the student tokenizer's end-of-sequence id(s).
         aligned: the data's aligned encoder (cross-tokenizer losses).
     """
 
