@@ -318,3 +318,53 @@ def test_config_reference_lists_every_option() -> None:
     for path in options:
         group = path.parent.relative_to(conf).as_posix()
         assert f"### `{group}={path.stem}`" in page, path
+
+
+# Smoke runs ------------------------------------------------------------------------------------------------
+
+
+def smoke_commands() -> list[Command]:
+    """The documentation's smoke tests: every ``kd-distill`` line with ``debug=fast_dev_run`` and every
+    ``kd-llm-distill`` line on the tiny random models, with no placeholder to fill in."""
+    found = [c for c in commands("kd-distill") if "debug=fast_dev_run" in c.args]
+    found += [c for c in commands("kd-llm-distill") if {"llm/teacher=tiny", "llm/student=tiny"} <= set(c.args)]
+    return [c for c in found if not c.has_placeholder and "-m" not in c.args]
+
+
+def smoke_param(command: Command) -> object:
+    """Runs needing the vision extra (torchvision / timm models) run in its environment (pytest -m vision)."""
+    vision = any(
+        re.fullmatch(r"(teacher|student)=(torchvision|timm|resnet50|resnet18|mobilenet_v3\w*)", a) for a in command.args
+    )
+    return (
+        pytest.param(command, marks=pytest.mark.vision, id=command.where)
+        if vision
+        else pytest.param(command, id=command.where)
+    )
+
+
+@pytest.mark.parametrize("command", [smoke_param(c) for c in smoke_commands()])
+def test_doc_smoke_runs_run(command: Command, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page's smoke test runs as its reader runs it: the page's Python blocks first (they make the toy files
+    the command reads), in one working directory, then the command as a process, which must finish and report."""
+    import os
+
+    from tests.warm_process import run_console_script
+
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__doc_block__"}
+    for block in blocks(command.block.path, "python"):
+        if block.not_run is None and block != api_example() and block.line < command.block.line:
+            with contextlib.redirect_stdout(io.StringIO()):
+                exec(compile(tiny(block.code), block.where, "exec"), namespace)
+    env = {
+        **os.environ,
+        "KD_LIGHTNING_HOME": str(tmp_path / "home"),
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": str(REPO),
+    }
+    program = "kd-distill" if command.line.lstrip().startswith("kd-distill") else "kd-llm-distill"
+    args = [*command.args, f"hydra.run.dir={tmp_path / 'run'}", "+trainer.enable_progress_bar=false"]
+    result = run_console_script(program, args, env, tmp_path, timeout=300)
+    assert result.returncode == 0, f"{command.where}\n{result.stderr[-3000:]}"
+    assert (tmp_path / "run" / "summary.json").is_file(), command.where
