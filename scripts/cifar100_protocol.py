@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from multirun import mean_std, run_seeds
+from multirun import mean_std, provenance, run_seeds
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def table(results: dict[str, list[dict]], command: str) -> str:
     lines = [
         "# CIFAR-100, the standard KD protocol",
         "",
-        f"Command: `{command}`",
+        f"Command: `{command}` ({provenance()})",
         "",
         f"Top-1 %, mean ± std over seeds; {', '.join(map(str, sorted(epochs)))} epochs. Best: the best epoch's test "
         "accuracy (the published protocol selects the epoch on test); last: the last epoch's. Published: "

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from multirun import mean_std, run_seeds
+from multirun import mean_std, provenance, run_seeds
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def table(preset: str, runs: list[dict], long_runs: list[dict], factor: int | No
         [
             f"# {preset}: distilled vs the same student alone",
             "",
-            f"Command: `{command}`",
+            f"Command: `{command}` ({provenance()})",
             "",
             f"{models}; {first['teacher_params']:,} -> {first['student_params']:,} parameters; "
             f"{cfg['trainer']['max_epochs']} epochs; test accuracy (%) of the best-validation checkpoint, "

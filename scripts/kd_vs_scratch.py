@@ -18,7 +18,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from multirun import mean_std, run_seeds
+from multirun import mean_std, provenance, run_seeds
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "results" / "default.md"
@@ -102,7 +102,7 @@ def main() -> None:
     )
     lines = [
         "<!-- written by scripts/kd_vs_scratch.py; do not edit by hand -->",
-        f"Command: `{command}`  ",
+        f"Command: `{command}` ({provenance()})  ",
         f"Data: MNIST-1D, 4,000 labelled training samples + {cfg['data']['transfer_samples']:,} unlabelled "
         "transfer samples (distillation only), 1,000 validation, official 1,000 test. "
         f"Seeds {', '.join(map(str, args.seeds))}; test accuracy in %, mean ± std over seeds; "

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from multirun import mean_std as percent
-from multirun import run_seeds
+from multirun import provenance, run_seeds
 
 REPO = Path(__file__).resolve().parents[1]
 KD_DISTILL = Path(sys.executable).parent / "kd-distill"
@@ -138,7 +138,7 @@ def main() -> None:
     chart = args.out.with_suffix(".png")
     lines = [
         "<!-- written by scripts/methods_table.py; do not edit by hand -->",
-        f"Command: `{command}`  ",
+        f"Command: `{command}` ({provenance()})  ",
         f"MNIST-1D default data (4,000 labelled + {config['data']['transfer_samples']:,} unlabelled transfer "
         f"samples), teacher: 1-D CNN ({teacher_params:,} parameters, test acc {percent(list(teacher.values()))} %), "
         f"{args.epochs} epochs, AdamW lr {config['optimizer']['lr']}, batch {config['data']['batch_size']}, "

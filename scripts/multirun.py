@@ -13,6 +13,19 @@ import sys
 from pathlib import Path
 
 KD_DISTILL = Path(sys.executable).parent / "kd-distill"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def provenance() -> str:
+    """Where and when a table is measured, for its Command line: ``commit 1a2b3c4, 2026-12-08`` (``+ uncommitted
+    changes`` when the tree differs from the commit: such a table describes no commit until re-run)."""
+    import datetime
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO).stdout.strip()
+
+    dirty = " + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
+    return f"commit {git('rev-parse', '--short', 'HEAD') or 'unknown'}{dirty}, {datetime.date.today()}"
 
 
 def run_seeds(overrides: list[str], seeds: list[int], sweep_dir: Path, home: Path) -> list[dict]:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script's formatting, also when loaded by path
 from multirun import mean_std as fmt
+from multirun import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 KD_DISTILL = Path(sys.executable).parent / "kd-distill"
@@ -169,7 +170,7 @@ def main() -> None:
     )
     lines = [
         "<!-- written by scripts/schemes_table.py; do not edit by hand -->",
-        f"Command: `{command}`  ",
+        f"Command: `{command}` ({provenance()})  ",
         f"MNIST-1D default data (4,000 labelled + 20,000 unlabelled transfer samples), student: the MLP "
         f"(4,810 parameters), {args.epochs} epochs per stage, AdamW lr 0.003, batch 128, seeds "
         f"{', '.join(map(str, args.seeds))}; mean ± std over the distinct seeds"

@@ -29,6 +29,7 @@ from tests.doc_pages import (
     name,
     not_run_marks,
     pages,
+    shell_lines,
 )
 
 #: The Python API example: the first Python block after this heading of this page.
@@ -368,3 +369,19 @@ def test_doc_smoke_runs_run(command: Command, tmp_path: Path, monkeypatch: pytes
     result = run_console_script(program, args, env, tmp_path, timeout=300)
     assert result.returncode == 0, f"{command.where}\n{result.stderr[-3000:]}"
     assert (tmp_path / "run" / "summary.json").is_file(), command.where
+
+
+def test_refresh_results_reruns_every_cpu_table() -> None:
+    """Every table a script wrote into README / docs (its ``Command:`` line) is re-run by
+    scripts/refresh_results.sh with the same arguments, except those it names as run elsewhere: GPU tables,
+    the CIFAR-100 protocol (needs the data) and the LM studies."""
+    script = (REPO / "scripts" / "refresh_results.sh").read_text()
+    refreshed = {" ".join(line.replace("\\\n", " ").split()) for line in shell_lines(script.replace("$PY", "python"))}
+    elsewhere = ("--device cuda", "scripts/llm_", "cifar100_protocol", "gpu_check", "bench/llm_", "cifar_throughput")
+    missing = []
+    for page in pages():
+        for match in re.finditer(r"Command: `(python scripts/[^`]+)`", page.read_text()):
+            command = " ".join(match.group(1).split(" -- ")[0].split())
+            if not any(mark in command for mark in elsewhere) and not any(command in line for line in refreshed):
+                missing.append(f"{name(page)}: {command}")
+    assert not missing, "\n".join(missing)

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kd_step import REPO, write_section
+from kd_step import REPO, provenance, write_section
 
 from kd_lightning.engine.checks import usable_cores
 
@@ -344,7 +344,7 @@ def table(args: argparse.Namespace, setup: Setup, times: dict[str, Any], machine
     return "\n".join(
         [
             "<!-- kd-e2e table: written by scripts/bench/e2e.py -->",
-            f"Command: `{command_line(args)}`  ",
+            f"Command: `{command_line(args)}` ({provenance()})  ",
             f"Machine: {machine}. {description(args)}",
             "",
             "| setting | kd-distill s | plain loop s | ratio |",

@@ -49,7 +49,7 @@ from kd_lightning.teacher.outputs import TeacherOutputCache
 from kd_lightning.teacher.views import TeacherViewCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kd_step import REPO, bench_trainer, write_section
+from kd_step import REPO, bench_trainer, provenance, write_section
 
 #: ``--augment``'s transformations: conf/experiment/mnist1d_function_matching.yaml's, without mixup (whose
 #: batch-level mixing no per-sample view can store).
@@ -185,7 +185,7 @@ def main() -> None:
     table = "\n".join(
         [
             "<!-- kd-epochs table: written by scripts/bench/epochs.py -->",
-            f"Command: `{command}`  ",
+            f"Command: `{command}` ({provenance()})  ",
             f"Machine: {where}, float32. Seconds per training epoch (median of epochs 2-{args.epochs}); "
             "ratios to (i); cache build = one teacher pass over the training set (once per teacher and data, "
             "shared by every later run); peak memory = increase during training, MiB, (i) / (ii) / (iii)."

@@ -23,6 +23,7 @@ import argparse
 import itertools
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,6 +41,9 @@ from kd_lightning.losses import DistillationLoss, KLDivergence
 from kd_lightning.methods.kd import DistillationModule
 from kd_lightning.models import MLP, ConvNet1D, resnet8x4, resnet32x4
 from kd_lightning.reporting.markdown import write_section
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: what the result scripts share
+from multirun import provenance
 
 REPO = Path(__file__).resolve().parents[2]
 ALPHA, TEMPERATURE, LR = 0.9, 4.0, 3e-3
@@ -258,7 +262,7 @@ def main() -> None:
     numerics += f", (c) with runtime.compile={setup.compile}" if setup.compile else ""
     lines = [
         "<!-- kd-step table: written by scripts/bench/kd_step.py -->",
-        f"Command: `{command}`  ",
+        f"Command: `{command}` ({provenance()})  ",
         f"Machine: {where}, {numerics}. Time per step in ms (median over {args.steps} steps after "
         f"{args.warmup} warm-up steps, median of {args.repeats} runs); (a) student step alone, (b) teacher "
         "inference alone, (c) KD step through kd_lightning (Lightning Trainer), (d) the same KD step in a "
