@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from kd_lightning.engine.errors import ConfigError, check_type
-from kd_lightning.llm.protocol import SOURCE_KEY, TokenLoss, TokenSource
+from kd_lightning.llm.protocol import ANY_SOURCE, SOURCE_KEY, SUPERVISED_SOURCES, TokenLoss, TokenSource
 from kd_lightning.llm.token_loss import IGNORE_INDEX
 from kd_lightning.methods.lm.base import Batch, LMMethod
 
@@ -64,6 +64,7 @@ class OnPolicy(LMMethod):
     scheme = "on_policy"
 
     takes_logit_cache = False
+    token_sources = ANY_SOURCE  # its samples; dataset batches too when lmbda < 1
     lmbda_range = (0.0, 1.0, False)  # (low, high, low included)
 
     def __init__(
@@ -91,6 +92,27 @@ class OnPolicy(LMMethod):
             raise ConfigError("on-policy cross-tokenizer distillation needs the data's AlignedEncoder (aligned=...)")
         self.seed = seed
         self.aligned = aligned
+        self.check_sampling_loss()
+
+    def check_sampling_loss(self) -> None:
+        """A loss that reads the student's samples only needs every batch sampled (``lmbda = 1``); one whose
+        estimator assumes exact samples (``exact_samples``) needs them drawn from the student's own
+        distribution at its temperature, untruncated."""
+        name = f"llm/method={self.config_name()}"
+        if self.lmbda < 1 and not any(SUPERVISED_SOURCES & sources for sources in self.loss.reads.values()):
+            raise ConfigError(
+                f"llm/loss ({type(self.loss).__name__}) reads the student's samples only but {name} with "
+                f"llm.method.lmbda={self.lmbda} also trains on dataset batches: set llm.method.lmbda=1"
+            )
+        if getattr(self.loss, "exact_samples", False) and self.lmbda > 0:
+            gen = self.generation
+            if gen["temperature"] != self.loss.temperature or gen.get("top_k") or gen.get("top_p", 1.0) != 1.0:
+                raise ConfigError(
+                    f"llm/loss ({type(self.loss).__name__}) estimates the gradient from exact samples of the student "
+                    f"at T={self.loss.temperature}, but {name} samples with llm.method.generation temperature="
+                    f"{gen['temperature']} top_k={gen.get('top_k')} top_p={gen.get('top_p')}: set "
+                    f"temperature={self.loss.temperature}, top_k=0, top_p=1"
+                )
 
     @classmethod
     def check_config(cls, loss: TokenLoss | None, teachers: Sequence[str], cached: bool, remote: bool) -> None:
