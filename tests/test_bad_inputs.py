@@ -3,7 +3,8 @@
 Every case must: exit non-zero; stop before any training step (no checkpoints, metrics, teacher or
 scratch fit in its run directory, no epoch progress or ``Trainer.fit`` message); print exactly one line
 ``<program>: error: ...`` on stderr, naming the config key or phrase of the case; print no traceback;
-and leave nothing a later run would trip on (no ``summary.json``, no ``checkpoints/``).
+and leave nothing a later run would trip on (no ``summary.json``, no ``checkpoints/``), nor an empty run folder
+(kd-distill / kd-train: the run directory Hydra made holds only its ``.hydra`` files and the log, and is removed).
 
 Cases whose run directory exists by construction (a finished run given again, the run folder kd-report
 reads) must leave it as it was: the same ``summary.json``, ``checkpoints/``, ``csv/``, ``teacher/``,
@@ -135,6 +136,15 @@ def malicious_summary(paths: Paths) -> None:
     summary_path.write_text(json.dumps(summary))
 
 
+def write_text_data(paths: Paths) -> None:
+    """A CSV of sentences and two tokenizers (the student's, the teacher's), as a text-classification user has."""
+    from tests.text_fixtures import SENTENCES, bpe_tokenizer, rows, word_tokenizer, write_csv
+
+    write_csv(paths.case / "train.csv", rows([int(len(s.split()) > 3) for s in SENTENCES]))
+    word_tokenizer(paths.case / "student_tok")
+    bpe_tokenizer(paths.case / "teacher_tok")
+
+
 def copy_for_report(paths: Paths) -> None:
     copy_finished(paths)
 
@@ -215,6 +225,7 @@ CASES = [
     distill("cpu-threads-zero", "runtime.cpu_threads", "runtime.cpu_threads=0"),
     distill("channels-last-maybe", "runtime.channels_last", "runtime.channels_last=maybe"),
     distill("nonfinite-ignore", "runtime.nonfinite", "runtime.nonfinite=ignore"),
+    distill("nonfinite-check-every-zero", "runtime.nonfinite_check_every", "runtime.nonfinite_check_every=0"),
     # teacher cache
     distill("teacher-cache-feature-loss", "teacher_cache", "teacher_cache=disk", "loss=at", *NARROW),
     distill("teacher-cache-top-k-zero", "teacher_cache.top_k", "teacher_cache=memory", "teacher_cache.top_k=0"),
@@ -239,6 +250,58 @@ CASES = [
     # method, student, home
     distill("method-target-not-a-method", "method._target_", "method._target_=torch.nn.Linear"),
     distill("method-group-unknown", "method/does_not_exist", "method=does_not_exist", hydra_error=True),
+    # method options, checked before any teacher is trained
+    distill(
+        "optimizer-per-peer-maybe", "method.optimizer_per_peer", "method=mutual", "method.optimizer_per_peer=maybe"
+    ),
+    distill("method-option-typo", "method.optimizer_per_pear", "method=mutual", "+method.optimizer_per_pear=true"),
+    distill(
+        "weights-ignored-by-mean",
+        "is ignored by method.combine=mean",
+        "method=multi_teacher",
+        "method.weights={teacher_0: 1, teacher_1: 2}",
+    ),
+    distill(
+        "weights-nan",
+        "method.weights.teacher_0=nan",
+        "method=multi_teacher",
+        "method.combine=weights",
+        "method.weights={teacher_0: nan, teacher_1: 1}",
+    ),
+    distill(
+        "weights-negative",
+        "method.weights.teacher_1=-1",
+        "method=multi_teacher",
+        "method.combine=weights",
+        "method.weights={teacher_0: 1, teacher_1: -1}",
+    ),
+    distill(
+        "weights-one-of-two",
+        "method.weights={'teacher_0': 1} must give every teacher",
+        "method=multi_teacher",
+        "method.combine=weights",
+        "method.weights={teacher_0: 1}",
+    ),
+    distill("data-free-batch-size-bool", "method.batch_size", "method=data_free", "method.batch_size=true"),
+    distill(
+        "teacher-tokenizer-without-teacher-input",
+        "but teacher.input is null",
+        "data=text",
+        "data.train_file={case}/train.csv",
+        "data.tokenizer={case}/student_tok",
+        "data.teacher_tokenizer={case}/teacher_tok",
+        "teacher=hf_text",
+        "student=hf_text",
+        setup=write_text_data,
+    ),
+    # pretrained weights would be downloaded: refused before timm / torchvision are imported, naming the local file
+    distill("timm-pretrained", "teacher.model.pretrained=True", "teacher=timm", "+teacher.model.pretrained=true"),
+    distill(
+        "torchvision-weights-name",
+        "student.model.weights=DEFAULT",
+        "student=torchvision",
+        "student.model.weights=DEFAULT",
+    ),
     distill("student-num-classes-three", "student.model", "student.model.num_classes=3"),
     distill(
         "student-input-does-not-fit-data",
@@ -262,6 +325,17 @@ CASES = [
     train("train-teacher-num-classes", "teacher.model", *KD_TRAIN, "teacher.model.num_classes=3"),
     train("train-devices-beyond-cores", "trainer.devices", *KD_TRAIN, "trainer.devices=99"),
     train("train-seed-string", "seed", *KD_TRAIN, "seed=abc"),
+    train(
+        "train-teacher-tokenizer-without-teacher-input",
+        "but teacher.input is null",
+        *KD_TRAIN,
+        "data=text",
+        "data.train_file={case}/train.csv",
+        "data.tokenizer={case}/student_tok",
+        "data.teacher_tokenizer={case}/teacher_tok",
+        "teacher=hf_text",
+        setup=write_text_data,
+    ),
     train("train-old-cifar-zoo-name", "teacher=cifar_vgg13", *KD_TRAIN, "teacher=vgg13"),
     # kd-report
     report("report-no-summary", "summary.json", "{case}/report_run", existing=False, setup=make_empty_run_dir),
@@ -422,6 +496,8 @@ def test_bad_input_fails_fast_with_one_line(case: Case, results: dict[str, Resul
         left = [name for name in ("summary.json", "checkpoints") if (run_dir / name).exists()]
         if left:
             failures.append(f"5 left behind: {left}")
+        if case.program != "kd-report" and run_dir.exists():
+            failures.append(f"5 the run folder was left behind: {sorted(p.name for p in run_dir.iterdir())}")
     if case.check is not None and (problem := case.check(result.paths)):
         failures.append(f"extra: {problem}")
     assert not failures, (

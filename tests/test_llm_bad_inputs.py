@@ -2,7 +2,8 @@
 test_bad_inputs.py).
 
 Every case must: exit 2; print exactly one line ``<program>: error: ...`` naming the case's key; print no
-traceback; train nothing (no ``checkpoints/``, ``summary.json`` or ``csv/`` in its run directory); and leave
+traceback; train nothing (no ``checkpoints/``, ``summary.json`` or ``csv/`` in its run directory) and leave no
+run folder behind (the one Hydra made holds only its ``.hydra`` files and the log, and is removed); and leave
 every input file byte-identical.
 """
 
@@ -64,6 +65,22 @@ CASES = [
     case("sft-with-a-loss", "llm/loss=jsd", "llm/method=sft", "llm/loss=jsd"),
     case("alpha-zero-token-kd", "llm.loss.alpha", "llm.loss.alpha=0"),
     case("lmbda-zero-on-policy", "llm.method.lmbda", "llm/method=on_policy", "llm.method.lmbda=0"),
+    # the sampled-token loss reads the student's own samples only, drawn exactly from the student
+    case("sampled-loss-off-policy", "llm/method=token_kd", "llm/loss=reverse_kl_sampled", "llm/method=token_kd"),
+    case(
+        "sampled-loss-mixed-batches",
+        "llm.method.lmbda=0.5",
+        "llm/loss=reverse_kl_sampled",
+        "llm/method=on_policy",
+        "llm.method.lmbda=0.5",
+    ),
+    case(
+        "sampled-loss-tempered-sampling",
+        "llm.method.generation",
+        "llm/loss=reverse_kl_sampled",
+        "llm/method=on_policy",
+        "llm.method.generation.temperature=0.7",
+    ),
     case(
         "lmbda-above-one",
         "llm.method.lmbda",
@@ -72,8 +89,16 @@ CASES = [
         "llm.method.lmbda=2",
     ),
     case("generation-typo", "llm.method.generation", "llm/method=on_policy", "+llm.method.generation.max_tokens=4"),
+    case("method-option-typo", "llm.method.lmbdaa", "llm/method=on_policy", "+llm.method.lmbdaa=0.5"),
     case("several-teachers-token-kd", "llm/method=multi_teacher", "llm/teacher=routed_tiny"),
     case("multi-teacher-one-teacher", "llm.teacher.teachers", "llm/method=multi_teacher"),
+    case(
+        "mixture-weights-nan",
+        "llm.teacher.combine.weights",
+        "llm/method=multi_teacher",
+        "llm/teacher=mixture_tiny",
+        "llm.teacher.combine.weights={small: nan, large: 1}",
+    ),
     case("cache-top-k-zero", "llm.teacher_cache.top_k", "llm/teacher_cache=top_k", "llm.teacher_cache.top_k=0"),
     # old spellings
     case("old-mode", "llm/method=on_policy", "llm/mode=on_policy"),
@@ -85,6 +110,7 @@ CASES = [
     case("save-teacher-maybe", "save_teacher", "save_teacher=maybe"),
     case("seed-float", "seed", "seed=1.5"),
     case("nonfinite-ignore", "llm.nonfinite", "llm.nonfinite=ignore"),
+    case("nonfinite-check-every-often", "llm.nonfinite_check_every", "llm.nonfinite_check_every=often"),
     case("max-epochs-forever", "trainer.max_epochs", "trainer.max_epochs=-1", "trainer.max_steps=-1"),
     case("devices-beyond-cores", "trainer.devices", "trainer.devices=99", "trainer.accelerator=cpu"),
     case("devices-list-beyond-cores", "trainer.devices", "trainer.devices=[0,1,2,3,4]", "trainer.accelerator=cpu"),
@@ -168,6 +194,8 @@ def test_bad_llm_input_fails_fast_with_one_line(c: Case, results: dict[str, Resu
     left = [path.name for path in [*outputs, result.run_dir.parent / "out.jsonl"] if path.exists()]
     if left:
         failures.append(f"trained: {left} in the run directory")
+    if result.run_dir.exists():
+        failures.append(f"the run folder was left behind: {sorted(p.name for p in result.run_dir.iterdir())}")
     if result.before != result.after:
         failures.append("an input file changed")
     assert not failures, f"{c.id}: {failures}\n--- stderr tail ---\n{err[-2500:]}"

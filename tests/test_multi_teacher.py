@@ -98,6 +98,30 @@ def test_two_teachers_of_different_architectures_distil_end_to_end(tmp_path: Pat
     assert set(costs) == {"teacher_0", "teacher_1"}
     assert sum(cost["params"] for cost in costs.values()) == summary["teacher_params"]
     assert "| teacher_1 forward per step |" in (tmp_path / "run" / "summary.md").read_text()
+    # one row per teacher (accuracy, parameters, source) and one for the combination, not one teacher's source
+    assert set(summary["teachers"]) == {"teacher_0", "teacher_1"}
+    assert sum(t["params"] for t in summary["teachers"].values()) == summary["teacher_params"]
+    text = (tmp_path / "run" / "summary.md").read_text()
+    for row in ("teacher teacher_0 test acc", "teacher teacher_1 test acc", "combined teachers test acc"):
+        assert f"| {row} |" in text, row
+    assert "| teacher test acc |" not in text
+
+
+def test_the_summary_shows_each_teacher_and_the_combination() -> None:
+    from kd_lightning.reporting.summary import Summary
+
+    metrics = {"test/acc": 0.8, "teacher/test_acc": 0.9, "teacher/val_acc": 0.88, "val/agreement": 0.9}
+    for name, acc in (("teacher_0", 0.85), ("teacher_1", 0.7)):
+        metrics |= {f"teacher/{name}/test_acc": acc, f"teacher/{name}/val_acc": acc - 0.01}
+    teachers = {"teacher_0": {"params": 2000, "source": "cache a"}, "teacher_1": {"params": 100, "source": "given"}}
+    config = {"method": {"combine": "confidence"}}
+    summary = Summary(metrics, 10, teacher_params=2100, teacher_source="cache a", teachers=teachers, config=config)
+    rows = {quantity: (value, note) for quantity, value, note in summary.rows()}
+    assert rows["teacher teacher_0 test acc"] == ("85.00%", "2,000 parameters; cache a")
+    assert rows["teacher teacher_1 test acc"] == ("70.00%", "100 parameters; given")
+    assert rows["combined teachers test acc"][0] == "90.00%"
+    assert "2 teachers, method.combine=confidence" in rows["combined teachers test acc"][1]
+    assert "teacher test acc" not in rows and rows["teacher parameters"][0] == "2,100"
 
 
 def test_the_summary_reports_what_each_teacher_adds_per_step() -> None:

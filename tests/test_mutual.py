@@ -67,6 +67,12 @@ def test_mutual_learning_runs_end_to_end_with_every_peer_checkpointed(tmp_path: 
     assert summary["teacher_params"] is None and summary["scratch"] is not None  # compared with the student alone
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert any(k.startswith("peers.peer_1.") for k in state) and any(k.startswith("student.") for k in state)
+    # each peer's accuracy and the ensemble's, at test (best-val checkpoint) too, in the summary's table
+    for key in ("test/acc/peer_1", "test/acc_ensemble"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    text = (tmp_path / "run" / "summary.md").read_text()
+    for row in ("peer peer_1 test acc", "peer peer_1 val acc", "peer ensemble test acc", "peer ensemble val acc"):
+        assert f"| {row} |" in text, row
 
 
 def test_one_optimizer_per_peer_makes_the_same_updates_as_one_over_all(tmp_path: Path, kd_home: Path) -> None:

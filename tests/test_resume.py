@@ -114,3 +114,50 @@ def test_last_ckpt_is_the_last_epoch_even_when_the_monitored_metric_stopped_impr
     summary = distill(compose_config(run_dir, overrides))
     assert Path(summary["best_checkpoint"]).name == "epoch_000.ckpt"  # the only improvement
     assert last_epoch(run_dir) == 2
+
+
+def test_a_run_that_max_steps_ends_inside_an_epoch_validates_before_its_final_checkpoint(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    """max_steps=3 of 8 batches: the monitored val/loss comes from a validation after step 3, so the checkpoint
+    saved at the end has it (no "could not find the monitored key" warning, a best checkpoint of step 3)."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from kd_lightning.callbacks import ModelCheckpoint
+
+    class Regression(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+            self.validated_at: list[int] = []
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/loss", torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1]))
+
+        def on_validation_end(self) -> None:
+            self.validated_at.append(self.global_step)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = TensorDataset(torch.randn(32, 2), torch.randn(32, 1))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="step_{step}", monitor="val/loss", save_last=True)
+    module = Regression()
+    trainer = L.Trainer(
+        max_steps=3,
+        callbacks=[checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+    )
+    trainer.fit(module, DataLoader(data, batch_size=4), DataLoader(data, batch_size=8))
+    assert trainer.global_step == 3 and module.validated_at == [3]
+    assert not [w for w in recwarn if "could not find the monitored key" in str(w.message)]
+    assert Path(checkpoint.best_model_path).name == "step_step=3.ckpt" and (tmp_path / "last.ckpt").is_file()
+    assert torch.isfinite(checkpoint.best_model_score)

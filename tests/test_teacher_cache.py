@@ -105,6 +105,17 @@ def test_disk_tables_are_reused_by_a_second_run_without_a_teacher_forward(
     assert other.hits == {"val": False}
 
 
+def test_reuse_is_logged_only_for_a_table_an_earlier_run_wrote(
+    data: MNIST1DDataModule, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """teacher_cache=disk: the run that computes and writes a table does not say it reuses it; the next one does."""
+    caplog.set_level("INFO", logger="kd_lightning.teacher.outputs")
+    TeacherOutputCache("disk", str(tmp_path)).prepare(teacher(), data, ("train", "val"), torch.device("cpu"))
+    assert "Reusing cached teacher outputs" not in caplog.text
+    TeacherOutputCache("disk", str(tmp_path)).prepare(teacher(), data, ("train", "val"), torch.device("cpu"))
+    assert caplog.text.count("Reusing cached teacher outputs") == 2  # one line per split read back
+
+
 def test_a_damaged_table_is_rebuilt(data: MNIST1DDataModule, tmp_path: Path, caplog) -> None:
     TeacherOutputCache("disk", str(tmp_path)).prepare(teacher(), data, ("val",), torch.device("cpu"))
     (table,) = tmp_path.glob("*/logits.npy")

@@ -144,6 +144,33 @@ def test_misspelt_names_list_what_the_library_has(folder: Path, tmp_path: Path) 
         )
 
 
+def test_asking_for_pretrained_weights_names_the_key_and_the_local_file(folder: Path, tmp_path: Path) -> None:
+    """timm's / torchvision's own pretrained switches would download: one line naming the key and where a local
+    file goes (teacher.checkpoint, student.model.weights), never "got multiple values for keyword argument"."""
+    runs = [
+        (
+            "+teacher.model.pretrained=true",
+            "teacher=timm",
+            r"^teacher\.model\.pretrained=True asks timm .*teacher\.checkpoint=",
+        ),
+        (
+            "+student.model.pretrained=true",
+            "student=timm",
+            r"^student\.model\.pretrained=True .*student\.model\.weights=",
+        ),
+        ("+teacher.model.pretrained=true", "teacher=torchvision", r"^teacher\.model\.pretrained=True asks torchvision"),
+        (
+            "student.model.weights=IMAGENET1K_V1",
+            "student=torchvision",
+            r"^student\.model\.weights=IMAGENET1K_V1 names ",
+        ),
+    ]
+    for k, (override, group, named) in enumerate(runs):
+        with pytest.raises(ConfigError, match=named) as error:
+            distill(compose_config(tmp_path / str(k), image_run(folder, group, override)))
+        assert "multiple values" not in str(error.value) and "no model hub here" in str(error.value)
+
+
 def test_a_student_starts_from_local_weights_with_a_fresh_head(tmp_path: Path) -> None:
     from kd_lightning.models.external import timm_model
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import shutil
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -67,6 +69,8 @@ def exit_on_config_error(job: Callable[[DictConfig], Any], cfg: DictConfig, prog
         from lightning.pytorch.utilities.exceptions import SIGTERMException  # imported by the run already
 
         if not isinstance(stop, SIGTERMException):
+            if stop.code == 2 and not in_multirun():  # a one-line error printed where found (an unusable home)
+                remove_empty_run_dir(cfg)
             raise
         print(
             f"{program}: interrupted by SIGTERM before the run finished (no summary written); its last checkpoint "
@@ -79,7 +83,32 @@ def exit_on_config_error(job: Callable[[DictConfig], Any], cfg: DictConfig, prog
             log.error("%s", error)
             raise
         print(f"{program}: error: {error}", file=sys.stderr)  # once: not also through the console logger
+        remove_empty_run_dir(cfg)
         raise SystemExit(2) from None
+
+
+def remove_empty_run_dir(cfg: DictConfig) -> None:
+    """After a failed start: remove the run directory Hydra made for this run when it holds nothing but Hydra's
+    own ``.hydra`` files and the log, and, in the default layout (``<log_dir>/<task_name>/<date>/<time>``), the
+    date and task folders if that leaves them empty. A directory holding anything else (checkpoints, a
+    summary, a user's file) is kept as it is. Nothing of ``cfg`` is resolved (``paths`` may be what failed)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if not run_dir.is_dir():
+        return
+    if any(p.name != ".hydra" and not (p.is_file() and p.suffix == ".log") for p in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    date, task = run_dir.parent, run_dir.parent.parent
+    if task.name == str(cfg.get("task_name")) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", date.name):
+        for folder in (date, task):
+            try:
+                folder.rmdir()  # only an empty one: another run's folder in it keeps it
+            except OSError:
+                return
 
 
 def run_for_sweeper(job: Callable[[DictConfig], Mapping[str, Any]], cfg: DictConfig, program: str) -> float:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
@@ -191,3 +193,39 @@ def check_fit(fit_cfg: DictConfig, key: str) -> None:
     for name in ("optimizer", "scheduler"):
         if fit_cfg.get(name):
             checked_factory(fit_cfg[name], f"{key}.{name}")
+
+
+def check_constructor_options(factory: Callable[..., Any], key: str, offered: Collection[str]) -> None:
+    """Every keyword of the ``_partial_`` constructor ``factory`` (``<key>.<option>`` in the config) is an
+    argument of its class: a misspelt option is one line naming it and the nearest ones, before anything is
+    built, not a failed call once the teachers are trained. ``offered``: the arguments the recipe passes
+    itself (left out of the options listed)."""
+    accepted = constructor_arguments(factory.func)  # type: ignore[attr-defined]
+    if accepted is None:
+        return
+    unknown = sorted(str(name) for name in factory.keywords if name not in accepted)  # type: ignore[attr-defined]
+    if not unknown:
+        return
+    options = sorted(accepted - set(offered))
+    near = difflib.get_close_matches(unknown[0], options, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(f'{key}.{name}' for name in near)}? " if near else ""
+    raise ConfigError(
+        f"{key}.{unknown[0]} is not an option of {factory.func.__name__}; {hint}its options: {options} "  # type: ignore[attr-defined]
+        f"(remove it: ~{key}.{unknown[0]})"
+    )
+
+
+def constructor_arguments(cls: type) -> set[str] | None:
+    """The keyword arguments ``cls(...)`` takes: its ``__init__``'s named parameters and, while an ``__init__``
+    passes ``**kwargs`` on, those of the next class along the method resolution order that defines one; None
+    when every ``__init__`` of the chain takes ``**kwargs`` (any keyword)."""
+    names: set[str] = set()
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        parameters = inspect.signature(klass.__init__).parameters
+        names |= {name for name, p in list(parameters.items())[1:] if p.kind in named}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return names
+    return None

@@ -9,6 +9,28 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and how to fix it."""
 
 
+class ModelConfigError(ConfigError):
+    """A model builder's error (``kd_lightning.models``): the builder knows its keys only below its own config
+    node, so its message writes them ``{model}.name``; :func:`~kd_lightning.engine.instantiate.build` puts in
+    the node's key (``student.model.name``, ``teacher.model.name``), elsewhere they read ``model.name``.
+    ``{weights}`` is where that node's local weights file goes: ``teacher.checkpoint`` for a teacher,
+    ``student.model.weights`` for a student."""
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        super().__init__(self.at("model"))
+
+    def at(self, node: str) -> str:
+        """The message for the model configured at ``node`` (``student.model``, ``method.teachers.t1.model``)."""
+        if node == "model":
+            weights = "teacher.checkpoint (a teacher) or student.model.weights (a student)"
+        elif node.startswith("student") or not node.endswith(".model"):
+            weights = f"{node}.weights"
+        else:
+            weights = f"{node.removesuffix('.model')}.checkpoint"
+        return self.template.replace("{model}", node).replace("{weights}", weights)
+
+
 class TrainingDiverged(ConfigError):
     """The training loss (or a teacher's output) went non-finite; the message names the step, the parts
     and the settings to change. Reported like a :class:`ConfigError` (one line, non-zero exit, a failed

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from kd_lightning.engine.checkpointing import AtomicCheckpointIO
-from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError, ModelConfigError
 
 
 def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
@@ -24,6 +24,8 @@ def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
         cause: BaseException = error
         while cause.__cause__ is not None and not isinstance(cause, ConfigError):
             cause = cause.__cause__
+        if isinstance(cause, ModelConfigError) and (key == "model" or key.endswith(".model")):
+            raise ConfigError(cause.at(key)) from None  # keys named under the model's own node
         if isinstance(cause, ConfigError):
             raise cause from None
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__

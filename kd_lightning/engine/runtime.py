@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kd_lightning.engine.errors import ConfigError, check_type
+from kd_lightning.engine.nonfinite import check_nonfinite_settings
 from kd_lightning.engine.threads import CpuThreads, check_cpu_threads
 
 TEACHER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -28,6 +29,10 @@ class Runtime:
             cores; :mod:`kd_lightning.engine.threads`), a number, or ``null`` (torch's default).
         nonfinite: ``error`` stops the run at the first non-finite training loss, naming the step and
             the parts; ``skip`` skips such steps with a warning and counts them (``train/nonfinite_steps``).
+        nonfinite_check_every: how often ``error`` mode reads its check on the host: ``auto`` (every step
+            on the CPU, every 100 on accelerators, where each read stalls the device) or a number of steps;
+            also before validation, checkpoints and at epoch end (:mod:`kd_lightning.engine.nonfinite`).
+            ``skip`` decides every step, so it reads every step.
     """
 
     teacher_precision: str | None = None
@@ -36,13 +41,13 @@ class Runtime:
     reuse_val_teacher_outputs: bool = True
     cpu_threads: CpuThreads = "auto"
     nonfinite: str = "error"
+    nonfinite_check_every: int | str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("channels_last", "reuse_val_teacher_outputs"):
             check_type(getattr(self, name), bool, f"runtime.{name}")
         check_cpu_threads(self.cpu_threads, "runtime.cpu_threads")
-        if self.nonfinite not in ("error", "skip"):
-            raise ConfigError(f"runtime.nonfinite={self.nonfinite!r}: use error or skip")
+        check_nonfinite_settings(self.nonfinite, self.nonfinite_check_every, "runtime")
         if self.teacher_precision is not None and self.teacher_precision not in TEACHER_DTYPES:
             raise ConfigError(
                 f"runtime.teacher_precision={self.teacher_precision!r}: use one of {sorted(TEACHER_DTYPES)} or null"

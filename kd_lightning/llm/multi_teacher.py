@@ -14,6 +14,7 @@ parts (``distill/<name>``, ``tokens/<name>`` and, when monitored, ``kl_to_teache
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -176,12 +177,15 @@ class TokenMixture(TeacherCombination):
     def bind(self, names: Sequence[str]) -> None:
         super().bind(names)
         weights = self.weights
+        numbers = weights is not None and all(
+            isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) for w in weights.values()
+        )
         if weights is not None and (
-            set(weights) != set(self.names) or min(weights.values()) < 0 or not sum(weights.values())
+            not numbers or set(weights) != set(self.names) or min(weights.values()) < 0 or not sum(weights.values())
         ):
             raise ConfigError(
                 f"llm.teacher.combine.weights={self.weights} must give every teacher of {self.names} a "
-                "weight >= 0, not all zero"
+                "finite weight >= 0, not all zero"
             )
 
     def mixture_logits(self, teacher_logits: Sequence[Tensor], temperature: float) -> Tensor:

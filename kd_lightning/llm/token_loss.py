@@ -153,6 +153,9 @@ class TokenDistillationLoss(nn.Module):
             raise ConfigError(f"llm.loss.vocab_size={vocab_size} must be a positive integer (or null)")
         self.vocab_size = vocab_size
         self.monitor = ForwardKL()
+        #: The label ids were checked against the vocabulary (on the first batch; kd-llm-distill's pre-flight
+        #: checks every row's ids, and reading them on the host every step would stall an accelerator).
+        self.labels_checked = False
 
     #: Teacher and student read the same token ids (see :class:`~kd_lightning.llm.cross_token_loss.CrossTokenizerLoss`).
     cross_tokenizer = False
@@ -231,12 +234,14 @@ class TokenDistillationLoss(nn.Module):
         batch, length = labels.shape
         targets, positions = next_token_targets(labels)
         targets = targets.reshape(-1).index_select(0, positions)
-        count = positions.new_tensor(positions.numel())
-        if targets.numel() and int(targets.max()) >= vocab:
-            raise ConfigError(
-                f"a label id ({int(targets.max())}) is outside the shared vocabulary ({vocab}); check that "
-                "llm.loss.vocab_size and the tokenizer match the models"
-            )
+        count = torch.full((), positions.numel(), dtype=torch.long, device=positions.device)  # no host copy
+        if not self.labels_checked and targets.numel():
+            if int(targets.max()) >= vocab:
+                raise ConfigError(
+                    f"a label id ({int(targets.max())}) is outside the shared vocabulary ({vocab}); check that "
+                    "llm.loss.vocab_size and the tokenizer match the models"
+                )
+            self.labels_checked = True
         if teacher_topk is not None and teacher_topk.ids.shape[0] != targets.numel():
             raise ValueError(f"teacher_topk has {teacher_topk.ids.shape[0]} rows for {targets.numel()} valid tokens")
 

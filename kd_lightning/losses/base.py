@@ -16,6 +16,7 @@ Two opt-in extensions keep that shape for every other term:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
@@ -235,10 +236,11 @@ class DistillationLoss(nn.Module):
                         paths.setdefault(read.key, f"{key}.{read.field}")
         return paths
 
-    @property
-    def models_read(self) -> set[str]:
-        """Names of the models the distillation terms read (the student's logits feed the task term)."""
-        return {read.model for routings in self.reads().values() for r in routings for read in as_tuple(r)}
+    @functools.cached_property
+    def models_read(self) -> frozenset[str]:
+        """Names of the models the distillation terms read (the student's logits feed the task term); the terms
+        and their reads are fixed when the loss is built, so this is computed once (forward asks every step)."""
+        return frozenset(read.model for routings in self.reads().values() for r in routings for read in as_tuple(r))
 
     def setup_shapes(self, outputs: Mapping[str, Mapping[str, Tensor]], num_samples: int | None = None) -> None:
         """Let every term size its adapters / check shapes from one example batch's outputs (by model name);
@@ -250,9 +252,10 @@ class DistillationLoss(nn.Module):
                 routed(outputs, term.student_read), routed(outputs, term.teacher_read), f"loss.terms.{name}"
             )
 
-    @property
+    @functools.cached_property
     def uses_index(self) -> bool:
-        """Whether some term needs the batch's dataset sample indices (batches ``(x, y, index)``)."""
+        """Whether some term needs the batch's dataset sample indices (batches ``(x, y, index)``); fixed with
+        the terms, computed once."""
         return any(term.uses_index for term in self.terms.values())
 
     @property

@@ -61,6 +61,9 @@ class CRD(LayerTerm):
     ``kd-distill`` sets by itself) and the training-set size ``num_samples`` (``None``: taken from the
     datamodule at setup). The banks are buffers: saved in checkpoints, never optimised, updated only
     in training mode. The authors' code does not synchronise the banks across DDP ranks; neither does this.
+    A configured ``num_samples`` smaller than the datamodule's training set is refused at setup; the indices
+    of the first batch are checked against it (later batches are not: reading them on the host every step
+    would stall an accelerator).
     """
 
     has_adapters = True
@@ -92,6 +95,7 @@ class CRD(LayerTerm):
         self.nce_t = float(nce_t)
         self.momentum = float(momentum)
         self.num_samples = num_samples
+        self.index_checked = False
         self.embed_student: nn.Module | None = None
         self.embed_teacher: nn.Module | None = None
         # Buffers (saved, never optimised), sized by setup_shapes; None ones are not in the state_dict.
@@ -105,6 +109,11 @@ class CRD(LayerTerm):
     def setup_data(self, num_samples: int | None, key: str) -> None:
         if self.num_samples is None:
             self.num_samples = num_samples
+        elif num_samples is not None and self.num_samples < num_samples:
+            raise ConfigError(
+                f"{key}.num_samples={self.num_samples} is smaller than the training set ({num_samples} samples): "
+                f"CRD keeps one memory entry per sample; set {key}.num_samples=null (the training-set size)"
+            )
         if self.num_samples is None or self.num_samples < 1:
             raise ConfigError(
                 f"{key}.num_samples is unknown ({self.num_samples}): CRD keeps one memory entry per training "
@@ -132,9 +141,10 @@ class CRD(LayerTerm):
         """``exp(bank[contrast] . embedding / nce_t) / Z``, ``(B, 1 + K)``; estimates ``Z`` on first use."""
         weights = bank[contrast].to(embedding.dtype)  # (B, 1 + K, D), no gradient into the bank
         out = torch.exp(torch.bmm(weights, embedding.unsqueeze(2)).squeeze(2) / self.nce_t)
-        if z.item() < 0:
-            z.fill_(out.detach().mean().item() * self.num_samples)
-        return out / z.to(out.dtype)
+        # Z < 0: not estimated yet; estimated on the device (no host read), then kept.
+        estimated = torch.where(z < 0, out.detach().mean().to(z.dtype) * self.num_samples, z)
+        z.copy_(estimated)
+        return out / estimated.to(out.dtype)
 
     @torch.no_grad()
     def update(self, bank: Tensor, index: Tensor, embedding: Tensor) -> None:
@@ -153,11 +163,13 @@ class CRD(LayerTerm):
         if index is None:
             raise ConfigError("loss.terms.crd needs the batch's dataset sample indices: set data.return_index=true")
         index = index.to(self.student_bank.device).long()
-        if int(index.min()) < 0 or int(index.max()) >= self.num_samples:
-            raise ConfigError(
-                f"loss.terms.crd got sample index {int(index.max())} outside its memory bank of "
-                f"{self.num_samples} rows; set loss.terms.crd.num_samples to the training-set size"
-            )
+        if not self.index_checked:  # the first batch only (setup_data checked the sizes): a host read
+            if int(index.min()) < 0 or int(index.max()) >= self.num_samples:
+                raise ConfigError(
+                    f"loss.terms.crd got sample index {int(index.max())} outside its memory bank of "
+                    f"{self.num_samples} rows; set loss.terms.crd.num_samples to the training-set size"
+                )
+            self.index_checked = True
         e_s = self.embed(self.embed_student, student)
         e_t = self.embed(self.embed_teacher, teacher)
         negatives = torch.randint(self.num_samples, (index.shape[0], self.nce_k), device=index.device)

@@ -144,9 +144,13 @@ def binary_kl(student: Tensor, teacher: Tensor, is_target: Tensor) -> Tensor:
 
 
 def non_target(logits: Tensor, is_target: Tensor) -> Tensor:
-    """The ``(B, C - 1)`` logits of every class but the target (exactly removed; the paper's code
-    subtracts 1000 from the target logit instead)."""
-    return logits[~is_target].view(logits.shape[0], -1)
+    """The ``(B, C - 1)`` logits of every class but the target (``is_target``: one True per row), in class
+    order (exactly removed; the paper's code subtracts 1000 from the target logit instead). Gathered at
+    computed indices rather than by a boolean mask, whose variable size would make the host wait for the
+    device."""
+    target = is_target.float().argmax(dim=-1, keepdim=True)
+    others = torch.arange(logits.shape[-1] - 1, device=logits.device).expand(logits.shape[0], -1)
+    return logits.gather(-1, others + (others >= target).long())
 
 
 def masked_logsumexp(logits: Tensor, keep: Tensor) -> Tensor:

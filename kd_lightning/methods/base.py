@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 
 from kd_lightning.engine.checkpointing import FrozenOutOfCheckpoints
-from kd_lightning.engine.errors import ConfigError, TrainingDiverged
+from kd_lightning.engine.nonfinite import NONFINITE, NonFiniteGuard, Reduce
 from kd_lightning.engine.resume import rng_states, set_rng_states
 from kd_lightning.engine.weights import freeze
 
@@ -23,7 +23,7 @@ _EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of traini
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-NONFINITE = ("error", "skip")
+__all__ = ["NONFINITE", "HasFrozenModels", "Method", "OptimizerFactory", "SchedulerFactory"]
 
 
 @runtime_checkable
@@ -44,9 +44,12 @@ class Method(FrozenOutOfCheckpoints, L.LightningModule):
     - ``scale_lr_with_world_size`` multiplies the learning rate by the number of processes (linear
       scaling rule, Goyal et al. 2017).
     - A non-finite training loss (:meth:`finite_step`) stops the run with a
-      :class:`~kd_lightning.engine.errors.TrainingDiverged` naming the step, the non-finite loss parts and
-      model outputs (``nonfinite="error"``), or skips the step with a warning and counts it in
-      ``train/nonfinite_steps`` (``"skip"``); every process decides alike.
+      :class:`~kd_lightning.engine.errors.TrainingDiverged` naming the first non-finite step, the non-finite
+      loss parts and model outputs (``nonfinite="error"``), or skips the step with a warning and counts it in
+      ``train/nonfinite_steps`` (``"skip"``); every process decides alike. ``nonfinite_check_every``: how
+      often the host reads the check (:mod:`kd_lightning.engine.nonfinite`: ``auto`` = every step on the
+      CPU, every 100 steps on accelerators, where a per-step read would stall the device; ``skip`` reads
+      every step), and always before validation, a checkpoint, an epoch's end and the end of training.
     - Checkpoints also carry the random number generators' states (put back when the resumed run's
       first epoch starts, so it draws what the uninterrupted run drew) and :meth:`resume_state`.
 
@@ -70,6 +73,8 @@ class Method(FrozenOutOfCheckpoints, L.LightningModule):
         "lower optimizer.lr, check the teacher's weights (teacher.checkpoint), or set runtime.nonfinite=skip "
         "to skip such steps"
     )
+    #: The config group of the non-finite settings (``<group>.nonfinite``, ``<group>.nonfinite_check_every``).
+    nonfinite_group = "runtime"
 
     def __init__(
         self,
@@ -78,10 +83,12 @@ class Method(FrozenOutOfCheckpoints, L.LightningModule):
         scale_lr_with_world_size: bool = False,
         save_teacher: bool = False,
         nonfinite: str = "error",
+        nonfinite_check_every: int | str = "auto",
     ) -> None:
         super().__init__()
-        if nonfinite not in NONFINITE:
-            raise ConfigError(f"runtime.nonfinite={nonfinite!r}: use one of {list(NONFINITE)}")
+        self.nonfinite_guard = NonFiniteGuard(
+            nonfinite, nonfinite_check_every, self.divergence_advice, self.nonfinite_group
+        )
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self.restored_rng: dict[str, Any] | None = None
@@ -163,33 +170,37 @@ class Method(FrozenOutOfCheckpoints, L.LightningModule):
     def finite_step(
         self, total: Tensor, parts: Mapping[str, Tensor], outputs: Mapping[str, Mapping[str, Tensor]]
     ) -> bool:
-        """Whether to back-propagate ``total``: True when it is finite on every process; else raise
-        (``nonfinite="error"``) or count and skip the step (``"skip"``). ``parts`` / ``outputs`` (model
-        outputs by name) say what went non-finite."""
-        finite = torch.isfinite(total.detach()).float()
-        if self._trainer is not None and self.trainer.world_size > 1:
-            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
-        if bool(finite):
-            return True
-        bad_parts = [name for name, value in parts.items() if not torch.isfinite(value.detach()).all()]
-        bad_models = [
-            name
-            for name, tensors in outputs.items()
-            if any(t.is_floating_point() and not torch.isfinite(t.detach()).all() for t in tensors.values())
-        ]
-        where = f"epoch {self.current_epoch}, step {self.global_step}"
-        if self.nonfinite == "skip":
+        """Whether to back-propagate ``total``; ``parts`` / ``outputs`` (model outputs by name) say what went
+        non-finite. Checked now (every step, or ``skip``: a non-finite step on any process is counted and
+        skipped, False) or recorded on the device and checked every ``nonfinite_check_every`` steps (always
+        True): a non-finite step raises :class:`~kd_lightning.engine.errors.TrainingDiverged` at the check
+        that finds it (:class:`~kd_lightning.engine.nonfinite.NonFiniteGuard`)."""
+        keep = self.nonfinite_guard.step(total, parts, outputs, self.current_epoch, self.global_step, self.collective())
+        if not keep:
             self.skipped_steps += 1
-            rank_zero_warn(f"non-finite training loss at {where} (parts {bad_parts}): step skipped")
-            return False
-        raise TrainingDiverged(
-            f"the training loss is non-finite at {where} (non-finite loss parts: {bad_parts or 'the total'}; "
-            f"non-finite outputs of: {bad_models or 'no model'}): {self.divergence_advice}"
-        )
+        return keep
+
+    def collective(self) -> Reduce | None:
+        """Reduction across the trainer's processes (None with one process, or no trainer)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        strategy = self.trainer.strategy
+        return lambda tensor, op: strategy.reduce(tensor, reduce_op=op)
+
+    def check_nonfinite(self) -> None:
+        """Raise now if a recorded step went non-finite (a no-op without recorded steps)."""
+        self.nonfinite_guard.check(self.collective())
 
     def on_train_epoch_end(self) -> None:
+        self.check_nonfinite()
         if self.nonfinite == "skip":
             self.log("train/nonfinite_steps", float(self.skipped_steps), reduce_fx="max", sync_dist=True)
+
+    def on_validation_start(self) -> None:
+        self.check_nonfinite()  # never validate (and then checkpoint) weights a non-finite step produced
+
+    def on_train_end(self) -> None:
+        self.check_nonfinite()
 
     # ----------------------------------------------------------------------------------- resuming
     def resume_state(self) -> dict[str, Any]:
@@ -201,6 +212,7 @@ class Method(FrozenOutOfCheckpoints, L.LightningModule):
         self.skipped_steps = int(state.get("skipped_steps", 0))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_nonfinite()  # a checkpoint never holds weights a non-finite step produced
         super().on_save_checkpoint(checkpoint)
         checkpoint["kd_lightning"] = {"rng": rng_states(), **self.resume_state()}
 

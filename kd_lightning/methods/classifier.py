@@ -28,23 +28,32 @@ def unpack(batch: Batch) -> tuple[Tensor, Tensor, Tensor | None]:
 
 
 class EpochMeans:
-    """Sample-weighted running means of detached scalars over an epoch (tensor ops only: no host sync)."""
+    """Sample-weighted running means of detached scalars over an epoch (tensor ops only: no host sync). The
+    scalars of a step are stacked into one tensor and added in one operation (a step's names rarely change;
+    each set of names keeps its own sum)."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = {}
+        self.sums: dict[tuple[str, ...], Tensor] = {}
         self.count = 0
 
     def reset(self) -> None:
         self.sums, self.count = {}, 0
 
     def add(self, values: Mapping[str, Tensor], weight: int) -> None:
-        for name, value in values.items():
-            weighted = value.detach().float() * weight
-            self.sums[name] = self.sums[name] + weighted if name in self.sums else weighted
+        names = tuple(values)
+        weighted = torch.stack([value.detach() for value in values.values()]).float() * weight
+        if names in self.sums:
+            self.sums[names].add_(weighted)
+        else:
+            self.sums[names] = weighted
         self.count += weight
 
     def means(self) -> dict[str, Tensor]:
-        return {name: total / max(self.count, 1) for name, total in self.sums.items()}
+        totals: dict[str, Tensor] = {}
+        for names, stacked in self.sums.items():
+            for name, total in zip(names, stacked.unbind(), strict=True):
+                totals[name] = totals[name] + total if name in totals else total
+        return {name: total / max(self.count, 1) for name, total in totals.items()}
 
 
 class ClassifierMethod(Method):
@@ -66,7 +75,14 @@ class ClassifierMethod(Method):
         runtime: Runtime | None = None,
     ) -> None:
         runtime = runtime or Runtime()
-        super().__init__(optimizer, scheduler, scale_lr_with_world_size, save_teacher, runtime.nonfinite)
+        super().__init__(
+            optimizer,
+            scheduler,
+            scale_lr_with_world_size,
+            save_teacher,
+            runtime.nonfinite,
+            runtime.nonfinite_check_every,
+        )
         self.student = student
         self.runtime = runtime
         self.train_losses = EpochMeans()

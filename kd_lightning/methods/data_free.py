@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -21,72 +20,15 @@ from kd_lightning.engine.errors import ConfigError
 from kd_lightning.losses import UNLABELLED, DistillationLoss
 from kd_lightning.losses.base import TASK_MODEL
 from kd_lightning.methods.classifier import EpochMeans
+from kd_lightning.methods.data_free_prior import (
+    GENERATOR_PARTS,
+    BatchNormPrior,
+    check_batch_norm,
+    check_settings,
+)
 from kd_lightning.methods.kd import DistillationModule
 from kd_lightning.models.generator import Generator1D
 from kd_lightning.teacher import Teacher
-
-TARGETS = ("sampled", "argmax")
-#: The generator's loss parts, logged as ``train/loss_generator_<part>`` (and the total as ``train/loss_generator``).
-GENERATOR_PARTS = ("bn", "ce", "adv", "ie")
-
-
-def batch_norm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
-    """``model``'s BatchNorm layers that keep running statistics, by dotted path."""
-    return [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
-    ]
-
-
-def check_batch_norm(teacher: nn.Module, bn_weight: float) -> None:
-    """The BatchNorm prior (``bn_weight > 0``) needs a teacher with BatchNorm layers."""
-    if bn_weight > 0 and not batch_norm_layers(teacher):
-        raise ConfigError(
-            f"method=data_free matches the teacher's BatchNorm statistics (method.bn_weight={bn_weight}), but "
-            f"teacher {type(teacher).__name__} has no BatchNorm layers; use a teacher with BatchNorm "
-            "(teacher=cnn1d_bn) or set method.bn_weight=0"
-        )
-
-
-class BatchNormPrior:
-    r"""DeepInversion's feature-distribution prior (Yin et al. 2020) on a frozen model's BatchNorm layers.
-
-    Forward hooks read each BatchNorm layer's input :math:`a_l` (channels on dim 1) and, inside
-    :meth:`capture`, keep :math:`\|\mu(a_l) - \hat\mu_l\|_2 + \|\sigma^2(a_l) - \hat\sigma^2_l\|_2`: the batch's
-    per-channel mean and (biased) variance against the layer's running statistics. Outside a capture the
-    hooks keep nothing (validation forwards pay a function call per layer).
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.layers = batch_norm_layers(model)
-        self._terms: list[Tensor] | None = None
-        self._handles = [module.register_forward_hook(self._record) for _, module in self.layers]
-
-    def _record(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if self._terms is None:
-            return
-        a = inputs[0].float()
-        dims = [d for d in range(a.dim()) if d != 1]
-        mean, var = a.mean(dims), a.var(dims, unbiased=False)
-        self._terms.append(
-            torch.linalg.vector_norm(mean - module.running_mean.float())
-            + torch.linalg.vector_norm(var - module.running_var.float())
-        )
-
-    @contextmanager
-    def capture(self) -> Iterator[list[Tensor]]:
-        """Collect one term per BatchNorm layer run inside the block (in call order)."""
-        self._terms = []
-        try:
-            yield self._terms
-        finally:
-            self._terms = None
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 class DataFreeDistillation(DistillationModule):
@@ -163,21 +105,9 @@ class DataFreeDistillation(DistillationModule):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
-        for key, value in (("batch_size", batch_size), ("steps_per_epoch", steps_per_epoch)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"method.{key}={value} must be an integer >= 1")
-        if not isinstance(student_steps, int) or student_steps < 1:
-            raise ConfigError(f"method.student_steps={student_steps} must be an integer >= 1")
         weights = {"bn_weight": bn_weight, "ce_weight": ce_weight, "adv_weight": adv_weight, "ie_weight": ie_weight}
-        for key, value in weights.items():
-            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"method.{key}={value} must be a finite number >= 0 (0 disables the term)")
-        if generator_lr is not None and (not isinstance(generator_lr, int | float) or not generator_lr > 0):
-            raise ConfigError(f"method.generator_lr={generator_lr} must be > 0 (null: optimizer.lr)")
-        if targets not in TARGETS:
-            raise ConfigError(f"method.targets={targets!r}: use one of {list(TARGETS)}")
-        if augment is not None and not callable(augment):
-            raise ConfigError(f"method.augment must be a callable on a batch of inputs (or null), got {augment!r}")
+        steps = {"batch_size": batch_size, "steps_per_epoch": steps_per_epoch, "student_steps": student_steps}
+        check_settings({**steps, **weights, "generator_lr": generator_lr, "targets": targets, "augment": augment})
         self.augment = augment
         self.batch_size = batch_size
         self.steps_per_epoch = steps_per_epoch
@@ -223,11 +153,13 @@ class DataFreeDistillation(DistillationModule):
 
     @classmethod
     def check_options(cls, options: Mapping[str, Any], models: Mapping[str, nn.Module]) -> None:
-        """A teacher without BatchNorm is refused while the BatchNorm prior is on, before it is trained."""
+        """The options' values (:func:`check_settings`), and a teacher without BatchNorm refused while the
+        BatchNorm prior is on, before any teacher is trained."""
+        check_settings(options)
         default = inspect.signature(cls.__init__).parameters["bn_weight"].default
         bn_weight = options.get("bn_weight", default)
         for name, model in models.items():
-            if name != TASK_MODEL and isinstance(bn_weight, int | float):
+            if name != TASK_MODEL:
                 check_batch_norm(model, float(bn_weight))
 
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,12 +14,46 @@ from torchmetrics.classification import MulticlassAccuracy
 from kd_lightning.engine.batches import Inputs
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.losses import UNLABELLED, DistillationLoss
+from kd_lightning.losses.base import TASK_MODEL
 from kd_lightning.losses.mixture import mixture_logits
 from kd_lightning.methods.kd import DistillationModule
 
 #: The name loss terms read the combined target under (the individual teachers keep their own names).
 COMBINED = "teacher"
 COMBINATIONS = ("mean", "weights", "confidence")
+
+
+def checked_weights(combine: Any, weights: Any, teachers: Sequence[str]) -> dict[str, float] | None:
+    """``method.weights`` normalised to sum to 1 for ``combine=weights`` (None for the other combinations,
+    which take none: weights given with them would be ignored, so they are refused), each teacher's a finite
+    number >= 0, not all 0; a bad ``method.combine`` or ``method.weights`` is one line naming it."""
+    if combine not in COMBINATIONS:
+        raise ConfigError(f"method.combine={combine!r}: use one of {list(COMBINATIONS)}")
+    if combine != "weights":
+        if weights is not None:
+            raise ConfigError(
+                f"method.weights={dict(weights) if isinstance(weights, Mapping) else weights} is ignored by "
+                f"method.combine={combine} ({'1/K each' if combine == 'mean' else 'weights per sample'}); set "
+                "method.combine=weights to weigh the teachers by them, or method.weights=null"
+            )
+        return None
+    example = "{" + ", ".join(f"{name}: 1.0" for name in teachers) + "}"
+    if not isinstance(weights, Mapping) or sorted(map(str, weights)) != sorted(teachers):
+        given = dict(weights) if isinstance(weights, Mapping) else weights
+        raise ConfigError(
+            f"method.weights={given} must give every teacher {sorted(teachers)} a weight >= 0 (not all 0) for "
+            f"combine=weights, e.g. method.weights='{example}'"
+        )
+    for name, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
+            raise ConfigError(
+                f"method.weights.{name}={weight!r} must be a finite number >= 0 (the teacher's share of the "
+                f"combined target); e.g. method.weights='{example}'"
+            )
+    total = sum(weights.values())
+    if total <= 0:
+        raise ConfigError(f"method.weights={dict(weights)} are all 0; give at least one teacher a weight > 0")
+    return {str(name): float(weight) / total for name, weight in weights.items()}
 
 
 class MultiTeacherDistillation(DistillationModule):
@@ -60,10 +95,8 @@ class MultiTeacherDistillation(DistillationModule):
             )
         if not self.teachers:
             raise ConfigError("method=multi_teacher needs method.teachers (one or more teacher configs by name)")
-        if combine not in COMBINATIONS:
-            raise ConfigError(f"method.combine={combine!r}: use one of {list(COMBINATIONS)}")
         self.combine = combine
-        self.fixed_weights = self.normalised(weights) if combine == "weights" else None
+        self.fixed_weights = checked_weights(combine, weights, list(self.teachers))
         self.per_teacher_val = nn.ModuleDict({name: self.accuracy() for name in self.teachers})
         self.per_teacher_agreement = nn.ModuleDict({name: self.accuracy() for name in self.teachers})
         self.per_teacher_test = nn.ModuleDict({name: self.accuracy() for name in self.teachers})
@@ -71,15 +104,12 @@ class MultiTeacherDistillation(DistillationModule):
     def accuracy(self) -> MulticlassAccuracy:
         return MulticlassAccuracy(self.test_acc.num_classes, average="micro")
 
-    def normalised(self, weights: Mapping[str, float] | None) -> dict[str, float]:
-        given = dict(weights or {})
-        if sorted(given) != sorted(self.teachers) or any(w < 0 for w in given.values()) or sum(given.values()) <= 0:
-            raise ConfigError(
-                f"method.weights={given} must give every teacher {sorted(self.teachers)} a weight >= 0 "
-                "(not all 0) for combine=weights"
-            )
-        total = sum(given.values())
-        return {name: float(weight) / total for name, weight in given.items()}
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any], models: Mapping[str, nn.Module]) -> None:
+        """``method.combine`` and ``method.weights`` (:func:`checked_weights`), before any teacher is trained."""
+        super().check_options(options, models)
+        teachers = [name for name in models if name != TASK_MODEL]
+        checked_weights(options.get("combine", "mean"), options.get("weights"), teachers)
 
     @classmethod
     def check_config(cls, loss: nn.Module | None, models: Mapping[str, nn.Module], cached_teachers: bool) -> None:
@@ -106,8 +136,9 @@ class MultiTeacherDistillation(DistillationModule):
         K, B = logits.shape[:2]
         if self.combine == "mean":
             return torch.full((K, B), 1.0 / K, device=logits.device)
-        if self.combine == "weights":
-            return torch.tensor([self.fixed_weights[n] for n in names], device=logits.device)[:, None].expand(K, B)
+        if self.combine == "weights":  # one constant per teacher, filled on the device (no host-to-device copy)
+            weights = [torch.full((1, B), self.fixed_weights[n], device=logits.device) for n in names]
+            return torch.cat(weights)
         log_p = F.log_softmax(logits, dim=-1)
         entropy = -(log_p.exp() * log_p).sum(-1)  # (K, B)
         if targets is None:

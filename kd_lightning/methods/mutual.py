@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning.engine.batches import batch_size
-from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.engine.runtime import Runtime
 from kd_lightning.losses import DistillationLoss
 from kd_lightning.losses.base import TASK_MODEL
@@ -22,7 +24,7 @@ from kd_lightning.methods.classifier import Batch, ClassifierMethod, unpack
 def soft_mixture(logits: Sequence[Tensor], temperature: float) -> Tensor:
     """Logits ``T log mean_j softmax(z_j / T)`` of the mean softened distribution (float32)."""
     log_p = F.log_softmax(torch.stack([z.float() for z in logits]) / temperature, dim=-1)
-    return temperature * (torch.logsumexp(log_p, dim=0) - torch.log(torch.tensor(float(len(logits)))))
+    return temperature * (torch.logsumexp(log_p, dim=0) - math.log(len(logits)))
 
 
 class MutualLearning(ClassifierMethod):
@@ -44,8 +46,9 @@ class MutualLearning(ClassifierMethod):
     The loss terms must read logits (``student`` / ``teacher``).
 
     Logged: ``val/acc`` (the student, the model deployed), ``val/acc/<peer>``, ``val/acc_ensemble`` (the
-    mean of every peer's probabilities), ``val/agreement`` (student vs the other peers' mixture), and
-    ``train/loss_<part>`` summed over peers. Every peer is in the checkpoint (``peers.<name>.*``).
+    mean of every peer's probabilities), ``val/agreement`` (student vs the other peers' mixture),
+    ``train/loss_<part>`` summed over peers; at test ``test/acc/<peer>`` and ``test/acc_ensemble``. Every peer
+    is in the checkpoint (``peers.<name>.*``).
     """
 
     uses_unlabelled_data = True
@@ -64,7 +67,8 @@ class MutualLearning(ClassifierMethod):
         optimizer_per_peer: bool = False,
     ) -> None:
         super().__init__(student, num_classes, optimizer, scheduler, scale_lr_with_world_size, runtime=runtime)
-        self.optimizer_per_peer = bool(optimizer_per_peer)
+        type(self).check_options({"optimizer_per_peer": optimizer_per_peer}, {})
+        self.optimizer_per_peer = optimizer_per_peer
         self.automatic_optimization = not self.optimizer_per_peer
         if not peers:
             raise ConfigError("method=mutual needs at least one peer besides the student (method.peers)")
@@ -76,7 +80,15 @@ class MutualLearning(ClassifierMethod):
         self.apply_runtime([("student", model) for model in (student, *self.peers.values())])
         self.peer_acc = nn.ModuleDict({name: MulticlassAccuracy(num_classes, average="micro") for name in peers})
         self.ensemble_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.peer_test_acc = nn.ModuleDict({name: MulticlassAccuracy(num_classes, average="micro") for name in peers})
+        self.ensemble_test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_agreement = MulticlassAccuracy(num_classes, average="micro")
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any], models: Mapping[str, nn.Module]) -> None:
+        """``method.optimizer_per_peer`` is a bool (a string such as ``maybe`` would read as true)."""
+        super().check_options(options, models)
+        check_type(options.get("optimizer_per_peer", False), bool, "method.optimizer_per_peer")
 
     @classmethod
     def check_config(cls, loss: nn.Module | None, models: Mapping[str, nn.Module], cached_teachers: bool) -> None:
@@ -93,7 +105,7 @@ class MutualLearning(ClassifierMethod):
     @classmethod
     def metric_names(cls, loss: nn.Module | None, teachers: Sequence[str]) -> set[str]:
         parts = {f"train/loss_{name}" for name in loss.terms} if isinstance(loss, DistillationLoss) else set()
-        own = {"train/loss_ce", "val/acc_ensemble", "val/agreement", "val/acc/*"}
+        own = {"train/loss_ce", "val/acc_ensemble", "val/agreement", "val/acc/*", "test/acc/*", "test/acc_ensemble"}
         return super().metric_names(loss, teachers) | parts | own
 
     def models(self) -> dict[str, nn.Module]:
@@ -161,4 +173,11 @@ class MutualLearning(ClassifierMethod):
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         x, y, _ = unpack(batch)
-        self.log_student_test(self.student(self.formatted(x)), y)
+        x = self.formatted(x)
+        logits = {name: model(x) for name, model in self.models().items()}
+        self.log_student_test(logits[TASK_MODEL], y)
+        for name in self.peers:
+            self.peer_test_acc[name](logits[name], y)
+            self.log(f"test/acc/{name}", self.peer_test_acc[name])
+        self.ensemble_test_acc(torch.stack([F.softmax(z.float(), -1) for z in logits.values()]).mean(0), y)
+        self.log("test/acc_ensemble", self.ensemble_test_acc)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
 from kd_lightning.engine.batches import batch_size
-from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.engine.runtime import Runtime
 from kd_lightning.losses import masked_cross_entropy
 from kd_lightning.methods.base import OptimizerFactory, SchedulerFactory
@@ -30,10 +31,17 @@ class Supervised(ClassifierMethod):
         runtime: Runtime | None = None,
     ) -> None:
         super().__init__(student, num_classes, optimizer, scheduler, scale_lr_with_world_size, runtime=runtime)
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ConfigError(f"method.label_smoothing={label_smoothing} must be in [0, 1); 0 disables it")
+        type(self).check_options({"label_smoothing": label_smoothing}, {})
         self.label_smoothing = float(label_smoothing)
         self.apply_runtime([("student", student)])
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any], models: Mapping[str, nn.Module]) -> None:
+        """``method.label_smoothing``: a number in [0, 1)."""
+        smoothing = options.get("label_smoothing", 0.0)
+        check_type(smoothing, (int, float), "method.label_smoothing")
+        if not 0.0 <= smoothing < 1.0:
+            raise ConfigError(f"method.label_smoothing={smoothing} must be in [0, 1); 0 disables it")
 
     @classmethod
     def metric_names(cls, loss: nn.Module | None, teachers: Sequence[str]) -> set[str]:

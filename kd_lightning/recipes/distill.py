@@ -21,7 +21,7 @@ from torch import nn
 
 from kd_lightning.engine.batches import batch_size as rows
 from kd_lightning.engine.checks import check_class_counts, check_run_options, check_trainer, checked_factory
-from kd_lightning.engine.instantiate import build, build_trainer, log_run_config
+from kd_lightning.engine.instantiate import build, build_trainer, log_run_config, parameter_count
 from kd_lightning.engine.run_dir import announce, start_run
 from kd_lightning.engine.runtime import Runtime
 from kd_lightning.engine.threads import set_cpu_threads
@@ -29,9 +29,9 @@ from kd_lightning.methods.base import Method
 from kd_lightning.recipes.components import data_overrides, method_factory, offer, parameter_counts, teachers_for
 from kd_lightning.recipes.fit import run_test
 from kd_lightning.recipes.placement import place_teacher, place_with_data
-from kd_lightning.recipes.preflight import check_resume_checkpoint, preflight
+from kd_lightning.recipes.preflight import check_option_names, check_resume_checkpoint, preflight
 from kd_lightning.recipes.stages import distill_stages, multi_stage_method
-from kd_lightning.recipes.teacher import config_key, scratch_baseline, teacher_input
+from kd_lightning.recipes.teacher import check_teacher_tokenizer, config_key, scratch_baseline, teacher_input
 from kd_lightning.reporting.summary import Summary
 from kd_lightning.reporting.teacher_cost import teacher_costs
 from kd_lightning.reporting.tracking import finish_runs
@@ -78,6 +78,8 @@ def assemble(cfg: DictConfig) -> Parts:
     runtime: Runtime = build(cfg.runtime, "runtime")
     loss = build(cfg.loss, "loss")
     factory, teacher_cfgs = method_factory(cfg)
+    check_option_names(factory)
+    check_teacher_tokenizer(cfg.data, teacher_cfgs)
     auto, placement = place_teacher(cfg, factory.func, loss, list(teacher_cfgs))
     overrides = data_overrides(cfg, factory.func, loss, bool(teacher_cfgs) and bool(cfg.get("teacher_cache")))
     with open_dict(cfg):  # recorded in the summary's config as run
@@ -178,6 +180,9 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         teacher_costs=costs,
         cpu_threads=torch.get_num_threads(),
         details={"teacher_placement": {"where": parts.placement.where, "reason": parts.placement.reason}},
+        teachers={
+            name: {"params": parameter_count(t.model), "source": t.provenance.source} for name, t in teachers.items()
+        },
     )
     finish_runs(trainer.loggers, summary.as_dict())
     if trainer.is_global_zero:  # strategy=ddp runs this whole function once per process

@@ -3,7 +3,6 @@ teachers, the student, and how their tokenizers meet."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from kd_lightning.engine.checks import constructor_arguments
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.instantiate import build, build_partial, parameter_count
 from kd_lightning.engine.weights import freeze
@@ -44,22 +44,9 @@ def scheme_factory(cfg: DictConfig) -> tuple[Callable[..., LMMethod], DictConfig
     return factory, own_loss if own_loss is not None else (cfg.llm.loss if factory.func.uses_loss else None)
 
 
-def accepted(cls: type) -> set[str] | None:
-    """The keyword arguments the class's constructor chain names (None: it takes any)."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" not in klass.__dict__:
-            continue
-        parameters = inspect.signature(klass.__init__).parameters.values()
-        names |= {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
-            return names
-    return None
-
-
 def offer(factory: Callable[..., LMMethod], **ingredients: Any) -> LMMethod:
     """Call the scheme's constructor with the ingredients its constructor chain names."""
-    names = accepted(factory.func)  # type: ignore[attr-defined]
+    names = constructor_arguments(factory.func)  # type: ignore[attr-defined]
     return factory(**{name: value for name, value in ingredients.items() if names is None or name in names})
 
 

@@ -95,6 +95,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         seed=cfg.seed,
         save_teacher=cfg.save_teacher,
         nonfinite=cfg.llm.nonfinite,
+        nonfinite_check_every=cfg.llm.get("nonfinite_check_every", "auto"),
         aligned=datamodule.encoder if loss is not None and loss.cross_tokenizer else None,
         vocab_size=pairing.vocab_size,
     )

@@ -14,13 +14,25 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch import nn
 
-from kd_lightning.engine.checks import check_monitored, check_run_options, check_trainer, checked_factory
+from kd_lightning.engine.checks import (
+    check_constructor_options,
+    check_monitored,
+    check_run_options,
+    check_trainer,
+    checked_factory,
+)
 from kd_lightning.engine.errors import ConfigError, TrainingDiverged, check_type
-from kd_lightning.methods.base import NONFINITE
+from kd_lightning.engine.nonfinite import check_nonfinite_settings
 from kd_lightning.methods.lm.base import LMMethod
 
 log = logging.getLogger(__name__)
 
+#: What kd-llm-distill passes every scheme itself (left out of the options a misspelt ``llm.method`` key lists).
+LM_OFFERED = frozenset(
+    {"student", "loss", "optimizer", "scheduler", "teacher", "teachers", "combination", "losses", "logit_cache"}
+    | {"lora", "pad_token_id", "eos_token_id", "seed", "save_teacher", "nonfinite", "nonfinite_check_every"}
+    | {"aligned", "vocab_size"}
+)
 #: The largest learning rate accepted: beyond it one step moves weights by more than their scale.
 MAX_LM_LR = 1.0
 
@@ -29,8 +41,7 @@ def check_values(cfg: DictConfig) -> None:
     """Types and ranges of the run's own options, the training budget and device count, the optimizer."""
     check_run_options(cfg)
     check_type(cfg.get("allow_other_teacher", False), bool, "allow_other_teacher")
-    if cfg.llm.get("nonfinite", "error") not in NONFINITE:
-        raise ConfigError(f"llm.nonfinite={cfg.llm.nonfinite!r}: use one of {list(NONFINITE)}")
+    check_nonfinite_settings(cfg.llm.get("nonfinite", "error"), cfg.llm.get("nonfinite_check_every", "auto"), "llm")
     check_trainer(cfg.trainer)
     optimizer = checked_factory(cfg.optimizer, "optimizer")
     lr = optimizer.keywords.get("lr", 0.0)
@@ -49,6 +60,7 @@ def check_scheme(
     """The scheme's rules (:meth:`LMMethod.check_options`, :meth:`LMMethod.check_config`) and that the
     command line sets no loss the scheme does not read."""
     method: type[LMMethod] = factory.func  # type: ignore[attr-defined]
+    check_constructor_options(factory, "llm.method", LM_OFFERED)
     method.check_options(factory.keywords)  # type: ignore[attr-defined]
     method.check_config(loss, teachers, cached, remote)
     if loss is None or not method.uses_loss:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kd_lightning.data.contract import HasTrainSize, check_label_mixing
-from kd_lightning.engine.checks import check_fit, check_monitored
+from kd_lightning.engine.checks import check_constructor_options, check_fit, check_monitored
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.instantiate import build
 from kd_lightning.methods.base import Method
@@ -49,6 +49,15 @@ def preflight(
     if isinstance(datamodule, HasTrainSize) and datamodule.num_train_samples < 1:
         raise ConfigError("the training set is empty (data.num_train_samples = 0); check the data config")
     check_monitored(method.metric_names(loss, list(teacher_cfgs)), trainer.callbacks, cfg.optimized_metric)
+
+
+def check_option_names(factory: Callable[..., Method]) -> None:
+    """Every ``method.<key>`` names an argument of the method's constructor (:func:`check_constructor_options`)."""
+    check_constructor_options(factory, "method", OFFERED)
+
+
+#: What the classifier recipes pass every method themselves (:func:`~kd_lightning.recipes.components.offer`).
+OFFERED = frozenset({"student", "teacher", "teachers", "loss", "optimizer", "scheduler", "num_classes", "runtime"})
 
 
 def check_teacher_count(method: type[Method], teacher_cfgs: Mapping[str, DictConfig]) -> None:

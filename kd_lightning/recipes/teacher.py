@@ -58,6 +58,22 @@ def teacher_input(teacher_cfg: DictConfig, name: str) -> nn.Module | None:
     return build(teacher_cfg.input, f"{config_key(name)}.input") if teacher_cfg.get("input") else None
 
 
+def check_teacher_tokenizer(data_cfg: DictConfig, teacher_cfgs: dict[str, DictConfig]) -> None:
+    """With ``data.teacher_tokenizer`` set the batches carry the teacher's own tokenisation beside the
+    student's, which a teacher reads only through an input adapter (``teacher.input: TokenInput``): without one
+    on any teacher, every teacher would read the student's token ids, so the run is refused."""
+    tokenizer = data_cfg.get("teacher_tokenizer")
+    if not tokenizer or not teacher_cfgs or any(node.get("input") for node in teacher_cfgs.values()):
+        return
+    key = config_key(next(iter(teacher_cfgs)))
+    raise ConfigError(
+        f"data.teacher_tokenizer={tokenizer} tokenises every row for the teacher too, but {key}.input is null, so "
+        f"the teacher would read the student's token ids: set {key}.input="
+        "'{_target_: kd_lightning.teacher_inputs.TokenInput}' (or data.teacher_tokenizer=null if the teacher "
+        "shares the student's tokenizer)"
+    )
+
+
 def train_teacher(
     cfg: DictConfig, teacher_cfg: DictConfig, model: nn.Module, out_dir: Path, input: nn.Module | None = None
 ) -> FitResult:
@@ -218,6 +234,7 @@ def train_model(cfg: DictConfig) -> float:
             "kd-train trains a model with its teacher.fit recipe, and this teacher config has none; add one"
         )
     check_fit(cfg.teacher.fit, "teacher.fit")
+    check_teacher_tokenizer(cfg.data, {"teacher": cfg.teacher})
     model = build(cfg.teacher.model, "teacher.model")
     input = teacher_input(cfg.teacher, "teacher")
     set_cpu_threads(cfg.cpu_threads, [model], "cpu_threads")

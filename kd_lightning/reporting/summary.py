@@ -38,6 +38,8 @@ class Summary:
     cpu_threads: int | None = None
     #: What else a command records (kd-llm-distill: its scheme, logit cache, per-teacher parameters).
     details: dict[str, Any] = field(default_factory=dict)
+    #: Per teacher: ``params`` and ``source`` (where its weights came from); several combined: a row each.
+    teachers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def compression(self) -> float | None:
@@ -63,19 +65,26 @@ class Summary:
             ("student test acc, last epoch", _pct(m.get("test/acc_last")), ""),
             ("student val acc (best)", _pct(m.get("val/acc_best")), ""),
         ]
-        if self.teacher_params is not None:
+        combined = len(self.teachers) > 1 and any(f"teacher/{name}/val_acc" in m for name in self.teachers)
+        if combined:  # the teachers' accuracies are each their own; teacher/* is the combination's
+            rows += self.teacher_rows()
+        elif self.teacher_params is not None:
             rows += [
                 ("teacher test acc", _pct(m.get("teacher/test_acc")), self.teacher_source or ""),
                 ("teacher val acc", _pct(m.get("teacher/val_acc")), ""),
+            ]
+        if self.teacher_params is not None:
+            rows += [
                 ("student-teacher agreement", _pct(m.get("val/agreement")), "top-1, val"),
                 ("KL(teacher || student)", f"{m.get('val/kl_to_teacher', float('nan')):.4f}", "val, T = 1"),
             ]
+        rows += self.peer_rows()
         if self.scratch is not None:
             rows += [
                 ("scratch student test acc", _pct(self.scratch["test_acc"]), "method=supervised, same budget, seed"),
                 ("KD gain over scratch", f"{100 * self.kd_gain:+.2f} points" if self.kd_gain is not None else "—", ""),
             ]
-        if "test/acc_ensemble" in m:
+        if "test/acc_ensemble" in m and self.stages:
             rows.append(("ensemble of stages test acc", _pct(m["test/acc_ensemble"]), "mean of softmax, best ckpts"))
         for stage in self.stages:
             model = stage["model"].rsplit(".", 1)[-1]
@@ -89,6 +98,36 @@ class Summary:
             note = f"batch of {cost['batch_size']} on {cost['device']}; {memory}"
             rows.append((f"{name} forward per step", value, note))
         return rows + self.size_rows()
+
+    def teacher_rows(self) -> list[tuple[str, str, str]]:
+        """Several teachers: each one's accuracy, parameters and source, then the combined target's (what the
+        student is distilled from and compared with: ``teacher/test_acc``, ``val/agreement``)."""
+        m, rows = self.metrics, []
+        for name, info in self.teachers.items():
+            note = f"{info.get('params', 0):,} parameters; {info.get('source') or ''}"
+            rows.append((f"teacher {name} test acc", _pct(m.get(f"teacher/{name}/test_acc")), note))
+            rows.append((f"teacher {name} val acc", _pct(m.get(f"teacher/{name}/val_acc")), ""))
+        combine = (self.config.get("method") or {}).get("combine") or "mean"
+        note = f"the target distilled: {len(self.teachers)} teachers, method.combine={combine}"
+        rows.append(("combined teachers test acc", _pct(m.get("teacher/test_acc")), note))
+        rows.append(("combined teachers val acc", _pct(m.get("teacher/val_acc")), ""))
+        return rows
+
+    def peer_rows(self) -> list[tuple[str, str, str]]:
+        """Models trained beside the student (mutual learning's peers): each one's accuracy and their ensemble's."""
+        m, rows = self.metrics, []
+        peers = sorted(key.removeprefix("val/acc/") for key in m if key.startswith("val/acc/"))
+        for name in peers:
+            if f"test/acc/{name}" in m:
+                rows.append((f"peer {name} test acc", _pct(m[f"test/acc/{name}"]), "best-val checkpoint"))
+            rows.append((f"peer {name} val acc", _pct(m[f"val/acc/{name}"]), "last epoch"))
+        if peers and not self.stages:
+            note = "mean of every peer's softmax, the student's included"
+            if "test/acc_ensemble" in m:
+                rows.append(("peer ensemble test acc", _pct(m["test/acc_ensemble"]), f"{note}, best-val checkpoint"))
+            if "val/acc_ensemble" in m:
+                rows.append(("peer ensemble val acc", _pct(m["val/acc_ensemble"]), f"{note}, last epoch"))
+        return rows
 
     def lm_rows(self) -> list[tuple[str, str, str]]:
         """The validation rows of a language-model run."""

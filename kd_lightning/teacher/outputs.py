@@ -32,6 +32,7 @@ from kd_lightning.engine.caching.store import (
     weights_digest,
 )
 from kd_lightning.engine.errors import ConfigError
+from kd_lightning.teacher.lookup import DeviceTables, spread_tail
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -57,6 +58,10 @@ class TeacherOutputCache:
     Under a multi-process strategy every process labels its own shard of each split and the shards are
     gathered into the one table (see :meth:`prepare`); ``labelled_rows[split]`` is how many rows this
     process ran the teacher on (0 for a disk hit).
+
+    Lookups in memory tables run on the device (each table is copied there once, in :meth:`prepare`; on the
+    CPU the tensors share the arrays' memory): no host read per training step. Disk tables are memory-mapped
+    and read by row on the host, so their lookups copy the batch's indices to the host.
 
     ``dtype`` is the storage precision (``float16`` halves the size; lookups return float32).
     ``top_k`` keeps only the k largest log-probabilities per sample plus the tail mass
@@ -90,6 +95,7 @@ class TeacherOutputCache:
         self.tables: dict[str, dict[str, np.ndarray]] = {}
         self.hits: dict[str, bool] = {}
         self.labelled_rows: dict[str, int] = {}
+        self.device_tables = DeviceTables(skip=WHOLE_TABLE)  #: memory tables (and views) on the device
 
     def check_data(self, datamodule: object) -> None:
         """Refuse data whose per-sample outputs cannot be stored (random augmentation: ``per_view`` can)."""
@@ -119,6 +125,8 @@ class TeacherOutputCache:
         teacher_digest = weights_digest(teacher) if splits else ""
         for split in splits:
             self.prepare_split(teacher, teacher_digest, data, split, device, trainer)
+            if self.location == "memory":
+                self.device_tables.on(self.tables[split], device)
 
     def prepare_split(
         self,
@@ -279,13 +287,16 @@ class TeacherOutputCache:
         table = self.tables.get(split)
         if table is None:
             raise RuntimeError(f"teacher-output cache has no {split!r} split; call prepare() first")
+        if self.location == "memory":  # on the device: no host read
+            tensors, rows = self.device_tables.on(table, index.device), index.long()
+            if "logits" in tensors:
+                return tensors["logits"][rows].float()
+            top, ids = tensors["top_log_probs"][rows].float(), tensors["top_indices"][rows].long()
+            return spread_tail(top, ids, tensors["log_tail"][rows].float(), int(table["num_classes"][0]))
         rows = index.cpu().numpy()
         if "logits" in table:
             return torch.from_numpy(np.asarray(table["logits"][rows], dtype=np.float32)).to(index.device)
         top = torch.from_numpy(np.asarray(table["top_log_probs"][rows], dtype=np.float32))
         ids = torch.from_numpy(np.asarray(table["top_indices"][rows], dtype=np.int64))
         log_tail = torch.from_numpy(np.asarray(table["log_tail"][rows], dtype=np.float32))
-        num_classes = int(table["num_classes"][0])
-        rest = log_tail - float(np.log(num_classes - ids.shape[-1]))
-        full = rest.unsqueeze(-1).expand(-1, num_classes).clone().scatter_(-1, ids, top)
-        return full.to(index.device)
+        return spread_tail(top, ids, log_tail, int(table["num_classes"][0])).to(index.device)

@@ -82,6 +82,8 @@ class TeacherViewCache(TeacherOutputCache):
         digest = weights_digest(teacher) if plain or views else ""
         for split in plain:
             self.prepare_split(teacher, digest, data, split, device, trainer)
+            if self.location == "memory":
+                self.device_tables.on(self.tables[split], device)
         if not views:
             return
         self.augment = data.augment
@@ -98,6 +100,9 @@ class TeacherViewCache(TeacherOutputCache):
         self.view_tables = [self.tables.pop(name) for name in names]
         self.hits[TRAIN] = all([self.hits.pop(name) for name in names])
         self.labelled_rows[TRAIN] = sum(self.labelled_rows.pop(name) for name in names)
+        for table in self.view_tables if self.location == "memory" else []:
+            self.device_tables.on(table, device)  # lookups on the device, copied there now rather than in a step
+        self.device_tables.on(self.view_params, device)
         self.start_epoch(self.view)
         data.replay_views(self)
 
@@ -151,15 +156,14 @@ class TeacherViewCache(TeacherOutputCache):
 
     def draw(self, index: Tensor, view: int | None = None, device: torch.device | None = None) -> dict[str, Tensor]:
         """The stored augmentation parameters of training samples ``index`` in ``view`` (default: the
-        current one), per parameter name, on ``device`` (default: ``index``'s)."""
+        current one), per parameter name, on ``device`` (default: ``index``'s); looked up on the device (the
+        parameters are copied there once): no host read per batch."""
         if not self.view_params:
             raise RuntimeError("teacher_cache=per_view has no views yet; call prepare() first")
         view = self.view if view is None else view
-        rows = index.cpu().numpy()
         device = device or index.device
-        return {
-            name: torch.from_numpy(np.asarray(array[view][rows])).to(device) for name, array in self.view_params.items()
-        }
+        rows = index.to(device).long()
+        return {name: values[view][rows] for name, values in self.device_tables.on(self.view_params, device).items()}
 
 
 def view_seed(seed: int, view: int) -> int:

@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from kd_lightning.engine.caching.store import weights_digest
-from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError, TrainingDiverged
 from kd_lightning.llm.logit_cache import LogitCache
-from kd_lightning.llm.protocol import TokenLoss, batch_source
+from kd_lightning.llm.protocol import SUPERVISED_SOURCES, TokenLoss, TokenSource, batch_source
 from kd_lightning.llm.token_loss import TokenLossOutput, final_hidden_states
 from kd_lightning.methods.base import Method, OptimizerFactory, SchedulerFactory
 from kd_lightning.methods.lm.heads import check_cache, check_head
@@ -47,7 +47,8 @@ class LMMethod(TokenMetrics, Method):
     ``kd-llm-distill`` runs before any model is built. Class attributes read by the recipe:
     ``teacher_range`` (teachers it takes: one via ``llm.teacher``, several via ``llm.teacher.teachers``),
     ``takes_logit_cache`` (``llm/teacher_cache`` may replace the live teacher), ``uses_loss`` (``llm.loss``
-    is its objective).
+    is its objective), ``token_sources`` (where the tokens it trains on come from: some term of ``llm.loss``
+    must read one of them).
 
     Logged: ``train/loss``, ``train/loss_ce``, ``train/loss_distill`` (per token), ``val/loss``, ``val/ppl``
     (student perplexity on the validation completions), ``val/kl_to_teacher`` (forward KL at T = 1 per token;
@@ -57,7 +58,9 @@ class LMMethod(TokenMetrics, Method):
     teacher_range: tuple[int, int | None] = (1, 1)
     takes_logit_cache: bool = True
     uses_loss: bool = True
+    token_sources: frozenset[TokenSource] = SUPERVISED_SOURCES  # dataset text: references or teacher-written
     divergence_advice = LM_DIVERGENCE_ADVICE
+    nonfinite_group = "llm"
 
     def __init__(
         self,
@@ -71,8 +74,15 @@ class LMMethod(TokenMetrics, Method):
         lora: Mapping[str, Any] | None = None,
         save_teacher: bool = False,
         nonfinite: str = "error",
+        nonfinite_check_every: int | str = "auto",
     ) -> None:
-        super().__init__(optimizer, scheduler, save_teacher=save_teacher, nonfinite=nonfinite)
+        super().__init__(
+            optimizer,
+            scheduler,
+            save_teacher=save_teacher,
+            nonfinite=nonfinite,
+            nonfinite_check_every=nonfinite_check_every,
+        )
         names = ["teacher"] if teacher is not None or logit_cache is not None else []
         type(self).check_config(loss, [*names, *(teachers or {})], cached=logit_cache is not None, remote=False)
         if logit_cache is not None:
@@ -93,6 +103,8 @@ class LMMethod(TokenMetrics, Method):
         self.heads_checked: set[str] = set()
         self.teacher_digests: dict[str, str] = {}
         self.window_tokens = torch.zeros((), dtype=torch.long)
+        #: The epoch's per-token training losses so far, on the device: name -> (sum, tokens of its steps).
+        self.train_sums: dict[str, tuple[Tensor, Tensor]] = {}
         self.init_metrics()
 
     # ------------------------------------------------------------------------------ declared rules
@@ -120,6 +132,13 @@ class LMMethod(TokenMetrics, Method):
                 "or distil black-box: kd-llm-generate llm/teacher=remote, then llm/method=sft llm/data=teacher_text"
             )
         if cls.uses_loss and loss is not None:
+            if not any(cls.token_sources & sources for sources in loss.reads.values()):
+                trains_on = ", ".join(sorted(source.value for source in cls.token_sources))
+                reads = ", ".join(sorted({source.value for sources in loss.reads.values() for source in sources}))
+                raise ConfigError(
+                    f"llm/loss ({type(loss).__name__}) reads {reads} tokens only but llm/method={name} trains on "
+                    f"{trains_on} tokens: use llm/method=on_policy llm.method.lmbda=1, or another llm/loss"
+                )
             if not loss.needs_teacher:
                 raise ConfigError(
                     "llm.loss.alpha=0 distils nothing (cross-entropy only); to fine-tune on teacher-written text "
@@ -200,22 +219,43 @@ class LMMethod(TokenMetrics, Method):
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         self.window_tokens = torch.zeros((), dtype=torch.long, device=self.device)
+        self.train_sums = {}
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+        try:
+            return self.train_on(batch, batch_idx)
+        except TrainingDiverged:
+            raise
+        except Exception:
+            # A step that fails on values an unchecked non-finite step left (e.g. sampling from NaN
+            # probabilities) reports that step instead; this process's record only: no collective here.
+            self.nonfinite_guard.check(None)
+            raise
+
+    def train_on(self, batch: Batch, batch_idx: int) -> Tensor | None:
+        """One training step: the loss of what :meth:`training_batch` returns, its sums kept on the device for
+        the epoch's ``train/loss*`` (no per-step host read)."""
         batch = self.training_batch(batch, batch_idx)
         self.check_heads(batch)
         out = self.loss_on(batch)
         if not self.finite_step(out.total, out.parts, {}):
             return None
         self.window_tokens = self.window_tokens + out.count
-        tokens = max(int(out.count), 1)
-        log = {"on_step": False, "on_epoch": True, "batch_size": tokens, "sync_dist": True}
-        self.log("train/loss", out.total.detach() / tokens, prog_bar=True, **log)
-        for name, value in out.parts.items():
-            if name.startswith(("distill", "ce")):  # per-teacher / per-side parts: distill/<name>
-                self.log(f"train/loss_{name}", value / tokens, **log)
+        tokens = out.count.clamp(min=1)
+        sums = {"loss": out.total.detach()}
+        sums |= {f"loss_{name}": value for name, value in out.parts.items() if name.startswith(("distill", "ce"))}
+        for name, value in sums.items():  # per-teacher / per-side parts: loss_distill/<name>
+            held = self.train_sums.get(name)
+            self.train_sums[name] = (value, tokens) if held is None else (held[0] + value, held[1] + tokens)
         # A sum: Lightning divides it by accumulate_grad_batches, on_before_optimizer_step by the tokens.
         return out.total * self.trainer.accumulate_grad_batches
+
+    def on_train_epoch_end(self) -> None:
+        """``train/loss`` and ``train/loss_<part>`` per token over the epoch's steps on every process."""
+        super().on_train_epoch_end()
+        for name, (total, tokens) in self.train_sums.items():
+            summed = self.trainer.strategy.reduce(torch.stack([total.float(), tokens.float()]), reduce_op="sum")
+            self.log(f"train/{name}", summed[0] / summed[1], prog_bar=name == "loss")
 
     def check_heads(self, batch: Batch) -> None:
         """Once per model, on the first batch that feeds it: its logits must be ``lm_head(last hidden)``."""
@@ -229,7 +269,7 @@ class LMMethod(TokenMetrics, Method):
         """Divide the summed gradients by the valid tokens of the accumulated batch on all ranks (DDP has
         averaged gradients over ranks: multiply back by the world size)."""
         tokens = self.trainer.strategy.reduce(self.window_tokens.float(), reduce_op="sum")
-        scale = self.trainer.world_size / max(float(tokens), 1.0)
+        scale = self.trainer.world_size / tokens.clamp(min=1.0)  # on the device: no host read
         for group in optimizer.param_groups:
             for param in group["params"]:
                 if param.grad is not None:

@@ -46,6 +46,7 @@ class SFT(LMMethod):
         lora: Mapping[str, Any] | None = None,
         save_teacher: bool = False,
         nonfinite: str = "error",
+        nonfinite_check_every: int | str = "auto",
         chunk_size: int | None = 512,
         vocab_size: int | None = None,
     ) -> None:
@@ -59,6 +60,7 @@ class SFT(LMMethod):
             lora=lora,
             save_teacher=save_teacher,
             nonfinite=nonfinite,
+            nonfinite_check_every=nonfinite_check_every,
         )
 
     @classmethod
