@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
@@ -133,6 +134,16 @@ class HFClassifier(nn.Module):
         self.model = model
         self.accepted = set(inspect.signature(model.forward).parameters)
         self.checked_ids = False
+        #: The data's class order as indices of this model's classes (set by engine.class_names.align_classes
+        #: when the model's id2label orders the same names differently); None: as the model has them.
+        self.class_order: list[int] | None = None
+        self._order_index: Tensor | None = None
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The names of the model's classes in its own order (``config.id2label``), if it has them."""
+        id2label = getattr(getattr(self.model, "config", None), "id2label", None)
+        return [str(id2label[i]) for i in sorted(id2label, key=int)] if id2label else None
 
     def forward(self, x: Tensor | Mapping[str, Tensor]) -> Tensor:
         if isinstance(x, Mapping):
@@ -143,7 +154,12 @@ class HFClassifier(nn.Module):
             inputs = {"input_ids": x}
         if not self.checked_ids and "input_ids" in inputs:
             self.check_vocabulary(inputs["input_ids"])
-        return self.model(**inputs).logits
+        logits = self.model(**inputs).logits
+        if self.class_order is None:
+            return logits
+        if self._order_index is None or self._order_index.device != logits.device:
+            self._order_index = torch.tensor(self.class_order, device=logits.device)
+        return logits.index_select(-1, self._order_index)
 
     def check_vocabulary(self, ids: Tensor) -> None:
         """Once (the first batch, checked before training): token ids must fit the model's embedding table, else

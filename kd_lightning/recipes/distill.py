@@ -21,6 +21,7 @@ from torch import nn
 
 from kd_lightning.engine.batches import batch_size as rows
 from kd_lightning.engine.checks import check_class_counts, check_run_options, check_trainer, checked_factory
+from kd_lightning.engine.class_names import align_classes, data_class_names
 from kd_lightning.engine.instantiate import build, build_trainer, log_run_config, parameter_count
 from kd_lightning.engine.run_dir import announce, start_run
 from kd_lightning.engine.runtime import Runtime
@@ -98,6 +99,8 @@ def assemble(cfg: DictConfig) -> Parts:
         },
         {"student": cfg.student.model, **{config_key(name): node.model for name, node in teacher_cfgs.items()}},
     )
+    named = {"student": student, **{config_key(name): model for name, model in models.items()}}
+    align_classes(named, data_class_names(datamodule))
     optimizer = checked_factory(cfg.optimizer, "optimizer")
     scheduler = checked_factory(cfg.scheduler, "scheduler") if cfg.scheduler else None
     trainer = build_trainer(cfg)

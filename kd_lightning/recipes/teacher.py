@@ -27,6 +27,7 @@ from kd_lightning.engine.caching.store import (
     write_verified_json,
 )
 from kd_lightning.engine.checks import check_class_counts, check_fit, check_trainer
+from kd_lightning.engine.class_names import align_classes, data_class_names
 from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.engine.instantiate import build
 from kd_lightning.engine.resume import side_rng
@@ -238,10 +239,12 @@ def train_model(cfg: DictConfig) -> float:
     model = build(cfg.teacher.model, "teacher.model")
     input = teacher_input(cfg.teacher, "teacher")
     set_cpu_threads(cfg.cpu_threads, [model], "cpu_threads")
-    example = build(cfg.data, "data").example_input()
+    datamodule = build(cfg.data, "data")
+    example = datamodule.example_input()
     check_class_counts(
         example, cfg.data.num_classes, {"teacher": adapted(model, input)}, {"teacher": cfg.teacher.model}
     )
+    align_classes({"teacher": model}, data_class_names(datamodule))
     result = train_teacher(cfg, cfg.teacher, model, out_dir, input)
     print(
         f"kd-train: val acc (best) {100 * result.val_acc_best:.2f}%, test acc {100 * result.test_acc:.2f}% "
