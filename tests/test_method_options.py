@@ -230,3 +230,27 @@ def test_every_group_option_a_config_comment_names_exists() -> None:
                     missing.append(f"{path.relative_to(conf)}:{number}: {group}={option}")
     assert checked > 30  # the pattern finds the examples the comments give
     assert not missing, missing
+
+
+#: Command-line values by the type Hydra parses them to: each option gets one whose type it does not take.
+WRONG = {int: "12", str: "abc", bool: "true"}
+
+
+@pytest.mark.parametrize("config", ["distill", "train", "llm_distill"])
+def test_every_top_level_option_is_typed_and_a_wrong_type_is_one_line(config: str, tmp_path: Path) -> None:
+    """Each top-level option of the three tools' configs has a declared type (RUN_OPTIONS), and a value of
+    another type is one line naming the key (checked by check_run_options, which each tool runs first)."""
+    from omegaconf import DictConfig, ListConfig
+
+    from kd_lightning.engine.checks import RUN_OPTIONS, check_run_options
+    from tests.conftest import compose_config
+
+    cfg = compose_config(tmp_path, [], config_name=config)
+    scalars = {key for key, value in cfg.items() if not isinstance(value, DictConfig | ListConfig)}
+    assert scalars <= set(RUN_OPTIONS), scalars - set(RUN_OPTIONS)
+    for key in sorted(scalars):
+        wrong = next(value for kind, value in WRONG.items() if kind not in RUN_OPTIONS[key])
+        bad = compose_config(tmp_path, [f"{key}={wrong}"], config_name=config)
+        with pytest.raises(ConfigError) as error:
+            check_run_options(bad)
+        assert str(error.value).startswith(f"{key}=") and "\n" not in str(error.value), key

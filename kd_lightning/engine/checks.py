@@ -78,13 +78,27 @@ def check_output_shape(out: torch.Tensor, key: str) -> None:
         )
 
 
+#: The type of every top-level option of kd-distill, kd-train and kd-llm-distill (conf/distill.yaml,
+#: conf/train.yaml, conf/llm_distill.yaml; a tool checks those its config has). ``cpu_threads`` is checked by
+#: engine.threads (an int or ``auto``), ``ckpt_path`` by the resume logic (a path, ``last`` or ``auto``).
+RUN_OPTIONS: dict[str, tuple[type, ...]] = {
+    "task_name": (str,),
+    "seed": (int,),
+    "cpu_threads": (int, str),
+    "optimized_metric": (str,),
+    "ckpt_path": (str, type(None)),
+    "compare_scratch": (bool,),
+    "save_teacher": (bool,),
+    "scale_lr_with_world_size": (bool,),
+    "allow_other_teacher": (bool,),
+}
+
+
 def check_run_options(cfg: DictConfig) -> None:
-    """Top-level options of a run: types a typo or a shell quirk would silently coerce."""
-    check_type(cfg.seed, int, "seed")
-    for key in ("compare_scratch", "save_teacher", "scale_lr_with_world_size"):
+    """Top-level options of a run (:data:`RUN_OPTIONS`): types a typo or a shell quirk would silently coerce."""
+    for key, types in RUN_OPTIONS.items():
         if key in cfg:
-            check_type(cfg[key], bool, key)
-    check_type(cfg.optimized_metric, str, "optimized_metric")
+            check_type(cfg[key], types, key)
 
 
 def usable_cores() -> int:

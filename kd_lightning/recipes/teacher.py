@@ -26,9 +26,9 @@ from kd_lightning.engine.caching.store import (
     weight_files_digest,
     write_verified_json,
 )
-from kd_lightning.engine.checks import check_class_counts, check_fit, check_trainer
+from kd_lightning.engine.checks import check_class_counts, check_fit, check_run_options, check_trainer
 from kd_lightning.engine.class_names import align_classes, data_class_names
-from kd_lightning.engine.errors import ConfigError, check_type
+from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.instantiate import build
 from kd_lightning.engine.resume import side_rng
 from kd_lightning.engine.run_dir import check_run_dir
@@ -226,7 +226,7 @@ def distill_command(checkpoint: str) -> str:
 def train_model(cfg: DictConfig) -> float:
     """``kd-train``: supervised training of the ``teacher`` model with its fit recipe; prints the checkpoint."""
     out_dir = Path(cfg.paths.output_dir)
-    check_type(cfg.seed, int, "seed")
+    check_run_options(cfg)
     check_trainer(cfg.trainer)
     check_run_dir(out_dir, resuming=False)
     L.seed_everything(cfg.seed, workers=True)
