@@ -208,10 +208,14 @@ def test_doc_llm_commands_pass_the_scheme_checks(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("program", "module"),
-    [("kd-report", "kd_lightning.cli.report"), ("kd-sweep-report", "kd_lightning.cli.sweep_report")],
+    [
+        ("kd-report", "kd_lightning.cli.report"),
+        ("kd-sweep-report", "kd_lightning.cli.sweep_report"),
+        ("kd-export", "kd_lightning.cli.export"),
+    ],
 )
 def test_doc_report_commands_parse(program: str, module: str, tmp_path: Path) -> None:
-    """Every kd-report / kd-sweep-report line parses: its placeholder filled with a directory, its options
+    """Every kd-report / kd-sweep-report / kd-export line parses: its placeholder filled with a directory, its options
     among the program's (read from its --help, which exits before anything runs)."""
     main = importlib.import_module(module).main
     help_text = io.StringIO()

@@ -36,6 +36,7 @@ from kd_lightning.engine.threads import CpuThreads, set_cpu_threads
 from kd_lightning.engine.trusted import DEFAULT_TRUSTED, check_trusted
 from kd_lightning.engine.weights import load_weights
 from kd_lightning.methods.classifier import unpack
+from kd_lightning.recipes.deployed import deployed_rows
 from kd_lightning.recipes.fit import labelled_only
 from kd_lightning.recipes.teacher import config_key, obtain_teacher, teacher_configs, teacher_input
 from kd_lightning.reporting.calibration import N_BINS, ReliabilityBins, expected_calibration_error, plot_reliability
@@ -133,12 +134,16 @@ def latency(model: nn.Module, batch: Inputs, repeats: int, warmup: int, progress
     return statistics.median(times)
 
 
+def load_student(run: Run) -> nn.Module:
+    """The run's student with its best-checkpoint weights (as built from ``student.model``; also kd-export's)."""
+    return load_weights(build(run.cfg.student.model, "student.model"), run.checkpoint, key="best checkpoint")
+
+
 def load_models(run: Run) -> tuple[dict[str, nn.Module], str | None]:
     """The teacher (if the run had one: ``teacher_params`` set) and the student, in eval mode on the CPU,
     with where the teacher's weights came from."""
     cfg = run.cfg
-    student = load_weights(build(cfg.student.model, "student.model"), run.checkpoint, key="best checkpoint")
-    models = {"student": student}
+    models = {"student": load_student(run)}
     source = None
     configs = teacher_configs(cfg)
     if run.summary.get("teacher_params") is not None and configs:
@@ -224,8 +229,19 @@ def machine_load() -> str | None:
     return None
 
 
-def markdown(run: Run, table: list[list[str]], teacher_source: str | None, warning: str | None = None) -> str:
+#: Columns of the table of kd-export's files (:mod:`kd_lightning.recipes.deployed`), when the run has them.
+DEPLOYED = ["deployed student", "format", "size on disk (KiB)", "CPU latency, batch of 1 (ms)"]
+
+
+def markdown(
+    run: Run,
+    table: list[list[str]],
+    teacher_source: str | None,
+    warning: str | None = None,
+    deployed: Sequence[list[str]] = (),
+) -> str:
     header = ["quantity", "teacher", "student", "student vs teacher"]
+    exported = ["| " + " | ".join(row) + " |" for row in [DEPLOYED, ["---"] * len(DEPLOYED), *deployed]]
     lines = [
         f"# kd-report: {run.run_dir}",
         "",
@@ -237,6 +253,7 @@ def markdown(run: Run, table: list[list[str]], teacher_source: str | None, warni
         "|" + "---|" * len(header),
         *("| " + " | ".join(row) + " |" for row in table),
         "",
+        *([*exported, ""] if deployed else []),
         "![reliability diagram](reliability.png)",
         "",
     ]
@@ -267,12 +284,26 @@ def report(
         rich_table.add_row(*row)
     console = Console()
     console.print(rich_table)
+    with Progress() as progress:  # kd-export's files, when the run has them: size and batch-1 latency
+        deployed = deployed_rows(
+            run.run_dir,
+            run.cfg.data,
+            models["student"],
+            measured["student"].size_bytes,
+            lambda model, x, name: latency(model, x, repeats, warmup, progress, name),
+        )
+    if deployed:
+        deployed_table = Table(*DEPLOYED, title=f"deployed student, {torch.get_num_threads()} CPU threads")
+        for row in deployed:
+            deployed_table.add_row(*row)
+        console.print(deployed_table)
     warning = machine_load()
     if warning:
         console.print(f"[bold yellow]warning:[/] {warning}")
-    write_text_atomic(run.run_dir / "report.md", markdown(run, table, teacher_source, warning))
+    write_text_atomic(run.run_dir / "report.md", markdown(run, table, teacher_source, warning, deployed))
     return {
         "agreement": agreement,
         "busy_warning": warning,
+        "deployed": [dict(zip(DEPLOYED, row, strict=True)) for row in deployed],
         **{name: vars(numbers) for name, numbers in measured.items()},
     }
