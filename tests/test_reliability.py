@@ -40,6 +40,17 @@ def test_a_run_folder_cannot_make_kd_report_run_code(tmp_path: Path) -> None:
     assert Run.read(run_dir, trusted=("kd_lightning.", "builtins.")).checkpoint.name == "last.ckpt"  # explicit opt-in
 
 
+def test_the_librarys_own_teacher_input_adapters_need_no_allow_target() -> None:
+    """A run whose teacher reads its input through one of the library's adapters (teacher.input) is read by
+    kd-report / kd-export without --allow-target; a private name in the same module is still refused."""
+    from kd_lightning.engine.trusted import check_trusted
+
+    for adapter in ("ImageInput", "TokenInput"):
+        check_trusted({"teacher": {"input": {"_target_": f"kd_lightning.teacher_inputs.{adapter}"}}}, "summary.json")
+    with pytest.raises(ConfigError, match=r"teacher\.input\._target_=kd_lightning\.teacher_inputs\._private"):
+        check_trusted({"teacher": {"input": {"_target_": "kd_lightning.teacher_inputs._private"}}}, "summary.json")
+
+
 def test_an_exploding_learning_rate_stops_the_run_naming_the_step_and_parts(tmp_path: Path, kd_home: Path) -> None:
     with pytest.raises(TrainingDiverged, match=r"non-finite at epoch 0, step \d+ \(non-finite loss parts: .*'ce'"):
         distill(compose_config(tmp_path / "run", [*QUICK, "optimizer.lr=1e30"]))

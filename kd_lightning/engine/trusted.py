@@ -19,6 +19,7 @@ from kd_lightning.engine.errors import ConfigError
 DEFAULT_TRUSTED = (
     "kd_lightning.models.",
     "kd_lightning.data.",
+    "kd_lightning.teacher_inputs.",  # the teacher input adapters (teacher.input): pure tensor transforms
     "torch.nn.",
     "torch.optim.",
     "timm.",
