@@ -9,42 +9,32 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
-import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from kd_lightning.data.contract import check_loader_options
 from kd_lightning.engine.caching.store import file_digest
 from kd_lightning.engine.errors import ConfigError, check_type
-from kd_lightning.losses.base import UNLABELLED
 
 try:
     import datasets
-    from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
+    from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 except ModuleNotFoundError as missing:  # pragma: no cover - depends on the installed extras
     raise ModuleNotFoundError(
         f"kd_lightning.data.TextClassificationDataModule needs the `datasets` and `transformers` packages "
         f"({missing.name} is missing): pip install datasets transformers"
     ) from missing
 
-#: Prefix of the teacher tokenizer's keys in a batch's input dict (``teacher_input_ids``, ...).
-TEACHER_PREFIX = "teacher_"
-FORMATS = ("auto", "csv", "jsonl", "hf")
-_SUFFIX_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
-#: The split names a saved DatasetDict (``data.path``) may use for each of our splits, in order of preference.
-_DICT_SPLITS = {"train": ("train",), "val": ("validation", "val"), "test": ("test",)}
-_FILE_KEYS = {"train": "data.train_file", "val": "data.val_file", "test": "data.test_file"}
-_PathValue = str | Path | None
+from kd_lightning.data.text_batches import TEACHER_PREFIX, EncodedSplit, PadBatch, load_tokenizer, tokenizer_identity
+from kd_lightning.data.text_labels import encode_labels, limit_unlabelled, split_validation
+from kd_lightning.data.text_sources import FILE_KEYS, FORMATS, TextSource, directory_digest, quiet_datasets
 
-Row = tuple[dict[str, list[int]], int, int]
+_PathValue = str | Path | None
 
 
 class TextClassificationDataModule(L.LightningDataModule):
@@ -147,6 +137,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.text_column = text_column
         self.text_pair_column = text_pair_column
         self.label_column = label_column
+        self.source = TextSource(self.files, path, format, text_column, text_pair_column, label_column)
         self.num_classes = num_classes
         self.max_length = max_length
         self.val_fraction = float(val_fraction)
@@ -163,184 +154,7 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     # --- sources -----------------------------------------------------------------------------------------
 
-    def _layout(self) -> str:
-        columns = [self.text_column, *([self.text_pair_column] if self.text_pair_column else []), self.label_column]
-        return "columns " + " / ".join(columns)
-
-    def _sources(self) -> dict[str, tuple[str, Path, str]]:
-        """The configured sources, checked to exist: ``{name: (key, path, format)}``, ``name`` a split
-        (``train``, ``val``, ``test``) or ``path`` (a saved DatasetDict holding the splits)."""
-        if self.path is not None:
-            path = Path(self.path).expanduser()
-            if not path.is_dir():
-                raise ConfigError(
-                    f"data.path={self.path} is not a directory; expected a DatasetDict saved with save_to_disk, "
-                    f"with splits train / validation (or val) / test and {self._layout()}; nothing is downloaded"
-                )
-            return {"path": ("data.path", path, "hf")}
-        if self.files["train"] is None:
-            raise ConfigError(
-                f"data.train_file is not set; give a CSV or JSON Lines file (or a save_to_disk directory) with "
-                f"{self._layout()}, or set data.path to a saved DatasetDict"
-            )
-        return {
-            split: (_FILE_KEYS[split], *self._file_source(_FILE_KEYS[split], value))
-            for split, value in self.files.items()
-            if value is not None
-        }
-
-    def _file_source(self, key: str, value: str | Path) -> tuple[Path, str]:
-        path = Path(value).expanduser()
-        if not path.exists():
-            raise ConfigError(
-                f"{key}={value} does not exist; expected a CSV or JSON Lines file (or a directory saved with "
-                f"datasets' save_to_disk) with {self._layout()}; nothing is downloaded"
-            )
-        kind = self.format
-        if kind == "auto":
-            kind = "hf" if path.is_dir() else _SUFFIX_FORMATS.get(path.suffix.lower(), "")
-            if not kind:
-                raise ConfigError(
-                    f"{key}={value}: the suffix {path.suffix!r} does not tell the format; set data.format to "
-                    "csv, jsonl or hf"
-                )
-        if (kind == "hf") != path.is_dir():
-            what = "a directory" if path.is_dir() else "a file"
-            raise ConfigError(f"{key}={value} is {what}, which data.format={kind} cannot read; set data.format=auto")
-        return path, kind
-
-    def _read_splits(self) -> tuple[dict[str, datasets.Dataset], dict[str, str]]:
-        """Every available split's rows, in memory, and where each came from (for error messages)."""
-        sources = self._sources()
-        if "path" in sources:
-            key, path, _ = sources["path"]
-            saved = _read(key, path, "hf")
-            if not isinstance(saved, datasets.DatasetDict):
-                raise ConfigError(
-                    f"{key}={self.path} holds a single Dataset, not a DatasetDict with splits train / validation / "
-                    "test; set data.train_file to it instead"
-                )
-            rows, origins = {}, {}
-            for split, names in _DICT_SPLITS.items():
-                name = next((n for n in names if n in saved), None)
-                if name is not None:
-                    rows[split], origins[split] = saved[name], f"{key}={self.path} (split {name})"
-            if "train" not in rows:
-                raise ConfigError(f"{key}={self.path} has no train split (found: {', '.join(saved)})")
-        else:
-            rows, origins = {}, {}
-            for split, (key, path, kind) in sources.items():
-                dataset = _read(key, path, kind)
-                if isinstance(dataset, datasets.DatasetDict):
-                    raise ConfigError(
-                        f"{key}={self.files[split]} holds a DatasetDict; set data.path to it, or give one split's "
-                        "directory"
-                    )
-                rows[split], origins[split] = dataset, f"{key}={self.files[split]}"
-        for split, dataset in rows.items():
-            for key, column in (
-                ("data.text_column", self.text_column),
-                ("data.text_pair_column", self.text_pair_column),
-                ("data.label_column", self.label_column),
-            ):
-                if column is not None and column not in dataset.column_names:
-                    raise ConfigError(
-                        f"{key}={column!r} is not a column of {origins[split]} (its columns: "
-                        f"{', '.join(dataset.column_names)}); expected {self._layout()}"
-                    )
-        return rows, origins
-
     # --- labels ------------------------------------------------------------------------------------------
-
-    def _encode_labels(self, rows: Mapping[str, datasets.Dataset], origins: Mapping[str, str]) -> dict[str, np.ndarray]:
-        """Every split's labels as int64 class ids (``-1``: unlabelled), checked against ``num_classes``;
-        sets :attr:`label_names`."""
-        key = f"data.label_column={self.label_column!r}"
-        feature = rows["train"].features[self.label_column]
-        values = {split: list(dataset[self.label_column]) for split, dataset in rows.items()}
-        for split, column in values.items():
-            if None in column:
-                raise ConfigError(
-                    f"{key} of {origins[split]} is empty in row {column.index(None)}; give every row a label "
-                    f"(int labels: {UNLABELLED} marks an unlabelled training row)"
-                )
-        if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
-            names = tuple(sorted(set(values["train"])))
-            ids = {name: i for i, name in enumerate(names)}
-            labels = {}
-            for split, column in values.items():
-                unknown = next((v for v in column if str(v) not in ids), None)
-                if unknown is not None:
-                    raise ConfigError(
-                        f"{key} of {origins[split]} has the label {unknown!r}, which the training split lacks "
-                        f"(its labels: {_listing(names)})"
-                    )
-                labels[split] = np.array([ids[str(v)] for v in column], dtype=np.int64)
-            how = f"training labels {_listing(names)}"
-        elif isinstance(feature, datasets.ClassLabel) or (
-            isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))
-        ):
-            try:
-                labels = {split: np.asarray(column, dtype=np.int64) for split, column in values.items()}
-            except (TypeError, ValueError):
-                raise ConfigError(
-                    f"{key} holds ints in {origins['train']} but not in every split; use one kind of label"
-                ) from None
-            for split, ids in labels.items():
-                if (ids < UNLABELLED).any():
-                    raise ConfigError(
-                        f"{key} of {origins[split]} has the label {ids.min()}; labels are 0 .. num_classes - 1 "
-                        f"({UNLABELLED}: unlabelled, training only)"
-                    )
-                if split != "train" and (ids == UNLABELLED).any():
-                    raise ConfigError(
-                        f"{key} of {origins[split]} has {int((ids == UNLABELLED).sum())} unlabelled rows (label "
-                        f"{UNLABELLED}); only the training split may have them"
-                    )
-            if isinstance(feature, datasets.ClassLabel):
-                names, how = tuple(feature.names), f"the ClassLabel names {_listing(feature.names)}"
-            else:
-                count = max((int(ids.max()) + 1 for ids in labels.values() if len(ids)), default=0)
-                names, how = tuple(map(str, range(count))), f"labels 0 .. {count - 1}"
-        else:
-            raise ConfigError(
-                f"{key} of {origins['train']} holds {feature} values; labels must be ints 0 .. num_classes - 1 "
-                f"({UNLABELLED}: unlabelled) or strings"
-            )
-        found = len(names)
-        if found != self.num_classes:
-            raise ConfigError(
-                f"data.num_classes={self.num_classes} but the data has {found} classes ({how}); set "
-                f"data.num_classes={found}"
-            )
-        self._label_names = names
-        return labels
-
-    def _limit_unlabelled(self, rows: dict[str, datasets.Dataset], labels: dict[str, np.ndarray]) -> None:
-        """Keep the first ``transfer_samples`` unlabelled training rows (all of them when None)."""
-        if self.transfer_samples is None:
-            return
-        unlabelled = np.flatnonzero(labels["train"] == UNLABELLED)
-        if len(unlabelled) <= self.transfer_samples:
-            return
-        kept = np.setdiff1d(np.arange(len(labels["train"])), unlabelled[self.transfer_samples :])
-        rows["train"], labels["train"] = rows["train"].select(kept), labels["train"][kept]
-
-    def _split_validation(self, rows: dict[str, datasets.Dataset], labels: dict[str, np.ndarray]) -> None:
-        """Move ``val_fraction`` of the labelled training rows (drawn with ``split_seed``) into ``val``; both
-        keep their file order."""
-        labelled = np.flatnonzero(labels["train"] != UNLABELLED)
-        count = max(1, round(len(labelled) * self.val_fraction))
-        if count >= len(labelled):
-            raise ConfigError(
-                f"data.val_fraction={self.val_fraction} of {len(labelled)} labelled training rows leaves none to "
-                "train on; lower it or set data.val_file"
-            )
-        chosen = np.sort(np.random.default_rng(self.split_seed).permutation(labelled)[:count])
-        kept = np.setdiff1d(np.arange(len(labels["train"])), chosen)
-        train = rows["train"]
-        rows["train"], rows["val"] = train.select(kept), train.select(chosen)
-        labels["train"], labels["val"] = labels["train"][kept], labels["train"][chosen]
 
     # --- tokenisation ------------------------------------------------------------------------------------
 
@@ -348,9 +162,9 @@ class TextClassificationDataModule(L.LightningDataModule):
         """The tokenizers by the prefix of their keys in a batch: ``""`` (the student's) and, with
         ``teacher_tokenizer`` set, ``"teacher_"``; loaded once."""
         if not self._tokenizers:
-            self._tokenizers[""] = _load_tokenizer("data.tokenizer", self.tokenizer_dir)
+            self._tokenizers[""] = load_tokenizer("data.tokenizer", self.tokenizer_dir)
             if self.teacher_tokenizer_dir is not None:
-                self._tokenizers[TEACHER_PREFIX] = _load_tokenizer("data.teacher_tokenizer", self.teacher_tokenizer_dir)
+                self._tokenizers[TEACHER_PREFIX] = load_tokenizer("data.teacher_tokenizer", self.teacher_tokenizer_dir)
             self._tokenizer_identities = {prefix: tokenizer_identity(t) for prefix, t in self._tokenizers.items()}
         return self._tokenizers
 
@@ -402,7 +216,7 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Check that the sources and tokenizers exist (nothing to download)."""
-        self._sources()
+        self.source.sources()
         self.tokenizers()
 
     def setup(self, stage: str | None = None) -> None:
@@ -410,11 +224,11 @@ class TextClassificationDataModule(L.LightningDataModule):
             return
         self.tokenizers()
         with quiet_datasets():
-            rows, origins = self._read_splits()
-            labels = self._encode_labels(rows, origins)
-            self._limit_unlabelled(rows, labels)
+            rows, origins = self.source.read_splits()
+            labels, self._label_names = encode_labels(rows, origins, self.label_column, self.num_classes)
+            limit_unlabelled(rows, labels, self.transfer_samples)
             if "val" not in rows:
-                self._split_validation(rows, labels)
+                split_validation(rows, labels, self.val_fraction, self.split_seed)
                 origins["val"] = f"{origins['train']} (data.val_fraction={self.val_fraction})"
             self.splits = {
                 split: EncodedSplit(self._encode_split(split, dataset, origins[split]), labels[split])
@@ -436,7 +250,7 @@ class TextClassificationDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool, num_workers: int) -> DataLoader:
         self.setup()
         if split not in self.splits:
-            where = f"data.path={self.path} has no {split} split" if self.path else f"{_FILE_KEYS[split]} is not set"
+            where = f"data.path={self.path} has no {split} split" if self.path else f"{FILE_KEYS[split]} is not set"
             raise ConfigError(f"the {split} split is needed, but {where}; the validation data can serve as test data")
         collators = {prefix: DataCollatorWithPadding(t, return_tensors="pt") for prefix, t in self.tokenizers().items()}
         return DataLoader(
@@ -466,7 +280,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         split's ``val_fraction`` / ``split_seed``, and each tokenizer's identity; not batch size or workers."""
         sources = {
             name: {"format": kind, "sha256": directory_digest(path) if kind == "hf" else file_digest(path)}
-            for name, (_, path, kind) in self._sources().items()
+            for name, (_, path, kind) in self.source.sources().items()
         }
         return {
             "dataset": "text",
@@ -487,134 +301,3 @@ class TextClassificationDataModule(L.LightningDataModule):
         split = self.splits["val"]
         x, *_ = self.ordered_dataloader("val").collate_fn([split[i] for i in range(min(2, len(split)))])
         return x
-
-
-class EncodedSplit(Dataset):
-    """A tokenised split: row ``i`` is ``(encodings, label, i)``; a batch is read from the table at once."""
-
-    def __init__(self, encodings: datasets.Dataset, labels: np.ndarray) -> None:
-        self.encodings = encodings
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.encodings)
-
-    def __getitem__(self, index: int) -> Row:
-        return self.encodings[index], int(self.labels[index]), int(index)
-
-    def __getitems__(self, indices: list[int]) -> list[Row]:
-        columns = self.encodings[indices]
-        return [
-            ({name: values[j] for name, values in columns.items()}, int(self.labels[i]), i)
-            for j, i in enumerate(indices)
-        ]
-
-
-class PadBatch:
-    """Collate rows into ``(x, y)`` or ``(x, y, index)``: each tokenizer's keys (by prefix) padded to the
-    longest row of the batch by its own collator."""
-
-    def __init__(self, collators: Mapping[str, DataCollatorWithPadding], return_index: bool) -> None:
-        self.collators = dict(collators)
-        self.return_index = return_index
-
-    def __call__(self, rows: list[Row]) -> tuple[Tensor | dict[str, Tensor], ...]:
-        x: dict[str, Tensor] = {}
-        for prefix, collator in self.collators.items():
-            features = [
-                {name.removeprefix(prefix): ids for name, ids in encodings.items() if _owner(name) == prefix}
-                for encodings, _, _ in rows
-            ]
-            x |= {prefix + name: tensor for name, tensor in collator(features).items()}
-        y = torch.tensor([label for _, label, _ in rows], dtype=torch.long)
-        if self.return_index:
-            return x, y, torch.tensor([index for _, _, index in rows], dtype=torch.long)
-        return x, y
-
-
-@contextmanager
-def quiet_datasets() -> Iterator[None]:
-    """``datasets``' per-split progress bars off while the splits are read and tokenised (restored after)."""
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
-
-
-def _listing(names: Sequence[str], shown: int = 10) -> str:
-    """The first ``shown`` of ``names``, comma-separated."""
-    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
-
-
-def _owner(name: str) -> str:
-    """The prefix of the tokenizer that made the batch key ``name``."""
-    return TEACHER_PREFIX if name.startswith(TEACHER_PREFIX) else ""
-
-
-def _read(key: str, path: Path, kind: str) -> datasets.Dataset | datasets.DatasetDict:
-    """One source's rows, in memory: the loader's own files go to a temporary directory, not ~/.cache."""
-    try:
-        if kind == "hf":
-            return datasets.load_from_disk(str(path), keep_in_memory=True)
-        with tempfile.TemporaryDirectory(prefix="kd-text-") as cache:
-            return datasets.load_dataset(
-                "csv" if kind == "csv" else "json",
-                data_files=str(path),
-                split="train",
-                keep_in_memory=True,
-                cache_dir=cache,
-            )
-    except (FileNotFoundError, datasets.exceptions.DatasetGenerationError) as error:
-        reason = error.__cause__ or error
-        raise ConfigError(f"{key}={path} could not be read as {kind} ({reason})") from None
-
-
-def _load_tokenizer(key: str, value: str | Path | None) -> PreTrainedTokenizerBase:
-    saved = "a directory holding a tokenizer saved with save_pretrained (tokenizer.json / tokenizer_config.json)"
-    if value is None:
-        raise ConfigError(f"{key} is not set; give {saved}")
-    path = Path(value).expanduser()
-    if not path.is_dir():
-        raise ConfigError(f"{key}={value} is not a directory; give {saved} (nothing is downloaded)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{key}={value} holds no tokenizer AutoTokenizer can load ({error}); give {saved}") from None
-    if tokenizer.pad_token is None:
-        raise ConfigError(
-            f"{key}={value} has no pad token, which batches need; set one (e.g. tokenizer.pad_token = "
-            "tokenizer.eos_token) and save it again"
-        )
-    return tokenizer
-
-
-def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
-    """A tokenizer's class and a sha256 of what fixes its output: the fast backend's definition (vocabulary,
-    merges, normalizer, pre-tokenizer, post-processor; without the truncation and padding state that calls
-    leave behind) or, for a slow tokenizer, its vocabulary; its special tokens and padding / truncation side."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        definition = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
-    else:
-        definition = sorted(tokenizer.get_vocab().items())
-    state = {
-        "definition": definition,
-        "special_tokens": tokenizer.special_tokens_map,
-        "padding_side": tokenizer.padding_side,
-        "truncation_side": tokenizer.truncation_side,
-        "model_input_names": list(tokenizer.model_input_names),
-    }
-    digest = hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
-    return {"class": type(tokenizer).__name__, "sha256": digest}
-
-
-def directory_digest(path: Path) -> str:
-    """sha256 over a saved dataset directory's files (relative paths and contents), leaving out each split's
-    ``state.json``, whose fingerprint differs between saves of the same rows."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != "state.json"):
-        digest.update(f"{file.relative_to(path).as_posix()}\0{file_digest(file)}\n".encode())
-    return digest.hexdigest()
