@@ -1,6 +1,6 @@
-"""What the LM result scripts (llm_demo, llm_cross_tokenizer, llm_reasoning, llm_frontier) share: the kd-llm-distill
-config they compose runs from, the CPU trainer and optimiser they train with, validation, the verifier's pass
-rate, where finished runs are kept and the key a finished run is found under."""
+"""What the LM studies' scripts (llm_demo, llm_cross_tokenizer, llm_reasoning, llm_frontier) share: the kd-llm-distill
+config they compose runs from, the scheme that config names, the CPU trainer and optimiser they train with,
+validation, the verifier's pass rate, where finished runs are kept and the key a finished run is found under."""
 
 from __future__ import annotations
 
@@ -10,18 +10,27 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
-from multirun import mean_std
 from omegaconf import DictConfig
 
 from kd_lightning.cli.common import CONFIG_DIR
+from kd_lightning.engine.instantiate import build
 from kd_lightning.llm.generation import GenerationSettings, generate_file, score_file
+from kd_lightning.methods.lm.base import LMMethod
+from kd_lightning.recipes.llm_components import offer, scheme_factory
+
+# The tables' mean ± std: scripts/multirun.py's, which the repository's other result scripts share (imported from
+# there, not copied); the studies import it from here.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from multirun import mean_std
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results" / "llm.md"
@@ -32,6 +41,17 @@ def llm_config(overrides: Iterable[str]) -> DictConfig:
     """The kd-llm-distill config with ``overrides``, as the command line would compose it."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name="llm_distill", overrides=list(overrides))
+
+
+def scheme_from_config(cfg: DictConfig, vocab_size: int | None = None, **ingredients: Any) -> LMMethod:
+    """The scheme of a composed ``kd-llm-distill`` config (``llm.method`` and its objective) around the given
+    ingredients (student, teacher, optimizer, ...), for the studies, which build models and data themselves;
+    ``vocab_size``: the shared tokenizer size the loss compares."""
+    factory, loss_cfg = scheme_factory(cfg)
+    loss = build(loss_cfg, "llm.loss") if loss_cfg is not None else None
+    if loss is not None and vocab_size is not None and getattr(loss, "vocab_size", 0) is None:
+        loss.vocab_size = vocab_size
+    return offer(factory, loss=loss, vocab_size=vocab_size, **ingredients)
 
 
 def adamw(lr: float) -> functools.partial:

@@ -1,6 +1,6 @@
 """Cross-tokenizer distillation demo on 2 CPU cores: SmolLM2-135M-Instruct -> a small Llama with its own tokenizer.
 
-    python scripts/llm_cross_tokenizer.py --seeds 0 1 2   # writes its section of docs/results/llm.md
+    python experiments/llm_cross_tokenizer.py --seeds 0 1 2   # writes its section of docs/results/llm.md
 
 The student (conf/llm/student/bpe_llama.yaml) is a randomly initialised 4-layer Llama whose byte-level BPE
 tokenizer is trained here on the project's prompt corpus, so its vocabulary differs from the teacher's
@@ -36,12 +36,12 @@ from llm_common import (
     finished,
     kd_home,
     llm_config,
+    mean_std,
     run_key,
     software_summary,
     timed_fit,
     validate,
 )
-from multirun import mean_std
 from torch import nn
 
 from kd_lightning.engine.instantiate import parameter_count
@@ -158,9 +158,9 @@ def write_table(results: list[dict], teacher_npc: float, args: argparse.Namespac
             nats, ppl = mean_std([r["nats_per_char"] for r in runs], 1.0, 3), mean_std([r["ppl"] for r in runs], 1.0, 2)
             seconds = mean_std([r["train_seconds"] for r in runs], 1.0, 0)
             rows.append(f"| {name} | {description} | {args.steps} | {nats} | {ppl} | {seconds} |")
-    command = " ".join(["python scripts/llm_cross_tokenizer.py", *sys.argv[1:]])
+    command = " ".join(["python experiments/llm_cross_tokenizer.py", *sys.argv[1:]])
     lines = [
-        "<!-- written by scripts/llm_cross_tokenizer.py; do not edit by hand -->",
+        "<!-- written by experiments/llm_cross_tokenizer.py; do not edit by hand -->",
         "## Cross-tokenizer distillation: SmolLM2-135M-Instruct -> a Llama with its own BPE tokenizer (CPU)",
         "",
         f"Command: `{command}`",

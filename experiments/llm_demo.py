@@ -1,7 +1,7 @@
 """LM distillation demo on 2 CPU cores: SmolLM2-135M-Instruct (GGUF) -> a student made of 8 of its 30 layers.
 
-    python scripts/llm_demo.py                     # seed 0, writes docs/results/llm.md
-    python scripts/llm_demo.py --seeds 0 1 2 --steps 60
+    python experiments/llm_demo.py                     # seed 0, writes docs/results/llm.md
+    python experiments/llm_demo.py --seeds 0 1 2 --steps 60
 
 One process, teacher loaded once (kd-llm-distill would reload it for every run):
 1. teacher data (kd_lightning.llm.generation, cached and resumable under $KD_LIGHTNING_HOME/data/llm_demo):
@@ -40,6 +40,7 @@ from llm_common import (
     llm_config,
     pass_rate,
     run_key,
+    scheme_from_config,
     software_summary,
     timed_fit,
     validate,
@@ -49,7 +50,6 @@ from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.generation import GenerationSettings, generate_file, keep_correct, read_records
 from kd_lightning.llm.models import check_tokenizers, layer_subset, load_gguf_model, load_gguf_tokenizer
 from kd_lightning.llm.prompts import make_prompts
-from kd_lightning.recipes.llm_components import scheme_from_config
 from kd_lightning.reporting.markdown import write_section
 
 #: arguments that do not change a run's result
@@ -172,10 +172,10 @@ def write_table(results: list[dict], data: dict, args: argparse.Namespace, out: 
             f"{mean_std([r['kl_to_teacher'] for r in runs], 3)} | {mean_std(ppl, 2 if max(ppl) < 100 else 0)} | "
             f"{mean_std(rate, 1) if rate else '—'} | {mean_std([r['train_seconds'] for r in runs], 0)} |"
         )
-    command = " ".join(["python scripts/llm_demo.py", *sys.argv[1:]])
+    command = " ".join(["python experiments/llm_demo.py", *sys.argv[1:]])
     seed_note = "Single seed (0): no spread is reported." if len(seeds) == 1 else f"Mean ± std over seeds {seeds}."
     lines = [
-        "<!-- written by scripts/llm_demo.py; do not edit by hand -->",
+        "<!-- written by experiments/llm_demo.py; do not edit by hand -->",
         f"## LM distillation demo: SmolLM2-135M-Instruct -> {args.num_layers}-layer student (CPU)",
         "",
         f"Command: `{command}`",

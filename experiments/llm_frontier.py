@@ -1,17 +1,17 @@
 """Measured rows for the LM-frontier features on 2 CPU cores, with SmolLM2-135M-Instruct (GGUF, float32):
 
-    python scripts/llm_frontier.py --seeds 0 1 2      # writes the llm-frontier section of docs/results/llm.md
+    python experiments/llm_frontier.py --seeds 0 1 2      # writes the llm-frontier section of docs/results/llm.md
 
 - distillm2: DistiLLM-2's contrastive objective against forward KL and SFT on the same teacher text, from the
   copied layers and after an SFT warm start as the paper trains (student: 8 of the teacher's layers, as in
-  scripts/llm_demo.py);
+  experiments/llm_demo.py);
 - routing: one student, two teachers picked per row (instructions -> SmolLM2, multi-step problems -> the
-  reasoner fine-tuned by scripts/llm_reasoning.py, which must have run first), against the SmolLM2 teacher
+  reasoner fine-tuned by experiments/llm_reasoning.py, which must have run first), against the SmolLM2 teacher
   alone; KL to each row's own teacher and the multi-step pass rate;
 - remote: the grey-box top-k cache built through an OpenAI-compatible server (kd_lightning.llm.local_server on
   127.0.0.1 serving the same model) against the in-process cache: agreement and scoring time.
-Teacher text: greedy completions of instructions (shared with scripts/llm_cross_tokenizer.py). Finished runs are
-kept under $KD_LIGHTNING_HOME/runs/llm_frontier and reused; docs/results/runs/ keeps the records behind the
+Teacher text: greedy completions of instructions (shared with experiments/llm_cross_tokenizer.py). Finished runs are
+kept under $KD_LIGHTNING_HOME/runs/llm_frontier and reused; experiments/runs/ keeps the records behind the
 published table (see its README).
 """
 
@@ -34,14 +34,15 @@ from llm_common import (
     finished,
     kd_home,
     llm_config,
+    mean_std,
     pass_rate,
+    scheme_from_config,
     software_summary,
     timed_fit,
     validate,
     verified,
 )
 from llm_cross_tokenizer import teacher_text
-from multirun import mean_std
 from transformers import AutoModelForCausalLM
 
 from kd_lightning.engine.weights import freeze
@@ -56,7 +57,6 @@ from kd_lightning.llm.prompts import make_prompts
 from kd_lightning.llm.remote import RemoteTeacher
 from kd_lightning.llm.token_loss import TokenDistillationLoss
 from kd_lightning.methods.lm import LMMethod, MultiTeacher, TokenKD
-from kd_lightning.recipes.llm_components import scheme_from_config
 from kd_lightning.reporting.markdown import write_section
 
 OBJECTIVES = {
@@ -148,16 +148,16 @@ def routed_files(files: dict, root: Path, args) -> dict[str, Path]:
 
 
 def load_reasoner(reasoning_runs: Path) -> torch.nn.Module:
-    """The multi-step reasoner that scripts/llm_reasoning.py fine-tuned (its saved teacher)."""
+    """The multi-step reasoner that experiments/llm_reasoning.py fine-tuned (its saved teacher)."""
     folder = reasoning_runs / "teacher"
     if not folder.is_dir():
-        raise SystemExit(f"{folder} is missing: run scripts/llm_reasoning.py --stage teacher first")
+        raise SystemExit(f"{folder} is missing: run experiments/llm_reasoning.py --stage teacher first")
     return freeze(AutoModelForCausalLM.from_pretrained(folder).float())
 
 
 def reasoner_report(reasoning_runs: Path) -> dict | None:
     """Which reasoner the routed problems are distilled from: the fine-tuning steps and held-out pass rate of
-    scripts/llm_reasoning.py's kept teacher (``None`` without its report)."""
+    experiments/llm_reasoning.py's kept teacher (``None`` without its report)."""
     report_file = reasoning_runs / "teacher.json"
     if not report_file.is_file():
         return None
@@ -205,9 +205,9 @@ def reasoner_text(routing: list[dict]) -> str:
     """The routing table's words for its math teacher, from what the records kept."""
     reasoner = routing[0].get("reasoner")
     if reasoner is None:
-        return "the reasoner scripts/llm_reasoning.py fine-tuned (not recorded which)"
+        return "the reasoner experiments/llm_reasoning.py fine-tuned (not recorded which)"
     return (
-        f"the reasoner scripts/llm_reasoning.py fine-tuned for {reasoner['steps']} steps, "
+        f"the reasoner experiments/llm_reasoning.py fine-tuned for {reasoner['steps']} steps, "
         f"{100 * reasoner['pass_rate']:.1f}% held-out"
     )
 
@@ -284,11 +284,11 @@ def write_table(
 ) -> None:
     seeds = sorted({r["seed"] for r in objective + routing})
     lines = [
-        "<!-- written by scripts/llm_frontier.py; do not edit by hand -->",
+        "<!-- written by experiments/llm_frontier.py; do not edit by hand -->",
         "## Frontier objectives and teachers: DistiLLM-2, per-row routing, a remote teacher (CPU)",
         "",
-        f"Command: `{' '.join(['python scripts/llm_frontier.py', *sys.argv[1:]])}`. Students: 8 of SmolLM2-135M's 30 "
-        f"layers (weights copied), {args.steps} steps of {args.batch_size} sequences, AdamW lr {args.lr}; "
+        f"Command: `{' '.join(['python experiments/llm_frontier.py', *sys.argv[1:]])}`. Students: 8 of SmolLM2-135M's "
+        f"30 layers (weights copied), {args.steps} steps of {args.batch_size} sequences, AdamW lr {args.lr}; "
         f"mean ± std over seeds {seeds}. Held-out: {args.heldout_prompts} instructions (teacher text) and, for "
         f"routing, {args.heldout_prompts} multi-step problems.",
         "",

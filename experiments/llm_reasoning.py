@@ -1,6 +1,6 @@
 """Reasoning distillation on 2 CPU cores: a teacher that reasons well on multi-step arithmetic, distilled three ways.
 
-    python scripts/llm_reasoning.py --seeds 0 1 2      # writes the llm-reasoning section of docs/results/llm.md
+    python experiments/llm_reasoning.py --seeds 0 1 2      # writes the llm-reasoning section of docs/results/llm.md
 
 1. Teacher: SmolLM2-135M-Instruct (GGUF, float32) fine-tuned on multi-step word problems (three operations,
    kd_lightning.llm.prompts kind "multistep") with written-out reference solutions, then its greedy pass rate
@@ -17,7 +17,7 @@
    Held-out greedy pass rates, mean ± std over seeds, against the teacher's and the base models': strict (the
    answer line is right) and flexible (a last number counts without one), re-verified from the kept completions.
 Every stage is cached under $KD_LIGHTNING_HOME/runs/llm_reasoning and reused, so an interrupted run resumes;
-``--stage table`` writes the table from the finished runs only. docs/results/runs/ keeps the records (not the
+``--stage table`` writes the table from the finished runs only. experiments/runs/ keeps the records (not the
 teacher's weights) behind the published table; its README says how to restore them.
 """
 
@@ -40,14 +40,15 @@ from llm_common import (
     finished,
     kd_home,
     llm_config,
+    mean_std,
     pass_rate,
     run_key,
+    scheme_from_config,
     software,
     software_summary,
     timed_fit,
     verified,
 )
-from multirun import mean_std
 from transformers import AutoModelForCausalLM
 
 from kd_lightning.engine.weights import freeze
@@ -56,7 +57,6 @@ from kd_lightning.llm.generation import GenerationSettings, generate_file, keep_
 from kd_lightning.llm.models import layer_subset, load_gguf_model, load_gguf_tokenizer
 from kd_lightning.llm.prompts import make_prompts, written_steps
 from kd_lightning.methods.lm import SFT
-from kd_lightning.recipes.llm_components import scheme_from_config
 from kd_lightning.reporting.markdown import write_section
 
 #: The students' problems come from another seed than the teacher's fine-tuning problems, so the teacher's
@@ -345,11 +345,11 @@ def write_table(
                 f"{mean_std([r['train_seconds'] for r in runs], 1.0, 0)} |"
             )
     flags = " ".join(sys.argv[1:]).replace("--stage table", "").split()
-    command = f"`{' '.join(['python scripts/llm_reasoning.py', *flags])}`"
+    command = f"`{' '.join(['python experiments/llm_reasoning.py', *flags])}`"
     if args.stage == "table":
         command += " (this table: the same with `--stage table`, from the finished runs)"
     lines = [
-        "<!-- written by scripts/llm_reasoning.py; do not edit by hand -->",
+        "<!-- written by experiments/llm_reasoning.py; do not edit by hand -->",
         "## Reasoning distillation: a fine-tuned SmolLM2 reasoner -> a small student (CPU)",
         "",
         f"Command: {command}",

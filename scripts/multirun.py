@@ -1,6 +1,7 @@
 """What the result scripts share: one ``kd-distill -m`` multirun over seeds, and mean ± std of accuracies.
 
-Imported by the scripts beside it (``python scripts/<script>.py`` puts this folder on ``sys.path``).
+Imported by the scripts beside it (``python scripts/<script>.py`` puts this folder on ``sys.path``) and, for
+``mean_std``, by the LM studies (experiments/llm_common.py puts this folder on ``sys.path``).
 """
 
 from __future__ import annotations

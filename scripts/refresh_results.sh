@@ -7,7 +7,7 @@
 #   bash scripts/refresh_results.sh vision     # the digits demo, in .venv-vision (torchvision)
 # Not here: the GPU tables (scripts/gpu_check.sh and the --device cuda commands in docs/performance.md, on a GPU
 # machine), the CIFAR-100 protocol (needs the CIFAR-100 files: python scripts/cifar100_protocol.py), the LM
-# studies (docs/results/llm.md names each command; they need the SmolLM2 GGUF of the llm extra).
+# studies (experiments/README.md names each command; they need the SmolLM2 GGUF of the llm extra).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

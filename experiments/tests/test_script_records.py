@@ -9,18 +9,19 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.experiments
 
 
 @pytest.fixture(scope="module")
 def llm_common():
-    sys.path.insert(0, str(REPO / "scripts"))
+    sys.path.insert(0, str(EXPERIMENTS))
     try:
         import llm_common
 
         yield llm_common
     finally:
-        sys.path.remove(str(REPO / "scripts"))
+        sys.path.remove(str(EXPERIMENTS))
 
 
 def test_finished_runs_once_and_keeps_the_versions(llm_common, tmp_path: Path) -> None:

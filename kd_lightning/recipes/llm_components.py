@@ -144,17 +144,6 @@ def pair_teachers(teachers: Teachers, losses: dict[str, Any], student: Any, stud
     return Pairing(data, False, None)
 
 
-def scheme_from_config(cfg: DictConfig, vocab_size: int | None = None, **ingredients: Any) -> LMMethod:
-    """The scheme of a composed ``kd-llm-distill`` config (``llm.method`` and its objective) around the given
-    ingredients (student, teacher, optimizer, ...), for scripts that build models and data themselves;
-    ``vocab_size``: the shared tokenizer size the loss compares."""
-    factory, loss_cfg = scheme_factory(cfg)
-    loss = build(loss_cfg, "llm.loss") if loss_cfg is not None else None
-    if loss is not None and vocab_size is not None and getattr(loss, "vocab_size", 0) is None:
-        loss.vocab_size = vocab_size
-    return offer(factory, loss=loss, vocab_size=vocab_size, **ingredients)
-
-
 def parameter_counts(student: nn.Module, method: LMMethod, teachers: Teachers) -> dict[str, int]:
     """``params/student``, ``params/trainable`` (all of the student, or its LoRA adapters) and the in-process
     teachers': ``params/teacher``, or ``params/teacher/<name>`` for several."""
