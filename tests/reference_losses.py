@@ -41,6 +41,27 @@ def dkd(s: Array, t: Array, targets: list[int], alpha: float, beta: float, tempe
     return temperature**2 * total / len(targets)
 
 
+def nkd(s: Array, t: Array, targets: list[int], gamma: float, temperature: float) -> float:
+    """Yang et al. 2023: -p_t[y] log p_s[y] - gamma T^2 sum_{i != y} q_t[i] log q_s[i], q = softmax of the
+    non-target logits at T."""
+    total = 0.0
+    for b, y in enumerate(targets):
+        ps, pt = softmax(s[b]), softmax(t[b])
+        others = [c for c in range(s.shape[1]) if c != y]
+        qs, qt = softmax(s[b, others] / temperature), softmax(t[b, others] / temperature)
+        total += -pt[y] * math.log(ps[y]) - gamma * temperature**2 * float(np.sum(qt * np.log(qs)))
+    return total / len(targets)
+
+
+def wttm(s: Array, t: Array, temperature: float) -> float:
+    """Zheng & Yang 2024: mean_b (sum_i p_t[i]^(1/T)) KL(p_t^(1/T) / sum || softmax(z_s))."""
+    total = 0.0
+    for b in range(len(s)):
+        powered = softmax(t[b]) ** (1.0 / temperature)
+        total += float(powered.sum()) * kl(powered / powered.sum(), softmax(s[b]))
+    return total / len(s)
+
+
 def pearson(u: Array, v: Array) -> float:
     return float(np.corrcoef(u, v)[0, 1])
 

@@ -120,6 +120,8 @@ LOGIT_OPTIONS: dict[str, dict[str, st.SearchStrategy]] = {
     "kd": {},
     "dkd": {"tckd_weight": weight(), "nckd_weight": weight()},
     "dist": {"inter_weight": weight(0.0, 2.0), "intra_weight": weight(0.0, 2.0)},
+    "nkd": {"gamma": weight()},
+    "wttm": {},
 }
 
 
@@ -132,7 +134,7 @@ def logit_case(name: str) -> Callable[..., Case]:
         term = TERMS[name](**kwargs).to(dtype)
         student = values(data, (batch, classes), dtype, large)
         teacher = student.clone() if same else values(data, (batch, classes), dtype, large)
-        labels = st.integers(-1, classes - 1)  # -1: unlabelled (DKD uses the teacher's top-1)
+        labels = st.integers(-1, classes - 1)  # -1: unlabelled (DKD, NKD use the teacher's top-1)
         targets = data.draw(st.none() | hnp.arrays(np.int64, (batch,), elements=labels), label="targets")
         return Case(term, student, teacher, None if targets is None else torch.from_numpy(targets))
 
@@ -217,11 +219,24 @@ def reviewkd_case(data: st.DataObject, dtype: torch.dtype, same: bool, large: bo
     return Case(sized("reviewkd", term, student, teacher, dtype), student, teacher, seed=seed)
 
 
+def ctkd_case(data: st.DataObject, dtype: torch.dtype, same: bool, large: bool) -> Case:
+    """CTKD with its temperature logit drawn in [-4, 4] (tau in ~(1.4, 20.6)) at a drawn epoch of its curriculum."""
+    batch, classes = batch_size(data), integer(data, 2, 12, "classes")
+    term = TERMS["ctkd"](init=data.draw(weight(-4.0, 4.0), label="init")).to(dtype)
+    term.start_epoch(integer(data, 0, 20, "epoch"))
+    student = values(data, (batch, classes), dtype, large)
+    teacher = student.clone() if same else values(data, (batch, classes), dtype, large)
+    return Case(term, student, teacher)
+
+
 #: How to build every term of ``TERMS`` for one example: ``build(data, dtype, same, large) -> Case``.
 BUILDERS: dict[str, Callable[..., Case]] = {
     "kd": logit_case("kd"),
     "dkd": logit_case("dkd"),
     "dist": logit_case("dist"),
+    "nkd": logit_case("nkd"),
+    "wttm": logit_case("wttm"),
+    "ctkd": ctkd_case,
     "fitnet": feature_case("fitnet", same_layout=True),  # same shapes -> identity regressor
     "at": feature_case("at", maps=True, same_layout=True),
     "vid": vid_case,
@@ -255,13 +270,14 @@ def pkt_bound(case: Case) -> float:
 
 
 #: A lower bound of every term (0: non-negative). KD, DKD (KLs with weights >= 0), DIST (Pearson distances
-#: in [0, 2]), FitNets (MSE), AT, SP, CC (squared differences), RKD (Huber), ReviewKD (sum of HCL = weighted
-#: MSEs) and CRD (NCE: -log of ratios < 1, since the noise term K/N > 0) are non-negative.
+#: in [0, 2]), NKD (cross-entropies, gamma >= 0), WTTM (a KL times U > 0), CTKD (a KL), FitNets (MSE), AT, SP,
+#: CC (squared differences), RKD (Huber), ReviewKD (sum of HCL = weighted MSEs) and CRD (NCE: -log of ratios
+#: < 1, since the noise term K/N > 0) are non-negative.
 LOWER_BOUNDS: dict[str, Callable[[Case], float]] = {name: no_bound for name in TERMS if name not in ("vid", "pkt")}
 LOWER_BOUNDS |= {"vid": vid_bound, "pkt": pkt_bound}
 
 #: Terms that are 0 when the student's input equals the teacher's.
-ZERO_AT_EQUALITY = {"kd", "dkd", "dist", "fitnet", "at", "rkd", "sp", "pkt", "cc"}
+ZERO_AT_EQUALITY = {"kd", "dkd", "dist", "ctkd", "fitnet", "at", "rkd", "sp", "pkt", "cc"}
 #: ... and those that are not, with the reason.
 NOT_ZERO_AT_EQUALITY = {
     # Gaussian NLL with a learned mean regressor mu(s) (not the identity) and a 0.5 log sigma^2 term:
@@ -272,6 +288,10 @@ NOT_ZERO_AT_EQUALITY = {
     # The student's stages pass through the ABF fusion modules (convs + BN) before HCL; HCL itself is 0 at
     # equality (test_hcl_is_non_negative_and_zero_at_equality).
     "reviewkd": "student maps go through learned ABF fusion before HCL",
+    # Cross-entropies, not KLs: the label's (weighted by the teacher's confidence) and the non-target one.
+    "nkd": "cross-entropy terms: the teacher's entropies remain at equality",
+    # KL(softmax(z_t / T) || softmax(z_s)): the student is matched to the transformed teacher, 0 only for T = 1.
+    "wttm": "the student matches the power-transformed teacher, not the teacher (0 only at T = 1)",
 }
 #: DIST is 0 at equality only for non-degenerate batches: the Pearson distance of a constant vector (a uniform
 #: softmax row, or a class column equal across the batch) uses cosine_similarity's eps and gives 1, not 0
@@ -291,7 +311,7 @@ def test_tables_cover_the_registries() -> None:
     assert set(LOWER_BOUNDS) == set(TERMS)
     assert ZERO_AT_EQUALITY | set(NOT_ZERO_AT_EQUALITY) == set(TERMS)
     assert not ZERO_AT_EQUALITY & set(NOT_ZERO_AT_EQUALITY)
-    assert set(LOGIT_TERMS) == set(LOGIT_OPTIONS) == {"kd", "dkd", "dist"}
+    assert set(LOGIT_TERMS) == set(LOGIT_OPTIONS) == {"kd", "dkd", "dist", "nkd", "wttm"}
     assert set(DIVERGENCE_OPTIONS) == set(DIVERGENCES), "add the options of every divergence in DIVERGENCES"
 
 
@@ -346,13 +366,13 @@ def argmax_is_robust(logits: Tensor, gap: float = 1e-6) -> bool:
 @given(data=st.data())
 def test_logit_term_ignores_a_per_sample_shift(name: str, side: str, data: st.DataObject) -> None:
     """float64: adding a constant c_b in [-50, 50] to every logit of sample b (student, teacher or both) leaves
-    KD / DKD / DIST (standardized or not) unchanged within SHIFT_ATOL + SHIFT_RTOL * |L|."""
+    KD / DKD / DIST / NKD / WTTM (standardized or not) unchanged within SHIFT_ATOL + SHIFT_RTOL * |L|."""
     case = BUILDERS[name](data, torch.float64, same=False, large=data.draw(st.booleans(), label="large"))
     batch = case.student.shape[0]
     shift = values(data, (batch, 1), torch.float64) * 2.5
     student = case.student + shift if side in ("student", "both") else case.student
     teacher = case.teacher + shift if side in ("teacher", "both") else case.teacher
-    if name == "dkd":
+    if name in ("dkd", "nkd"):
         assume(argmax_is_robust(case.teacher))
     if name == "dist":
         assume(not dist_is_degenerate(case.term, case.student) and not dist_is_degenerate(case.term, case.teacher))

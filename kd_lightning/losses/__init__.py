@@ -11,6 +11,7 @@ from kd_lightning.losses.base import (
 )
 from kd_lightning.losses.contrastive import CRD
 from kd_lightning.losses.features import VID, AttentionTransfer, FitNets, ReviewKD
+from kd_lightning.losses.logit_variants import CTKD, NKD, WTTM
 from kd_lightning.losses.logits import DIST, DKD, KLDivergence, soft_kl, standardize
 from kd_lightning.losses.relations import CC, PKT, RKD, SP
 
@@ -19,6 +20,9 @@ TERMS: dict[str, type[DistillationTerm]] = {
     "kd": KLDivergence,
     "dkd": DKD,
     "dist": DIST,
+    "nkd": NKD,
+    "wttm": WTTM,
+    "ctkd": CTKD,
     "fitnet": FitNets,
     "at": AttentionTransfer,
     "vid": VID,
@@ -33,14 +37,17 @@ TERMS: dict[str, type[DistillationTerm]] = {
 __all__ = [
     "CC",
     "CRD",
+    "CTKD",
     "DIST",
     "DKD",
+    "NKD",
     "PKT",
     "RKD",
     "SP",
     "TERMS",
     "UNLABELLED",
     "VID",
+    "WTTM",
     "AttentionTransfer",
     "DistillationLoss",
     "DistillationTerm",

@@ -63,6 +63,11 @@ class DistillationTerm(nn.Module):
         """Called before :meth:`setup_shapes` for terms with ``uses_index``: ``num_samples`` is the size of
         the training set the indices range over (``None`` when the datamodule does not say)."""
 
+    def start_epoch(self, epoch: int) -> None:
+        """Called at every training epoch start with the 0-based epoch, by the methods that train with the
+        loss: terms with a schedule of their own (CTKD's curriculum) set it here, as a function of the epoch
+        only, so a resumed run continues it. Other terms do nothing."""
+
 
 class LayerTerm(DistillationTerm):
     """A term on intermediate outputs: ``student_layer`` / ``teacher_layer`` are dotted module paths
@@ -251,6 +256,11 @@ class DistillationLoss(nn.Module):
             term.setup_shapes(
                 routed(outputs, term.student_read), routed(outputs, term.teacher_read), f"loss.terms.{name}"
             )
+
+    def start_epoch(self, epoch: int) -> None:
+        """Tell every term that training epoch ``epoch`` (0-based) starts (:meth:`DistillationTerm.start_epoch`)."""
+        for term in self.terms.values():
+            term.start_epoch(epoch)
 
     @functools.cached_property
     def uses_index(self) -> bool:

@@ -1,4 +1,5 @@
-"""Logit-based distillation terms: KD, DKD, DIST and the logit standardization option."""
+"""Logit-based distillation terms: KD, DKD, DIST and the logit standardization option (NKD, WTTM and CTKD:
+:mod:`kd_lightning.losses.logit_variants`)."""
 
 from __future__ import annotations
 
@@ -128,7 +129,7 @@ class DKD(LogitTerm):
 
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> Tensor:
         zs, zt = self.prepare(student) / self.temperature, self.prepare(teacher) / self.temperature
-        target = zt.argmax(dim=-1) if targets is None else torch.where(targets == UNLABELLED, zt.argmax(-1), targets)
+        target = resolve_targets(zt, targets)
         is_target = F.one_hot(target, zs.shape[-1]).bool()
         tckd = binary_kl(zs, zt, is_target)
         nckd = soft_kl(non_target(zs, is_target), non_target(zt, is_target), 1.0)
@@ -199,3 +200,10 @@ class DIST(LogitTerm):
         inter = pearson_distance(ys, yt)
         intra = pearson_distance(ys.transpose(0, 1), yt.transpose(0, 1))
         return (self.inter_weight * inter + self.intra_weight * intra) * self.temperature**2
+
+
+def resolve_targets(teacher: Tensor, targets: Tensor | None) -> Tensor:
+    """The class each row is scored against: its label, or the teacher's top-1 class for unlabelled rows
+    (target ``-1``) and when no ``targets`` are given (a teacher-labelled transfer set)."""
+    top1 = teacher.argmax(dim=-1)
+    return top1 if targets is None else torch.where(targets == UNLABELLED, top1, targets)

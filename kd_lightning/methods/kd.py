@@ -262,6 +262,8 @@ class DistillationModule(ClassifierMethod):
         super().on_train_epoch_start()
         for wrapped in self.teachers.values():
             wrapped.start_epoch(self.current_epoch)
+        if isinstance(self.loss, DistillationLoss):
+            self.loss.start_epoch(self.current_epoch)
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y, index = unpack(batch)
