@@ -21,6 +21,8 @@ fi
 
 # README's result block and docs/results/default.md
 $PY scripts/kd_vs_scratch.py --seeds 0 1 2
+# docs/results/deploy.md (float vs int8 PTQ vs QAT-with-KD then int8; needs the deploy extra)
+$PY scripts/deploy_table.py --seeds 0 1 2
 # docs/performance.md
 $PY scripts/bench/e2e.py --epochs 20 60 --threads 1 2 --repeats 3
 $PY scripts/bench/kd_step.py --pairs mnist1d --batch 256 --steps 30 --warmup 5 --repeats 3

@@ -1,0 +1,121 @@
+"""The deployment table: the distilled student float, int8 by post-training quantization, and int8 after
+quantization-aware distillation, over seeds.
+
+    python scripts/deploy_table.py                        # seeds 0 1 2, writes docs/results/deploy.md
+    python scripts/deploy_table.py --seeds 0 --out /tmp/deploy.md -- trainer.max_epochs=2
+
+Runs, in a fresh KD_LIGHTNING_HOME (teachers trained once per seed, shared by both sweeps):
+1. ``kd-distill -m seed=...``: the default distillation, then ``kd-export RUN_DIR --int8`` on each run: the float
+   student's test accuracy (the checkpoint) and its int8 model's (ONNX Runtime static PTQ, calibrated on training
+   batches);
+2. ``kd-distill -m seed=... callbacks=qat callbacks.qat.epochs=<N>``: the same run whose last N epochs train the
+   fake-quantized student against the teacher, then ``kd-export RUN_DIR --int8`` on each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from multirun import mean_std, provenance, run_seeds
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "docs" / "results" / "deploy.md"
+KD_EXPORT = Path(sys.executable).with_name("kd-export")
+
+
+def exported(sweep_dir: Path, home: Path) -> list[dict]:
+    """``kd-export RUN_DIR --int8`` on every run of ``sweep_dir``: their export.json manifests, by seed order."""
+    manifests = []
+    for summary in sorted(sweep_dir.glob("*/summary.json")):
+        run_dir = summary.parent
+        print(f"$ kd-export {run_dir} --int8", flush=True)
+        env = {**os.environ, "KD_LIGHTNING_HOME": str(home)}
+        subprocess.run([str(KD_EXPORT), str(run_dir), "--int8"], check=True, stdout=subprocess.DEVNULL, env=env)
+        manifests.append(json.loads((run_dir / "export" / "export.json").read_text()))
+    return manifests
+
+
+def entry(manifest: dict, fmt: str) -> dict:
+    return next(artefact for artefact in manifest["artefacts"] if artefact["format"] == fmt)
+
+
+def kib(sizes: list[int]) -> str:
+    return f"{statistics.mean(sizes) / 1024:.1f} KiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--qat-epochs", type=int, default=10, help="callbacks.qat.epochs: the fake-quantized epochs")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "home"
+        base = [*args.overrides, "compare_scratch=false"]
+        kd = run_seeds(base, args.seeds, Path(tmp) / "kd", home)
+        kd_export = exported(Path(tmp) / "kd", home)
+        qat_overrides = [*base, "callbacks=qat", f"callbacks.qat.epochs={args.qat_epochs}"]
+        qat = run_seeds(qat_overrides, args.seeds, Path(tmp) / "qat", home)
+        qat_export = exported(Path(tmp) / "qat", home)
+
+    def acc(manifests: list[dict], key: str) -> str:
+        return mean_std([entry(m, "onnx-int8")[key] for m in manifests])
+
+    def size(manifests: list[dict], fmt: str) -> str:
+        return kib([entry(m, fmt)["size_bytes"] for m in manifests])
+
+    cfg = kd[0]["config"]
+    epochs = cfg["trainer"]["max_epochs"]
+    student = cfg["student"]["model"]["_target_"].rsplit(".", 1)[-1]
+    rows = [
+        ("distilled student, float (ONNX)", kd[0]["student_params"], acc(kd_export, "test_accuracy_float"),
+         "—", size(kd_export, "onnx")),
+        ("distilled student, int8 PTQ (`kd-export --int8`)", kd[0]["student_params"],
+         acc(kd_export, "test_accuracy_int8"), acc(kd_export, "test_agreement"), size(kd_export, "onnx-int8")),
+        (f"QAT-with-KD student (last {args.qat_epochs} epochs fake-quantized), float (ONNX)", qat[0]["student_params"],
+         acc(qat_export, "test_accuracy_float"), "—", size(qat_export, "onnx")),
+        ("QAT-with-KD student, int8 (`kd-export --int8`)", qat[0]["student_params"],
+         acc(qat_export, "test_accuracy_int8"), acc(qat_export, "test_agreement"), size(qat_export, "onnx-int8")),
+    ]  # fmt: skip
+    command = " ".join(
+        [
+            "python scripts/deploy_table.py",
+            "--seeds",
+            *map(str, args.seeds),
+            *([f"--qat-epochs {args.qat_epochs}"] if args.qat_epochs != 10 else []),
+            *(["--", *args.overrides] if args.overrides else []),
+        ]
+    )
+    lines = [
+        "<!-- written by scripts/deploy_table.py; do not edit by hand -->",
+        f"Command: `{command}` ({provenance()})  ",
+        f"Data: MNIST-1D (the default run: {student} student, {epochs} epochs of KD, "
+        f"{cfg['data']['transfer_samples']:,} transfer samples), official 1,000 test samples. "
+        f"Seeds {', '.join(map(str, args.seeds))}; test accuracy in %, mean ± std over seeds, of the best-validation "
+        "checkpoint (with QAT: the best of the fake-quantized epochs). int8: ONNX Runtime static quantization "
+        "(QDQ, per-channel int8 weights, uint8 activations, MinMax ranges on "
+        f"{entry(kd_export[0], 'onnx-int8')['calibration_batches']} training batches); 'agreement': "
+        "top-1 agreement of the int8 model with its float checkpoint. Size: the ONNX file on disk.",
+        "",
+        "| model | parameters | test acc | agreement with float | size on disk |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {params:,} | {accuracy} | {agree} | {disk} |" for name, params, accuracy, agree, disk in rows
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
