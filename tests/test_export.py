@@ -178,3 +178,34 @@ def test_bad_options_are_refused(args: list[str], message: str, capsys: pytest.C
     with pytest.raises(SystemExit) as stopped:
         main(["some_run", *args])
     assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def zoo_students() -> list:
+    """The students the export is checked on besides the default MLP: the MNIST-1D CNN (student=cnn1d_narrow's
+    class) and two CIFAR-zoo networks (a residual and a depthwise one), with an input of their data's shape."""
+    from kd_lightning.models import ConvNet1D
+    from kd_lightning.models.cifar import mobilenetv2, resnet8
+
+    return [
+        pytest.param(lambda: ConvNet1D(num_classes=10, channels=8, depth=2), (4, 1, 40), id="cnn1d"),
+        pytest.param(lambda: resnet8(num_classes=100), (4, 3, 32, 32), id="cifar_resnet8"),
+        pytest.param(lambda: mobilenetv2(num_classes=100), (4, 3, 32, 32), id="cifar_mobilenetv2"),
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["torch-export", *(["onnx"] if HAS_DEPLOY else [])])
+@pytest.mark.parametrize(("make", "shape"), zoo_students())
+def test_cnn_and_cifar_zoo_students_export_reload_and_match(
+    make, shape: tuple[int, ...], fmt: str, tmp_path: Path
+) -> None:
+    """Each format of each student is written, reloaded (torch.export.load / an ONNX Runtime session) and
+    matches the float model within kd-export's default tolerance, also at another batch size."""
+    torch.manual_seed(0)
+    student = make().eval()
+    x = torch.randn(*shape)
+    if fmt == "torch-export":
+        exported = export_recipe.export_program(student, x, tmp_path / "student.pt2", static=False)
+    else:
+        exported = export_recipe.export_onnx(student, x, tmp_path / "student.onnx", static=False, opset=18)
+    assert export_recipe.check(fmt, tmp_path / "student", exported, student, x, atol=1e-4) <= 1e-4
+    assert export_recipe.check(fmt, tmp_path / "student", exported, student, x[:1], atol=1e-4) <= 1e-4
