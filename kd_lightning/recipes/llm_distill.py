@@ -54,11 +54,17 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     loss = build(loss_cfg, "llm.method.loss" if "loss" in cfg.llm.method else "llm.loss") if loss_cfg else None
     names, cached = teacher_names(cfg.llm.teacher), bool(cfg.llm.get("teacher_cache"))
     check_scheme(factory, loss, names, cached, remote=False)
+    hidden = build(cfg.llm.hidden, "llm.hidden") if cfg.llm.get("hidden") else None
+    cross = loss is not None and loss.cross_tokenizer
+    if hidden is not None:
+        factory.func.check_hidden(cached, remote=False, cross_tokenizer=cross)  # type: ignore[attr-defined]
     trainer = build_trainer(cfg)
     check_metrics(factory, loss, names, trainer, cfg.optimized_metric)
 
     teachers = build_teachers(cfg.llm.teacher)
     check_scheme(factory, loss, names, cached, remote=teachers.remote)
+    if hidden is not None:
+        factory.func.check_hidden(cached, remote=teachers.remote, cross_tokenizer=cross)  # type: ignore[attr-defined]
     teacher, tokenizer = next(iter(teachers.models.values())), next(iter(teachers.tokenizers.values()))
     student, student_tokenizer = build_student(cfg.llm.student, teacher, tokenizer)
     set_cpu_threads(cfg.cpu_threads, [*teachers.models.values(), student], "cpu_threads")
@@ -98,6 +104,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         nonfinite_check_every=cfg.llm.get("nonfinite_check_every", "auto"),
         aligned=datamodule.encoder if loss is not None and loss.cross_tokenizer else None,
         vocab_size=pairing.vocab_size,
+        hidden=hidden,
     )
     module.before_fit(datamodule, student_tokenizer, Path(cfg.paths.cache_dir))
     if run.ckpt_path:

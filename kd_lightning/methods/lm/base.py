@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import lightning as L
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 
 from kd_lightning.engine.caching.store import weights_digest
 from kd_lightning.engine.errors import ConfigError, TrainingDiverged
+from kd_lightning.llm.hidden import HiddenStateLoss, check_hidden_support
 from kd_lightning.llm.logit_cache import LogitCache
 from kd_lightning.llm.protocol import SUPERVISED_SOURCES, TokenLoss, TokenSource, batch_source
 from kd_lightning.llm.token_loss import TokenLossOutput, final_hidden_states
@@ -48,7 +50,7 @@ class LMMethod(TokenMetrics, Method):
     ``teacher_range`` (teachers it takes: one via ``llm.teacher``, several via ``llm.teacher.teachers``),
     ``takes_logit_cache`` (``llm/teacher_cache`` may replace the live teacher), ``uses_loss`` (``llm.loss``
     is its objective), ``token_sources`` (where the tokens it trains on come from: some term of ``llm.loss``
-    must read one of them).
+    must read one of them), ``takes_hidden`` (``llm/hidden`` may add its hidden-state term to the loss).
 
     Logged: ``train/loss``, ``train/loss_ce``, ``train/loss_distill`` (per token), ``val/loss``, ``val/ppl``
     (student perplexity on the validation completions), ``val/kl_to_teacher`` (forward KL at T = 1 per token;
@@ -59,6 +61,7 @@ class LMMethod(TokenMetrics, Method):
     takes_logit_cache: bool = True
     uses_loss: bool = True
     token_sources: frozenset[TokenSource] = SUPERVISED_SOURCES  # dataset text: references or teacher-written
+    takes_hidden: bool = True
     divergence_advice = LM_DIVERGENCE_ADVICE
     nonfinite_group = "llm"
 
@@ -75,6 +78,7 @@ class LMMethod(TokenMetrics, Method):
         save_teacher: bool = False,
         nonfinite: str = "error",
         nonfinite_check_every: int | str = "auto",
+        hidden: HiddenStateLoss | None = None,
     ) -> None:
         super().__init__(
             optimizer,
@@ -100,6 +104,13 @@ class LMMethod(TokenMetrics, Method):
             self.teachers[name] = self.add_frozen(f"teacher_{name}", model)
         self.loss = loss
         self.logit_cache = logit_cache
+        self.hidden = hidden
+        if hidden is not None:
+            cross = loss is not None and loss.cross_tokenizer
+            type(self).check_hidden(cached=logit_cache is not None, remote=False, cross_tokenizer=cross)
+            if self.teacher is None:
+                raise ConfigError("llm/hidden reads a live teacher's decoder layers: give llm/teacher (a model)")
+            hidden.bind(self.student, self.teacher)
         self.heads_checked: set[str] = set()
         self.teacher_digests: dict[str, str] = {}
         self.window_tokens = torch.zeros((), dtype=torch.long)
@@ -149,6 +160,11 @@ class LMMethod(TokenMetrics, Method):
                     "llm/teacher_cache stores the teacher's top-k over its own vocabulary at the student's "
                     "positions; with different tokenizers (llm/loss=uld or gold) set llm/teacher_cache=none"
                 )
+
+    @classmethod
+    def check_hidden(cls, cached: bool, remote: bool, cross_tokenizer: bool) -> None:
+        """Refuse ``llm/hidden`` where this scheme cannot read one live teacher's hidden states."""
+        check_hidden_support(cls.config_name(), cls.takes_hidden, cached, remote, cross_tokenizer)
 
     @classmethod
     def check_options(cls, options: Mapping[str, Any], models: Mapping[str, nn.Module] | None = None) -> None:
@@ -204,12 +220,17 @@ class LMMethod(TokenMetrics, Method):
         return {"teacher_hidden": hidden, "teacher_head": self.teacher.get_output_embeddings(), **loss.alignment(batch)}
 
     def one_loss(self, loss: TokenLoss, batch: Batch, monitor_kl: bool) -> TokenLossOutput:
-        """``loss`` on ``batch`` with this method's teacher, told where the batch's tokens came from."""
-        hidden = final_hidden_states(self.student, batch["input_ids"], batch["attention_mask"])
-        teacher = self.teacher_outputs(loss, batch, monitor_kl)
+        """``loss`` on ``batch`` with this method's teacher, told where the batch's tokens came from; in
+        training, plus ``llm.hidden.weight`` times the hidden-state term per token (``parts["hidden"]``)."""
+        term = self.hidden if self.hidden is not None and self.training else None
+        with term.capture("student") if term else nullcontext({}) as student_states:
+            hidden = final_hidden_states(self.student, batch["input_ids"], batch["attention_mask"])
+        with term.capture("teacher") if term else nullcontext({}) as teacher_states:
+            teacher = self.teacher_outputs(loss, batch, monitor_kl)
         monitor = monitor_kl and bool(teacher)
         head = self.student.get_output_embeddings()
-        return loss(hidden, head, batch["labels"], monitor_kl=monitor, source=batch_source(batch), **teacher)
+        out = loss(hidden, head, batch["labels"], monitor_kl=monitor, source=batch_source(batch), **teacher)
+        return term.add_to(out, student_states, teacher_states, batch["attention_mask"]) if term else out
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Student logits (full vocabulary: for inspection, not for the loss)."""
@@ -243,7 +264,8 @@ class LMMethod(TokenMetrics, Method):
         self.window_tokens = self.window_tokens + out.count
         tokens = out.count.clamp(min=1)
         sums = {"loss": out.total.detach()}
-        sums |= {f"loss_{name}": value for name, value in out.parts.items() if name.startswith(("distill", "ce"))}
+        logged = ("distill", "ce", "hidden")
+        sums |= {f"loss_{name}": value for name, value in out.parts.items() if name.startswith(logged)}
         for name, value in sums.items():  # per-teacher / per-side parts: loss_distill/<name>
             held = self.train_sums.get(name)
             self.train_sums[name] = (value, tokens) if held is None else (held[0] + value, held[1] + tokens)

@@ -37,6 +37,7 @@ class MultiTeacher(OnPolicy):
     scheme = "multi_teacher"
 
     teacher_range = (1, None)
+    takes_hidden = False
     lmbda_range = (0.0, 1.0, True)
 
     def __init__(

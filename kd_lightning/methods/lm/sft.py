@@ -36,6 +36,7 @@ class SFT(LMMethod):
     teacher_range = (0, 1)
     takes_logit_cache = False
     uses_loss = False
+    takes_hidden = False
 
     def __init__(
         self,
