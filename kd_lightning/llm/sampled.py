@@ -15,7 +15,6 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.divergences import ReverseKL
@@ -26,7 +25,7 @@ from kd_lightning.llm.token_loss import (
     TokenLossOutput,
     head_logits,
     linear_head,
-    next_token_targets,
+    teacher_head_weights,
 )
 from kd_lightning.losses.precision import at_least_fp32
 
@@ -133,60 +132,27 @@ class SampledReverseKL(TokenDistillationLoss):
         if teacher_topk is not None:
             raise ConfigError("llm/loss=reverse_kl_sampled reads the teacher live: set llm/teacher_cache=none")
         weight, bias = linear_head(student_head, "llm.student.model")
-        teacher_weight = teacher_bias = None
-        teacher_vocab = None
-        if teacher_hidden is not None:
-            teacher_weight, teacher_bias = linear_head(teacher_head, "llm.teacher.model")
-            teacher_vocab = teacher_weight.shape[0]
-        elif teacher_logits is not None:
-            teacher_vocab = teacher_logits.shape[-1]
+        teacher_weight, teacher_bias, teacher_vocab = teacher_head_weights(teacher_hidden, teacher_head, teacher_logits)
         full_teacher = teacher_vocab is not None
         if not full_teacher and teacher_token_log_probs is None:
             raise ValueError("this loss needs teacher outputs (hidden states, logits or token log-probabilities)")
         vocab = self.shared_vocab(weight.shape[0], teacher_vocab)
-
-        batch, length = labels.shape
-        targets, positions = next_token_targets(labels)
-        targets = targets.reshape(-1).index_select(0, positions)
-        count = torch.full((), positions.numel(), dtype=torch.long, device=positions.device)
-        if not self.labels_checked and targets.numel():
-            if int(targets.max()) >= vocab:
-                raise ConfigError(
-                    f"a label id ({int(targets.max())}) is outside the shared vocabulary ({vocab}); check that "
-                    "llm.loss.vocab_size and the tokenizer match the models"
-                )
-            self.labels_checked = True
-        if teacher_token_log_probs is not None and teacher_token_log_probs.shape != targets.shape:
+        tokens = self.packed_tokens(labels, vocab, student_hidden, teacher_hidden, teacher_logits)
+        if teacher_token_log_probs is not None and teacher_token_log_probs.shape != tokens.targets.shape:
             raise ValueError(f"teacher_token_log_probs has shape {tuple(teacher_token_log_probs.shape)}, not [N]")
-        hidden = student_hidden.reshape(batch * length, -1).index_select(0, positions)
-        if teacher_hidden is not None:
-            teacher_hidden = teacher_hidden.reshape(batch * length, -1).index_select(0, positions)
-        if teacher_logits is not None:
-            teacher_logits = teacher_logits.reshape(batch * length, -1)
 
-        size = self.chunk_size or max(targets.numel(), 1)
-        columns = [hidden, targets, positions, teacher_hidden, teacher_token_log_probs]
-        split = [t.split(size) if t is not None else None for t in columns]
-        chunked = torch.is_grad_enabled() and self.chunk_size is not None
-        chunk_sums = []
-        for i in range(len(split[0])):
-            h, y, rows, t_hidden, t_token = (None if parts is None else parts[i] for parts in split)
-            args = (h, weight, bias, y, vocab, t_hidden, teacher_weight, teacher_bias, teacher_logits, rows, t_token)
-            args += (sampled, monitor_kl and full_teacher)
-            if chunked:
-                chunk_sums.append(checkpoint(self._sampled_sums, *args, use_reentrant=False, preserve_rng_state=False))
-            else:
-                chunk_sums.append(self._sampled_sums(*args))
-        if chunk_sums:
-            sums = torch.stack(chunk_sums).sum(dim=0)
-        else:  # no valid token: zeros that still reach the student's graph
-            sums = (student_hidden.sum() + weight.sum()).float().mul(0).expand(4)
+        def chunk_args(h: Tensor, y: Tensor, rows: Tensor, t_hidden: Tensor | None, t_token: Tensor | None) -> tuple:
+            teacher = (t_hidden, teacher_weight, teacher_bias, tokens.teacher_logits)
+            return (h, weight, bias, y, vocab, *teacher, rows, t_token, sampled, monitor_kl and full_teacher)
+
+        columns = [tokens.hidden, tokens.targets, tokens.positions, tokens.teacher_hidden, teacher_token_log_probs]
+        sums = self.chunked_sums(self._sampled_sums, columns, chunk_args, (student_hidden, weight), 4)
         surrogate, estimate, ce, kl = sums.unbind()
         total = self.alpha * (surrogate - surrogate.detach() + estimate.detach())
         parts = {"ce": ce.detach() if not sampled else ce.detach() * 0, "distill": estimate.detach()}
         if monitor_kl and full_teacher:
             parts["kl_to_teacher"] = kl.detach()
-        return TokenLossOutput(total=total, count=count, parts=parts)
+        return TokenLossOutput(total=total, count=tokens.count, parts=parts)
 
     def _sampled_sums(
         self,

@@ -16,7 +16,7 @@ float32 tensors instead of several ``[B * T, V]`` ones (measured in ``docs/resul
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -99,6 +99,30 @@ def head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, vocab: int)
         weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
     with autocast_off(hidden):
         return at_least_fp32(F.linear(hidden.to(weight.dtype), weight, bias))
+
+
+class PackedTokens(NamedTuple):
+    """A batch's valid tokens as rows (see :meth:`TokenDistillationLoss.packed_tokens`)."""
+
+    hidden: Tensor
+    targets: Tensor
+    positions: Tensor
+    count: Tensor
+    teacher_hidden: Tensor | None
+    teacher_logits: Tensor | None
+
+
+def teacher_head_weights(
+    teacher_hidden: Tensor | None, teacher_head: nn.Module | None, teacher_logits: Tensor | None
+) -> tuple[Tensor | None, Tensor | None, int | None]:
+    """A live teacher's head weight and bias and its vocabulary (hidden states + head), or only the vocabulary of
+    full ``teacher_logits``, or nothing."""
+    if teacher_hidden is not None:
+        if teacher_head is None:
+            raise ValueError("teacher_hidden needs teacher_head")
+        weight, bias = linear_head(teacher_head, "llm.teacher.model")
+        return weight, bias, weight.shape[0]
+    return None, None, teacher_logits.shape[-1] if teacher_logits is not None else None
 
 
 class TokenDistillationLoss(nn.Module):
@@ -197,6 +221,61 @@ class TokenDistillationLoss(nn.Module):
             "(fine-tune on teacher-written data: llm/method=sft)"
         )
 
+    def packed_tokens(
+        self,
+        labels: Tensor,
+        vocab: int,
+        student_hidden: Tensor,
+        teacher_hidden: Tensor | None,
+        teacher_logits: Tensor | None,
+    ) -> PackedTokens:
+        """The valid tokens of ``labels`` ``[B, T]`` packed into rows: their next-token targets (checked once
+        against the shared ``vocab``), the student's (and a live teacher's) hidden states at those positions,
+        a full teacher's logits flattened to ``[B * T, V]`` (looked up by ``positions``)."""
+        batch, length = labels.shape
+        targets, positions = next_token_targets(labels)
+        targets = targets.reshape(-1).index_select(0, positions)
+        count = torch.full((), positions.numel(), dtype=torch.long, device=positions.device)  # no host copy
+        if not self.labels_checked and targets.numel():
+            if int(targets.max()) >= vocab:
+                raise ConfigError(
+                    f"a label id ({int(targets.max())}) is outside the shared vocabulary ({vocab}); check that "
+                    "llm.loss.vocab_size and the tokenizer match the models"
+                )
+            self.labels_checked = True
+        hidden = student_hidden.reshape(batch * length, -1).index_select(0, positions)
+        if teacher_hidden is not None:
+            teacher_hidden = teacher_hidden.reshape(batch * length, -1).index_select(0, positions)
+        if teacher_logits is not None:
+            teacher_logits = teacher_logits.reshape(batch * length, -1)
+        return PackedTokens(hidden, targets, positions, count, teacher_hidden, teacher_logits)
+
+    def chunked_sums(
+        self,
+        sums_of: Callable[..., Tensor],
+        columns: list[Tensor | None],
+        arguments: Callable[..., tuple],
+        graph: tuple[Tensor, Tensor],
+        width: int,
+    ) -> Tensor:
+        """``sums_of(*arguments(*chunk))`` summed over chunks of ``chunk_size`` rows of the per-token
+        ``columns`` (None columns stay None in every chunk), each chunk recomputed in the backward pass while
+        training (activation checkpointing: one chunk's logits in memory at a time). No valid token: ``width``
+        zeros that still reach the graph of ``graph`` (the student's hidden states and head weight)."""
+        size = self.chunk_size or max(columns[0].shape[0], 1)
+        split = [t.split(size) if t is not None else None for t in columns]
+        chunked = torch.is_grad_enabled() and self.chunk_size is not None
+        chunk_sums = []
+        for i in range(len(split[0])):
+            args = arguments(*(None if parts is None else parts[i] for parts in split))
+            if chunked:
+                chunk_sums.append(checkpoint(sums_of, *args, use_reentrant=False, preserve_rng_state=False))
+            else:
+                chunk_sums.append(sums_of(*args))
+        if chunk_sums:
+            return torch.stack(chunk_sums).sum(dim=0)
+        return (graph[0].sum() + graph[1].sum()).float().mul(0).expand(width)
+
     def forward(
         self,
         student_hidden: Tensor,
@@ -217,65 +296,32 @@ class TokenDistillationLoss(nn.Module):
         forward KL at T = 1 without gradient (for a top-k teacher: over its buckets, at its temperature).
         """
         weight, bias = linear_head(student_head, "llm.student.model")
-        teacher_weight = teacher_bias = None
-        teacher_vocab = None
-        if teacher_hidden is not None:
-            if teacher_head is None:
-                raise ValueError("teacher_hidden needs teacher_head")
-            teacher_weight, teacher_bias = linear_head(teacher_head, "llm.teacher.model")
-            teacher_vocab = teacher_weight.shape[0]
-        elif teacher_logits is not None:
-            teacher_vocab = teacher_logits.shape[-1]
+        teacher_weight, teacher_bias, teacher_vocab = teacher_head_weights(teacher_hidden, teacher_head, teacher_logits)
         has_teacher = teacher_vocab is not None or teacher_topk is not None
         if (self.needs_teacher or monitor_kl) and not has_teacher:
             raise ValueError("this loss needs teacher outputs: alpha > 0 or monitor_kl")
         vocab = self.shared_vocab(weight.shape[0], teacher_vocab)
+        tokens = self.packed_tokens(labels, vocab, student_hidden, teacher_hidden, teacher_logits)
+        if teacher_topk is not None and teacher_topk.ids.shape[0] != tokens.targets.numel():
+            raise ValueError(
+                f"teacher_topk has {teacher_topk.ids.shape[0]} rows for {tokens.targets.numel()} valid tokens"
+            )
 
-        batch, length = labels.shape
-        targets, positions = next_token_targets(labels)
-        targets = targets.reshape(-1).index_select(0, positions)
-        count = torch.full((), positions.numel(), dtype=torch.long, device=positions.device)  # no host copy
-        if not self.labels_checked and targets.numel():
-            if int(targets.max()) >= vocab:
-                raise ConfigError(
-                    f"a label id ({int(targets.max())}) is outside the shared vocabulary ({vocab}); check that "
-                    "llm.loss.vocab_size and the tokenizer match the models"
-                )
-            self.labels_checked = True
-        if teacher_topk is not None and teacher_topk.ids.shape[0] != targets.numel():
-            raise ValueError(f"teacher_topk has {teacher_topk.ids.shape[0]} rows for {targets.numel()} valid tokens")
+        def chunk_args(h: Tensor, y: Tensor, rows: Tensor, t_hidden: Tensor | None, *topk: Tensor | None) -> tuple:
+            sparse = SparseTeacher(*topk) if teacher_topk is not None else None
+            teacher = (t_hidden, teacher_weight, teacher_bias, tokens.teacher_logits)
+            return (h, weight, bias, y, vocab, *teacher, rows, sparse, monitor_kl)
 
-        hidden = student_hidden.reshape(batch * length, -1).index_select(0, positions)
-        if teacher_hidden is not None:
-            teacher_hidden = teacher_hidden.reshape(batch * length, -1).index_select(0, positions)
-        if teacher_logits is not None:
-            teacher_logits = teacher_logits.reshape(batch * length, -1)
-
-        # Chunks of the same size over every per-token input; `None` inputs stay None in every chunk.
-        size = self.chunk_size or max(targets.numel(), 1)
-        columns = [hidden, targets, positions, teacher_hidden, *(teacher_topk or (None, None, None))]
-        split = [t.split(size) if t is not None else None for t in columns]
-        chunked = torch.is_grad_enabled() and self.chunk_size is not None
-        chunk_sums = []
-        for i in range(len(split[0])):
-            h, y, rows, t_hidden, *topk = (None if parts is None else parts[i] for parts in split)
-            args = (h, weight, bias, y, vocab, t_hidden, teacher_weight, teacher_bias, teacher_logits, rows)
-            args += (SparseTeacher(*topk) if teacher_topk is not None else None, monitor_kl)
-            if chunked:
-                chunk_sums.append(checkpoint(self._chunk_sums, *args, use_reentrant=False, preserve_rng_state=False))
-            else:
-                chunk_sums.append(self._chunk_sums(*args))
-        if chunk_sums:
-            sums = torch.stack(chunk_sums).sum(dim=0)
-        else:  # no valid token: zeros that still reach the student's graph
-            sums = (student_hidden.sum() + weight.sum()).float().mul(0).expand(3)
+        columns = [tokens.hidden, tokens.targets, tokens.positions, tokens.teacher_hidden]
+        columns += list(teacher_topk or (None, None, None))
+        sums = self.chunked_sums(self._chunk_sums, columns, chunk_args, (student_hidden, weight), 3)
         ce_weight = (1.0 - self.alpha) if source in self.reads["ce"] else 0.0
         total = ce_weight * sums[0] + self.alpha * sums[1]
         read = source in self.reads["ce"]
         parts = {"ce": sums[0].detach() if read else sums[0].detach() * 0, "distill": sums[1].detach()}
         if monitor_kl:
             parts["kl_to_teacher"] = sums[2].detach()
-        return TokenLossOutput(total=total, count=count, parts=parts)
+        return TokenLossOutput(total=total, count=tokens.count, parts=parts)
 
     def _chunk_sums(
         self,
