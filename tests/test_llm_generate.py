@@ -14,6 +14,7 @@ from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.generation import GenerationSettings, generate_file, keep_correct, read_records, score_file
 from kd_lightning.llm.models import char_tokenizer, random_llama
 from kd_lightning.llm.prompts import Prompt, make_prompts
+from kd_lightning.llm.remote import RemoteTeacher
 
 SETTINGS = GenerationSettings(max_new_tokens=6)
 
@@ -49,8 +50,35 @@ def test_resuming_with_other_settings_or_model_is_refused(teacher, tmp_path: Pat
     with pytest.raises(ConfigError, match=r"generate\.out_file=.*max_new_tokens"):
         generate_file(model, tokenizer, prompts, path, GenerationSettings(max_new_tokens=7), progress=False)
     other = random_llama(vocab_size=128, num_layers=3)
-    with pytest.raises(ConfigError, match=r"generate\.out_file=.*'model'"):
+    with pytest.raises(ConfigError, match=r"generate\.out_file=.* another teacher .*use a new generate\.out_file"):
         generate_file(other, tokenizer, prompts, path, SETTINGS, progress=False)
+
+
+def test_a_file_without_its_settings_or_by_another_remote_teacher_is_refused(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("kd_lightning.llm.generation.complete", lambda model, tok, batch, s: [["4"] for _ in batch])
+    prompts, tokenizer = make_prompts("arithmetic", 2, seed=0), char_tokenizer()
+    served = RemoteTeacher("http://127.0.0.1:9/v1", "teacher-a")  # never asked: `complete` is replaced
+    path = tmp_path / "remote.jsonl"
+    generate_file(served, tokenizer, prompts, path, SETTINGS, progress=False)
+    meta = path.with_name("remote.jsonl.meta.json")
+    assert json.loads(meta.read_text())["model"] == "remote:http://127.0.0.1:9/v1:teacher-a"
+    assert generate_file(served, tokenizer, prompts, path, SETTINGS, progress=False).generated == 0  # resumed
+    other = RemoteTeacher("http://127.0.0.1:9/v1", "teacher-b")
+    with pytest.raises(ConfigError, match=r"generate\.out_file=.* another teacher .*'remote:.*teacher-a'"):
+        generate_file(other, tokenizer, prompts, path, SETTINGS, progress=False)
+    moved = RemoteTeacher("http://10.0.0.1:8000/v1", "teacher-a")  # the same name on another server
+    with pytest.raises(ConfigError, match=r"another teacher"):
+        generate_file(moved, tokenizer, prompts, path, SETTINGS, progress=False)
+    meta.write_text('{"max_new_tok')  # damaged sidecar
+    with pytest.raises(ConfigError, match=r"generate\.out_file=.* damaged settings file remote\.jsonl\.meta\.json"):
+        generate_file(served, tokenizer, prompts, path, SETTINGS, progress=False)
+    meta.unlink()  # a file made elsewhere: no sidecar
+    with pytest.raises(ConfigError, match=r"generate\.out_file=.* has no settings file .*use a new generate\.out_file"):
+        generate_file(served, tokenizer, prompts, path, SETTINGS, progress=False)
+    assert not meta.exists() and len(read_records(path)) == 2  # nothing written, nothing extended
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")  # an empty file has nothing to mix with: generated into
+    assert generate_file(served, tokenizer, prompts, empty, SETTINGS, progress=False).generated == 2
 
 
 def test_sampling_several_completions_per_prompt(teacher, tmp_path: Path) -> None:

@@ -9,15 +9,19 @@
   logit cache once, and training reads the cache (the existing sparse path).
 
 HTTP is the ``openai`` client's: its timeout, and its retries with exponential back-off on connection
-errors, 408, 409, 429 and 5xx answers (``max_retries``). Requests run on at most ``concurrency`` threads.
-Every answer is kept under ``cache_dir`` (one JSON file per request, keyed by its body, written
-atomically), so an interrupted job resumes without asking again.
+errors, 408, 409, 429 and 5xx answers (``max_retries``); a redirect to another host is refused (the training
+token ids go to ``base_url`` only). Requests run on at most ``concurrency`` threads. Every answer is checked
+against its request (:mod:`kd_lightning.llm.remote_answers`) before it is used or kept under ``cache_dir``
+(one JSON file per request, keyed by its body, written atomically), so an interrupted job resumes without
+asking again; a damaged cache file is dropped and asked again. A failure is one line
+(:class:`RemoteTeacherError`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,16 +35,13 @@ from torch import Tensor
 
 from kd_lightning.engine.caching.store import write_text_atomic
 from kd_lightning.engine.errors import ConfigError
+from kd_lightning.llm.remote_answers import KEY, RemoteTeacherError, chat_texts, check_answer, prompt_scores
 from kd_lightning.llm.token_loss import IGNORE_INDEX, SparseTeacher
 
-KEY = "llm.teacher.model"
-_TOKEN_ID = "token_id:"
+__all__ = ["KEY", "RemoteTeacher", "RemoteTeacherError"]
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-class RemoteTeacherError(RuntimeError):
-    """The server could not be reached or refused a request (after the client's retries)."""
 
 
 @dataclass
@@ -84,33 +85,69 @@ class RemoteTeacher:
 
     @property
     def client(self) -> Any:
+        """The ``openai`` client (made on first use); it refuses redirects to another host."""
         if self._client is None:
-            from openai import OpenAI
+            from openai import DefaultHttpxClient, OpenAI
 
             key = os.environ[self.api_key_env] if self.api_key_env else "no-key"
             self._client = OpenAI(
-                base_url=self.base_url, api_key=key, timeout=self.timeout, max_retries=self.max_retries
+                base_url=self.base_url,
+                api_key=key,
+                timeout=self.timeout,
+                max_retries=self.max_retries,
+                http_client=DefaultHttpxClient(event_hooks={"response": [self._refuse_other_hosts]}),
             )
         return self._client
 
+    def _refuse_other_hosts(self, response: Any) -> None:
+        """Before a redirect is followed: refuse one to another scheme, host or port (raised through the
+        client, which retries only network errors)."""
+        if not response.has_redirect_location:
+            return
+        here, there = response.url, response.url.join(response.headers["location"])
+        if (there.scheme, there.host, there.port) != (here.scheme, here.host, here.port):
+            raise RemoteTeacherError(
+                f"{KEY}.base_url={self.base_url} redirected a request to {there.scheme}://{there.host}:{there.port}; "
+                f"the token ids are sent to {KEY}.base_url only: set {KEY}.base_url to the server's own address"
+            )
+
     # ----------------------------------------------------------------------------------------- requests
     def request(self, endpoint: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        """The server's answer to one request (``endpoint``: ``chat`` or ``completions``), from the cache
-        when it was asked before."""
-        import openai
-
+        """The server's answer to one request (``endpoint``: ``chat`` or ``completions``), checked against the
+        request (:func:`~kd_lightning.llm.remote_answers.check_answer`); from the cache when it was asked before.
+        Only a checked answer is cached; a cached one that is not valid JSON or fails the check is dropped (a
+        warning) and asked again."""
         body = {"model": self.model, **body}
         cached = None
         if self.cache_dir is not None:
             digest = hashlib.sha256(json.dumps([self.identity, endpoint, body], sort_keys=True).encode()).hexdigest()
             cached = Path(self.cache_dir) / digest[:2] / f"{digest}.json"
             if cached.is_file():
-                return json.loads(cached.read_text())
+                try:
+                    answer = json.loads(cached.read_text())
+                    check_answer(endpoint, body, answer, self.base_url)
+                    return answer
+                except ValueError as error:  # not JSON, not UTF-8, or a RemoteTeacherError
+                    log.warning(
+                        "dropping the damaged cached answer %s (%s); asking %s again", cached, error, self.base_url
+                    )
+                    cached.unlink(missing_ok=True)
+        answer = self._ask(endpoint, body)
+        check_answer(endpoint, body, answer, self.base_url)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(cached, json.dumps(answer))
+        return answer
+
+    def _ask(self, endpoint: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The server's answer to ``body``, as JSON; a failure (after the client's retries) is one line."""
+        import openai
+
         api = self.client.chat.completions if endpoint == "chat" else self.client.completions
         extra = {key: body[key] for key in ("return_tokens_as_token_ids",) if key in body}
         sent = {key: value for key, value in body.items() if key not in extra}
         try:
-            answer = api.create(**sent, extra_body=extra or None).model_dump()
+            return api.create(**sent, extra_body=extra or None).model_dump()
         except openai.APITimeoutError:
             raise RemoteTeacherError(
                 f"{self.base_url} did not answer within {KEY}.timeout={self.timeout} s ({self.max_retries} retries); "
@@ -122,13 +159,14 @@ class RemoteTeacher:
             ) from None
         except openai.APIStatusError as error:
             raise RemoteTeacherError(
-                f"{self.base_url} answered HTTP {error.status_code} to a {endpoint} request for {self.model!r}: "
-                f"{error.message}"
+                f"{KEY}.base_url={self.base_url} answered HTTP {error.status_code} to a {endpoint} request for "
+                f"{KEY}.model={self.model!r} ({self.max_retries} retries): {' '.join(str(error.message).split())[:300]}"
             ) from None
-        if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(cached, json.dumps(answer))
-        return answer
+        except openai.OpenAIError as error:
+            raise RemoteTeacherError(
+                f"{KEY}.base_url={self.base_url} gave an unusable answer to a {endpoint} request "
+                f"({type(error).__name__}: {' '.join(str(error).split())[:300]}): is it an OpenAI-compatible server?"
+            ) from None
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """``fn`` over ``items`` on at most ``concurrency`` threads, results in order."""
@@ -154,8 +192,7 @@ class RemoteTeacher:
                 "top_p": settings.top_p if settings.do_sample else 1.0,
                 "seed": settings.seed,
             }
-            choices = self.request("chat", body)["choices"]
-            return [(choice["message"]["content"] or "").strip() for choice in choices]
+            return chat_texts(self.request("chat", body), settings.num_samples, self.base_url)
 
         return self.map(one, prompts)
 
@@ -171,26 +208,8 @@ class RemoteTeacher:
             "temperature": 0.0,
             "return_tokens_as_token_ids": True,
         }
-        logprobs = self.request("completions", body)["choices"][0].get("logprobs") or {}
-        tops = logprobs.get("top_logprobs")
-        if not tops or len(tops) < len(token_ids) or all(entry is None for entry in tops[1 : len(token_ids)]):
-            raise ConfigError(
-                f"{self.base_url} returned no log-probabilities of the prompt tokens (echo + logprobs); grey-box "
-                "token KD needs a server that scores given text (vLLM, SGLang); with any server use black-box KD "
-                "instead: kd-llm-generate llm/teacher=remote, then kd-llm-distill llm/loss=sft llm/data=teacher_text"
-            )
-        return [None if entry is None else self._token_ids(entry) for entry in tops[: len(token_ids)]]
-
-    def _token_ids(self, entry: Mapping[str, float]) -> dict[int, float]:
-        out = {}
-        for token, value in entry.items():
-            if not token.startswith(_TOKEN_ID):
-                raise ConfigError(
-                    f"{self.base_url} names tokens by text ({token!r}), not id; the grey-box path asks for "
-                    "return_tokens_as_token_ids (vLLM's option): use a server that supports it"
-                )
-            out[int(token[len(_TOKEN_ID) :])] = float(value)
-        return out
+        answer = self.request("completions", body)
+        return prompt_scores(answer, body["prompt"], top_k, body["max_tokens"], self.base_url)
 
     def top_k_batch(
         self, batch: Mapping[str, Tensor], top_k: int, temperature: float, vocab_size: int
@@ -214,16 +233,11 @@ class RemoteTeacher:
                 if labels[row, position + 1] == IGNORE_INDEX:
                     continue
                 entry = answer[where[position + 1]]
-                best = sorted(entry.items(), key=lambda item: -item[1])[:top_k]
-                if len(best) < top_k:
+                best = sorted(entry.items(), key=lambda item: -item[1])[:top_k]  # >= top_k: checked
+                if (largest := max(token for token, _ in best)) >= vocab_size:
                     raise ConfigError(
-                        f"{self.base_url} returned {len(best)} log-probabilities per token, fewer than "
-                        f"llm.mode.top_k={top_k}: lower llm.mode.top_k to what the server allows"
-                    )
-                if max(token for token, _ in best) >= vocab_size:
-                    raise ConfigError(
-                        f"{self.base_url} returned token id {max(token for token, _ in best)}, beyond the "
-                        f"tokenizer's {vocab_size} tokens: {KEY}.model and llm.teacher.tokenizer must match"
+                        f"{KEY}.base_url={self.base_url} returned token id {largest}, beyond the tokenizer's "
+                        f"{vocab_size} tokens: {KEY}.model and llm.teacher.tokenizer must match"
                     )
                 out_ids.append([token for token, _ in best])
                 out_log_probs.append([value for _, value in best])
