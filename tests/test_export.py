@@ -112,6 +112,20 @@ def test_kd_report_measures_the_exported_files(finished_run: Path) -> None:
             (finished_run / "export" / name).stat().st_size / 1024, abs=0.06
         )
         assert float(row["CPU latency, batch of 1 (ms)"]) > 0
+        assert float(row["CPU latency, batch of 64 (ms)"]) > 0
+    # Accuracy and agreement with the teacher of every file, over the whole test split: the float exports
+    # predict what the checkpoint predicts; the int8 file what kd-export measured.
+    checkpoint = deployed["student checkpoint"]
+    assert float(checkpoint["test accuracy (%)"]) == pytest.approx(100 * numbers["student"]["accuracy"], abs=0.006)
+    assert float(checkpoint["agreement with teacher (%)"]) == pytest.approx(100 * numbers["agreement"], abs=0.006)
+    for name in files - {"student.int8.onnx"}:
+        assert deployed[name]["test accuracy (%)"] == checkpoint["test accuracy (%)"]
+        assert deployed[name]["agreement with teacher (%)"] == checkpoint["agreement with teacher (%)"]
+    if HAS_DEPLOY:
+        listed = json.loads((finished_run / "export" / "export.json").read_text())["artefacts"]
+        int8 = next(a for a in listed if a["format"] == "onnx-int8")
+        got = float(deployed["student.int8.onnx"]["test accuracy (%)"])
+        assert got == pytest.approx(100 * int8["test_accuracy_int8"], abs=0.006)
     assert (
         "| deployed student | format | size on disk (KiB) | CPU latency, batch of 1 (ms) |"
         in (finished_run / "report.md").read_text()
@@ -209,3 +223,10 @@ def test_cnn_and_cifar_zoo_students_export_reload_and_match(
         exported = export_recipe.export_onnx(student, x, tmp_path / "student.onnx", static=False, opset=18)
     assert export_recipe.check(fmt, tmp_path / "student", exported, student, x, atol=1e-4) <= 1e-4
     assert export_recipe.check(fmt, tmp_path / "student", exported, student, x[:1], atol=1e-4) <= 1e-4
+
+
+def test_the_hf_format_of_a_student_that_is_not_hugging_face_is_one_line(finished_run: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main([str(finished_run), "--format", "hf"])
+    assert stop.value.code == 2
+    assert "--format hf writes Hugging Face students; this student is a" in capsys.readouterr().err

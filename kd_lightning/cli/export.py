@@ -9,7 +9,7 @@ from pathlib import Path
 
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.trusted import DEFAULT_TRUSTED
-from kd_lightning.recipes.export import ATOL, FILES, OPSET, ExportError, export
+from kd_lightning.recipes.export import ATOL, FORMATS, OPSET, ExportError, export
 from kd_lightning.recipes.export import __doc__ as DESCRIPTION
 from kd_lightning.recipes.report import RunDirError
 
@@ -22,9 +22,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--format",
         action="append",
-        choices=[*FILES, "all"],
+        choices=[*FORMATS, "all"],
         default=None,
-        help="a format to write; repeat for several (default: all = " + ", ".join(FILES) + ")",
+        help="a format to write; repeat for several (default: all = every format the student takes: hf for Hugging "
+        "Face students and kd-llm-distill runs, else onnx and torch-export)",
     )
     parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default: {OPSET})")
     parser.add_argument(
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--atol must be >= 0")
     if args.calibration_batches < 1:
         parser.error("--calibration-batches must be >= 1")
-    formats = list(FILES) if not args.format or "all" in args.format else args.format
+    formats = None if not args.format or "all" in args.format else args.format
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         export(

@@ -20,6 +20,8 @@ DEFAULT_TRUSTED = (
     "kd_lightning.models.",
     "kd_lightning.data.",
     "kd_lightning.teacher_inputs.",  # the teacher input adapters (teacher.input): pure tensor transforms
+    "kd_lightning.llm.models.",  # causal-LM and tokenizer factories (kd-llm-distill runs)
+    "kd_lightning.llm.data.",
     "torch.nn.",
     "torch.optim.",
     "timm.",

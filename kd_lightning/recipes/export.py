@@ -10,6 +10,9 @@ checkpoint) and writes into ``RUN_DIR/export/``:
   ``torch.export.save``, dynamic batch dimension; reloaded with ``torch.export.load``.
 - ``student.int8.onnx`` (``--int8``): the ONNX file quantized to int8 (:mod:`kd_lightning.recipes.quantize`),
   with its test-split accuracy beside the float student's and their top-1 agreement.
+- ``student_hf/`` (``--format hf``, the default for Hugging Face students and for kd-llm-distill runs): a
+  ``save_pretrained`` directory with the tokenizer, reloaded offline by ``transformers``
+  (:mod:`kd_lightning.recipes.export_hf`).
 
 Every file is checked after writing: its outputs on a held batch (the first batch of the test split) must equal
 the checkpoint's within ``--atol`` (default 1e-4, max absolute difference of the logits); otherwise the file is
@@ -17,30 +20,30 @@ removed and kd-export stops with one line naming what failed and the flag to cha
 file: format, file, opset, tolerance, max abs diff, size on disk (and the int8 accuracies). Each kd-export
 replaces the files an earlier one wrote, so ``export/`` holds what ``export.json`` lists. ONNX and int8 need
 the ``deploy`` extra (``pip install -e '.[deploy]'``: onnx, onnxruntime, onnxscript). Students that take a
-mapping of tensors (Hugging Face text students) are not exported yet.
+mapping of tensors (Hugging Face text students) are written with ``save_pretrained`` only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import re
+import shutil
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.engine.caching.store import write_text_atomic
 from kd_lightning.engine.instantiate import build
 from kd_lightning.engine.trusted import DEFAULT_TRUSTED
 from kd_lightning.methods.classifier import unpack
-from kd_lightning.recipes import quantize
+from kd_lightning.recipes import export_hf, quantize
+from kd_lightning.recipes.export_manifest import Artefact, write_manifest
 from kd_lightning.recipes.fit import supervised_data
 from kd_lightning.recipes.report import Run, load_student
 
@@ -48,6 +51,8 @@ log = logging.getLogger(__name__)
 
 #: Format -> file name under RUN_DIR/export/.
 FILES = {"onnx": "student.onnx", "torch-export": "student.pt2"}
+#: Every --format: the files above and a save_pretrained directory.
+FORMATS = (*FILES, "hf")
 INT8_FILE = "student.int8.onnx"
 OPSET = 18
 ATOL = 1e-4
@@ -56,23 +61,6 @@ DEPLOY_EXTRA = "pip install -e '.[deploy]' (onnx, onnxruntime, onnxscript)"
 
 class ExportError(ValueError):
     """A student that could not be exported or whose export differs from the checkpoint; one line."""
-
-
-@dataclass
-class Artefact:
-    """One file kd-export wrote, as export.json lists it."""
-
-    format: str
-    file: str
-    opset: int | None
-    tolerance: float | None
-    max_abs_diff: float | None
-    size_bytes: int
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def record(self) -> dict[str, Any]:
-        record = asdict(self)
-        return {**{k: v for k, v in record.items() if k != "extra"}, **self.extra}
 
 
 def first_line(error: BaseException) -> str:
@@ -207,15 +195,15 @@ def held_inputs(loader: Any) -> Tensor:
     x = unpack(next(iter(loader)))[0]
     if not isinstance(x, Tensor):
         raise ExportError(
-            "the student takes a mapping of tensors (e.g. a Hugging Face text student); kd-export exports "
-            "students with one tensor input only, for now"
+            "the student takes a mapping of tensors (a Hugging Face text student): ONNX and torch.export take one "
+            "tensor input; use --format hf (save_pretrained)"
         )
     return x.cpu()
 
 
 def export(
     run_dir: Path,
-    formats: Sequence[str] = tuple(FILES),
+    formats: Sequence[str] | None = None,
     atol: float = ATOL,
     opset: int = OPSET,
     int8: bool = False,
@@ -224,21 +212,36 @@ def export(
     trusted: Sequence[str] = DEFAULT_TRUSTED,
 ) -> dict[str, Any]:
     """Export the run's best student into ``run_dir/export/``, check each file, write ``export.json``; returns
-    the manifest. ``int8`` also writes the int8 ONNX model (it needs the ONNX export, which it adds)."""
+    the manifest. ``formats`` None: ``hf`` for a Hugging Face student, else ONNX and torch.export. ``int8``
+    also writes the int8 ONNX model (it needs the ONNX export, which it adds)."""
     run = Run.read(run_dir, trusted)
-    formats = list(dict.fromkeys([*formats, *(["onnx"] if int8 else [])]))
-    student = load_student(run).cpu().eval()
-    datamodule = build(run.cfg.data, "data", **supervised_data(run.cfg.data))
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    datamodule.setup("test")
-    x = held_inputs(datamodule.test_dataloader())
     out = run.run_dir / "export"
     out.mkdir(exist_ok=True)
     for name in (*FILES.values(), INT8_FILE, "export.json"):  # each kd-export replaces the last one's files
         (out / name).unlink(missing_ok=True)
-    artefacts = []
-    for fmt in formats:
+    shutil.rmtree(out / export_hf.HF_DIR, ignore_errors=True)
+    if run.cfg.get("llm") is not None:  # a kd-llm-distill run: its causal-LM student
+        if (formats is not None and set(formats) != {"hf"}) or int8:
+            raise ExportError("a kd-llm-distill run's student is written with --format hf only (no --int8)")
+        record = export_hf.export_lm(run, atol, trusted)
+        written = Artefact("hf", record["file"], None, atol, record["max_abs_diff"], record["size_bytes"])
+        return write_manifest(run, [written], 0, False)
+    student = load_student(run).cpu().eval()
+    if formats is None:
+        formats = ["hf"] if export_hf.is_hf_classifier(student) else list(FILES)
+    formats = list(dict.fromkeys([*formats, *(["onnx"] if int8 else [])]))
+    datamodule = build(run.cfg.data, "data", **supervised_data(run.cfg.data))
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    artefacts, x = [], None
+    if "hf" in formats:
+        held = unpack(next(iter(datamodule.test_dataloader())))[0]
+        record = export_hf.export_classifier(student, run.cfg.data, held, out, atol)
+        artefacts.append(Artefact("hf", record["file"], None, atol, record["max_abs_diff"], record["size_bytes"]))
+    if set(formats) - {"hf"}:
+        x = held_inputs(datamodule.test_dataloader())
+    for fmt in (f for f in formats if f != "hf"):
         path = out / FILES[fmt]
         if fmt == "onnx":
             exported = export_onnx(student, x, path, static_batch, opset)
@@ -248,19 +251,7 @@ def export(
         artefacts.append(Artefact(fmt, path.name, opset if fmt == "onnx" else None, atol, diff, path.stat().st_size))
     if int8:
         artefacts.append(export_int8(run, student, datamodule, out / FILES["onnx"], calibration_batches))
-    manifest = {
-        "run_dir": str(run.run_dir),
-        "checkpoint": run.checkpoint.name,
-        "held_batch": f"the first test batch ({len(x)} samples)",
-        "held_batch_size": len(x),
-        "static_batch": static_batch,
-        "artefacts": [artefact.record() for artefact in artefacts],
-    }
-    write_text_atomic(out / "export.json", json.dumps(manifest, indent=2) + "\n")
-    for artefact in artefacts:
-        print(describe(artefact))
-    print(f"wrote {out / 'export.json'}")
-    return manifest
+    return write_manifest(run, artefacts, len(x) if x is not None else 0, static_batch)
 
 
 def export_int8(run: Run, student: nn.Module, datamodule: Any, float_onnx: Path, batches: int) -> Artefact:
@@ -283,19 +274,3 @@ def export_int8(run: Run, student: nn.Module, datamodule: Any, float_onnx: Path,
         **{f"test_{key}" if key != "samples" else "test_samples": value for key, value in asdict(accuracy).items()},
     }
     return Artefact("onnx-int8", int8_path.name, None, None, None, int8_path.stat().st_size, extra)
-
-
-def describe(artefact: Artefact) -> str:
-    """One line per file for the terminal."""
-    size = f"{artefact.size_bytes / 1024:.1f} KiB"
-    if artefact.format == "onnx-int8":
-        e = artefact.extra
-        return (
-            f"{artefact.format:13} {artefact.file:20} {size:>12}  test accuracy {100 * e['test_accuracy_int8']:.2f}% "
-            f"(float {100 * e['test_accuracy_float']:.2f}%), agreement with float {100 * e['test_agreement']:.2f}%"
-        )
-    opset = f", opset {artefact.opset}" if artefact.opset else ""
-    return (
-        f"{artefact.format:13} {artefact.file:20} {size:>12}  max |diff| {artefact.max_abs_diff:.2e} "
-        f"<= {artefact.tolerance:g}{opset}"
-    )

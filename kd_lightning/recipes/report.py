@@ -158,8 +158,9 @@ def load_models(run: Run) -> tuple[dict[str, nn.Module], str | None]:
 
 def measure(
     run: Run, models: dict[str, nn.Module], batch_size: int, repeats: int, warmup: int
-) -> tuple[dict[str, Measured], float | None]:
-    """Every model's numbers, the student-teacher agreement (None without a teacher); writes reliability.png."""
+) -> tuple[dict[str, Measured], float | None, Tensor | None]:
+    """Every model's numbers, the student-teacher agreement and the teacher's test predictions (None without a
+    teacher); writes reliability.png."""
     datamodule = build(run.cfg.data, "data", **labelled_only(run.cfg.data))
     datamodule.prepare_data()
     datamodule.setup("test")
@@ -182,10 +183,11 @@ def measure(
         )
         for name, model in models.items()
     }
-    agreement = None
+    agreement = teacher_predictions = None
     if "teacher" in logits:
-        agreement = float((logits["student"].argmax(-1) == logits["teacher"].argmax(-1)).float().mean())
-    return measured, agreement
+        teacher_predictions = logits["teacher"].argmax(-1)
+        agreement = float((logits["student"].argmax(-1) == teacher_predictions).float().mean())
+    return measured, agreement, teacher_predictions
 
 
 def rows(measured: dict[str, Measured], agreement: float | None, batch_size: int, repeats: int) -> list[list[str]]:
@@ -231,6 +233,7 @@ def machine_load() -> str | None:
 
 #: Columns of the table of kd-export's files (:mod:`kd_lightning.recipes.deployed`), when the run has them.
 DEPLOYED = ["deployed student", "format", "size on disk (KiB)", "CPU latency, batch of 1 (ms)"]
+DEPLOYED += ["CPU latency, batch of 64 (ms)", "test accuracy (%)", "agreement with teacher (%)"]
 
 
 def markdown(
@@ -275,7 +278,7 @@ def report(
     batch_size = batch_size or run.cfg.data.get("batch_size", 128)
     models, teacher_source = load_models(run)
     set_cpu_threads(cpu_threads, models.values(), "--cpu-threads")
-    measured, agreement = measure(run, models, batch_size, repeats, warmup)
+    measured, agreement, teacher_predictions = measure(run, models, batch_size, repeats, warmup)
     table = rows(measured, agreement, batch_size, repeats)
     rich_table = Table(title=f"kd-report: {run_dir}")
     for column in ("quantity", "teacher", "student", "student vs teacher"):
@@ -291,6 +294,7 @@ def report(
             models["student"],
             measured["student"].size_bytes,
             lambda model, x, name: latency(model, x, repeats, warmup, progress, name),
+            teacher_predictions,
         )
     if deployed:
         deployed_table = Table(*DEPLOYED, title=f"deployed student, {torch.get_num_threads()} CPU threads")
