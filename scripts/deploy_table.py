@@ -1,7 +1,7 @@
 """The deployment table: the distilled student float, int8 by post-training quantization, and int8 after
-quantization-aware distillation, over seeds.
+quantization-aware distillation, over seeds, beside the teacher.
 
-    python scripts/deploy_table.py                        # seeds 0 1 2, writes docs/results/deploy.md
+    OMP_NUM_THREADS=1 python scripts/deploy_table.py      # seeds 0 1 2, writes docs/results/deploy.md
     python scripts/deploy_table.py --seeds 0 --out /tmp/deploy.md -- trainer.max_epochs=2
 
 Runs, in a fresh KD_LIGHTNING_HOME (teachers trained once per seed, shared by both sweeps):
@@ -9,7 +9,9 @@ Runs, in a fresh KD_LIGHTNING_HOME (teachers trained once per seed, shared by bo
    student's test accuracy (the checkpoint) and its int8 model's (ONNX Runtime static PTQ, calibrated on training
    batches);
 2. ``kd-distill -m seed=... callbacks=qat callbacks.qat.epochs=<N>``: the same run whose last N epochs train the
-   fake-quantized student against the teacher, then ``kd-export RUN_DIR --int8`` on each.
+   fake-quantized student against the teacher, then ``kd-export RUN_DIR --int8`` on each;
+3. ``kd-report`` on every run (one CPU thread): each file's and the teacher's latency at batch 1 and 64 (median
+   after warm-up) and top-1 agreement with the teacher over the test split. Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -42,6 +44,22 @@ def exported(sweep_dir: Path, home: Path) -> list[dict]:
     return manifests
 
 
+def reported(sweep_dir: Path) -> list[dict[str, dict[str, str]]]:
+    """kd-report's deployed-files rows of every run of ``sweep_dir`` (one CPU thread), by seed order."""
+    from kd_lightning.recipes.report import report
+
+    rows = []
+    for summary in sorted(sweep_dir.glob("*/summary.json")):
+        numbers = report(summary.parent, repeats=50, warmup=10, cpu_threads=1)
+        rows.append({row["deployed student"]: row for row in numbers["deployed"]})
+    return rows
+
+
+def column(rows: list[dict[str, dict[str, str]]], name: str, key: str) -> str:
+    """Mean ± std over runs of one cell of kd-report's deployed table (latencies to the microsecond)."""
+    return mean_std([float(row[name][key]) for row in rows], scale=1.0, digits=3 if "latency" in key else 2)
+
+
 def entry(manifest: dict, fmt: str) -> dict:
     return next(artefact for artefact in manifest["artefacts"] if artefact["format"] == fmt)
 
@@ -66,6 +84,7 @@ def main() -> None:
         qat_overrides = [*base, "callbacks=qat", f"callbacks.qat.epochs={args.qat_epochs}"]
         qat = run_seeds(qat_overrides, args.seeds, Path(tmp) / "qat", home)
         qat_export = exported(Path(tmp) / "qat", home)
+        kd_report, qat_report = reported(Path(tmp) / "kd"), reported(Path(tmp) / "qat")
 
     def acc(manifests: list[dict], key: str) -> str:
         return mean_std([entry(m, "onnx-int8")[key] for m in manifests])
@@ -76,15 +95,26 @@ def main() -> None:
     cfg = kd[0]["config"]
     epochs = cfg["trainer"]["max_epochs"]
     student = cfg["student"]["model"]["_target_"].rsplit(".", 1)[-1]
+
+    def timing(rows: list[dict], name: str, agreement: bool = True) -> tuple[str, ...]:
+        keys = ["agreement with teacher (%)"] if agreement else []
+        return tuple(column(rows, name, key) for key in [*keys, *(f"CPU latency, batch of {n} (ms)" for n in (1, 64))])
+
+    teacher = "teacher checkpoint"
+    teacher_kib = float(kd_report[0][teacher]["size on disk (KiB)"])
     rows = [
+        ("teacher (PyTorch eager)", kd[0]["teacher_params"], column(kd_report, teacher, "test accuracy (%)"), "—",
+         f"{teacher_kib:.1f} KiB", "—", *timing(kd_report, teacher, agreement=False)),
         ("distilled student, float (ONNX)", kd[0]["student_params"], acc(kd_export, "test_accuracy_float"),
-         "—", size(kd_export, "onnx")),
+         "—", size(kd_export, "onnx"), *timing(kd_report, "student.onnx")),
         ("distilled student, int8 PTQ (`kd-export --int8`)", kd[0]["student_params"],
-         acc(kd_export, "test_accuracy_int8"), acc(kd_export, "test_agreement"), size(kd_export, "onnx-int8")),
+         acc(kd_export, "test_accuracy_int8"), acc(kd_export, "test_agreement"), size(kd_export, "onnx-int8"),
+         *timing(kd_report, "student.int8.onnx")),
         (f"QAT-with-KD student (last {args.qat_epochs} epochs fake-quantized), float (ONNX)", qat[0]["student_params"],
-         acc(qat_export, "test_accuracy_float"), "—", size(qat_export, "onnx")),
+         acc(qat_export, "test_accuracy_float"), "—", size(qat_export, "onnx"), *timing(qat_report, "student.onnx")),
         ("QAT-with-KD student, int8 (`kd-export --int8`)", qat[0]["student_params"],
-         acc(qat_export, "test_accuracy_int8"), acc(qat_export, "test_agreement"), size(qat_export, "onnx-int8")),
+         acc(qat_export, "test_accuracy_int8"), acc(qat_export, "test_agreement"), size(qat_export, "onnx-int8"),
+         *timing(qat_report, "student.int8.onnx")),
     ]  # fmt: skip
     command = " ".join(
         [
@@ -104,14 +134,16 @@ def main() -> None:
         "checkpoint (with QAT: the best of the fake-quantized epochs). int8: ONNX Runtime static quantization "
         "(QDQ, per-channel int8 weights, uint8 activations, MinMax ranges on "
         f"{entry(kd_export[0], 'onnx-int8')['calibration_batches']} training batches); 'agreement': "
-        "top-1 agreement of the int8 model with its float checkpoint. Size: the ONNX file on disk.",
+        "top-1 agreement of the int8 model with its float checkpoint; 'agreement with teacher': top-1 agreement "
+        "with the teacher over the test split (kd-report). Size: the ONNX file on disk (teacher: its safetensors "
+        "state). Latency: kd-report's median of 50 calls after 10 on one CPU thread (ONNX Runtime for the files, "
+        "PyTorch eager for the teacher), mean ± std over the seeds' runs.",
         "",
-        "| model | parameters | test acc | agreement with float | size on disk |",
-        "|---|---|---|---|---|",
+        "| model | parameters | test acc | agreement with float | size on disk | agreement with teacher "
+        "| latency, batch 1 (ms) | latency, batch 64 (ms) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {name} | {params:,} | {accuracy} | {agree} | {disk} |" for name, params, accuracy, agree, disk in rows
-    ]
+    lines += [f"| {name} | {params:,} | {' | '.join(cells)} |" for name, params, *cells in rows]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -105,7 +105,10 @@ def test_kd_report_measures_the_exported_files(finished_run: Path) -> None:
         torch.set_num_threads(threads)
     deployed = {row["deployed student"]: row for row in numbers["deployed"]}
     files = {"student.pt2", *(["student.onnx", "student.int8.onnx"] if HAS_DEPLOY else [])}
-    assert set(deployed) == {"student checkpoint", *files}
+    assert set(deployed) == {"student checkpoint", *files, "teacher checkpoint"}
+    teacher = deployed["teacher checkpoint"]
+    assert float(teacher["test accuracy (%)"]) == pytest.approx(100 * numbers["teacher"]["accuracy"], abs=0.006)
+    assert float(teacher["CPU latency, batch of 64 (ms)"]) > 0
     for name in files:
         row = deployed[name]
         assert float(row["size on disk (KiB)"]) == pytest.approx(

@@ -77,10 +77,12 @@ def deployed_rows(
     student_bytes: int,
     timer: Timer,
     teacher_predictions: Tensor | None = None,
+    teacher: tuple[nn.Module, int] | None = None,
 ) -> list[list[str]]:
     """(artefact, format, size on disk in KiB, batch-1 and batch-64 latency in ms, test accuracy %, agreement with
     the teacher's predictions ``teacher_predictions`` %) rows: the float checkpoint's student first, then each
-    file of ``export.json`` still on disk; empty when kd-export has not run."""
+    file of ``export.json`` still on disk, and last the ``teacher`` (its model and bytes) for comparison; empty when
+    kd-export has not run."""
     listed = manifest(run_dir)
     if not listed:
         return []
@@ -108,4 +110,7 @@ def deployed_rows(
             except Exception as error:  # a file that no longer runs (e.g. another ONNX Runtime) is a row, not a stop
                 cells = [f"— (does not run: {type(error).__name__})"] + ["—"] * 3
         rows.append([path.name, fmt, f"{size / 1024:.1f}", *cells])
+    if teacher is not None:
+        cells = measured(teacher[0], "teacher")
+        rows.append(["teacher checkpoint", "PyTorch eager", f"{teacher[1] / 1024:.1f}", *cells[:3], "—"])
     return rows

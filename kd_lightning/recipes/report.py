@@ -295,6 +295,7 @@ def report(
             measured["student"].size_bytes,
             lambda model, x, name: latency(model, x, repeats, warmup, progress, name),
             teacher_predictions,
+            (models["teacher"], measured["teacher"].size_bytes) if "teacher" in models else None,
         )
     if deployed:
         deployed_table = Table(*DEPLOYED, title=f"deployed student, {torch.get_num_threads()} CPU threads")
