@@ -1,5 +1,6 @@
 """Plain numpy re-implementations of the distillation formulas, written from the papers with explicit
-loops; the library's vectorised torch terms are checked against them."""
+loops; the library's vectorised torch terms are checked against them. The last section transcribes authors'
+torch code (cited per function) for the terms whose code defines them more exactly than the paper."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import math
 from collections.abc import Callable
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import norm
 
 Array = np.ndarray
 
@@ -60,6 +64,60 @@ def wttm(s: Array, t: Array, temperature: float) -> float:
         powered = softmax(t[b]) ** (1.0 / temperature)
         total += float(powered.sum()) * kl(powered / powered.sum(), softmax(s[b]))
     return total / len(s)
+
+
+def mlkd(s: Array, t: Array, temperatures: list[float]) -> float:
+    """Jin et al. 2023 (the authors' code, one view for both): sum_T (1 + m) KD_T + c ||G^c_t - G^c_s||^2 / K
+    + m ||G^b_t - G^b_s||^2 / B with class (K x K) and batch (B x B) Gram matrices of softmax(z / T); m, c: the
+    fractions of samples / classes whose teacher confidence (T = 1) is <= the median. Code: github.com/Jin-Ying/
+    Multi-Level-Logit-Distillation, mdistiller/distillers/KD_ours.py (transcribed in tests/test_mlkd_sdd_wkd.py)."""
+    batch, classes = s.shape
+    pt1 = np.array([softmax(row) for row in t])
+    confidence, class_mass = pt1.max(axis=1), pt1.sum(axis=0)
+    m = float(np.mean(confidence <= np.percentile(confidence, 50)))
+    c = float(np.mean(class_mass <= np.percentile(class_mass, 50)))
+    total = 0.0
+    for temperature in temperatures:
+        ps = np.array([softmax(row / temperature) for row in s])
+        pt = np.array([softmax(row / temperature) for row in t])
+        instance = temperature**2 * np.mean([kl(pt[b], ps[b]) for b in range(batch)])
+        class_gram = sum(
+            (pt[:, i] @ pt[:, j] - ps[:, i] @ ps[:, j]) ** 2 for i in range(classes) for j in range(classes)
+        )
+        batch_gram = sum((pt[a] @ pt[b] - ps[a] @ ps[b]) ** 2 for a in range(batch) for b in range(batch))
+        total += (1 + m) * instance + c * class_gram / classes + m * batch_gram / batch
+    return float(total)
+
+
+def wkd_l(
+    s: Array,
+    t: Array,
+    targets: list[int],
+    head: Array,
+    gamma: float,
+    temperature: float,
+    sharpen: float = 1.0,
+    reg: float = 0.05,
+    iterations: int = 10,
+) -> float:
+    """Lv et al. 2024: mean_b [-p_t[y] log p_s[y] + gamma sum_ij pi_ij C_ij], pi from Sinkhorn on the non-target
+    softmaxes at T, C = 1 - exp(-sharpen (1 - cos(head_i, head_j))) + 1e-8 without class y. Code: github.com/
+    JiamingLv/WKD, mdistiller/distillers/WKD.py (transcribed in tests/test_mlkd_sdd_wkd.py)."""
+    unit_rows = head / np.linalg.norm(head, axis=1, keepdims=True)
+    cost = np.maximum(1 - np.exp(-sharpen * (1 - unit_rows @ unit_rows.T)), 0) + 1e-8
+    total = 0.0
+    for b, y in enumerate(targets):
+        others = [c for c in range(s.shape[1]) if c != y]
+        p, q = softmax(s[b, others] / temperature), softmax(t[b, others] / temperature)
+        kernel = np.exp(-cost[np.ix_(others, others)] / reg)
+        u = np.full(len(others), 1.0 / len(others))
+        for _ in range(iterations):
+            v = q / (kernel.T @ u + 1e-8)
+            u = p / (kernel @ v + 1e-8)
+        plan = u[:, None] * kernel * v[None, :]
+        transport = float(np.sum(plan * cost[np.ix_(others, others)]))
+        total += -softmax(t[b])[y] * math.log(softmax(s[b])[y]) + gamma * transport
+    return total / len(targets)
 
 
 def pearson(u: Array, v: Array) -> float:
@@ -236,3 +294,109 @@ def hcl(s: Array, t: Array, levels: tuple[int, ...] = (4, 2, 1)) -> float:
         loss += weight * float(np.mean((adaptive_pool(s, level) - adaptive_pool(t, level)) ** 2))
         total += weight
     return loss / total
+
+
+# ------------------------------------------------------------------ authors' code, transcribed (torch)
+Tensor = torch.Tensor
+
+
+def ickd_authors(f_s: Tensor, f_t: Tensor, embed_weight: Tensor) -> Tensor:
+    """ADLab-AutoDrive/ICKD, Cifar100/distiller_zoo/ICKD.py: ``Embed`` (1x1 conv, no bias, then a fresh
+    BatchNorm2d in training mode) and ``ICKDLoss.batch_loss``, times the train script's ``-b 2.5`` left out."""
+    f_s = F.conv2d(f_s, embed_weight)
+    f_s = F.batch_norm(f_s, None, None, training=True)
+    bsz, ch = f_s.shape[0], f_s.shape[1]
+    f_s = f_s.view(bsz, ch, -1)
+    f_t = f_t.view(bsz, ch, -1)
+    emd_s = torch.bmm(f_s, f_s.permute(0, 2, 1))
+    emd_s = torch.nn.functional.normalize(emd_s, dim=2)
+    emd_t = torch.bmm(f_t, f_t.permute(0, 2, 1))
+    emd_t = torch.nn.functional.normalize(emd_t, dim=2)
+    g_diff = emd_s - emd_t
+    return (g_diff * g_diff).view(bsz, -1).sum() / (ch * bsz)
+
+
+def nst_authors(f_s: Tensor, f_t: Tensor) -> Tensor:
+    """HobbitLong/RepDistiller, distiller_zoo/NST.py: ``NSTLoss.nst_loss`` with ``full_loss = True``."""
+
+    def poly_kernel(a: Tensor, b: Tensor) -> Tensor:
+        a = a.unsqueeze(1)
+        b = b.unsqueeze(2)
+        return (a * b).sum(-1).pow(2)
+
+    s_h, t_h = f_s.shape[2], f_t.shape[2]
+    if s_h > t_h:
+        f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
+    elif s_h < t_h:
+        f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+    f_s = F.normalize(f_s.view(f_s.shape[0], f_s.shape[1], -1), dim=2)
+    f_t = F.normalize(f_t.view(f_t.shape[0], f_t.shape[1], -1), dim=2)
+    return poly_kernel(f_t, f_t).mean().detach() + poly_kernel(f_s, f_s).mean() - 2 * poly_kernel(f_s, f_t).mean()
+
+
+def srd_authors(feat_s: Tensor, feat_t: Tensor, logit_t: Tensor, conv_weight: Tensor, fc: torch.nn.Linear) -> Tensor:
+    """jingyang2017/SRD_ossl, train_student.py (``transfer_conv``: 1x1 conv, BatchNorm2d, ReLU; ``statm_loss``) and
+    helper/loops.py (``opt.distill == 'srd'``): ``statm_loss(f_s, f_t) + F.mse_loss(logit_tc, logit_t)`` with
+    ``logit_tc`` the teacher's average pooling and ``fc`` on the connected student map."""
+    f_s = F.relu(F.batch_norm(F.conv2d(feat_s, conv_weight), None, None, training=True))
+    x = f_s.view(f_s.size(0), f_s.size(1), -1)
+    y = feat_t.view(feat_t.size(0), feat_t.size(1), -1)
+    statm = (x.mean(dim=2) - y.mean(dim=2)).pow(2).mean(1).mean()
+    logit_tc = fc(F.adaptive_avg_pool2d(f_s, 1).flatten(1))
+    return statm + F.mse_loss(logit_tc, logit_t)
+
+
+def ofd_margin_authors(bn: torch.nn.BatchNorm2d) -> Tensor:
+    """clovaai/overhaul-distillation, CIFAR-100/distiller.py: ``get_margin_from_BN``."""
+    margin = []
+    for s, m in zip(bn.weight.data, bn.bias.data, strict=True):
+        s, m = abs(s.item()), m.item()
+        if norm.cdf(-m / s) > 0.001:
+            margin.append(-s * math.exp(-((m / s) ** 2) / 2) / math.sqrt(2 * math.pi) / norm.cdf(-m / s) + m)
+        else:
+            margin.append(-3 * s)
+    return torch.tensor(margin, dtype=torch.float64)
+
+
+def ofd_authors(s_feats: list[Tensor], t_feats: list[Tensor], weights: list[Tensor], margins: list[Tensor]) -> Tensor:
+    """clovaai/overhaul-distillation, CIFAR-100/distiller.py (``distillation_loss``, ``Distiller.forward``:
+    connectors of a 1x1 conv and a fresh BatchNorm2d) and train_with_distillation.py's
+    ``loss_distill.sum() / batch_size`` (its ``/ 1000`` is our beta)."""
+
+    def distillation_loss(source: Tensor, target: Tensor, margin: Tensor) -> Tensor:
+        target = torch.max(target, margin)
+        loss = torch.nn.functional.mse_loss(source, target, reduction="none")
+        loss = loss * ((source > target) | (target > 0)).float()
+        return loss.sum()
+
+    feat_num = len(t_feats)
+    loss_distill = 0
+    for i in range(feat_num):
+        source = F.batch_norm(F.conv2d(s_feats[i], weights[i]), None, None, training=True)
+        margin = margins[i].unsqueeze(1).unsqueeze(2).unsqueeze(0)
+        loss_distill += distillation_loss(source, t_feats[i].detach(), margin) / 2 ** (feat_num - i - 1)
+    return loss_distill / s_feats[0].shape[0]
+
+
+def catkd_authors(stu: Tensor, tea: Tensor, w_s: Tensor, w_t: Tensor, resolution: int, normalize: bool) -> Tensor:
+    """GzyAftermath/CAT-KD, mdistiller/distillers/CAT_KD.py (``CAT_loss``, ``_Normalize``) on the CAMs of
+    mdistiller/models/cifar/resnet.py's ``ResNet_test``: ``conv_test``, a bias-free 1x1 conv with the classifier's
+    weights, on the last map."""
+    cam_s = F.conv2d(stu, w_s[:, :, None, None])
+    cam_t = F.conv2d(tea, w_t[:, :, None, None])
+    cam_s = F.adaptive_avg_pool2d(cam_s, (resolution, resolution))
+    cam_t = F.adaptive_avg_pool2d(cam_t, (resolution, resolution))
+    if normalize:
+        cam_s, cam_t = F.normalize(cam_s, dim=(2, 3)), F.normalize(cam_t, dim=(2, 3))
+    return F.mse_loss(cam_s, cam_t)
+
+
+def wkd_f_authors(f_s: Tensor, f_t: Tensor, conv: torch.nn.Conv2d, ratio: float, eps: float = 1e-5) -> Tensor:
+    """JiamingLv/WKD, mdistiller/distillers/WKD.py: ``wkd_feature_loss`` (grid 1) after ``ConvReg`` (1x1 conv
+    with bias, a fresh BatchNorm2d, ReLU; mdistiller/distillers/_common.py), ``ratio * mean_loss + cov_loss``."""
+    f_s = F.relu(F.batch_norm(conv(f_s), None, None, training=True))
+    f_s_avg, f_t_avg = f_s.mean(dim=(-1, -2)), f_t.mean(dim=(-1, -2))
+    f_s_std, f_t_std = torch.sqrt(f_s.var(dim=(-1, -2)) + eps), torch.sqrt(f_t.var(dim=(-1, -2)) + eps)
+    mean_loss = F.mse_loss(f_s_avg, f_t_avg, reduction="sum") / f_s.size(0)
+    cov_loss = F.mse_loss(f_s_std, f_t_std, reduction="sum") / f_s.size(0)
+    return ratio * mean_loss + cov_loss

@@ -14,14 +14,20 @@ from kd_lightning.recipes.distill import distill
 from tests.conftest import TINY, compose_config
 
 #: Losses on conv feature maps need a conv student; the rest run with the default MLP student.
-CONV_STUDENT = {"fitnet", "at", "vid", "reviewkd"}
+CONV_STUDENT = {"fitnet", "at", "vid", "reviewkd", "ickd", "nst", "srd", "ofd", "catkd", "wkd_f"}
 OVERRIDES = [*TINY, "+trainer.fast_dev_run=2", "logger=none", "compare_scratch=false"]
+#: SDD needs logits = head(global average of a conv map), which no MNIST-1D model has: CIFAR ResNets on digits.
+POOLED_MAP = {"sdd": ["data=digits", "data.channels=3", "student=resnet8", "teacher=resnet8"]}
 
 
 @pytest.mark.parametrize("name", sorted(TERMS))
 def test_loss_config_trains(name: str, tmp_path: Path, kd_home: Path) -> None:
     student = "cnn1d_narrow" if name in CONV_STUDENT else "mlp"
-    cfg = compose_config(tmp_path / "run", [*OVERRIDES, f"loss={name}", f"student={student}"])
+    overrides = [*OVERRIDES, f"loss={name}", f"student={student}"]
+    if name in POOLED_MAP:  # digits has no MNIST-1D transfer set
+        overrides = [o for o in OVERRIDES if not o.startswith("data.transfer_samples=")] + [f"loss={name}"]
+        overrides += POOLED_MAP[name]
+    cfg = compose_config(tmp_path / "run", overrides)
     metrics = distill(cfg)["metrics"]
     assert math.isfinite(metrics[f"train/loss_{name}"]) and 0.0 <= metrics["test/acc"] <= 1.0
 
@@ -35,6 +41,8 @@ CUSTOM_MODELS = [
 ]
 #: The custom model's own dotted names for the layers a term reads (single-layer and multi-layer terms).
 CUSTOM_LAYERS = {"layer": "blocks.1", "layers": "[stem,blocks.0,blocks.1]"}
+#: Terms that read a map by {model, layer, io}: the map TinyNet's head reads after global average pooling.
+CUSTOM_READS = {"sdd": ["loss.terms.sdd.student={layer:blocks}", "loss.terms.sdd.teacher={layer:blocks}"]}
 
 
 def custom_layer_overrides(name: str, tmp_path: Path) -> list[str]:
@@ -50,7 +58,8 @@ def custom_layer_overrides(name: str, tmp_path: Path) -> list[str]:
 
 @pytest.mark.parametrize("name", sorted(TERMS))
 def test_every_loss_trains_a_model_the_library_did_not_define(name: str, tmp_path: Path, kd_home: Path) -> None:
-    overrides = [*OVERRIDES, *CUSTOM_MODELS, f"loss={name}", *custom_layer_overrides(name, tmp_path)]
+    layers = [*custom_layer_overrides(name, tmp_path), *CUSTOM_READS.get(name, [])]
+    overrides = [*OVERRIDES, *CUSTOM_MODELS, f"loss={name}", *layers]
     summary = distill(compose_config(tmp_path / "run", overrides))
     assert summary["config"]["student"]["model"]["_target_"] == "tests.custom_models.TinyNet"
     metrics = summary["metrics"]

@@ -122,6 +122,7 @@ LOGIT_OPTIONS: dict[str, dict[str, st.SearchStrategy]] = {
     "dist": {"inter_weight": weight(0.0, 2.0), "intra_weight": weight(0.0, 2.0)},
     "nkd": {"gamma": weight()},
     "wttm": {},
+    "wkd_l": {"gamma": weight(0.0, 8.0)},
 }
 
 
@@ -229,6 +230,103 @@ def ctkd_case(data: st.DataObject, dtype: torch.dtype, same: bool, large: bool) 
     return Case(term, student, teacher)
 
 
+def mlkd_case(data: st.DataObject, dtype: torch.dtype, same: bool, large: bool) -> Case:
+    """MLKD with 1..3 of its temperatures (the confidence masks depend on the teacher only)."""
+    batch, classes = batch_size(data), integer(data, 2, 12, "classes")
+    temperatures = data.draw(st.lists(st.sampled_from([1.0, 2.0, 4.0, 6.0]), min_size=1, max_size=3), label="temps")
+    student = values(data, (batch, classes), dtype, large)
+    teacher = student.clone() if same else values(data, (batch, classes), dtype, large)
+    return Case(TERMS["mlkd"](temperatures=temperatures), student, teacher)
+
+
+class Headed(nn.Module):
+    """A model reduced to what SDD and WKD-L look up: its linear classifier ``head``."""
+
+    def __init__(self, features: int, classes: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.head = nn.Linear(features, classes).to(dtype)
+
+
+def sdd_case(data: st.DataObject, dtype: torch.dtype, same: bool, large: bool) -> Case:
+    """SDD on 1-D or 2-D maps of one spatial size (1..6), its published scales, heads of 2..12 classes; ``same``:
+    one map and one classifier for both."""
+    seed = seeded(data)
+    batch, classes, rank = batch_size(data), integer(data, 2, 12, "classes"), data.draw(st.sampled_from([3, 4]))
+    spatial = (integer(data, 1, 6, "size"),) * (rank - 2)
+    channels = [integer(data, 1, 6, "channels") for _ in range(2)]
+    student = values(data, (batch, channels[0], *spatial), dtype, large)
+    teacher = student.clone() if same else values(data, (batch, channels[1], *spatial), dtype, large)
+    heads = [Headed(channels[0], classes, dtype)]
+    heads.append(heads[0] if same else Headed(channels[1], classes, dtype))
+    term = TERMS["sdd"](temperature=temperature(data))
+    term.bind_models({"student": heads[0], "teacher": heads[1]}, "loss.terms.sdd")
+    labels = st.integers(-1, classes - 1)
+    targets = data.draw(st.none() | hnp.arrays(np.int64, (batch,), elements=labels), label="targets")
+    return Case(term, student, teacher, None if targets is None else torch.from_numpy(targets), seed=seed)
+
+
+def wkd_l_case(data: st.DataObject, dtype: torch.dtype, same: bool, large: bool) -> Case:
+    """WKD-L as the other logit terms, with the teacher's classifier (2..8 features per class) bound."""
+    case = logit_case("wkd_l")(data, dtype, same, large)
+    seeded(data)
+    classes = case.teacher.shape[1]
+    case.term.bind_models({"teacher": Headed(integer(data, 2, 8, "features"), classes, dtype)}, "loss.terms.wkd_l")
+    return case
+
+
+def map_pair(data: st.DataObject, dtype: torch.dtype, same: bool, large: bool) -> tuple[Tensor, Tensor]:
+    """Student and teacher 1-D or 2-D maps of one spatial size (2..4 per side: >= 2 positions), 1..6 channels each."""
+    batch, rank = batch_size(data), data.draw(st.sampled_from([3, 4]), label="rank")
+    spatial = tuple(integer(data, 2, 4, "size") for _ in range(rank - 2))
+    student = values(data, (batch, integer(data, 1, 6, "channels"), *spatial), dtype, large)
+    if same:
+        return student, student.clone()
+    return student, values(data, (batch, integer(data, 1, 6, "channels"), *spatial), dtype, large)
+
+
+def map_case(name: str) -> Callable[..., Case]:
+    """ICKD, NST and WKD-F with their published settings on a pair of maps of one layout."""
+
+    def build(data: st.DataObject, dtype: torch.dtype, same: bool, large: bool) -> Case:
+        seed = seeded(data)
+        student, teacher = map_pair(data, dtype, same, large)
+        return Case(sized(name, TERMS[name](), student, teacher, dtype), student, teacher, seed=seed)
+
+    return build
+
+
+def srd_case(data: st.DataObject, dtype: torch.dtype, same: bool, large: bool) -> Case:
+    """SRD with a teacher classifier of 2..12 classes on the teacher map's spatial mean; the teacher's logits drawn."""
+    seed = seeded(data)
+    student, teacher = map_pair(data, dtype, same, large)
+    classes = integer(data, 2, 12, "classes")
+    logits = values(data, (teacher.shape[0], classes), dtype, large)
+    term = TERMS["srd"](student_layer="s", teacher_layer="t")
+    term.bind_models({"teacher": Headed(teacher.shape[1], classes, dtype)}, "loss.terms.srd")
+    return Case(sized("srd", term, student, [teacher, logits], dtype), student, [teacher, logits], seed=seed)
+
+
+def ofd_case(data: st.DataObject, dtype: torch.dtype, same: bool, large: bool) -> Case:
+    """OFD on 1..3 pairs of pre-ReLU maps (margins from the batch statistics: no BatchNorm bound)."""
+    seed = seeded(data)
+    pairs = [map_pair(data, dtype, same, large) for _ in range(integer(data, 1, 3, "pairs"))]
+    student, teacher = [s for s, _ in pairs], [t for _, t in pairs]
+    layers = [f"layer{i}" for i in range(len(pairs))]
+    return Case(sized("ofd", TERMS["ofd"](layers, layers), student, teacher, dtype), student, teacher, seed=seed)
+
+
+def catkd_case(data: st.DataObject, dtype: torch.dtype, same: bool, large: bool) -> Case:
+    """CAT-KD with classifiers of 2..12 classes on the maps' spatial means; ``same``: one map, one classifier."""
+    seed = seeded(data)
+    student, teacher = map_pair(data, dtype, same, large)
+    classes = integer(data, 2, 12, "classes")
+    heads = [Headed(student.shape[1], classes, dtype)]
+    heads.append(heads[0] if same else Headed(teacher.shape[1], classes, dtype))
+    term = TERMS["catkd"](resolution=integer(data, 1, 3, "resolution"))
+    term.bind_models({"student": heads[0], "teacher": heads[1]}, "loss.terms.catkd")
+    return Case(sized("catkd", term, student, teacher, dtype), student, teacher, seed=seed)
+
+
 #: How to build every term of ``TERMS`` for one example: ``build(data, dtype, same, large) -> Case``.
 BUILDERS: dict[str, Callable[..., Case]] = {
     "kd": logit_case("kd"),
@@ -237,6 +335,9 @@ BUILDERS: dict[str, Callable[..., Case]] = {
     "nkd": logit_case("nkd"),
     "wttm": logit_case("wttm"),
     "ctkd": ctkd_case,
+    "mlkd": mlkd_case,
+    "sdd": sdd_case,
+    "wkd_l": wkd_l_case,
     "fitnet": feature_case("fitnet", same_layout=True),  # same shapes -> identity regressor
     "at": feature_case("at", maps=True, same_layout=True),
     "vid": vid_case,
@@ -246,6 +347,12 @@ BUILDERS: dict[str, Callable[..., Case]] = {
     "cc": feature_case("cc"),
     "crd": crd_case,
     "reviewkd": reviewkd_case,
+    "ickd": map_case("ickd"),
+    "nst": map_case("nst"),
+    "srd": srd_case,
+    "ofd": ofd_case,
+    "catkd": catkd_case,
+    "wkd_f": map_case("wkd_f"),
 }
 
 
@@ -270,14 +377,17 @@ def pkt_bound(case: Case) -> float:
 
 
 #: A lower bound of every term (0: non-negative). KD, DKD (KLs with weights >= 0), DIST (Pearson distances
-#: in [0, 2]), NKD (cross-entropies, gamma >= 0), WTTM (a KL times U > 0), CTKD (a KL), FitNets (MSE), AT, SP,
+#: in [0, 2]), NKD (cross-entropies, gamma >= 0), WTTM (a KL times U > 0), CTKD (a KL), MLKD (KLs and squared
+#: differences), SDD (KLs, positive weights), WKD-L (a cross-entropy and a transport cost >= 0), FitNets (MSE), AT, SP,
 #: CC (squared differences), RKD (Huber), ReviewKD (sum of HCL = weighted MSEs) and CRD (NCE: -log of ratios
-#: < 1, since the noise term K/N > 0) are non-negative.
+#: < 1, since the noise term K/N > 0) are non-negative; so are ICKD, SRD, OFD, CAT-KD, WKD-F (sums of squares) and
+#: NST (a squared MMD with a positive-definite kernel).
 LOWER_BOUNDS: dict[str, Callable[[Case], float]] = {name: no_bound for name in TERMS if name not in ("vid", "pkt")}
 LOWER_BOUNDS |= {"vid": vid_bound, "pkt": pkt_bound}
 
 #: Terms that are 0 when the student's input equals the teacher's.
-ZERO_AT_EQUALITY = {"kd", "dkd", "dist", "ctkd", "fitnet", "at", "rkd", "sp", "pkt", "cc"}
+ZERO_AT_EQUALITY = {"kd", "dkd", "dist", "ctkd", "mlkd", "sdd", "fitnet", "at", "rkd", "sp", "pkt", "cc"}
+ZERO_AT_EQUALITY |= {"nst", "catkd"}  # a squared MMD; one classifier's CAMs of one map
 #: ... and those that are not, with the reason.
 NOT_ZERO_AT_EQUALITY = {
     # Gaussian NLL with a learned mean regressor mu(s) (not the identity) and a 0.5 log sigma^2 term:
@@ -292,6 +402,14 @@ NOT_ZERO_AT_EQUALITY = {
     "nkd": "cross-entropy terms: the teacher's entropies remain at equality",
     # KL(softmax(z_t / T) || softmax(z_s)): the student is matched to the transformed teacher, 0 only for T = 1.
     "wttm": "the student matches the power-transformed teacher, not the teacher (0 only at T = 1)",
+    # The label's cross-entropy as in NKD, and an entropic transport cost: its plan spreads mass off the diagonal.
+    "wkd_l": "cross-entropy target term and an entropic transport cost > 0",
+    # The student passes through a learned adapter first (ICKD's embedding, SRD's connector, OFD's connectors,
+    # WKD-F's projector); each distance is 0 at equality of its own inputs (tests/test_feature_methods_new.py).
+    "ickd": "student maps go through the learned 1x1 conv + BN embedding",
+    "srd": "student maps go through the learned connector before the teacher's classifier",
+    "ofd": "student maps go through the learned connectors, and the teacher is clipped at the margin",
+    "wkd_f": "student maps go through the learned projector",
 }
 #: DIST is 0 at equality only for non-degenerate batches: the Pearson distance of a constant vector (a uniform
 #: softmax row, or a class column equal across the batch) uses cosine_similarity's eps and gives 1, not 0
@@ -311,7 +429,7 @@ def test_tables_cover_the_registries() -> None:
     assert set(LOWER_BOUNDS) == set(TERMS)
     assert ZERO_AT_EQUALITY | set(NOT_ZERO_AT_EQUALITY) == set(TERMS)
     assert not ZERO_AT_EQUALITY & set(NOT_ZERO_AT_EQUALITY)
-    assert set(LOGIT_TERMS) == set(LOGIT_OPTIONS) == {"kd", "dkd", "dist", "nkd", "wttm"}
+    assert set(LOGIT_TERMS) == set(LOGIT_OPTIONS) == {"kd", "dkd", "dist", "nkd", "wttm", "wkd_l"}
     assert set(DIVERGENCE_OPTIONS) == set(DIVERGENCES), "add the options of every divergence in DIVERGENCES"
 
 
@@ -366,13 +484,13 @@ def argmax_is_robust(logits: Tensor, gap: float = 1e-6) -> bool:
 @given(data=st.data())
 def test_logit_term_ignores_a_per_sample_shift(name: str, side: str, data: st.DataObject) -> None:
     """float64: adding a constant c_b in [-50, 50] to every logit of sample b (student, teacher or both) leaves
-    KD / DKD / DIST / NKD / WTTM (standardized or not) unchanged within SHIFT_ATOL + SHIFT_RTOL * |L|."""
+    KD / DKD / DIST / NKD / WTTM / WKD-L (standardized or not) unchanged within SHIFT_ATOL + SHIFT_RTOL * |L|."""
     case = BUILDERS[name](data, torch.float64, same=False, large=data.draw(st.booleans(), label="large"))
     batch = case.student.shape[0]
     shift = values(data, (batch, 1), torch.float64) * 2.5
     student = case.student + shift if side in ("student", "both") else case.student
     teacher = case.teacher + shift if side in ("teacher", "both") else case.teacher
-    if name in ("dkd", "nkd"):
+    if name in ("dkd", "nkd", "wkd_l"):
         assume(argmax_is_robust(case.teacher))
     if name == "dist":
         assume(not dist_is_degenerate(case.term, case.student) and not dist_is_degenerate(case.term, case.teacher))

@@ -15,12 +15,15 @@ from kd_lightning.losses import (
     CTKD,
     DIST,
     DKD,
+    MLKD,
     NKD,
+    NST,
     PKT,
     RKD,
     SP,
     UNLABELLED,
     VID,
+    WKDL,
     WTTM,
     AttentionTransfer,
     FitNets,
@@ -39,7 +42,7 @@ class Case:
     student_shape: tuple[int, ...]
     teacher_shape: tuple[int, ...]
     reference: Callable[[np.ndarray, np.ndarray], float]
-    #: NKD (cross-entropies) and WTTM (T != 1: the student is matched to a transformed teacher) are not 0 there.
+    #: NKD, WKD-L (cross-entropies) and WTTM (T != 1: the student is matched to a transformed teacher) are not 0 there.
     zero_at_equality: bool = True
 
     def tensors(self, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,6 +72,20 @@ def vid_reference(s: np.ndarray, t: np.ndarray) -> float:
     return ref.vid(s, t, weights, variance, 2.0)
 
 
+#: The teacher classifier whose rows give WKD-L's category cost (5 classes, 3 features).
+WKD_HEAD = np.random.default_rng(0).standard_normal((5, 3))
+
+
+def bound_wkd_l() -> WKDL:
+    """WKD-L (T 2, gamma 30: the authors' ImageNet values) with a fixed teacher classifier bound."""
+    head = torch.nn.Linear(3, 5).double()
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(WKD_HEAD))
+    term = WKDL(gamma=30.0, temperature=2.0)
+    term.bind_models({"teacher": torch.nn.ModuleDict({"head": head})}, "loss.terms.wkd_l")
+    return term
+
+
 CASES = [
     Case("kd_standardized", lambda: KLDivergence(3.0, standardize=True), LOGITS, LOGITS,
          lambda s, t: ref.kd(s, t, 3.0, standardize=True)),
@@ -82,6 +99,9 @@ CASES = [
          zero_at_equality=False),
     Case("ctkd", lambda: CTKD(init=0.5).double(), LOGITS, LOGITS,
          lambda s, t: ref.kd(s, t, 1.0 + 20.0 / (1.0 + np.exp(-0.5)))),
+    Case("mlkd", lambda: MLKD(temperatures=[2.0, 4.0]), LOGITS, LOGITS, lambda s, t: ref.mlkd(s, t, [2.0, 4.0])),
+    Case("wkd_l", bound_wkd_l, LOGITS, LOGITS, lambda s, t: ref.wkd_l(s, t, TARGETS, WKD_HEAD, 30.0, 2.0),
+         zero_at_equality=False),
     Case("fitnet", lambda: FitNets(beta=100.0), FEATURES, FEATURES, lambda s, t: ref.mse(s, t, 100.0)),
     Case("at", lambda: AttentionTransfer(beta=1000.0), FEATURES, (4, 5, 7), lambda s, t: ref.attention(s, t, 1000.0)),
     Case("rkd", lambda: RKD(distance_weight=25.0, angle_weight=50.0), (5, 4), (5, 2, 3),
@@ -90,6 +110,8 @@ CASES = [
     Case("pkt", lambda: PKT(beta=30000.0), (5, 4), (5, 2, 3), lambda s, t: ref.pkt(s, t, 30000.0)),
     Case("cc", lambda: CC(beta=1.0, gamma=0.4, order=2), (5, 4), (5, 2, 3), lambda s, t: ref.cc(s, t, 1.0, 0.4, 2)),
     Case("vid", sized_vid, (6, 4), (6, 3), vid_reference),
+    Case("nst", lambda: NST(beta=50.0), FEATURES, (4, 5, 7),
+         lambda s, t: 50.0 * ref.nst_authors(torch.from_numpy(s), torch.from_numpy(t)).item()),
 ]  # fmt: skip
 IDS = [case.name for case in CASES]
 

@@ -68,6 +68,12 @@ class DistillationTerm(nn.Module):
         loss: terms with a schedule of their own (CTKD's curriculum) set it here, as a function of the epoch
         only, so a resumed run continues it. Other terms do nothing."""
 
+    def bind_models(self, models: Mapping[str, nn.Module], key: str) -> None:
+        """Called once by the method, before :meth:`setup_shapes`, with its models by name (``student``,
+        ``teacher``, ...): terms that use a model's own modules (SRD: the teacher's classifier; OFD: its BatchNorms)
+        look them up here (a :class:`ConfigError` naming ``key`` if absent) and keep them unregistered, out of
+        the term's parameters and state dict. Other terms do nothing."""
+
 
 class LayerTerm(DistillationTerm):
     """A term on intermediate outputs: ``student_layer`` / ``teacher_layer`` are dotted module paths
@@ -256,6 +262,11 @@ class DistillationLoss(nn.Module):
             term.setup_shapes(
                 routed(outputs, term.student_read), routed(outputs, term.teacher_read), f"loss.terms.{name}"
             )
+
+    def bind_models(self, models: Mapping[str, nn.Module]) -> None:
+        """Give every term the method's models by name (:meth:`DistillationTerm.bind_models`)."""
+        for name, term in self.terms.items():
+            term.bind_models(models, f"loss.terms.{name}")
 
     def start_epoch(self, epoch: int) -> None:
         """Tell every term that training epoch ``epoch`` (0-based) starts (:meth:`DistillationTerm.start_epoch`)."""

@@ -87,6 +87,8 @@ class DistillationModule(ClassifierMethod):
             self.teacher = None  # ``module.teacher``: the default teacher's model, None without one
         models = {TASK_MODEL: student, **{name: t.model for name, t in self.teachers.items()}}
         self.check_config(loss, models, any(t.cache is not None for t in self.teachers.values()))
+        if isinstance(loss, DistillationLoss) and loss.needs_teacher:
+            loss.bind_models(models)
         self.apply_runtime([("student", student), *(("teacher", t.model) for t in self.teachers.values())])
         distills = loss.needs_teacher
         self.student_taps = Taps(student, loss.layers(TASK_MODEL) if distills else {})
