@@ -76,3 +76,17 @@ def test_unknown_format(tmp_path: Path) -> None:
 def test_freeze() -> None:
     model = freeze(reference().train())
     assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_in_mode_restores_the_models_mode_also_when_the_block_raises(training: bool) -> None:
+    from kd_lightning.engine.weights import in_mode
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout()).train(training)
+    with in_mode(model) as inside:
+        assert inside is model and not model.training and not model[1].training
+    assert model.training is training and model[1].training is training
+    with pytest.raises(RuntimeError, match="boom"), in_mode(model, training=not training):
+        assert model.training is not training
+        raise RuntimeError("boom")
+    assert model.training is training and model[1].training is training

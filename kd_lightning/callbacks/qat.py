@@ -30,6 +30,7 @@ from torch import nn
 from typing_extensions import override
 
 from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.weights import in_mode
 
 #: Layers swapped for their QAT twins (weights fake-quantized).
 QUANTIZED = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -87,13 +88,10 @@ class FakeQuantized:
         self.student = student
         self.float_layers = {name: m for name, m in student.named_modules() if isinstance(m, QUANTIZED)}
         mapping = {**tq.get_default_qat_module_mappings(), nn.Conv1d: qat.Conv1d}
-        training = student.training
-        student.train()  # prepare_qat asks for training mode
         student.qconfig = qconfig()
-        with warnings.catch_warnings():
+        with in_mode(student, training=True), warnings.catch_warnings():  # prepare_qat asks for training mode
             warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao.quantization's notice
             tq.prepare_qat(student, mapping=mapping, inplace=True)
-        student.train(training)
 
     def set_observers(self, enabled: bool) -> None:
         """Update the ranges from the batches (training) or keep them (validation)."""

@@ -16,6 +16,7 @@ from torch import nn
 from kd_lightning.engine.batches import Inputs
 from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.engine.instantiate import build
+from kd_lightning.engine.weights import in_mode
 
 
 def check_class_counts(
@@ -27,10 +28,8 @@ def check_class_counts(
     """Run one example batch through each model (by config key) and compare its logits to
     ``data.num_classes``; the error names the argument of the model's config (``configs``) that sets them."""
     for key, model in models.items():
-        was_training = model.training
-        model.eval()
         try:
-            with torch.no_grad():
+            with in_mode(model), torch.no_grad():
                 out = model(example)
         except (RuntimeError, ValueError, TypeError, IndexError) as error:  # the input does not fit the model
             target = type(model).__name__
@@ -39,8 +38,6 @@ def check_class_counts(
                 f"{key}.model ({target}) cannot read the data's batches ({describe(example)}): {first}; pick a "
                 f"{key} config for this data (e.g. {key.split('.')[0]}=<a model of conf/{key.split('.')[0]}>)"
             ) from None
-        finally:
-            model.train(was_training)
         check_output_shape(out, key)
         if out.shape[-1] != num_classes:
             field = class_count_field((configs or {}).get(key), out.shape[-1])

@@ -10,6 +10,8 @@ loaded itself (e.g. a pretrained-model factory).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,6 +30,18 @@ def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+@contextmanager
+def in_mode(model: nn.Module, training: bool = False) -> Iterator[nn.Module]:
+    """``model`` in training (``training``) or eval mode inside the block, its own mode restored after it, also
+    when the block raises."""
+    was_training = model.training
+    model.train(training)
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def read_state_dict(path: str | Path, key: str = "teacher.checkpoint") -> dict[str, torch.Tensor]:

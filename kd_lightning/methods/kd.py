@@ -16,6 +16,7 @@ from kd_lightning.engine.batches import Inputs, batch_size, to_device
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.runtime import Runtime
 from kd_lightning.engine.taps import Taps
+from kd_lightning.engine.weights import in_mode
 from kd_lightning.losses import DistillationLoss, soft_kl
 from kd_lightning.losses.base import TASK_MODEL
 from kd_lightning.methods.base import OptimizerFactory, SchedulerFactory
@@ -190,11 +191,8 @@ class DistillationModule(ClassifierMethod):
         if not self.needs_setup:
             return
         example = to_device(example, self.device)
-        was_training = self.student.training
-        self.student.eval()
-        with torch.no_grad():
+        with in_mode(self.student), torch.no_grad():
             outputs = {TASK_MODEL: self.student_outputs(example)}
-        self.student.train(was_training)
         outputs |= {name: self.teachers[name].outputs(example) for name in self.loss.models_read & set(self.teachers)}
         self.loss.setup_shapes(outputs, num_samples)
         self.shapes_ready = True

@@ -32,6 +32,7 @@ from kd_lightning.engine.caching.store import (
     weights_digest,
 )
 from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.weights import in_mode
 from kd_lightning.teacher.lookup import DeviceTables, spread_tail
 
 if TYPE_CHECKING:
@@ -174,13 +175,11 @@ class TeacherOutputCache:
 
     @torch.inference_mode()
     def compute(self, teacher: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, np.ndarray]:
-        was_training = teacher.training
-        teacher.eval()
         chunks: dict[str, list[np.ndarray]] = {}
-        for batch in loader:
-            for name, array in self.encode(teacher(self.teacher_input(batch, device)).float()).items():
-                chunks.setdefault(name, []).append(array)
-        teacher.train(was_training)
+        with in_mode(teacher):
+            for batch in loader:
+                for name, array in self.encode(teacher(self.teacher_input(batch, device)).float()).items():
+                    chunks.setdefault(name, []).append(array)
         return {name: arrays[0] if name in WHOLE_TABLE else np.concatenate(arrays) for name, arrays in chunks.items()}
 
     def teacher_input(self, batch: Any, device: torch.device) -> Inputs:
