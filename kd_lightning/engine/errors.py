@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -45,3 +46,23 @@ def check_type(value: Any, types: type | tuple[type, ...], key: str) -> None:
     if is_bool_as_number or not isinstance(value, allowed):
         names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
         raise ConfigError(f"{key}={value!r} must be {names}, not {type(value).__name__}; set {key} to a {names}")
+
+
+def check_positive(value: Any, key: str, note: str = "", allow_none: bool = False) -> float | None:
+    """``value`` as a float when it is a finite number > 0 (``None`` passes when ``allow_none``); else one line
+    naming ``key``: ``{key}={value} must be > 0{note}``."""
+    if value is None and allow_none:
+        return None
+    check_type(value, (int, float), key)
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{key}={value} must be > 0{note}")
+    return float(value)
+
+
+def check_fraction(value: Any, key: str, note: str = "") -> float:
+    """``value`` as a float when it is a number in [0, 1]; else one line naming ``key``:
+    ``{key}={value} is outside [0, 1]{note}``."""
+    check_type(value, (int, float), key)
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise ConfigError(f"{key}={value} is outside [0, 1]{note}")
+    return float(value)

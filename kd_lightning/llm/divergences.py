@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError, check_positive
 from kd_lightning.losses.precision import at_least_fp32
 
 
@@ -52,9 +52,7 @@ class TokenDivergence(nn.Module):
 
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-            raise ConfigError(f"llm.loss.divergence.temperature={temperature} must be > 0 (1 is the LM default)")
-        self.temperature = float(temperature)
+        self.temperature = check_positive(temperature, "llm.loss.divergence.temperature", " (1 is the LM default)")
 
     def log_probs(self, logits: Tensor) -> Tensor:
         """``log_softmax(logits / T)`` in at least float32."""

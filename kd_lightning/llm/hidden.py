@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Any
@@ -11,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.engine.errors import ConfigError, check_type
+from kd_lightning.engine.errors import ConfigError, check_positive
 from kd_lightning.engine.taps import Taps
 
 DISTANCES = ("mse", "cosine")
@@ -77,9 +76,7 @@ class HiddenStateLoss(nn.Module):
         super().__init__()
         if distance not in DISTANCES:
             raise ConfigError(f"llm.hidden.distance={distance!r} must be one of {list(DISTANCES)}")
-        check_type(weight, (int, float), "llm.hidden.weight")
-        if not (math.isfinite(weight) and weight > 0):
-            raise ConfigError(f"llm.hidden.weight={weight} must be > 0 (llm/hidden=none turns the term off)")
+        check_positive(weight, "llm.hidden.weight", " (llm/hidden=none turns the term off)")
         if isinstance(layers, str) and layers != "uniform":
             raise ConfigError(f"{KEY}={layers!r}: give a map {{student layer: teacher layer}} or 'uniform'")
         if not isinstance(layers, str) and not (isinstance(layers, Mapping) and layers):

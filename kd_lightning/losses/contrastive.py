@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError, check_positive
 from kd_lightning.losses.base import LayerTerm
 from kd_lightning.losses.precision import at_least_fp32, autocast_off
 from kd_lightning.losses.reads import ReadSpec
@@ -86,8 +86,7 @@ class CRD(LayerTerm):
         for name, value in (("feat_dim", feat_dim), ("nce_k", nce_k)):
             if value < 1:
                 raise ConfigError(f"loss.terms.crd.{name}={value} must be >= 1")
-        if not nce_t > 0:
-            raise ConfigError(f"loss.terms.crd.nce_t={nce_t} must be > 0 (published: 0.07)")
+        check_positive(nce_t, "loss.terms.crd.nce_t", " (published: 0.07)")
         if not 0.0 <= momentum < 1.0:
             raise ConfigError(f"loss.terms.crd.momentum={momentum} must be in [0, 1) (published: 0.5)")
         self.feat_dim = int(feat_dim)

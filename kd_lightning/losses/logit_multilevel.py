@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.engine.errors import ConfigError, check_type
+from kd_lightning.engine.errors import ConfigError, check_positive, check_type
 from kd_lightning.engine.taps import find_module
 from kd_lightning.losses.base import DistillationTerm
 from kd_lightning.losses.logits import resolve_targets
@@ -182,9 +182,7 @@ class SDD(DistillationTerm):
                 "each dividing the largest (published: [1, 2, 4])"
             )
         check_type(complementary_weight, (int, float), "loss.terms.sdd.complementary_weight")
-        check_type(temperature, (int, float, type(None)), "loss.terms.sdd.temperature")
-        if temperature is not None and not temperature > 0:
-            raise ConfigError(f"loss.terms.sdd.temperature={temperature} must be > 0 (or null: loss.temperature)")
+        check_positive(temperature, "loss.terms.sdd.temperature", " (or null: loss.temperature)", allow_none=True)
         self.scales = scales
         self.complementary_weight = float(complementary_weight)
         self.follows_loss_temperature = temperature is None

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_lightning.engine.errors import ConfigError, check_type
+from kd_lightning.engine.errors import ConfigError, check_positive, check_type
 from kd_lightning.losses.base import UNLABELLED, DistillationTerm
 from kd_lightning.losses.precision import at_least_fp32
 from kd_lightning.losses.reads import ReadSpec
@@ -45,12 +45,8 @@ class LogitTerm(DistillationTerm):
         self, temperature: float | None, standardize: bool, student: ReadSpec = None, teacher: ReadSpec = None
     ) -> None:
         super().__init__(student, teacher)
-        check_type(temperature, (int, float, type(None)), f"{type(self).__name__} temperature")
         check_type(standardize, bool, f"{type(self).__name__} standardize")
-        if temperature is not None and not temperature > 0:
-            raise ConfigError(
-                f"{type(self).__name__} temperature={temperature} must be > 0 (or null: loss.temperature)"
-            )
+        check_positive(temperature, f"{type(self).__name__} temperature", " (or null: loss.temperature)", True)
         #: Without a temperature of its own the term follows ``loss.temperature`` (and its schedules).
         self.follows_loss_temperature = temperature is None
         self.temperature = 4.0 if temperature is None else float(temperature)
