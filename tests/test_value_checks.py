@@ -20,7 +20,7 @@ def test_check_positive_refuses_in_one_line_naming_the_key(value) -> None:
 def test_check_positive_passes_numbers_and_optional_none() -> None:
     assert check_positive(2, "k") == 2.0 and isinstance(check_positive(2, "k"), float)
     assert check_positive(None, "k", allow_none=True) is None
-    with pytest.raises(ConfigError, match="^k=None must be int or float"):
+    with pytest.raises(ConfigError, match=r"^k=None must be int or float"):
         check_positive(None, "k")
 
 
@@ -31,5 +31,5 @@ def test_check_fraction_refuses_outside_the_unit_interval(value) -> None:
 
 
 def test_a_boolean_temperature_is_no_longer_read_as_one() -> None:
-    with pytest.raises(ConfigError, match="llm.loss.divergence.temperature=True must be int or float"):
+    with pytest.raises(ConfigError, match=r"llm\.loss\.divergence\.temperature=True must be int or float"):
         ForwardKL(temperature=True)
