@@ -120,6 +120,11 @@ CASES = [
     case("checkpoint-monitor-unknown", "val/nope", "callbacks.model_checkpoint.monitor=val/nope"),
     case("student-vocab-too-small", "llm.student", "llm.student.vocab_size=50"),
     case("lr-absurd", "optimizer.lr", "optimizer.lr=1e30"),
+    case("teacher-dtype-bf16", "llm.teacher.dtype", "llm.teacher.dtype=bf16"),
+    case("teacher-dtype-list", "llm.teacher.dtype", "llm.teacher.dtype=[bfloat16]"),
+    case("checkpointing-maybe", "llm.student.gradient_checkpointing", "llm.student.gradient_checkpointing=maybe"),
+    case("packing-prompt-only", "llm.data.packing", "llm.data.packing=true", "llm.data.prompt_only=true"),
+    case("pack-length-short", "llm.data.pack_length", "llm.data.packing=true", "llm.data.pack_length=8"),
     # input files are only ever read
     file_case("file-last-line-not-json", "llm.data.train_file", (GOOD_ROW * 3 + '{"prompt": "cut').encode()),
     file_case("file-whitespace-only", "llm.data.train_file", b"   \n\n  \n"),

@@ -57,3 +57,18 @@ def test_kd_llm_distill_with_ddp_spawn_writes_one_run(kd_home: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["metrics"]["val/loss"] > 0
     assert len(list((run_dir / "csv").iterdir())) == 1
+
+
+@pytest.mark.parametrize("cache", ["none", "top_k"])
+def test_kd_llm_distill_on_packed_batches_reports_the_metrics_of_padded_batches(cache: str, kd_home: Path) -> None:
+    """llm.data.packing=true end to end (about 3 examples per row), with a live teacher and with the logit cache
+    built from packed rows: the same examples per step, so the same losses as padded batches (to float error)."""
+    metrics = {}
+    for packing in ("true", "false"):
+        run_dir = kd_home / "llm_cli" / f"packing_{cache}_{packing}"
+        overrides = [f"llm.data.packing={packing}", "llm.data.pack_length=480", f"llm/teacher_cache={cache}"]
+        result = run("kd-llm-distill", *TINY_LM, *overrides, f"hydra.run.dir={run_dir}", home=kd_home)
+        assert result.returncode == 0, result.stderr[-3000:]
+        metrics[packing] = json.loads((run_dir / "summary.json").read_text())["metrics"]
+    assert metrics["true"]["val/loss"] > 0
+    assert metrics["true"] == pytest.approx(metrics["false"], rel=1e-5, abs=1e-7)

@@ -19,7 +19,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from kd_lightning.cli.common import CONFIG_DIR
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.divergences import DIVERGENCES, ForwardKL, GeneralizedJSD
-from kd_lightning.llm.logit_cache import LogitCache, teacher_top_k
+from kd_lightning.llm.logit_cache import LogitCache
+from kd_lightning.llm.teacher_rows import teacher_top_k
 from kd_lightning.llm.token_loss import TokenDistillationLoss
 from kd_lightning.methods.lm import SFT, LMMethod, OnPolicy, TokenKD, sampled_batch
 from kd_lightning.recipes.llm_components import scheme_factory
@@ -203,8 +204,9 @@ def test_teacher_cache_mode(tmp_path: Path) -> None:
     batch = collate(list(reversed(data.train[:3])))
     direct, cached = teacher_top_k(teacher, batch, 8, 1.0, VOCAB), cache.lookup(batch)
     torch.testing.assert_close(cached.ids, direct.ids)
-    torch.testing.assert_close(cached.log_probs, direct.log_probs, atol=1e-2, rtol=1e-3)  # float16 on disk
-    torch.testing.assert_close(cached.tail, direct.tail)
+    exact, decoded = (torch.cat([top.log_probs, top.tail[:, None]], 1) for top in (direct, cached))
+    assert (exact.exp() * (exact - decoded)).sum(-1).max() < 1e-3  # 64 levels on disk (cache_codec)
+    torch.testing.assert_close(cached.tail, direct.tail, atol=2e-3, rtol=1e-3)  # float16 on disk
     module = make_module(teacher=False, logit_cache=cache)
     student = snapshot(module.student)
     trainer = fit(module, data, tmp_path)

@@ -146,5 +146,8 @@ def test_kd_llm_distill_with_a_remote_teacher(server, kd_home: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["metrics"]["val/kl_to_teacher"] > 0 and summary["details"]["logit_cache"]
     assert server.requests == 12  # every training and validation example scored once
-    result = run("kd-llm-distill", *common, f"hydra.run.dir={kd_home / 'llm_cli' / 'remote_bad'}", home=kd_home)
+    # Without llm/teacher_cache the server scores every step (tests/test_llm_served.py); a scheme that runs its
+    # teachers in process is still refused, pointing to the cache.
+    bad = [*common, "llm/method=distillm2", f"hydra.run.dir={kd_home / 'llm_cli' / 'remote_bad'}"]
+    result = run("kd-llm-distill", *bad, home=kd_home)
     assert result.returncode == 2 and "llm/teacher_cache=top_k" in result.stderr

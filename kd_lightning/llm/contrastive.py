@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from kd_lightning.engine.caching.store import weights_digest
 from kd_lightning.engine.errors import ConfigError, check_type
+from kd_lightning.engine.weights import in_mode
 from kd_lightning.llm.divergences import SkewKL, SkewReverseKL
 from kd_lightning.llm.generation import GenerationSettings, generate_file, read_records
 from kd_lightning.llm.prompts import Prompt, prompt_id
@@ -51,6 +52,7 @@ class DistiLLM2Loss(nn.Module):
     """
 
     cross_tokenizer = False
+    reads_top_k = False  # its skewed mixtures need the teacher's full distribution
     needs_teacher = True
     reads: ClassVar[Mapping[str, frozenset[TokenSource]]] = {
         "ce": SUPERVISED_SOURCES,
@@ -90,7 +92,7 @@ class DistiLLM2Loss(nn.Module):
     def shared_vocab(self, student_vocab: int, teacher_vocab: int | None) -> int:
         return self.teacher_side.shared_vocab(student_vocab, teacher_vocab)
 
-    def teacher_tokens(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def teacher_tokens(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
         return self.teacher_side.teacher_tokens(batch)
 
     def alignment(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -124,9 +126,7 @@ def student_responses(
     unique = list(dict.fromkeys(prompts))
     key = json.dumps([weights_digest(student), unique, settings.__dict__], sort_keys=True, default=str)
     path = Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.jsonl"
-    was_training = student.training
-    generate_file(
-        student, tokenizer, [Prompt(prompt_id(text), text, "prompt") for text in unique], path, settings, progress=False
-    )
-    student.train(was_training)
+    with in_mode(student):  # generate_file switches to eval mode; training resumes as it was
+        prompts = [Prompt(prompt_id(text), text, "prompt") for text in unique]
+        generate_file(student, tokenizer, prompts, path, settings, progress=False)
     return {record["prompt"]: record["completion"] for record in read_records(path)}

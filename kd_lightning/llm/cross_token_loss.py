@@ -13,24 +13,53 @@ from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.llm.aligned import row_spans
 from kd_lightning.llm.cross_tokenizer import VocabMapping, gold_loss, uld_loss
 from kd_lightning.llm.protocol import ANY_SOURCE, SUPERVISED_SOURCES, TokenSource
-from kd_lightning.llm.token_loss import IGNORE_INDEX, TokenLossOutput, head_logits, linear_head, next_token_targets
+from kd_lightning.llm.token_loss import (
+    IGNORE_INDEX,
+    TokenLossOutput,
+    head_logits,
+    linear_head,
+    next_token_targets,
+    sequence_inputs,
+)
 
 Alignment = Literal["position", "spans"]
 
 #: Batch keys of the teacher's own tokenisation and of the span alignment (kd_lightning.llm.aligned).
 ALIGNMENT_KEYS = ("teacher_labels", "student_spans", "teacher_spans")
+#: Both sides' per-example positions in packed batches (kd_lightning.llm.packing).
+PACKING_KEYS = ("position_ids", "teacher_position_ids")
 
 
-def position_pairs(student_labels: Tensor, teacher_labels: Tensor) -> tuple[Tensor, Tensor]:
+def position_pairs(
+    student_labels: Tensor,
+    teacher_labels: Tensor,
+    student_positions: Tensor | None = None,
+    teacher_positions: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Flat row indices ``[N]`` into ``[B * L_s]`` and ``[B * L_t]`` that pair, in each sequence, the
     student's ``i``-th completion position with the teacher's ``i``-th, for ``i`` below the shorter
-    completion (ULD's position alignment): the rows that predict each side's ``i``-th completion token."""
+    completion (ULD's position alignment): the rows that predict each side's ``i``-th completion token.
+    Packed rows (both sides' ``position_ids``, :mod:`~kd_lightning.llm.packing`): per example of a row."""
     student_valid = F.pad(student_labels[:, 1:], (0, 1), value=IGNORE_INDEX) != IGNORE_INDEX
     teacher_valid = F.pad(teacher_labels[:, 1:], (0, 1), value=IGNORE_INDEX) != IGNORE_INDEX
-    shorter = torch.minimum(student_valid.sum(1), teacher_valid.sum(1))[:, None]
-    student_keep = student_valid & (student_valid.cumsum(1) <= shorter)
-    teacher_keep = teacher_valid & (teacher_valid.cumsum(1) <= shorter)
-    return student_keep.reshape(-1).nonzero().squeeze(1), teacher_keep.reshape(-1).nonzero().squeeze(1)
+    if student_positions is None or teacher_positions is None:
+        shorter = torch.minimum(student_valid.sum(1), teacher_valid.sum(1))[:, None]
+        student_keep = student_valid & (student_valid.cumsum(1) <= shorter)
+        teacher_keep = teacher_valid & (teacher_valid.cumsum(1) <= shorter)
+        return student_keep.reshape(-1).nonzero().squeeze(1), teacher_keep.reshape(-1).nonzero().squeeze(1)
+    examples = max(student_labels.shape[1], teacher_labels.shape[1]) + 1
+    sides = ((student_valid, student_positions), (teacher_valid, teacher_positions))
+    segments = [(positions == 0).long().cumsum(1) - 1 for _, positions in sides]
+    counts = [
+        valid.new_zeros((valid.shape[0], examples), dtype=torch.long).scatter_add_(1, segment, valid.long())
+        for (valid, _), segment in zip(sides, segments, strict=True)
+    ]
+    shorter = torch.minimum(*counts)
+    keep = []
+    for (valid, _), segment, count in zip(sides, segments, counts, strict=True):
+        rank = valid.long().cumsum(1) - (count.cumsum(1) - count).gather(1, segment)
+        keep.append((valid & (rank <= shorter.gather(1, segment))).reshape(-1).nonzero().squeeze(1))
+    return keep[0], keep[1]
 
 
 class Side(NamedTuple):
@@ -72,6 +101,7 @@ class CrossTokenizerLoss(nn.Module):
     """
 
     cross_tokenizer = True
+    reads_top_k = False  # it maps the teacher's whole vocabulary onto the student's
     #: Which token sources each term may read (:mod:`kd_lightning.llm.protocol`).
     reads: ClassVar[Mapping[str, frozenset[TokenSource]]] = {"ce": SUPERVISED_SOURCES, "distill": ANY_SOURCE}
 
@@ -109,19 +139,20 @@ class CrossTokenizerLoss(nn.Module):
         """Set the vocabulary mapping (widths: the two output layers) that ``"spans"`` compares."""
         self.mapping = mapping
 
-    def teacher_tokens(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """``(input_ids, attention_mask)`` of the teacher's own tokenisation (``teacher_*`` batch keys)."""
+    def teacher_tokens(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
+        """``(input_ids, attention_mask[, position_ids])`` of the teacher's own tokenisation (``teacher_*`` keys)."""
         if "teacher_input_ids" not in batch:
             raise ConfigError(
                 "llm/loss=uld or gold needs batches encoded for both tokenizers (teacher_* keys); "
                 "kd-llm-distill builds them when the student has its own tokenizer (llm.student.tokenizer)"
             )
-        return batch["teacher_input_ids"], batch["teacher_attention_mask"]
+        return sequence_inputs(batch, "teacher_")
 
     def alignment(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The teacher's labels and both sides' span ids, as :meth:`forward` arguments."""
+        """The teacher's labels and both sides' span ids (and position ids, packed), as :meth:`forward` arguments."""
         self.teacher_tokens(batch)
-        return {key: batch[key] for key in ALIGNMENT_KEYS}
+        keys = (*ALIGNMENT_KEYS, *(key for key in PACKING_KEYS if key in batch))
+        return {key: batch[key] for key in keys}
 
     def forward(
         self,
@@ -135,6 +166,8 @@ class CrossTokenizerLoss(nn.Module):
         teacher_spans: Tensor | None = None,
         monitor_kl: bool = False,
         source: TokenSource = TokenSource.GROUND_TRUTH,
+        position_ids: Tensor | None = None,
+        teacher_position_ids: Tensor | None = None,
     ) -> TokenLossOutput:
         """Sums over the labelled student tokens (see :class:`~kd_lightning.llm.token_loss.TokenLossOutput`):
         ``parts`` are ``ce``, ``distill`` and ``aligned`` (the number of aligned units). ``monitor_kl`` is
@@ -153,7 +186,8 @@ class CrossTokenizerLoss(nn.Module):
                 raise ValueError("alpha > 0 needs teacher_hidden, teacher_head and teacher_labels")
             teacher = Side(teacher_hidden, *linear_head(teacher_head, "llm.teacher.model"))
             if self.alignment_kind == "position":
-                distill, aligned = self._uld(student, teacher, labels, teacher_labels)
+                packed = (position_ids, teacher_position_ids)
+                distill, aligned = self._uld(student, teacher, labels, teacher_labels, *packed)
             else:
                 if student_spans is None or teacher_spans is None:
                     raise ValueError("alignment='spans' needs student_spans and teacher_spans")
@@ -164,9 +198,11 @@ class CrossTokenizerLoss(nn.Module):
         parts = {"ce": ce.detach(), "distill": distill.detach(), "aligned": aligned.detach()}
         return TokenLossOutput(total=total, count=positions.new_tensor(positions.numel()), parts=parts)
 
-    def _uld(self, student: Side, teacher: Side, labels: Tensor, teacher_labels: Tensor) -> tuple[Tensor, Tensor]:
-        """ULD summed over the position-aligned completion tokens, and their number."""
-        student_rows, teacher_rows = position_pairs(labels, teacher_labels)
+    def _uld(
+        self, student: Side, teacher: Side, labels: Tensor, teacher_labels: Tensor, *positions: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """ULD summed over the position-aligned completion tokens (per example of packed rows), and their number."""
+        student_rows, teacher_rows = position_pairs(labels, teacher_labels, *positions)
         student_logits = student.logits(student.flat().index_select(0, student_rows))
         with torch.no_grad():
             teacher_logits = teacher.logits(teacher.flat().index_select(0, teacher_rows))

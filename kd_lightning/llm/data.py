@@ -10,12 +10,14 @@ Batches (dicts of ``long`` tensors):
 - with completions: ``input_ids``, ``attention_mask`` ``(B, L)`` (prompt + completion + EOS, padded on
   the right), ``labels`` ``(B, L)`` (the completion and its EOS; prompt and padding are -100), and the
   prompts alone, padded on the left for generation: ``prompt_input_ids``, ``prompt_attention_mask`` ``(B, P)``;
-- ``prompt_only=True`` (on-policy training, the student writes the completions): only the two prompt keys.
+- ``prompt_only=True`` (on-policy training, the student writes the completions): only the two prompt keys;
+- ``packing=True``: the completion keys hold several examples per row and ``position_ids`` restarting at 0
+  for each (:mod:`kd_lightning.llm.packing`); the prompt keys stay one row per example.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,10 @@ from kd_lightning.llm.aligned import AlignedEncoder
 from kd_lightning.llm.encoding import ExampleEncoder
 from kd_lightning.llm.generation import keep_correct, keep_shortest, read_records
 from kd_lightning.llm.multi_teacher import RoutedEncoder, RowRouting
+from kd_lightning.llm.packing import pack_batch
 from kd_lightning.llm.prompts import make_prompts
 from kd_lightning.llm.protocol import SOURCE_KEY, TokenSource
+from kd_lightning.llm.served import ReadAheadLoader
 
 
 def reference_completion(answer: int) -> str:
@@ -118,6 +122,11 @@ class LLMDataModule(L.LightningDataModule):
     - ``routing``: several teachers, one per row (:class:`~kd_lightning.llm.multi_teacher.RowRouting`):
       batches get ``teacher_index``; with ``teacher_tokenizer`` one tokenizer per teacher, in order, each
       row aligned for its own teacher.
+    - ``packing``: the examples of a batch (still ``batch_size`` of them) share rows of at most ``pack_length``
+      tokens (null: ``max_length``), first fit, attending within their own example only
+      (:mod:`kd_lightning.llm.packing`): less padding, the same per-example losses and gradients. Batches
+      with completions only: not with ``prompt_only`` or ``routing``; student responses (DistiLLM-2's
+      ``sampled_*`` keys, a loss of their own) stay one per row.
     """
 
     def __init__(
@@ -138,8 +147,16 @@ class LLMDataModule(L.LightningDataModule):
         teacher_tokenizer: PreTrainedTokenizerBase | Sequence[PreTrainedTokenizerBase] | None = None,
         routing: RowRouting | None = None,
         source: str = TokenSource.GROUND_TRUTH.value,
+        packing: bool = False,
+        pack_length: int | None = None,
     ) -> None:
         super().__init__()
+        if packing and (prompt_only or routing is not None):
+            why = "llm.data.prompt_only=true batches hold prompts only" if prompt_only else "routing is per row"
+            raise ConfigError(f"llm.data.packing=true packs dataset completions but {why}: set llm.data.packing=false")
+        if pack_length is not None and (type(pack_length) is not int or pack_length < max_length):
+            raise ConfigError(f"llm.data.pack_length={pack_length} must be >= llm.data.max_length={max_length} or null")
+        self.pack_length = (pack_length or max_length) if packing else None
         if source not in (TokenSource.GROUND_TRUTH.value, TokenSource.TEACHER.value):
             raise ConfigError(f"llm.data.source={source!r}: the completions are 'ground_truth' or 'teacher' text")
         self.source = source
@@ -158,6 +175,12 @@ class LLMDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.splits: dict[str, list[dict[str, Any]]] = {}
         self.prompts: dict[str, list[str]] = {}
+        self.read_ahead: tuple[Callable[[Mapping[str, Any]], None], int] | None = None
+
+    def read_ahead_with(self, hook: Callable[[Mapping[str, Any]], None], depth: int) -> None:
+        """Hand every batch to ``hook`` when a loader reads it, ``depth`` batches before yielding it (a served
+        teacher starts scoring it: :class:`~kd_lightning.llm.served.ReadAheadLoader`)."""
+        self.read_ahead = (hook, depth)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -200,14 +223,26 @@ class LLMDataModule(L.LightningDataModule):
     def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Pad a list of encoded examples into one batch (see the module docstring)."""
         batch = self.encoder.collate(examples)
+        if self.pack_length is not None and "completion" in examples[0]:
+            batch = pack_batch(batch, examples, self.pad_ids(), self.pack_length)
         if "sampled_completion" in examples[0]:
             batch.update(self.encoder.collate(examples, prefix="sampled_"))
         return {**batch, SOURCE_KEY: self.source}
 
+    def pad_ids(self) -> dict[str, int]:
+        """Pad id per tokenisation (key prefix) of the batches: the student's, and the teacher's when aligned."""
+        pads = {"": self.tokenizer.pad_token_id}
+        if isinstance(self.encoder, AlignedEncoder):
+            pads["teacher_"] = self.encoder.teacher.tokenizer.pad_token_id
+        return pads
+
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         self.setup()
-        return DataLoader(
+        hook, depth = self.read_ahead or (None, 0)
+        return ReadAheadLoader(
             self.splits[split],
+            read_ahead=hook,
+            depth=depth,
             batch_size=batch_size,
             shuffle=shuffle,
             collate_fn=self.collate,

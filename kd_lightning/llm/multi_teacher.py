@@ -24,7 +24,13 @@ from torch import Tensor, nn
 
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.protocol import batch_source
-from kd_lightning.llm.token_loss import TokenLossOutput, final_hidden_states, head_logits, linear_head
+from kd_lightning.llm.token_loss import (
+    TokenLossOutput,
+    final_hidden_states,
+    head_logits,
+    linear_head,
+    sequence_inputs,
+)
 from kd_lightning.losses.mixture import mixture_logits
 
 Batch = Mapping[str, Any]
@@ -216,7 +222,7 @@ class TokenMixture(TeacherCombination):
         logits = {}
         with torch.no_grad():
             for name in self.names:
-                hidden = final_hidden_states(teachers[name], batch["input_ids"], batch["attention_mask"])
+                hidden = final_hidden_states(teachers[name], *sequence_inputs(batch))
                 weight, bias = linear_head(teachers[name].get_output_embeddings(), "llm.teacher.teachers")
                 logits[name] = head_logits(hidden, weight, bias, loss.vocab_size or weight.shape[0])
             mixed = self.mixture_logits(list(logits.values()), loss.temperature)

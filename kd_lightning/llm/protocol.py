@@ -46,6 +46,7 @@ class TokenLoss(Protocol):
 
     - ``needs_teacher``: training reads teacher outputs (False: the teacher never runs in training).
     - ``cross_tokenizer``: the teacher reads its own tokenisation of the batch (``teacher_*`` keys).
+    - ``reads_top_k``: the teacher may come as top-k rows (a logit cache, a served teacher).
     - ``reads``: term name -> the token sources it may read (see the module docstring).
     - ``temperature``, ``vocab_size``: the distributions compared (``vocab_size`` null: the heads' width).
     - ``__call__(student_hidden, student_head, labels, *, source, monitor_kl, **teacher)``: sums over the
@@ -55,10 +56,11 @@ class TokenLoss(Protocol):
 
     needs_teacher: bool
     cross_tokenizer: bool
+    reads_top_k: bool
     reads: Mapping[str, frozenset[TokenSource]]
     temperature: float
 
-    def teacher_tokens(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]: ...
+    def teacher_tokens(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, ...]: ...
 
     def alignment(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]: ...
 

@@ -93,6 +93,8 @@ class SampledReverseKL(TokenDistillationLoss):
     }
     #: Unbiased only for samples drawn from the student's own (untruncated) distribution at ``temperature``.
     exact_samples = True
+    #: It needs the teacher's log-probability of each sampled token, which top-k rows may lack.
+    reads_top_k = False
 
     def __init__(
         self,

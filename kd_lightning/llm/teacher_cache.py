@@ -1,8 +1,9 @@
 """``conf/llm/teacher_cache``: how an LM teacher's outputs are stored instead of running it every step.
 
 :class:`TopKCache` (``llm/teacher_cache=top_k``): the teacher's ``top_k`` next-token log-probabilities (+
-the tail mass) for every training and validation token, computed once into a content-keyed
-:class:`~kd_lightning.llm.logit_cache.LogitCache` and read back; the teacher then leaves training (the
+the tail mass) for every training and validation token, computed once at temperature 1 into a
+content-keyed :class:`~kd_lightning.llm.logit_cache.LogitCache` and read back re-tempered to the loss's
+temperature (a temperature sweep shares one cache); the teacher then leaves training (the
 sparse top-k KD of Raman et al. 2023 and DistillKit's offline logits). ``llm/teacher_cache=none``: the
 teacher runs live.
 """
@@ -28,7 +29,7 @@ class TopKCache:
 
     Args:
         top_k: stored token ids per position (the rest is one tail bucket).
-        directory: the cache root (keyed below it by teacher weights, data, top_k, temperature, vocabulary).
+        directory: the cache root (keyed below it by teacher weights, data, top_k, vocabulary; not temperature).
     """
 
     def __init__(self, top_k: int = 32, directory: str = "llm_logits") -> None:
@@ -39,8 +40,8 @@ class TopKCache:
         self.directory = Path(directory)
 
     def fill(self, teacher: Any, datamodule: L.LightningDataModule, loss: Any, device: Any) -> LogitCache:
-        """The cache of ``teacher`` over the training and validation batches, at ``loss``'s temperature and
-        shared vocabulary (a module teacher runs on ``device``; a remote one is asked once per token)."""
+        """The cache of ``teacher`` over the training and validation batches, read at ``loss``'s temperature,
+        over its shared vocabulary (a module teacher runs on ``device``; a remote one is asked once per token)."""
         start = time.perf_counter()
         cache = LogitCache.build(
             teacher.to(device) if isinstance(teacher, nn.Module) else teacher,

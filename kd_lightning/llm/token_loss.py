@@ -67,13 +67,29 @@ def next_token_targets(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> tupl
     return targets, positions
 
 
-def final_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def final_hidden_states(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None
+) -> Tensor:
     """``[B, T, H]``: a Hugging Face causal LM's last hidden states, the input of its ``lm_head``. Positions
-    count attended tokens only, so left- and right-padded rows give the same values."""
+    count attended tokens only, so left- and right-padded rows give the same values. Packed rows
+    (:mod:`kd_lightning.llm.packing`) give ``position_ids`` restarting at 0 for each example: the decoder then
+    gets no 2D mask, and Hugging Face's packed-sequence path (``find_packed_sequence_indices``: a new
+    sequence wherever positions do not step by 1) lets no token attend across examples."""
+    if position_ids is not None:
+        out = model.get_decoder()(input_ids=input_ids, attention_mask=None, position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state
     position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
     decoder = model.get_decoder()
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state
+
+
+def sequence_inputs(batch: Mapping[str, Tensor], prefix: str = "") -> tuple[Tensor, ...]:
+    """The :func:`final_hidden_states` arguments of a batch's ``{prefix}`` tokenisation: ``(input_ids,
+    attention_mask)``, plus ``position_ids`` for packed rows."""
+    inputs = (batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"])
+    packed = batch.get(f"{prefix}position_ids")
+    return inputs if packed is None else (*inputs, packed)
 
 
 def linear_head(head: nn.Module, key: str) -> tuple[Tensor, Tensor | None]:
@@ -183,6 +199,8 @@ class TokenDistillationLoss(nn.Module):
 
     #: Teacher and student read the same token ids (see :class:`~kd_lightning.llm.cross_token_loss.CrossTokenizerLoss`).
     cross_tokenizer = False
+    #: The teacher may be given as top-k rows (:class:`SparseTeacher`: a logit cache, a served teacher).
+    reads_top_k = True
     #: Which token sources each term may read (:mod:`kd_lightning.llm.protocol`).
     reads: ClassVar[Mapping[str, frozenset[TokenSource]]] = {"ce": SUPERVISED_SOURCES, "distill": ANY_SOURCE}
 
@@ -190,9 +208,9 @@ class TokenDistillationLoss(nn.Module):
     def temperature(self) -> float:
         return self.divergence.temperature
 
-    def teacher_tokens(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """``(input_ids, attention_mask)`` the teacher reads: the student's own."""
-        return batch["input_ids"], batch["attention_mask"]
+    def teacher_tokens(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
+        """``(input_ids, attention_mask[, position_ids])`` the teacher reads: the student's own."""
+        return sequence_inputs(batch)
 
     def alignment(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Extra :meth:`forward` arguments from the batch: none (one tokenisation)."""

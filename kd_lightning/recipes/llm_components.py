@@ -17,6 +17,7 @@ from kd_lightning.engine.weights import freeze
 from kd_lightning.llm.cross_tokenizer import VocabMapping
 from kd_lightning.llm.models import check_tokenizers, check_vocab_rows, embedding_rows, same_tokenizer
 from kd_lightning.llm.multi_teacher import RowRouting, TeacherCombination
+from kd_lightning.llm.served import ServedTeacher
 from kd_lightning.methods.lm.base import LMMethod
 
 
@@ -53,6 +54,16 @@ def offer(factory: Callable[..., LMMethod], **ingredients: Any) -> LMMethod:
 def frozen(teacher: Any) -> Any:
     """A module teacher frozen; a remote one (:class:`~kd_lightning.llm.remote.RemoteTeacher`) as it is."""
     return freeze(teacher) if isinstance(teacher, nn.Module) else teacher
+
+
+def serve_teacher(node: DictConfig, teacher: Any, loss: Any, student: nn.Module, datamodule: Any) -> ServedTeacher:
+    """A remote teacher scoring every step (``llm.teacher.top_k`` log-probabilities per position), its requests
+    sent as the data loaders read batches, ``llm.teacher.prefetch`` batches ahead of training."""
+    vocab = loss.shared_vocab(student.get_output_embeddings().weight.shape[0], None)
+    served = ServedTeacher(teacher, node.get("top_k", 20), loss.temperature, vocab, prefetch=node.get("prefetch", 2))
+    if served.prefetch:  # Lightning reads one batch ahead itself
+        datamodule.read_ahead_with(served.submit, served.prefetch - 1)
+    return served
 
 
 def teacher_names(node: DictConfig) -> list[str]:

@@ -18,6 +18,8 @@ from torch import nn
 from kd_lightning.engine.instantiate import build, build_trainer, log_run_config
 from kd_lightning.engine.run_dir import announce, start_run
 from kd_lightning.engine.threads import set_cpu_threads
+from kd_lightning.llm.memory import estimate_memory
+from kd_lightning.llm.models import cast_teachers, teacher_dtype
 from kd_lightning.recipes.fit import sync_csv_columns
 from kd_lightning.recipes.llm_components import (
     build_student,
@@ -27,6 +29,7 @@ from kd_lightning.recipes.llm_components import (
     pair_tokenizers,
     parameter_counts,
     scheme_factory,
+    serve_teacher,
     teacher_names,
 )
 from kd_lightning.recipes.llm_preflight import (
@@ -47,6 +50,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     """Run one LM distillation job; returns the summary (metrics included), also written to summary.json."""
     start = time.perf_counter()
     check_values(cfg)
+    teacher_dtype(cfg.llm.teacher.get("dtype"))  # refused before any model is built
     run = start_run(cfg)
     if run.finished is not None:  # a requeued job of a run that already finished
         return run.finished
@@ -67,6 +71,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         factory.func.check_hidden(cached, remote=teachers.remote, cross_tokenizer=cross)  # type: ignore[attr-defined]
     teacher, tokenizer = next(iter(teachers.models.values())), next(iter(teachers.tokenizers.values()))
     student, student_tokenizer = build_student(cfg.llm.student, teacher, tokenizer)
+    cast_teachers(teachers.models, teacher_dtype(cfg.llm.teacher.get("dtype")))  # after layer_subset copied them
     set_cpu_threads(cfg.cpu_threads, [*teachers.models.values(), student], "cpu_threads")
     if teachers.combination is None:
         pairing = pair_tokenizers(loss, teacher, student, tokenizer, student_tokenizer)
@@ -79,10 +84,12 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     check_token_ids(datamodule, {"llm.student.model": student, **{f"llm.teacher.{n}": m for n, m in readers.items()}})
 
     live = teachers.combination is None and isinstance(teacher, nn.Module)
-    cache = None
+    cache = served = None
     if cached:
         cache = build(cfg.llm.teacher_cache, "llm.teacher_cache")
         cache = cache.fill(teacher, datamodule, loss, trainer.strategy.root_device)
+    elif teachers.remote and teachers.combination is None and loss is not None and loss.needs_teacher:
+        served = serve_teacher(cfg.llm.teacher, teacher, loss, student, datamodule)
     module = offer(
         factory,
         student=student,
@@ -95,6 +102,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         combination=teachers.combination,
         losses=losses,
         logit_cache=cache,
+        served_teacher=served,
         lora=OmegaConf.to_container(cfg.llm.lora, resolve=True) if cfg.llm.lora else None,
         pad_token_id=student_tokenizer.pad_token_id,
         eos_token_id=student_tokenizer.eos_token_id,
@@ -112,12 +120,20 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         check_resume_teacher(run.ckpt_path, module, cfg.allow_other_teacher)
     params = parameter_counts(student, module, teachers)
     log_run_config(trainer, cfg, params)
+    if trainer.is_global_zero:  # the estimated peak memory per device, by part (kd_lightning/llm/memory.py)
+        rows = getattr(datamodule, "pack_length", None) or cfg.llm.data.max_length
+        trained, models = module.trainable_parameters(), [module.teacher, *module.teachers.values()]  # those it runs
+        announce(estimate_memory(module.student, models, trained, datamodule.batch_size, rows, module.loss).describe())
 
     fit_start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=run.ckpt_path)
-    if "val/loss" not in trainer.callback_metrics:  # max_steps ended the fit before any validation
-        sync_csv_columns(trainer)
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=run.ckpt_path)
+        if "val/loss" not in trainer.callback_metrics:  # max_steps ended the fit before any validation
+            sync_csv_columns(trainer)
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+    finally:
+        if served is not None:
+            served.close()
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     check_finite_validation(metrics, module)
     frozen = [count for name, count in params.items() if name.startswith("params/teacher")]

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 LM_OFFERED = frozenset(
     {"student", "loss", "optimizer", "scheduler", "teacher", "teachers", "combination", "losses", "logit_cache"}
     | {"lora", "pad_token_id", "eos_token_id", "seed", "save_teacher", "nonfinite", "nonfinite_check_every"}
-    | {"aligned", "vocab_size"}
+    | {"aligned", "vocab_size", "served_teacher"}
 )
 #: The largest learning rate accepted: beyond it one step moves weights by more than their scale.
 MAX_LM_LR = 1.0

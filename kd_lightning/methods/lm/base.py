@@ -15,9 +15,10 @@ from kd_lightning.engine.errors import ConfigError, TrainingDiverged
 from kd_lightning.llm.hidden import HiddenStateLoss, check_hidden_support
 from kd_lightning.llm.logit_cache import LogitCache
 from kd_lightning.llm.protocol import SUPERVISED_SOURCES, TokenLoss, TokenSource, batch_source
-from kd_lightning.llm.token_loss import TokenLossOutput, final_hidden_states
+from kd_lightning.llm.served import ServedTeacher
+from kd_lightning.llm.token_loss import TokenLossOutput, final_hidden_states, sequence_inputs
 from kd_lightning.methods.base import Method, OptimizerFactory, SchedulerFactory
-from kd_lightning.methods.lm.heads import check_cache, check_head
+from kd_lightning.methods.lm.heads import check_cache, check_head, check_packing
 from kd_lightning.methods.lm.metrics import TokenMetrics
 
 Batch = Mapping[str, Any]
@@ -35,7 +36,8 @@ class LMMethod(TokenMetrics, Method):
     - Teachers: frozen (``eval()``, ``requires_grad_(False)``), run under ``no_grad``, never in the optimizer,
       left out of checkpoints unless ``save_teacher`` (put back from memory on load): one ``teacher``, or
       several by name (``teachers``, for schemes that combine them). ``logit_cache``: the one teacher's
-      top-k outputs read back instead (:class:`~kd_lightning.llm.logit_cache.LogitCache`).
+      top-k outputs read back instead (:class:`~kd_lightning.llm.logit_cache.LogitCache`); ``served_teacher``:
+      asked of a server every step (:class:`~kd_lightning.llm.served.ServedTeacher`).
     - Student: fully fine-tuned, or LoRA adapters only when ``lora`` (``peft.LoraConfig`` arguments) is given.
     - Tokens: each batch says where its labelled tokens came from (``token_source``) and the loss applies
       each term only to the sources it declares (:mod:`kd_lightning.llm.protocol`).
@@ -48,7 +50,8 @@ class LMMethod(TokenMetrics, Method):
     batch), and states its rules as class methods (:meth:`check_config`, :meth:`check_options`) that
     ``kd-llm-distill`` runs before any model is built. Class attributes read by the recipe:
     ``teacher_range`` (teachers it takes: one via ``llm.teacher``, several via ``llm.teacher.teachers``),
-    ``takes_logit_cache`` (``llm/teacher_cache`` may replace the live teacher), ``uses_loss`` (``llm.loss``
+    ``takes_logit_cache`` (``llm/teacher_cache`` may replace the live teacher), ``takes_served_teacher`` (a
+    teacher behind a server may score its steps, ``llm/teacher=remote``), ``uses_loss`` (``llm.loss``
     is its objective), ``token_sources`` (where the tokens it trains on come from: some term of ``llm.loss``
     must read one of them), ``takes_hidden`` (``llm/hidden`` may add its hidden-state term to the loss).
 
@@ -59,6 +62,7 @@ class LMMethod(TokenMetrics, Method):
 
     teacher_range: tuple[int, int | None] = (1, 1)
     takes_logit_cache: bool = True
+    takes_served_teacher: bool = True
     uses_loss: bool = True
     token_sources: frozenset[TokenSource] = SUPERVISED_SOURCES  # dataset text: references or teacher-written
     takes_hidden: bool = True
@@ -79,6 +83,7 @@ class LMMethod(TokenMetrics, Method):
         nonfinite: str = "error",
         nonfinite_check_every: int | str = "auto",
         hidden: HiddenStateLoss | None = None,
+        served_teacher: ServedTeacher | None = None,
     ) -> None:
         super().__init__(
             optimizer,
@@ -87,8 +92,9 @@ class LMMethod(TokenMetrics, Method):
             nonfinite=nonfinite,
             nonfinite_check_every=nonfinite_check_every,
         )
-        names = ["teacher"] if teacher is not None or logit_cache is not None else []
-        type(self).check_config(loss, [*names, *(teachers or {})], cached=logit_cache is not None, remote=False)
+        remote = served_teacher is not None
+        names = ["teacher"] if teacher is not None or logit_cache is not None or remote else []
+        type(self).check_config(loss, [*names, *(teachers or {})], cached=logit_cache is not None, remote=remote)
         if logit_cache is not None:
             check_cache(logit_cache, loss, student)
         if lora:
@@ -104,10 +110,11 @@ class LMMethod(TokenMetrics, Method):
             self.teachers[name] = self.add_frozen(f"teacher_{name}", model)
         self.loss = loss
         self.logit_cache = logit_cache
+        self.served_teacher = served_teacher
         self.hidden = hidden
         if hidden is not None:
             cross = loss is not None and loss.cross_tokenizer
-            type(self).check_hidden(cached=logit_cache is not None, remote=False, cross_tokenizer=cross)
+            type(self).check_hidden(cached=logit_cache is not None, remote=remote, cross_tokenizer=cross)
             if self.teacher is None:
                 raise ConfigError("llm/hidden reads a live teacher's decoder layers: give llm/teacher (a model)")
             hidden.bind(self.student, self.teacher)
@@ -137,10 +144,12 @@ class LMMethod(TokenMetrics, Method):
                 f"llm/teacher_cache holds one teacher's outputs for dataset sequences; llm/method={cls.config_name()} "
                 "runs the teachers live: set llm/teacher_cache=none"
             )
-        if remote and not cached and cls.uses_loss and loss is not None and loss.needs_teacher:
+        serving = remote and not cached and cls.uses_loss and loss is not None and loss.needs_teacher
+        if serving and not cls.takes_served_teacher:
             raise ConfigError(
-                "llm/teacher=remote scores tokens once into the logit cache: set llm/teacher_cache=top_k (grey-box), "
-                "or distil black-box: kd-llm-generate llm/teacher=remote, then llm/method=sft llm/data=teacher_text"
+                f"llm/method={name} runs its teachers in process; a served teacher (llm/teacher=remote) scores "
+                "the steps of llm/method=token_kd and on_policy: set llm/teacher_cache=top_k, or distil "
+                "black-box: kd-llm-generate llm/teacher=remote, then llm/method=sft llm/data=teacher_text"
             )
         if cls.uses_loss and loss is not None:
             if not any(cls.token_sources & sources for sources in loss.reads.values()):
@@ -159,6 +168,13 @@ class LMMethod(TokenMetrics, Method):
                 raise ConfigError(
                     "llm/teacher_cache stores the teacher's top-k over its own vocabulary at the student's "
                     "positions; with different tokenizers (llm/loss=uld or gold) set llm/teacher_cache=none"
+                )
+            if (cached or remote) and not loss.reads_top_k:
+                where = "llm/teacher_cache=top_k" if cached else "llm/teacher=remote"
+                raise ConfigError(
+                    f"{where} gives the teacher's top-k log-probabilities, which llm/loss ({type(loss).__name__}) "
+                    "cannot read (it needs the teacher's full distribution or its tokenizer): use a live teacher or "
+                    "another llm/loss (forward_kl, reverse_kl, jsd, skl, srkl, tvd)"
                 )
 
     @classmethod
@@ -211,8 +227,9 @@ class LMMethod(TokenMetrics, Method):
         """The teacher's keyword arguments of ``loss`` on ``batch``: cached top-k, live hidden states, or none."""
         if not (loss.needs_teacher or (monitor_kl and not loss.cross_tokenizer)):
             return {}
-        if self.logit_cache is not None:
-            return {"teacher_topk": self.logit_cache.lookup(batch)}
+        targets = self.logit_cache if self.logit_cache is not None else self.served_teacher
+        if targets is not None:
+            return {"teacher_topk": targets.lookup(batch)}
         if self.teacher is None:
             return {}
         with torch.no_grad():
@@ -224,7 +241,7 @@ class LMMethod(TokenMetrics, Method):
         training, plus ``llm.hidden.weight`` times the hidden-state term per token (``parts["hidden"]``)."""
         term = self.hidden if self.hidden is not None and self.training else None
         with term.capture("student") if term else nullcontext({}) as student_states:
-            hidden = final_hidden_states(self.student, batch["input_ids"], batch["attention_mask"])
+            hidden = final_hidden_states(self.student, *sequence_inputs(batch))
         with term.capture("teacher") if term else nullcontext({}) as teacher_states:
             teacher = self.teacher_outputs(loss, batch, monitor_kl)
         monitor = monitor_kl and bool(teacher)
@@ -283,8 +300,10 @@ class LMMethod(TokenMetrics, Method):
         """Once per model, on the first batch that feeds it: its logits must be ``lm_head(last hidden)``."""
         for key, (model, rows, loss) in self.head_models(batch).items():
             if key not in self.heads_checked:
-                ids, mask = (rows["input_ids"], rows["attention_mask"]) if loss is None else loss.teacher_tokens(rows)
-                check_head(model, key, ids, mask)
+                tokens = sequence_inputs(rows) if loss is None else loss.teacher_tokens(rows)
+                check_head(model, key, *tokens[:2])
+                if len(tokens) > 2:  # packed rows
+                    check_packing(model, key, *tokens[:2])
                 self.heads_checked.add(key)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -305,6 +324,8 @@ class LMMethod(TokenMetrics, Method):
             self.teacher_digests = {name: weights_digest(model) for name, model in self.frozen_models().items()}
             if self.logit_cache is not None:
                 self.teacher_digests["logit_cache"] = self.logit_cache.path.name
+            if self.served_teacher is not None:
+                self.teacher_digests["served"] = self.served_teacher.identity
         return self.teacher_digests
 
     def resume_state(self) -> dict[str, Any]:

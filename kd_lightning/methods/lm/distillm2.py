@@ -36,6 +36,7 @@ class DistiLLM2(LMMethod):
     scheme = "distillm2"
 
     takes_logit_cache = False
+    takes_served_teacher = False
     takes_hidden = False
 
     def __init__(self, *args: Any, generation: Mapping[str, Any] | None = None, **kwargs: Any) -> None:

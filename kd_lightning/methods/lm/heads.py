@@ -1,5 +1,6 @@
 """Checks of what the chunked token loss reads: a causal LM's logits must be ``lm_head(last hidden state)``
-(it computes logits from hidden states chunk by chunk), and a logit cache must match the loss."""
+(it computes logits from hidden states chunk by chunk), and a logit cache must match the loss (and is read at
+its temperature)."""
 
 from __future__ import annotations
 
@@ -31,13 +32,31 @@ def check_head(model: nn.Module, key: str, input_ids: Tensor, attention_mask: Te
         )
 
 
-def check_cache(cache: LogitCache, loss: Any, student: nn.Module) -> None:
-    """The cache must hold the teacher at the loss's temperature over the loss's vocabulary."""
-    if cache.temperature != loss.temperature:
+@torch.no_grad()
+def check_packing(model: nn.Module, key: str, input_ids: Tensor, attention_mask: Tensor) -> None:
+    """Fail unless ``model`` keeps attention within packed examples (:mod:`kd_lightning.llm.packing`): the
+    first attended tokens of one row, after another sequence in the same row, must give the hidden states
+    they give alone (an attention implementation that ignores position-id packing attends across)."""
+    tokens = input_ids[0][attention_mask[0].bool()][:16].unsqueeze(0)
+    row = torch.cat([tokens.flip(1), tokens], dim=1)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).repeat(1, 2)
+    was_training = model.training
+    model.eval()
+    alone = final_hidden_states(model, tokens, torch.ones_like(tokens)).float()
+    packed = final_hidden_states(model, row, torch.ones_like(row), positions)[:, tokens.shape[1] :].float()
+    model.train(was_training)
+    if not torch.allclose(packed, alone, rtol=1e-3, atol=1e-3 * float(alone.abs().max().clamp(min=1.0))):
         raise ConfigError(
-            f"the logit cache holds teacher log-probs at T={cache.temperature} but the loss compares at "
-            f"T={loss.temperature}; rebuild the cache at the loss temperature"
+            f"llm.data.packing=true: {key} attends across the examples of a packed row (its attention "
+            f"implementation, {getattr(model.config, '_attn_implementation', '?')}, ignores position-id packing); "
+            "set llm.data.packing=false"
         )
+
+
+def check_cache(cache: LogitCache, loss: Any, student: nn.Module) -> None:
+    """The cache must cover the loss's vocabulary; its reads are pointed at the loss's temperature (a
+    format-3 cache is stored at T = 1 and re-tempered; one that cannot be, a :class:`ConfigError`)."""
+    cache.read_at(loss.temperature)
     vocab = loss.shared_vocab(student.get_output_embeddings().weight.shape[0], None)
     if cache.vocab_size != vocab:
         raise ConfigError(

@@ -11,7 +11,7 @@ from torchmetrics import MeanMetric
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.multi_teacher import TeacherCombination, select_rows
 from kd_lightning.llm.protocol import TokenLoss
-from kd_lightning.llm.token_loss import TokenLossOutput, final_hidden_states
+from kd_lightning.llm.token_loss import TokenLossOutput, final_hidden_states, sequence_inputs
 from kd_lightning.methods.lm.base import Batch
 from kd_lightning.methods.lm.on_policy import OnPolicy
 
@@ -37,6 +37,7 @@ class MultiTeacher(OnPolicy):
     scheme = "multi_teacher"
 
     teacher_range = (1, None)
+    takes_served_teacher = False
     takes_hidden = False
     lmbda_range = (0.0, 1.0, True)
 
@@ -72,7 +73,7 @@ class MultiTeacher(OnPolicy):
         return super().metric_names(loss, teachers) | own
 
     def loss_on(self, batch: Batch, monitor_kl: bool = False) -> TokenLossOutput:
-        hidden = final_hidden_states(self.student, batch["input_ids"], batch["attention_mask"])
+        hidden = final_hidden_states(self.student, *sequence_inputs(batch))
         head = self.student.get_output_embeddings()
         return self.combination.loss(hidden, head, batch, self.teachers, self.losses, monitor_kl)
 
