@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from kd_step import provenance
 
 from kd_lightning.llm.cache_codec import GAMMA, LEVELS, TAIL_EXPONENTS, TopKCodec, tail_statistics
 from kd_lightning.llm.models import load_gguf_model, load_gguf_tokenizer
@@ -101,6 +102,8 @@ def write(results: dict, vocab: int, tokens: int, seconds: float, command: str) 
         f"{seconds / 60:.0f} minutes on 2 shared cores):",
         "",
         f"    {command}",
+        "",
+        f"({provenance()})",
         "",
         "## At T = 1",
         "",

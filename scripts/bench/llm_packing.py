@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from kd_step import provenance
 
 from kd_lightning.cli.common import CONFIG_DIR
 from kd_lightning.llm.data import LLMDataModule
@@ -122,7 +123,7 @@ def main() -> None:
     lines = [
         "# Sequence packing (llm.data.packing)",
         "",
-        f"Command: `{command}` (with OMP_NUM_THREADS=1).",
+        f"Command: `{command}` (with OMP_NUM_THREADS=1; {provenance()}).",
         "",
         f"Tiny random Llamas (llm/teacher=tiny, llm/student=tiny), TokenKD forward KL with a live teacher; "
         f"{args.batch} examples per step (mixed prompts, generated completions, median {args.median_words} words), "

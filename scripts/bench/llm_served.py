@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from cifar_throughput import Throughput
-from kd_step import REPO, bench_trainer
+from kd_step import REPO, bench_trainer, provenance
 
 from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.divergences import ForwardKL
@@ -128,7 +128,7 @@ def main() -> None:
         f"mean of {args.steps - args.warmup} steps after {args.warmup}; {platform.processor() or 'cpu'}, "
         f"1 training thread, torch {torch.__version__}; {time.perf_counter() - start:.0f} s in all.",
         "",
-        f"Command: `{command}`",
+        f"Command: `{command}` ({provenance()})",
         "",
         "| teacher | ms / step | vs in process |",
         "|---|---|---|",
