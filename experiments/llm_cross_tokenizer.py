@@ -50,7 +50,7 @@ from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.generation import GenerationSettings, generate_file
 from kd_lightning.llm.models import load_gguf_model, load_gguf_tokenizer
 from kd_lightning.llm.prompts import make_prompts
-from kd_lightning.llm.token_loss import IGNORE_INDEX
+from kd_lightning.llm.tokens import IGNORE_INDEX
 from kd_lightning.recipes.llm_components import build_student, offer, pair_tokenizers, scheme_factory
 from kd_lightning.reporting.markdown import write_section
 

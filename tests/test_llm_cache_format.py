@@ -21,7 +21,8 @@ from kd_lightning.llm.divergences import ForwardKL
 from kd_lightning.llm.logit_cache import LogitCache
 from kd_lightning.llm.models import random_llama
 from kd_lightning.llm.teacher_rows import example_keys, teacher_log_probs, teacher_top_k
-from kd_lightning.llm.token_loss import SparseTeacher, TokenDistillationLoss
+from kd_lightning.llm.token_loss import TokenDistillationLoss
+from kd_lightning.llm.tokens import SparseTeacher
 from kd_lightning.methods.lm.heads import check_cache
 
 VOCAB, TOP_K = 1000, 16

@@ -21,7 +21,7 @@ from kd_lightning.llm.prompts import (
     split_of,
     written_steps,
 )
-from kd_lightning.llm.token_loss import IGNORE_INDEX
+from kd_lightning.llm.tokens import IGNORE_INDEX
 from tests.conftest import compose_config
 
 ARITHMETIC = {"kind": "arithmetic", "num_prompts": 6, "seed": 0}

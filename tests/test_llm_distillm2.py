@@ -15,7 +15,7 @@ from kd_lightning.llm.contrastive import DistiLLM2Loss, student_responses
 from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.generation import GenerationSettings
 from kd_lightning.llm.models import char_tokenizer, random_llama
-from kd_lightning.llm.token_loss import IGNORE_INDEX
+from kd_lightning.llm.tokens import IGNORE_INDEX
 from kd_lightning.methods.lm import DistiLLM2
 from tests.test_cli import run
 from tests.test_llm_module import changed, fit, snapshot

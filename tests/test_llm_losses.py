@@ -18,7 +18,8 @@ from kd_lightning.llm.divergences import (
     SkewReverseKL,
     TotalVariation,
 )
-from kd_lightning.llm.token_loss import SparseTeacher, TokenDistillationLoss, next_token_targets
+from kd_lightning.llm.token_loss import TokenDistillationLoss
+from kd_lightning.llm.tokens import SparseTeacher, next_token_targets
 
 T = 2.0
 

@@ -17,7 +17,8 @@ from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.divergences import ForwardKL
 from kd_lightning.llm.memory import MemoryEstimate, estimate_memory, student_activation_bytes
 from kd_lightning.llm.models import cast_teachers, random_llama, teacher_dtype
-from kd_lightning.llm.token_loss import TokenDistillationLoss, final_hidden_states
+from kd_lightning.llm.token_loss import TokenDistillationLoss
+from kd_lightning.llm.tokens import final_hidden_states
 from tests.conftest import compose_config
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}

@@ -27,7 +27,7 @@ from kd_lightning.llm.packing import example_ranges, first_fit, pack_batch
 from kd_lightning.llm.protocol import TokenSource
 from kd_lightning.llm.served import example_batches
 from kd_lightning.llm.teacher_rows import example_keys
-from kd_lightning.llm.token_loss import (
+from kd_lightning.llm.tokens import (
     IGNORE_INDEX,
     SparseTeacher,
     final_hidden_states,

@@ -22,7 +22,8 @@ from kd_lightning.llm.logit_cache import LogitCache
 from kd_lightning.llm.models import char_tokenizer, random_llama
 from kd_lightning.llm.prompts import make_prompts
 from kd_lightning.llm.remote import RemoteTeacher, RemoteTeacherError
-from kd_lightning.llm.token_loss import TokenDistillationLoss, final_hidden_states
+from kd_lightning.llm.token_loss import TokenDistillationLoss
+from kd_lightning.llm.tokens import final_hidden_states
 from tests.test_cli import run
 
 

@@ -15,7 +15,8 @@ from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.divergences import ForwardKL
 from kd_lightning.llm.models import random_llama
 from kd_lightning.llm.sharding import layer_wrapped_fsdp
-from kd_lightning.llm.token_loss import TokenDistillationLoss, final_hidden_states
+from kd_lightning.llm.token_loss import TokenDistillationLoss
+from kd_lightning.llm.tokens import final_hidden_states
 from kd_lightning.methods.lm import TokenKD
 
 

@@ -23,7 +23,8 @@ from kd_lightning.llm.protocol import TokenSource
 from kd_lightning.llm.remote import RemoteTeacher
 from kd_lightning.llm.served import ReadAheadLoader, ServedTeacher
 from kd_lightning.llm.teacher_rows import teacher_top_k
-from kd_lightning.llm.token_loss import SparseTeacher, TokenDistillationLoss, final_hidden_states
+from kd_lightning.llm.token_loss import TokenDistillationLoss
+from kd_lightning.llm.tokens import SparseTeacher, final_hidden_states
 from kd_lightning.methods.lm import OnPolicy, TokenKD
 from tests.test_cli import run
 

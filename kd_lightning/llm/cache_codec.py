@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from kd_lightning.engine.errors import ConfigError
-from kd_lightning.llm.token_loss import SparseTeacher
+from kd_lightning.llm.tokens import SparseTeacher
 
 #: Exponents s at which the tail's Rényi entropy is stored (T = 4, 2, 1, 1/2).
 TAIL_EXPONENTS = (0.25, 0.5, 1.0, 2.0)

@@ -31,7 +31,8 @@ from kd_lightning.llm.divergences import SkewKL, SkewReverseKL
 from kd_lightning.llm.generation import GenerationSettings, generate_file, read_records
 from kd_lightning.llm.prompts import Prompt, prompt_id
 from kd_lightning.llm.protocol import SUPERVISED_SOURCES, TokenSource
-from kd_lightning.llm.token_loss import TokenDistillationLoss, TokenLossOutput
+from kd_lightning.llm.token_loss import TokenDistillationLoss
+from kd_lightning.llm.tokens import TokenLossOutput
 
 #: Batch-key prefix of the student's own responses.
 SAMPLED = "sampled_"

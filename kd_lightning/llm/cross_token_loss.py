@@ -13,7 +13,7 @@ from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.llm.aligned import row_spans
 from kd_lightning.llm.cross_tokenizer import VocabMapping, gold_loss, uld_loss
 from kd_lightning.llm.protocol import ANY_SOURCE, SUPERVISED_SOURCES, TokenSource
-from kd_lightning.llm.token_loss import (
+from kd_lightning.llm.tokens import (
     IGNORE_INDEX,
     TokenLossOutput,
     head_logits,

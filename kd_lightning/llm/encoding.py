@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.generation import left_pad
 from kd_lightning.llm.prompts import chat_ids
-from kd_lightning.llm.token_loss import IGNORE_INDEX
+from kd_lightning.llm.tokens import IGNORE_INDEX
 
 
 class ExampleEncoder:

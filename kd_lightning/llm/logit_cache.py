@@ -41,9 +41,7 @@ from kd_lightning.engine.caching.store import array_record, cache_key, open_arra
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.cache_codec import GAMMA, LEVELS, TAIL_EXPONENTS, RowWriter, TopKCodec, tail_statistics
 from kd_lightning.llm.teacher_rows import RemoteScorer, example_keys, stack_columns, teacher_log_probs
-from kd_lightning.llm.token_loss import (
-    SparseTeacher,
-)
+from kd_lightning.llm.tokens import SparseTeacher
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,7 @@ from torch import Tensor, nn
 
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.protocol import batch_source
-from kd_lightning.llm.token_loss import (
-    TokenLossOutput,
-    final_hidden_states,
-    head_logits,
-    linear_head,
-    sequence_inputs,
-)
+from kd_lightning.llm.tokens import TokenLossOutput, final_hidden_states, head_logits, linear_head, sequence_inputs
 from kd_lightning.losses.mixture import mixture_logits
 
 Batch = Mapping[str, Any]

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kd_lightning.llm.token_loss import IGNORE_INDEX
+from kd_lightning.llm.tokens import IGNORE_INDEX
 
 
 def first_fit(sizes: Sequence[Sequence[int]], capacity: int) -> list[list[int]]:

@@ -36,7 +36,7 @@ from torch import Tensor
 from kd_lightning.engine.caching.store import write_text_atomic
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.remote_answers import KEY, RemoteTeacherError, chat_texts, check_answer, prompt_scores
-from kd_lightning.llm.token_loss import IGNORE_INDEX, SparseTeacher
+from kd_lightning.llm.tokens import IGNORE_INDEX, SparseTeacher
 
 __all__ = ["KEY", "RemoteTeacher", "RemoteTeacherError"]
 log = logging.getLogger(__name__)

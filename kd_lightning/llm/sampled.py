@@ -19,14 +19,8 @@ from torch import Tensor, nn
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.divergences import ReverseKL
 from kd_lightning.llm.protocol import TokenSource
-from kd_lightning.llm.token_loss import (
-    SparseTeacher,
-    TokenDistillationLoss,
-    TokenLossOutput,
-    head_logits,
-    linear_head,
-    teacher_head_weights,
-)
+from kd_lightning.llm.token_loss import TokenDistillationLoss, teacher_head_weights
+from kd_lightning.llm.tokens import SparseTeacher, TokenLossOutput, head_logits, linear_head
 from kd_lightning.losses.precision import at_least_fp32
 
 #: The estimators of reverse KL the reported value may use (Schulman, "Approximating KL Divergence", 2020).

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.llm.packing import example_ranges
 from kd_lightning.llm.teacher_rows import example_keys
-from kd_lightning.llm.token_loss import SparseTeacher
+from kd_lightning.llm.tokens import SparseTeacher
 
 log = logging.getLogger(__name__)
 Batch = Mapping[str, Any]

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from kd_lightning.llm.cache_codec import TAIL_EXPONENTS
 from kd_lightning.llm.packing import example_ranges
-from kd_lightning.llm.token_loss import (
+from kd_lightning.llm.tokens import (
     IGNORE_INDEX,
     SparseTeacher,
     bucket_log_probs,

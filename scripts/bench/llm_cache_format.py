@@ -28,7 +28,7 @@ from kd_step import provenance
 from kd_lightning.llm.cache_codec import GAMMA, LEVELS, TAIL_EXPONENTS, TopKCodec, tail_statistics
 from kd_lightning.llm.models import load_gguf_model, load_gguf_tokenizer
 from kd_lightning.llm.prompts import chat_ids, make_prompts
-from kd_lightning.llm.token_loss import SparseTeacher
+from kd_lightning.llm.tokens import SparseTeacher
 
 ROOT = Path(__file__).resolve().parents[2]
 TOP_KS = (16, 32, 64, 128)

@@ -31,7 +31,8 @@ from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.divergences import ForwardKL
 from kd_lightning.llm.logit_cache import LogitCache
 from kd_lightning.llm.models import char_tokenizer, layer_subset, load_gguf_model, load_gguf_tokenizer, random_llama
-from kd_lightning.llm.token_loss import IGNORE_INDEX, TokenDistillationLoss
+from kd_lightning.llm.token_loss import TokenDistillationLoss
+from kd_lightning.llm.tokens import IGNORE_INDEX
 from kd_lightning.methods.lm import TokenKD
 
 

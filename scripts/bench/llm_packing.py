@@ -33,7 +33,7 @@ from kd_step import provenance
 from kd_lightning.cli.common import CONFIG_DIR
 from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.prompts import make_prompts
-from kd_lightning.llm.token_loss import IGNORE_INDEX
+from kd_lightning.llm.tokens import IGNORE_INDEX
 from kd_lightning.methods.lm import TokenKD
 
 REPO = Path(__file__).resolve().parents[2]

@@ -27,7 +27,8 @@ from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.divergences import ForwardKL
 from kd_lightning.llm.logit_cache import LogitCache
 from kd_lightning.llm.models import layer_subset, load_gguf_model, load_gguf_tokenizer
-from kd_lightning.llm.token_loss import IGNORE_INDEX, TokenDistillationLoss
+from kd_lightning.llm.token_loss import TokenDistillationLoss
+from kd_lightning.llm.tokens import IGNORE_INDEX
 from kd_lightning.methods.lm import SFT, TokenKD
 
 

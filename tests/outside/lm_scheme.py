@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from kd_lightning.llm.divergences import ForwardKL
-from kd_lightning.llm.token_loss import TokenDistillationLoss, TokenLossOutput
+from kd_lightning.llm.token_loss import TokenDistillationLoss
+from kd_lightning.llm.tokens import TokenLossOutput
 from kd_lightning.methods.lm import LMMethod, OnPolicy
 
 

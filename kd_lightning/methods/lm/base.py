@@ -16,7 +16,7 @@ from kd_lightning.llm.hidden import HiddenStateLoss, check_hidden_support
 from kd_lightning.llm.logit_cache import LogitCache
 from kd_lightning.llm.protocol import SUPERVISED_SOURCES, TokenLoss, TokenSource, batch_source
 from kd_lightning.llm.served import ServedTeacher
-from kd_lightning.llm.token_loss import TokenLossOutput, final_hidden_states, sequence_inputs
+from kd_lightning.llm.tokens import TokenLossOutput, final_hidden_states, sequence_inputs
 from kd_lightning.methods.base import Method, OptimizerFactory, SchedulerFactory
 from kd_lightning.methods.lm.heads import check_cache, check_head, check_packing
 from kd_lightning.methods.lm.metrics import TokenMetrics

@@ -14,7 +14,7 @@ from kd_lightning.llm.contrastive import SAMPLED, DistiLLM2Loss, student_respons
 from kd_lightning.llm.generation import checked_settings
 from kd_lightning.llm.multi_teacher import add_parts
 from kd_lightning.llm.protocol import SOURCE_KEY, TokenLoss, TokenSource
-from kd_lightning.llm.token_loss import TokenLossOutput
+from kd_lightning.llm.tokens import TokenLossOutput
 from kd_lightning.methods.lm.base import Batch, LMMethod
 
 

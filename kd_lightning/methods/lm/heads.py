@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.logit_cache import LogitCache
-from kd_lightning.llm.token_loss import final_hidden_states
+from kd_lightning.llm.tokens import final_hidden_states
 
 
 @torch.no_grad()

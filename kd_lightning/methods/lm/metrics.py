@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from kd_lightning.llm.token_loss import TokenLossOutput
+from kd_lightning.llm.tokens import TokenLossOutput
 
 
 class TokenMetrics:

@@ -11,7 +11,7 @@ from torchmetrics import MeanMetric
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.multi_teacher import TeacherCombination, select_rows
 from kd_lightning.llm.protocol import TokenLoss
-from kd_lightning.llm.token_loss import TokenLossOutput, final_hidden_states, sequence_inputs
+from kd_lightning.llm.tokens import TokenLossOutput, final_hidden_states, sequence_inputs
 from kd_lightning.methods.lm.base import Batch
 from kd_lightning.methods.lm.on_policy import OnPolicy
 

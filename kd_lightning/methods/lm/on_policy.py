@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.llm.protocol import ANY_SOURCE, SOURCE_KEY, SUPERVISED_SOURCES, TokenLoss, TokenSource
-from kd_lightning.llm.token_loss import IGNORE_INDEX
+from kd_lightning.llm.tokens import IGNORE_INDEX
 from kd_lightning.methods.lm.base import Batch, LMMethod
 
 #: What ``generate()`` samples with unless ``llm.method.generation`` says otherwise.
