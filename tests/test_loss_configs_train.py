@@ -14,7 +14,7 @@ from kd_lightning.recipes.distill import distill
 from tests.conftest import TINY, compose_config
 
 #: Losses on conv feature maps need a conv student; the rest run with the default MLP student.
-CONV_STUDENT = {"fitnet", "at", "vid", "reviewkd", "ickd", "nst", "srd", "ofd", "catkd", "wkd_f"}
+CONV_STUDENT = {"fitnet", "at", "vid", "reviewkd", "ickd", "nst", "srd", "ofd", "catkd", "wkd_f", "ft"}
 OVERRIDES = [*TINY, "+trainer.fast_dev_run=2", "logger=none", "compare_scratch=false"]
 #: SDD needs logits = head(global average of a conv map), which no MNIST-1D model has: CIFAR ResNets on digits.
 POOLED_MAP = {"sdd": ["data=digits", "data.channels=3", "student=resnet8", "teacher=resnet8"]}

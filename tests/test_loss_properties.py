@@ -27,7 +27,8 @@ from hypothesis.extra import numpy as hnp
 from torch import Tensor, nn
 
 from kd_lightning.llm.divergences import DIVERGENCES, TokenDivergence
-from kd_lightning.llm.token_loss import IGNORE_INDEX, TokenDistillationLoss
+from kd_lightning.llm.token_loss import TokenDistillationLoss
+from kd_lightning.llm.tokens import IGNORE_INDEX
 from kd_lightning.losses import PKT, RKD, TERMS, VID, DistillationTerm
 from kd_lightning.losses.features import hcl
 from kd_lightning.losses.logits import LogitTerm
@@ -327,6 +328,14 @@ def catkd_case(data: st.DataObject, dtype: torch.dtype, same: bool, large: bool)
     return Case(sized("catkd", term, student, teacher, dtype), student, teacher, seed=seed)
 
 
+def ft_case(data: st.DataObject, dtype: torch.dtype, same: bool, large: bool) -> Case:
+    """FT with its published settings on a pair of maps of one layout (an untrained paraphraser: its encoder's
+    factor is what the loss reads either way)."""
+    seed = seeded(data)
+    student, teacher = map_pair(data, dtype, same, large)
+    return Case(sized("ft", TERMS["ft"](), student, teacher, dtype), student, teacher, seed=seed)
+
+
 #: How to build every term of ``TERMS`` for one example: ``build(data, dtype, same, large) -> Case``.
 BUILDERS: dict[str, Callable[..., Case]] = {
     "kd": logit_case("kd"),
@@ -351,6 +360,7 @@ BUILDERS: dict[str, Callable[..., Case]] = {
     "nst": map_case("nst"),
     "srd": srd_case,
     "ofd": ofd_case,
+    "ft": ft_case,
     "catkd": catkd_case,
     "wkd_f": map_case("wkd_f"),
 }
@@ -380,8 +390,8 @@ def pkt_bound(case: Case) -> float:
 #: in [0, 2]), NKD (cross-entropies, gamma >= 0), WTTM (a KL times U > 0), CTKD (a KL), MLKD (KLs and squared
 #: differences), SDD (KLs, positive weights), WKD-L (a cross-entropy and a transport cost >= 0), FitNets (MSE), AT, SP,
 #: CC (squared differences), RKD (Huber), ReviewKD (sum of HCL = weighted MSEs) and CRD (NCE: -log of ratios
-#: < 1, since the noise term K/N > 0) are non-negative; so are ICKD, SRD, OFD, CAT-KD, WKD-F (sums of squares) and
-#: NST (a squared MMD with a positive-definite kernel).
+#: < 1, since the noise term K/N > 0) are non-negative; so are ICKD, SRD, OFD, CAT-KD, WKD-F (sums of squares),
+#: NST (a squared MMD with a positive-definite kernel) and FT (a mean absolute difference).
 LOWER_BOUNDS: dict[str, Callable[[Case], float]] = {name: no_bound for name in TERMS if name not in ("vid", "pkt")}
 LOWER_BOUNDS |= {"vid": vid_bound, "pkt": pkt_bound}
 
@@ -410,6 +420,9 @@ NOT_ZERO_AT_EQUALITY = {
     "srd": "student maps go through the learned connector before the teacher's classifier",
     "ofd": "student maps go through the learned connectors, and the teacher is clipped at the margin",
     "wkd_f": "student maps go through the learned projector",
+    # The translator and the paraphraser's encoder differ; the loss is 0 at equal normalised factors
+    # (tests/test_ft.py::test_zero_at_equal_normalised_factors_and_finite).
+    "ft": "student maps go through the learned translator, teacher maps through the paraphraser's encoder",
 }
 #: DIST is 0 at equality only for non-degenerate batches: the Pearson distance of a constant vector (a uniform
 #: softmax row, or a class column equal across the batch) uses cosine_similarity's eps and gives 1, not 0

@@ -11,6 +11,7 @@ from kd_lightning.losses.base import (
 )
 from kd_lightning.losses.classifier_features import CATKD, SRD
 from kd_lightning.losses.contrastive import CRD
+from kd_lightning.losses.factor_transfer import FactorTransfer
 from kd_lightning.losses.feature_correlation import ICKD, NST
 from kd_lightning.losses.feature_statistics import WKDF
 from kd_lightning.losses.features import VID, AttentionTransfer, FitNets, ReviewKD
@@ -45,6 +46,7 @@ TERMS: dict[str, type[DistillationTerm]] = {
     "nst": NST,
     "srd": SRD,
     "ofd": OFD,
+    "ft": FactorTransfer,
     "catkd": CATKD,
     "wkd_f": WKDF,
 }
@@ -75,6 +77,7 @@ __all__ = [
     "AttentionTransfer",
     "DistillationLoss",
     "DistillationTerm",
+    "FactorTransfer",
     "FitNets",
     "KLDivergence",
     "LayerTerm",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import torch.nn.functional as F
@@ -49,6 +49,8 @@ class DistillationTerm(nn.Module):
     #: Whether ``forward`` takes the keyword ``index`` (the batch's dataset sample indices, ``(B,)``);
     #: such terms need a datamodule that yields ``(x, y, index)`` batches (``data.return_index=true``).
     uses_index: bool = False
+    #: Whether :meth:`pretrain` trains parts of the term (FT's paraphraser) before the student's first epoch.
+    pretrains: bool = False
 
     def __init__(self, student: ReadSpec = None, teacher: ReadSpec = None) -> None:
         super().__init__()
@@ -73,6 +75,13 @@ class DistillationTerm(nn.Module):
         ``teacher``, ...): terms that use a model's own modules (SRD: the teacher's classifier; OFD: its BatchNorms)
         look them up here (a :class:`ConfigError` naming ``key`` if absent) and keep them unregistered, out of
         the term's parameters and state dict. Other terms do nothing."""
+
+    def pretrain(self, teacher_passes: Callable[[], Iterable[Tensor | list[Tensor]]], key: str) -> None:
+        """Called by the method at the start of training, for terms with ``pretrains``, after the optimizer is
+        built: each ``teacher_passes()`` iterates once over the training data and yields, per batch, what the
+        term's teacher read is (the teachers frozen, the student not run). Terms train modules of their own here
+        with optimizers of their own (FT's paraphraser), keep them out of the student's optimizer (no
+        ``requires_grad`` when it is built) and skip what a restored checkpoint already holds."""
 
 
 class LayerTerm(DistillationTerm):
@@ -267,6 +276,19 @@ class DistillationLoss(nn.Module):
         """Give every term the method's models by name (:meth:`DistillationTerm.bind_models`)."""
         for name, term in self.terms.items():
             term.bind_models(models, f"loss.terms.{name}")
+
+    @property
+    def pretrains(self) -> bool:
+        """Whether some term trains parts of its own before the first epoch (:meth:`DistillationTerm.pretrain`)."""
+        return self.needs_teacher and any(term.pretrains for term in self.terms.values())
+
+    def pretrain(self, passes: Callable[[], Iterable[Mapping[str, Mapping[str, Tensor]]]]) -> None:
+        """Run :meth:`DistillationTerm.pretrain` of every term that has it; ``passes()`` iterates once over the
+        training data, yielding the teachers' outputs by model name, routed here to each term's teacher read."""
+        for name, term in self.terms.items():
+            if term.pretrains:
+                read = term.teacher_read
+                term.pretrain(lambda read=read: (routed(outputs, read) for outputs in passes()), f"loss.terms.{name}")
 
     def start_epoch(self, epoch: int) -> None:
         """Tell every term that training epoch ``epoch`` (0-based) starts (:meth:`DistillationTerm.start_epoch`)."""

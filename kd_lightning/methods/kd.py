@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from itertools import islice
 from typing import Any
 
 import lightning as L
@@ -44,6 +46,8 @@ class DistillationModule(ClassifierMethod):
       (:class:`~kd_lightning.engine.taps.Taps`) installed here; a wrong path fails here. Adapters are
       sized by :meth:`setup_for` from one example batch, called by ``setup`` from the datamodule's
       ``example_input()`` unless it was called before ``fit``.
+    - Terms with ``pretrains`` (FT's paraphraser) train parts of their own when training starts, on the
+      teachers' outputs over one epoch's training batches per pass (:meth:`DistillationTerm.pretrain`).
     - Batches are ``(x, y)`` or ``(x, y, index)``; ``index`` (dataset sample indices) reaches only the
       terms that declare ``uses_index`` (e.g. CRD) and the output cache.
 
@@ -257,6 +261,21 @@ class DistillationModule(ClassifierMethod):
 
     def on_test_start(self) -> None:
         self.prepare_caches(("test",))
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if isinstance(self.loss, DistillationLoss) and self.loss.pretrains:
+            self.loss.pretrain(self.teacher_passes)
+            if self.trainer.world_size > 1:  # every rank trained on its shard: all take rank 0's result
+                self.loss.load_state_dict(self.trainer.strategy.broadcast(self.loss.state_dict()))
+
+    def teacher_passes(self) -> Iterator[dict[str, dict[str, Tensor]]]:
+        """One pass over the training data (the batches of one training epoch, ``limit_train_batches`` included):
+        per batch, the outputs of every teacher the loss reads."""
+        count = self.trainer.num_training_batches
+        for batch in islice(self.trainer.train_dataloader, None if math.isinf(count) else int(count)):
+            x = self.formatted(to_device(unpack(batch)[0], self.device))
+            yield self.distilled_outputs(x, "train", None)
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
