@@ -11,16 +11,10 @@ import torch
 from tokenizers import Tokenizer, models
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from kd_lightning.llm.cross_tokenizer import (
-    VocabMapping,
-    align_spans,
-    gold_loss,
-    normalize_token,
-    normalized_vocab,
-    span_log_probs,
-    uld_loss,
-)
+from kd_lightning.llm.cross_tokenizer import gold_loss, span_log_probs, uld_loss
 from kd_lightning.llm.divergences import ForwardKL
+from kd_lightning.llm.span_alignment import align_spans
+from kd_lightning.llm.vocab_mapping import VocabMapping, normalize_token, normalized_vocab
 from tests.text_fixtures import bpe_tokenizer, word_tokenizer
 
 

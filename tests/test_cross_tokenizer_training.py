@@ -20,12 +20,12 @@ from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.aligned import AlignedEncoder, row_spans
 from kd_lightning.llm.bpe import train_bpe_tokenizer
 from kd_lightning.llm.cross_token_loss import CrossTokenizerLoss, position_pairs
-from kd_lightning.llm.cross_tokenizer import VocabMapping
 from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.divergences import ForwardKL
 from kd_lightning.llm.models import char_tokenizer, random_llama
 from kd_lightning.llm.token_loss import TokenDistillationLoss
 from kd_lightning.llm.tokens import IGNORE_INDEX
+from kd_lightning.llm.vocab_mapping import VocabMapping
 from kd_lightning.methods.lm import LMMethod, OnPolicy, TokenKD
 from kd_lightning.recipes.llm_components import pair_tokenizers
 from tests.test_cli import run

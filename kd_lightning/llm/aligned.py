@@ -19,8 +19,8 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from kd_lightning.engine.errors import ConfigError
-from kd_lightning.llm.cross_tokenizer import AlignedSpan, align_spans
 from kd_lightning.llm.encoding import ExampleEncoder
+from kd_lightning.llm.span_alignment import AlignedSpan, align_spans
 
 NO_SPAN = -1
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.llm.aligned import row_spans
-from kd_lightning.llm.cross_tokenizer import VocabMapping, gold_loss, uld_loss
+from kd_lightning.llm.cross_tokenizer import gold_loss, uld_loss
 from kd_lightning.llm.protocol import ANY_SOURCE, SUPERVISED_SOURCES, TokenSource
 from kd_lightning.llm.tokens import (
     IGNORE_INDEX,
@@ -21,6 +21,7 @@ from kd_lightning.llm.tokens import (
     next_token_targets,
     sequence_inputs,
 )
+from kd_lightning.llm.vocab_mapping import VocabMapping
 
 Alignment = Literal["position", "spans"]
 

@@ -5,13 +5,13 @@ Three pieces, pure functions over one sequence (the LM method batches and chunks
 - :func:`uld_loss`, the Universal Logit Distillation loss of Boizard et al., "Towards Cross-Tokenizer
   Distillation: the Universal Logit Distillation Loss for LLMs" (2024, arXiv:2402.12030): compares
   *sorted* probability vectors, so it needs no correspondence between the two vocabularies.
-- :func:`align_spans`: which groups of student tokens and of teacher tokens spell the same piece of
-  text, from each tokenizer's character offsets of that text.
-- :class:`VocabMapping` and :func:`gold_loss`: GOLD-style span merging and the hybrid loss of TRL's
-  ``GOLDTrainer`` (Patiño et al., "Unlocking On-Policy Distillation for Any Model Family", Hugging Face
-  2025): per aligned span, a divergence over the tokens both vocabularies share and ULD over the rest.
+- :func:`~kd_lightning.llm.span_alignment.align_spans`: which groups of student tokens and of teacher tokens
+  spell the same piece of text, from each tokenizer's character offsets of that text.
+- :class:`~kd_lightning.llm.vocab_mapping.VocabMapping` and :func:`gold_loss`: GOLD-style span merging and the
+  hybrid loss of TRL's ``GOLDTrainer`` (Patiño et al., "Unlocking On-Policy Distillation for Any Model Family",
+  Hugging Face 2025): per aligned span, a divergence over the tokens both vocabularies share and ULD over the rest.
 
-Shift convention (as in :mod:`kd_lightning.llm.token_loss`): logits ``[T, V]`` are aligned with the
+Shift convention (as in :mod:`kd_lightning.llm.tokens`): logits ``[T, V]`` are aligned with the
 token ids ``[T]`` of the same sequence; row ``j`` is the model's output at token ``j`` and predicts
 token ``j + 1``, so :math:`p(x_j \mid x_{<j}) = \mathrm{softmax}(z_{j-1})[x_j]` and token 0 is predicted
 by no row. Teachers are never differentiated: their logits are detached.
@@ -20,20 +20,15 @@ by no row. Teachers are never differentiated: their logits are detached.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kd_lightning.llm.span_alignment import AlignedSpan
+from kd_lightning.llm.vocab_mapping import VocabMapping
 from kd_lightning.losses.precision import at_least_fp32
-
-#: One aligned span: the student tokens and the teacher tokens (index ranges) that spell the same text.
-AlignedSpan = tuple[range, range]
-
-#: Space markers of sub-word vocabularies: byte-level BPE (GPT-2, Llama 3, Qwen) and SentencePiece.
-SPACE_MARKERS = ("Ġ", "▁")
 
 
 def _check_temperature(temperature: float) -> float:
@@ -99,183 +94,6 @@ def uld_loss(
         raise ValueError(f"mask {tuple(mask.shape)} must have the logits' leading shape {student_logits.shape[:-1]}")
     valid = mask.reshape(-1).to(torch.bool)
     return torch.where(valid, per_position, 0.0).sum() / valid.sum().clamp(min=1)
-
-
-# --------------------------------------------------------------------------------------------- alignment
-def _offset_list(offsets: Sequence[Sequence[int]] | Tensor, side: str) -> list[tuple[int, int]]:
-    pairs = offsets.tolist() if isinstance(offsets, Tensor) else offsets
-    out = []
-    for i, pair in enumerate(pairs):
-        start, end = (int(v) for v in pair)
-        if not 0 <= start <= end:
-            raise ValueError(f"{side} offset {i} is ({start}, {end}); offsets must be (start, end), 0 <= start <= end")
-        out.append((start, end))
-    return out
-
-
-def _boundaries(offsets: list[tuple[int, int]], side: str) -> dict[int, int]:
-    """``{character position: index of the last text token ending there}`` over the non-empty tokens, without
-    positions inside a character that the next token shares (overlapping offsets of byte-level tokens)."""
-    ends: dict[int, int] = {}
-    last_start = last_end = 0
-    for i, (start, end) in enumerate(offsets):
-        if start == end:
-            continue
-        if start < last_start or end < last_end:
-            raise ValueError(
-                f"{side} offsets are not in text order at token {i}: ({start}, {end}) after ({last_start}, {last_end})"
-            )
-        if start < last_end:  # this token shares a character with the previous one: no cut between them
-            ends.pop(last_end, None)
-        ends[end] = i
-        last_start, last_end = start, end
-    return ends
-
-
-def align_spans(
-    student_offsets: Sequence[Sequence[int]] | Tensor, teacher_offsets: Sequence[Sequence[int]] | Tensor
-) -> list[AlignedSpan]:
-    """Group both tokenisations of one text into spans that cover the same characters.
-
-    ``*_offsets`` are each tokenizer's ``(start, end)`` character offsets of the *same* text, one pair
-    per token, as a Hugging Face fast tokenizer returns with ``return_offsets_mapping=True`` (a list or a
-    ``[T, 2]`` tensor). A span boundary is a character position where both tokenisations end a token
-    (and no token of either side continues past it inside the same character, as when a byte-level BPE
-    splits one character into several tokens sharing its offsets). Tokens with empty offsets, such as the
-    special tokens ``(0, 0)`` a post-processor adds (BOS, CLS, SEP, EOS), belong to no span. Whitespace
-    that one tokenizer leaves out of its offsets is harmless: only token ends are compared.
-
-    Returns ``[(student_tokens, teacher_tokens), ...]`` in text order, each a ``range`` of token indices;
-    e.g. ``"unbelievable cats"`` as ``["un", "believ", "able", " cats"]`` and
-    ``["unbeliev", "able", " c", "ats"]`` gives ``[(range(0, 2), range(0, 1)), (range(2, 3), range(1, 2)),
-    (range(3, 4), range(2, 4))]``.
-
-    Raises ``ValueError`` when the offsets cannot describe the same text (their text ends at different
-    characters, or only one side has text), when offsets go backwards, or when an empty-offset token
-    falls inside a span (a special token in the middle of the text: align one segment at a time).
-    """
-    student, teacher = _offset_list(student_offsets, "student"), _offset_list(teacher_offsets, "teacher")
-    student_ends, teacher_ends = _boundaries(student, "student"), _boundaries(teacher, "teacher")
-    if not student_ends and not teacher_ends:
-        return []
-    student_last, teacher_last = max(student_ends, default=0), max(teacher_ends, default=0)
-    if student_last != teacher_last:
-        raise ValueError(
-            f"the offsets do not describe the same text: the student's tokens end at character {student_last}, "
-            f"the teacher's at {teacher_last}; tokenize the same string with both tokenizers"
-        )
-    spans: list[AlignedSpan] = []
-    next_student = next_teacher = 0
-    for end in sorted(student_ends.keys() & teacher_ends.keys()):
-        pair = []
-        for offsets, first, last, side in (
-            (student, next_student, student_ends[end], "student"),
-            (teacher, next_teacher, teacher_ends[end], "teacher"),
-        ):
-            while offsets[first][0] == offsets[first][1]:  # special tokens before the span's text
-                first += 1
-            inside = [i for i in range(first, last + 1) if offsets[i][0] == offsets[i][1]]
-            if inside:
-                raise ValueError(
-                    f"{side} token {inside[0]} has empty offsets but lies inside the text span ending at "
-                    f"character {end}; align each text segment separately"
-                )
-            pair.append(range(first, last + 1))
-        spans.append((pair[0], pair[1]))
-        next_student, next_teacher = pair[0].stop, pair[1].stop
-    return spans
-
-
-# ------------------------------------------------------------------------------------------- vocabularies
-def normalize_token(token: str, continuation_prefix: str | None = None) -> str:
-    """A vocabulary entry as the text it stands for, so entries of different tokenizers compare equal.
-
-    The space markers ``'Ġ'`` (byte-level BPE) and ``'▁'`` (SentencePiece) become spaces, and a
-    ``continuation_prefix`` (WordPiece's ``'##'``, given only for tokenizers that use one) is removed:
-    ``'Ġcat'`` and ``'▁cat'`` are ``' cat'``, ``'##cat'`` is ``'cat'``.
-    """
-    if continuation_prefix and token.startswith(continuation_prefix) and len(token) > len(continuation_prefix):
-        token = token[len(continuation_prefix) :]
-    for marker in SPACE_MARKERS:
-        token = token.replace(marker, " ")
-    return token
-
-
-def normalized_vocab(tokenizer: Any) -> dict[str, int]:
-    """``{normalised token: id}`` of a Hugging Face tokenizer (or a ``tokenizers.Tokenizer``), added tokens
-    included. The continuation prefix is read from the tokenizer's model (WordPiece: ``'##'``). A
-    normalised string that several ids share (``'a'`` and ``'##a'``) is left out: it has no single match."""
-    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-    prefix = getattr(getattr(backend, "model", None), "continuing_subword_prefix", None)
-    ids: dict[str, list[int]] = {}
-    for token, index in tokenizer.get_vocab().items():
-        ids.setdefault(normalize_token(token, prefix), []).append(index)
-    return {token: found[0] for token, found in ids.items() if len(found) == 1}
-
-
-class VocabMapping:
-    """Which student and teacher token ids spell the same string, and which ids have no counterpart.
-
-    Built from two ``{token string: id}`` vocabularies whose strings are already comparable, or with
-    :meth:`from_tokenizers` (strings normalised by :func:`normalize_token`). ``student_size`` and
-    ``teacher_size`` are the widths of the models' logits (default: the largest id + 1); set them when
-    an output layer is padded beyond its tokenizer, so the padding ids count as unmatched.
-
-    Attributes:
-        shared: ``{string: (student id, teacher id)}``, in student-id order.
-        student_ids, teacher_ids: ``[M]`` long tensors, the shared pairs (``student_ids[m]`` is
-            ``teacher_ids[m]``).
-        student_unmatched, teacher_unmatched: the remaining ids of each side, ascending.
-        student_size, teacher_size: the logits' widths.
-    """
-
-    def __init__(
-        self,
-        student_vocab: Mapping[str, int],
-        teacher_vocab: Mapping[str, int],
-        student_size: int | None = None,
-        teacher_size: int | None = None,
-    ) -> None:
-        self.student_size = self._size(student_vocab, student_size, "student")
-        self.teacher_size = self._size(teacher_vocab, teacher_size, "teacher")
-        common = sorted(student_vocab.keys() & teacher_vocab.keys(), key=student_vocab.__getitem__)
-        self.shared = {token: (student_vocab[token], teacher_vocab[token]) for token in common}
-        self.student_ids = torch.tensor([s for s, _ in self.shared.values()], dtype=torch.long)
-        self.teacher_ids = torch.tensor([t for _, t in self.shared.values()], dtype=torch.long)
-        self.student_unmatched = self._complement(self.student_ids, self.student_size)
-        self.teacher_unmatched = self._complement(self.teacher_ids, self.teacher_size)
-
-    @classmethod
-    def from_tokenizers(
-        cls,
-        student_tokenizer: Any,
-        teacher_tokenizer: Any,
-        student_size: int | None = None,
-        teacher_size: int | None = None,
-    ) -> VocabMapping:
-        """The mapping of two Hugging Face tokenizers' :func:`normalized_vocab`."""
-        return cls(normalized_vocab(student_tokenizer), normalized_vocab(teacher_tokenizer), student_size, teacher_size)
-
-    @staticmethod
-    def _size(vocab: Mapping[str, int], size: int | None, side: str) -> int:
-        largest = max(vocab.values(), default=-1) + 1
-        if size is None:
-            return largest
-        if size < largest:
-            raise ValueError(f"{side}_size={size} is smaller than the {side} vocabulary (ids up to {largest - 1})")
-        return size
-
-    @staticmethod
-    def _complement(ids: Tensor, size: int) -> Tensor:
-        keep = torch.ones(size, dtype=torch.bool)
-        keep[ids] = False
-        return keep.nonzero().squeeze(1)
-
-    def __repr__(self) -> str:
-        return (
-            f"VocabMapping({len(self.shared)} shared, {self.student_unmatched.numel()} student-only of "
-            f"{self.student_size}, {self.teacher_unmatched.numel()} teacher-only of {self.teacher_size})"
-        )
 
 
 # ------------------------------------------------------------------------------------------------- GOLD
