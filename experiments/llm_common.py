@@ -23,7 +23,8 @@ from omegaconf import DictConfig
 
 from kd_lightning.cli.common import CONFIG_DIR
 from kd_lightning.engine.instantiate import build
-from kd_lightning.llm.generation import GenerationSettings, generate_file, score_file
+from kd_lightning.llm.generation import GenerationSettings, generate_file
+from kd_lightning.llm.records import score_file
 from kd_lightning.methods.lm.base import LMMethod
 from kd_lightning.recipes.llm_components import offer, scheme_factory
 

@@ -53,9 +53,10 @@ from transformers import AutoModelForCausalLM
 
 from kd_lightning.engine.weights import freeze
 from kd_lightning.llm.data import LLMDataModule
-from kd_lightning.llm.generation import GenerationSettings, generate_file, keep_shortest, read_records
+from kd_lightning.llm.generation import GenerationSettings, generate_file
 from kd_lightning.llm.models import layer_subset, load_gguf_model, load_gguf_tokenizer
 from kd_lightning.llm.prompts import make_prompts, written_steps
+from kd_lightning.llm.records import keep_shortest, read_records
 from kd_lightning.methods.lm import SFT
 from kd_lightning.reporting.markdown import write_section
 

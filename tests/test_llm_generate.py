@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from kd_lightning.engine.errors import ConfigError
-from kd_lightning.llm.generation import GenerationSettings, generate_file, keep_correct, read_records, score_file
+from kd_lightning.llm.generation import GenerationSettings, generate_file
 from kd_lightning.llm.models import char_tokenizer, random_llama
 from kd_lightning.llm.prompts import Prompt, make_prompts
+from kd_lightning.llm.records import keep_correct, read_records, score_file
 from kd_lightning.llm.remote import RemoteTeacher
 
 SETTINGS = GenerationSettings(max_new_tokens=6)

@@ -16,11 +16,12 @@ import torch
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.divergences import ForwardKL
-from kd_lightning.llm.generation import GenerationSettings, complete, generate_file, read_records
+from kd_lightning.llm.generation import GenerationSettings, complete, generate_file
 from kd_lightning.llm.local_server import OpenAIServer
 from kd_lightning.llm.logit_cache import LogitCache
 from kd_lightning.llm.models import char_tokenizer, random_llama
 from kd_lightning.llm.prompts import make_prompts
+from kd_lightning.llm.records import read_records
 from kd_lightning.llm.remote import RemoteTeacher, RemoteTeacherError
 from kd_lightning.llm.token_loss import TokenDistillationLoss
 from kd_lightning.llm.tokens import final_hidden_states

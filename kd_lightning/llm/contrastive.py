@@ -28,9 +28,10 @@ from kd_lightning.engine.caching.store import weights_digest
 from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.engine.weights import in_mode
 from kd_lightning.llm.divergences import SkewKL, SkewReverseKL
-from kd_lightning.llm.generation import GenerationSettings, generate_file, read_records
+from kd_lightning.llm.generation import GenerationSettings, generate_file
 from kd_lightning.llm.prompts import Prompt, prompt_id
 from kd_lightning.llm.protocol import SUPERVISED_SOURCES, TokenSource
+from kd_lightning.llm.records import read_records
 from kd_lightning.llm.token_loss import TokenDistillationLoss
 from kd_lightning.llm.tokens import TokenLossOutput
 

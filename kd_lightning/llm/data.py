@@ -28,11 +28,11 @@ from transformers import PreTrainedTokenizerBase
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.aligned import AlignedEncoder
 from kd_lightning.llm.encoding import ExampleEncoder
-from kd_lightning.llm.generation import keep_correct, keep_shortest, read_records
 from kd_lightning.llm.multi_teacher import RoutedEncoder, RowRouting
 from kd_lightning.llm.packing import pack_batch
 from kd_lightning.llm.prompts import make_prompts
 from kd_lightning.llm.protocol import SOURCE_KEY, TokenSource
+from kd_lightning.llm.records import keep_correct, keep_shortest, read_records
 from kd_lightning.llm.served import ReadAheadLoader
 
 
