@@ -13,7 +13,8 @@ import torch
 from kd_lightning.cli.export import main
 from kd_lightning.recipes import export as export_recipe
 from kd_lightning.recipes.export import export
-from kd_lightning.recipes.report import Run, load_student, report
+from kd_lightning.recipes.finished_run import Run, load_student
+from kd_lightning.recipes.report import report
 from tests.conftest import TINY
 from tests.test_cli import run
 

@@ -19,8 +19,8 @@ from kd_lightning.engine.instantiate import build
 from kd_lightning.recipes.distill import distill
 from kd_lightning.recipes.export import export
 from kd_lightning.recipes.export_hf import lm_student
+from kd_lightning.recipes.finished_run import Run, load_student
 from kd_lightning.recipes.fit import supervised_data
-from kd_lightning.recipes.report import Run, load_student
 from tests.conftest import compose_config
 from tests.test_cli import run
 from tests.test_text_runs import overrides, text_data  # noqa: F401  (the module-scoped fixture)

@@ -19,7 +19,7 @@ from kd_lightning.callbacks.qat import FakeQuantized, float_state
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.models import MLP
 from kd_lightning.models.mnist1d import ConvNet1D
-from kd_lightning.recipes.report import Run, load_student
+from kd_lightning.recipes.finished_run import Run, load_student
 from tests.conftest import TINY
 from tests.test_cli import run
 from tests.test_export import needs_deploy

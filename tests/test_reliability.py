@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from kd_lightning.engine.caching.store import code_digest
 from kd_lightning.engine.errors import ConfigError, TrainingDiverged
 from kd_lightning.recipes.distill import distill
-from kd_lightning.recipes.report import Run
+from kd_lightning.recipes.finished_run import Run
 from kd_lightning.reporting.sweep_report import read_jobs
 from tests.conftest import TINY, compose_config
 

@@ -13,7 +13,8 @@ import torch
 
 from kd_lightning.cli.report import main
 from kd_lightning.recipes.distill import distill
-from kd_lightning.recipes.report import RunDirError, report
+from kd_lightning.recipes.finished_run import RunDirError
+from kd_lightning.recipes.report import report
 from kd_lightning.reporting.calibration import N_BINS, ReliabilityBins, expected_calibration_error
 from tests.conftest import TINY, compose_config
 from tests.test_cli import run

@@ -12,7 +12,7 @@ from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.weights import read_state_dict
 from kd_lightning.methods.stages import Stage
 from kd_lightning.recipes.distill import distill
-from kd_lightning.recipes.report import Run
+from kd_lightning.recipes.finished_run import Run
 from kd_lightning.recipes.stages import ensemble_accuracy
 from tests.conftest import TINY, compose_config
 

@@ -11,7 +11,7 @@ from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.trusted import DEFAULT_TRUSTED
 from kd_lightning.recipes.export import ATOL, FORMATS, OPSET, ExportError, export
 from kd_lightning.recipes.export import __doc__ as DESCRIPTION
-from kd_lightning.recipes.report import RunDirError
+from kd_lightning.recipes.finished_run import RunDirError
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.trusted import DEFAULT_TRUSTED
-from kd_lightning.recipes.report import RunDirError, report
+from kd_lightning.recipes.finished_run import RunDirError
 from kd_lightning.recipes.report import __doc__ as DESCRIPTION
+from kd_lightning.recipes.report import report
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,8 +44,8 @@ from kd_lightning.engine.trusted import DEFAULT_TRUSTED
 from kd_lightning.methods.classifier import unpack
 from kd_lightning.recipes import export_hf, quantize
 from kd_lightning.recipes.export_manifest import Artefact, write_manifest
+from kd_lightning.recipes.finished_run import Run, load_student
 from kd_lightning.recipes.fit import supervised_data
-from kd_lightning.recipes.report import Run, load_student
 
 log = logging.getLogger(__name__)
 
