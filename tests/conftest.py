@@ -61,7 +61,7 @@ def example_for(model_cfg: Any) -> Any:
     image models of timm / torchvision / Hugging Face, token ids for a Hugging Face text model, else MNIST-1D
     signals (B, 1, 40)."""
     target = model_cfg._target_
-    images = ("timm_model", "torchvision_model", "hf_image_classifier")
+    images = ("timm_model", "torchvision_model", "hf_image_classifier", "HFClassifier")  # HFClassifier: deit_tiny
     if target.startswith("kd_lightning.models.cifar.") or target.rsplit(".", 1)[-1] in images:
         return torch.randn(2, 3, 32, 32)
     if target.endswith("hf_sequence_classifier"):

@@ -3,6 +3,8 @@
 from kd_lightning.methods.base import HasFrozenModels, Method
 from kd_lightning.methods.classifier import ClassifierMethod
 from kd_lightning.methods.data_free import DataFreeDistillation
+from kd_lightning.methods.deit import DeiTDistillationModule
+from kd_lightning.methods.foundation import FeatureDistillation, FoundationDistillThenProbe, Probe
 from kd_lightning.methods.kd import DistillationModule
 from kd_lightning.methods.multi_teacher import MultiTeacherDistillation
 from kd_lightning.methods.mutual import MutualLearning
@@ -14,12 +16,16 @@ __all__ = [
     "BornAgain",
     "ClassifierMethod",
     "DataFreeDistillation",
+    "DeiTDistillationModule",
     "DistillationModule",
+    "FeatureDistillation",
+    "FoundationDistillThenProbe",
     "HasFrozenModels",
     "Method",
     "MultiStageMethod",
     "MultiTeacherDistillation",
     "MutualLearning",
+    "Probe",
     "Stage",
     "Supervised",
 ]
