@@ -31,7 +31,7 @@ from kd_lightning.llm.models import char_tokenizer, random_llama
 from kd_lightning.llm.remote import RemoteTeacher
 from kd_lightning.llm.served import ServedTeacher
 from kd_lightning.llm.token_loss import TokenDistillationLoss
-from kd_lightning.methods.lm import TokenKD
+from kd_lightning.methods.lm import SFT, TokenKD
 
 SERVE = """
 import sys, torch
@@ -56,7 +56,8 @@ def teacher_model(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def step_seconds(args: argparse.Namespace, variant: str, base_url: str) -> float:
-    """Mean seconds per timed step of one variant: live, served (prefetch 0) or served_ahead (prefetch 2)."""
+    """Mean seconds per timed step of one variant: alone (the student's own step, no teacher), live, served
+    (prefetch 0) or served_ahead (prefetch 2)."""
     torch.manual_seed(0)
     data = LLMDataModule(
         char_tokenizer(),
@@ -67,24 +68,41 @@ def step_seconds(args: argparse.Namespace, variant: str, base_url: str) -> float
     loss = TokenDistillationLoss(ForwardKL(), alpha=1.0)
     student = random_llama(vocab_size=99, hidden_size=64, num_layers=2, intermediate_size=256, seed=1)
     served = None
-    if variant != "live":
+    if variant.startswith("served"):
         remote = RemoteTeacher(base_url, "tiny", concurrency=args.batch)  # no response cache: every step asks
         served = ServedTeacher(remote, 20, 1.0, 99, prefetch=2 if variant == "served_ahead" else 0)
         if served.prefetch:
             data.read_ahead_with(served.submit, served.prefetch - 1)
-    module = TokenKD(
-        student,
-        loss,
-        functools.partial(torch.optim.AdamW, lr=1e-4),
-        teacher=teacher_model(args) if variant == "live" else None,
-        served_teacher=served,
-    )
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-4)
+    if variant == "alone":
+        module = SFT(student, optimizer)
+    else:
+        teacher = teacher_model(args) if variant == "live" else None
+        module = TokenKD(student, loss, optimizer, teacher=teacher, served_teacher=served)
     clock = Throughput(args.warmup, lambda batch: 1)
     trainer = bench_trainer("cpu", [clock], max_steps=args.steps, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=data)
     if served is not None:
         served.close()
     return clock.seconds / clock.images
+
+
+def server_seconds(args: argparse.Namespace, base_url: str) -> float:
+    """Mean seconds the server takes to score one batch (its requests in flight together, no training)."""
+    data = LLMDataModule(
+        char_tokenizer(),
+        train_prompts={"kind": "arithmetic", "num_prompts": args.batch * 8, "seed": 1},
+        val_prompts={"kind": "arithmetic", "num_prompts": 2, "seed": 0, "split": "heldout"},
+        batch_size=args.batch,
+    )
+    served = ServedTeacher(RemoteTeacher(base_url, "tiny", concurrency=args.batch), 20, 1.0, 99, prefetch=0)
+    batches = list(data.train_dataloader())
+    served.lookup(batches[0])  # warm-up
+    start = time.perf_counter()
+    for batch in batches[1:]:
+        served.lookup(batch)
+    served.close()
+    return (time.perf_counter() - start) / (len(batches) - 1)
 
 
 def main() -> None:
@@ -110,7 +128,9 @@ def main() -> None:
     try:
         base_url = server.stdout.readline().strip()
         start = time.perf_counter()
-        cells = {variant: step_seconds(args, variant, base_url) for variant in ("live", "served", "served_ahead")}
+        variants = ("alone", "live", "served", "served_ahead")
+        cells = {variant: step_seconds(args, variant, base_url) for variant in variants}
+        cells["server"] = server_seconds(args, base_url)
     finally:
         server.stdin.close()
         server.wait(timeout=30)
@@ -134,12 +154,20 @@ def main() -> None:
         "|---|---|---|",
     ]
     names = {
+        "alone": "none: the student's own step (SFT), the floor",
         "live": "in process (live)",
         "served": "served, each step waits (prefetch=0)",
         "served_ahead": "served, read ahead (prefetch=2)",
     }
     for variant, name in names.items():
         lines.append(f"| {name} | {1000 * cells[variant]:.1f} | {cells[variant] / cells['live']:.2f}x |")
+    lines += [
+        "",
+        f"The server alone takes {1000 * cells['server']:.1f} ms to score one batch (its {args.batch} requests in "
+        "flight together, no training). Read ahead, a step costs about the larger of the student's own step and "
+        "that time: a server that scores a batch within a student step costs no wall time; one that does not "
+        "sets the pace.",
+    ]
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
