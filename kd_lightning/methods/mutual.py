@@ -17,14 +17,17 @@ from kd_lightning.engine.errors import ConfigError, check_type
 from kd_lightning.engine.runtime import Runtime
 from kd_lightning.losses import DistillationLoss
 from kd_lightning.losses.base import TASK_MODEL
+from kd_lightning.losses.mixture import mixture_logits
 from kd_lightning.methods.base import OptimizerFactory, SchedulerFactory
 from kd_lightning.methods.classifier import Batch, ClassifierMethod, unpack
 
 
 def soft_mixture(logits: Sequence[Tensor], temperature: float) -> Tensor:
-    """Logits ``T log mean_j softmax(z_j / T)`` of the mean softened distribution (float32)."""
-    log_p = F.log_softmax(torch.stack([z.float() for z in logits]) / temperature, dim=-1)
-    return temperature * (torch.logsumexp(log_p, dim=0) - math.log(len(logits)))
+    """Logits ``T log mean_j softmax(z_j / T)`` of the mean softened distribution (float32): the equal-weight
+    :func:`~kd_lightning.losses.mixture.mixture_logits`."""
+    stacked = torch.stack([z.float() for z in logits])
+    log_weights = torch.full(stacked.shape[:-1], -math.log(len(logits)), device=stacked.device)
+    return mixture_logits(stacked, log_weights, temperature)
 
 
 class MutualLearning(ClassifierMethod):
