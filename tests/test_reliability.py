@@ -177,3 +177,28 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(tmp_path: Path, m
         cache.write(tmp_path / "tables" / "entry", {"logits": np.zeros((4, 3), np.float32)}, {"split": "train"})
     left = sorted(p.name for p in tmp_path.rglob("*"))
     assert left == ["tables"], left  # no temporary file or directory, no half entry
+
+
+def test_a_safetensors_file_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import safetensors.torch
+    import torch
+    from safetensors.torch import load_file
+
+    from kd_lightning.engine.caching.store import write_safetensors_atomic
+    from kd_lightning.engine.errors import ConfigError
+
+    target = tmp_path / "model.safetensors"
+    write_safetensors_atomic(target, {"w": torch.arange(6.0).reshape(2, 3).t()})  # a non-contiguous tensor
+    assert torch.equal(load_file(str(target))["w"], torch.arange(6.0).reshape(2, 3).t())
+
+    def full(tensors, filename, *args, **kwargs):
+        open(filename, "wb").write(b"half")  # noqa: SIM115 - a partial write, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(ConfigError, match=f"no space left on the disk of {tmp_path}"):
+        write_safetensors_atomic(target, {"w": torch.zeros(2)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # the old file, no temporary
+    assert torch.equal(load_file(str(target))["w"], torch.arange(6.0).reshape(2, 3).t())

@@ -6,13 +6,11 @@ from __future__ import annotations
 import logging
 import shlex
 import shutil
-import time
 from pathlib import Path
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
 from torch import nn
 
 from kd_lightning.engine.caching.store import (
@@ -24,6 +22,7 @@ from kd_lightning.engine.caching.store import (
     trainer_identity,
     weight_files,
     weight_files_digest,
+    write_safetensors_atomic,
     write_verified_json,
 )
 from kd_lightning.engine.checks import check_class_counts, check_fit, check_run_options, check_trainer
@@ -133,10 +132,7 @@ def obtain_teacher(
         L.seed_everything(cfg.seed, workers=True)
         result = train_teacher(cfg, teacher_cfg, model, out_dir / name, input)
     weights = entry / "model.safetensors"
-    entry.mkdir(parents=True, exist_ok=True)
-    tmp = entry / f".model.{time.time_ns()}.safetensors"
-    save_file({param: t.contiguous() for param, t in model.state_dict().items()}, str(tmp))
-    tmp.replace(weights)
+    write_safetensors_atomic(weights, model.state_dict())
     meta = {
         "sha256": file_digest(weights),
         "val_acc_best": result.val_acc_best,

@@ -99,6 +99,19 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.replace(name, path)
 
 
+def write_safetensors_atomic(path: Path, tensors: dict[str, Any]) -> None:
+    """Save ``tensors`` (name -> tensor, made contiguous) as a safetensors file at ``path`` through a temporary
+    file renamed over it, as :func:`write_text_atomic` does: never half a file, no temporary left on a full disk."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
+    os.close(handle)
+    with disk_writes(path, Path(name)):
+        save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, name)
+        os.replace(name, path)
+
+
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
 
