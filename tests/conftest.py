@@ -47,6 +47,23 @@ def kd_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ["KD_LIGHTNING_HOME"] = previous
 
 
+#: What tests' Trainers leave out unless they ask for it: the CPU, no logger, checkpoints, bar or model summary.
+TINY_TRAINER = {
+    "accelerator": "cpu",
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
+
+
+def tiny_trainer(**options: Any) -> Any:
+    """A Lightning Trainer for tests: :data:`TINY_TRAINER` updated by ``options``."""
+    import lightning as L
+
+    return L.Trainer(**{**TINY_TRAINER, **options})
+
+
 def compose_config(output_dir: Path, overrides: list[str] = (), config_name: str = "distill") -> DictConfig:
     """Compose a config as the CLI would, with the run directory set to ``output_dir``."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -21,6 +21,7 @@ from kd_lightning.models import MLP
 from kd_lightning.teacher import Teacher
 from kd_lightning.teacher.outputs import TeacherOutputCache
 from kd_lightning.teacher.views import TeacherViewCache
+from tests.conftest import tiny_trainer
 
 BATCH = 20
 
@@ -100,15 +101,10 @@ class Fill(L.LightningModule):
 
 def two_processes() -> L.Trainer:
     """A Trainer of 2 CPU processes (``ddp_spawn``, gloo) that takes one step: the fill runs in ``on_fit_start``."""
-    return L.Trainer(
-        accelerator="cpu",
+    return tiny_trainer(
         devices=2,
         strategy="ddp_spawn",
         max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
 
 

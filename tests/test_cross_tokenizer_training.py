@@ -7,7 +7,6 @@ import functools
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,6 +27,7 @@ from kd_lightning.llm.tokens import IGNORE_INDEX
 from kd_lightning.llm.vocab_mapping import VocabMapping
 from kd_lightning.methods.lm import LMMethod, OnPolicy, TokenKD
 from kd_lightning.recipes.llm_components import pair_tokenizers
+from tests.conftest import tiny_trainer
 from tests.test_cli import run
 from tests.test_llm_module import changed, fit, snapshot
 
@@ -241,9 +241,7 @@ def test_module_distils_across_tokenizers(student_tokenizer, teacher_tokenizer, 
 
 
 def validate(module: LMMethod, datamodule: LLMDataModule) -> dict:
-    return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(
-        module, datamodule=datamodule, verbose=False
-    )[0]
+    return tiny_trainer(enable_checkpointing=True).validate(module, datamodule=datamodule, verbose=False)[0]
 
 
 def test_pairing_refuses_same_vocabulary_losses_and_keeps_the_teacher_out_of_sft(

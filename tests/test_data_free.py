@@ -18,7 +18,7 @@ from kd_lightning.losses import DistillationLoss, KLDivergence
 from kd_lightning.methods import DataFreeDistillation
 from kd_lightning.models import MLP, ConvNet1D
 from kd_lightning.recipes.distill import distill
-from tests.conftest import compose_config
+from tests.conftest import compose_config, tiny_trainer
 
 LENGTH, CLASSES = 8, 3
 #: A data-free run on MNIST-1D in seconds: an untrained BN teacher used as built, no scratch baseline.
@@ -78,13 +78,8 @@ class EvalOnly(L.LightningDataModule):
 
 
 def fit(module: DataFreeDistillation, tmp_path: Path) -> L.Trainer:
-    trainer = L.Trainer(
+    trainer = tiny_trainer(
         max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=tmp_path,
     )
     trainer.fit(module, datamodule=module.training_data(EvalOnly()))

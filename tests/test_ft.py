@@ -32,7 +32,7 @@ from kd_lightning.losses import TERMS, DistillationLoss, FactorTransfer
 from kd_lightning.losses.factor_transfer import factor_transfer_loss
 from kd_lightning.methods.kd import DistillationModule
 from kd_lightning.models import ConvNet1D
-from tests.conftest import TINY
+from tests.conftest import TINY, tiny_trainer
 from tests.test_cli import run
 
 REL = 1e-5
@@ -227,14 +227,11 @@ def test_two_stages_in_a_fit_translator_trains_paraphraser_and_teacher_frozen(tm
 
     student = copy.deepcopy(module.student.state_dict())
     teacher = copy.deepcopy(module.teacher.state_dict())
-    trainer = L.Trainer(
+    trainer = tiny_trainer(
         default_root_dir=tmp_path,
         max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[FrozenTeacherGuard(), Record()],
+        enable_checkpointing=True,
     )
     trainer.fit(module, loader, loader)
     assert len(term.reconstruction_losses) == 2 and bool(term.paraphraser_trained)
@@ -253,13 +250,15 @@ def test_two_stages_in_a_fit_translator_trains_paraphraser_and_teacher_frozen(tm
 
 
 def test_a_resumed_fit_keeps_the_trained_paraphraser(tmp_path: Path) -> None:
-    options = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    options = dict(enable_checkpointing=True)
     module, loader = module_and_loader(epochs=2)
-    L.Trainer(default_root_dir=tmp_path, max_epochs=1, **options).fit(module, loader)
+    tiny_trainer(default_root_dir=tmp_path, max_epochs=1, **options).fit(module, loader)
     checkpoint = next((tmp_path / "checkpoints").glob("*.ckpt"))
     trained = [p.clone() for p in module.loss.terms["ft"].paraphraser.parameters()]
     resumed, _ = module_and_loader(epochs=2)
-    L.Trainer(default_root_dir=tmp_path / "resumed", max_epochs=2, **options).fit(resumed, loader, ckpt_path=checkpoint)
+    tiny_trainer(default_root_dir=tmp_path / "resumed", max_epochs=2, **options).fit(
+        resumed, loader, ckpt_path=checkpoint
+    )
     term = resumed.loss.terms["ft"]
     assert term.reconstruction_losses == [] and bool(term.paraphraser_trained)  # stage 1 not run again
     assert all(torch.equal(a, b) for a, b in zip(trained, term.paraphraser.parameters(), strict=True))

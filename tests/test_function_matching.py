@@ -25,7 +25,7 @@ from kd_lightning.losses import DistillationLoss, KLDivergence
 from kd_lightning.methods.kd import DistillationModule
 from kd_lightning.models import MLP, ConvNet1D
 from kd_lightning.recipes.distill import distill
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, tiny_trainer
 
 #: Every transformation on, mixup included (the preset's amounts).
 ALL_ON = {"max_shift": 4, "scale": 0.2, "shear": 1.0, "iid_noise": 0.1, "corr_noise": 0.3, "mixup_alpha": 1.0}
@@ -175,17 +175,12 @@ def run(data: MNIST1DDataModule, seed: int = 0) -> tuple[dict, dict]:
         num_classes=10,
     )
     batches = Batches()
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = tiny_trainer(
         max_epochs=1,
         limit_train_batches=2,
         limit_val_batches=1,
         limit_test_batches=1,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[batches],
     )
     inputs: dict[str, dict[str, list[torch.Tensor]]] = {"student": {}, "teacher": {}}

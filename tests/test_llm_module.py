@@ -24,6 +24,7 @@ from kd_lightning.llm.teacher_rows import teacher_top_k
 from kd_lightning.llm.token_loss import TokenDistillationLoss
 from kd_lightning.methods.lm import SFT, LMMethod, OnPolicy, TokenKD, sampled_batch
 from kd_lightning.recipes.llm_components import scheme_factory
+from tests.conftest import tiny_trainer
 
 VOCAB, PAD, EOS = 128, 0, 2
 
@@ -102,18 +103,8 @@ def make_module(alpha: float = 0.5, teacher: bool = True, **kwargs) -> LMMethod:
 
 
 def fit(module: LMMethod, data: L.LightningDataModule, tmp_path: Path, **trainer) -> L.Trainer:
-    options = {
-        "max_steps": 3,
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": str(tmp_path),
-        "num_sanity_val_steps": 0,
-        **trainer,
-    }
-    trainer = L.Trainer(**options)
+    options = {"max_steps": 3, "default_root_dir": str(tmp_path), "num_sanity_val_steps": 0, **trainer}
+    trainer = tiny_trainer(**options)
     trainer.fit(module, datamodule=data)
     return trainer
 

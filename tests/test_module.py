@@ -15,6 +15,7 @@ from kd_lightning.callbacks import AlphaWarmup, FrozenTeacherGuard
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.losses import DistillationLoss, KLDivergence
 from kd_lightning.methods.kd import DistillationModule
+from tests.conftest import tiny_trainer
 
 NUM_CLASSES = 3
 
@@ -43,17 +44,8 @@ def loader(n: int = 64) -> DataLoader:
 
 
 def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    options = dict(
-        default_root_dir=tmp_path,
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[FrozenTeacherGuard()],
-    )
-    options.update(kwargs)
-    return L.Trainer(**options)
+    options = dict(default_root_dir=tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[FrozenTeacherGuard()])
+    return tiny_trainer(**{**options, **kwargs})
 
 
 def test_gradients_reach_the_student_only() -> None:

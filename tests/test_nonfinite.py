@@ -28,6 +28,7 @@ from kd_lightning.methods.multi_teacher import MultiTeacherDistillation
 from kd_lightning.models import MLP, ConvNet1D
 from kd_lightning.recipes.llm_preflight import check_values
 from kd_lightning.teacher.outputs import TeacherOutputCache
+from tests.conftest import tiny_trainer
 from tests.test_llm_module import TinyData, make_module
 
 #: Every way Python code reads a tensor's value on the host.
@@ -164,18 +165,7 @@ def multi_teacher() -> MultiTeacherDistillation:
 
 
 def trainer(steps: int, **options: Any) -> L.Trainer:
-    settings = {
-        "accelerator": "cpu",
-        "max_steps": steps,
-        "limit_val_batches": 0,
-        "num_sanity_val_steps": 0,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        **options,
-    }
-    return L.Trainer(**settings)
+    return tiny_trainer(**{"max_steps": steps, "limit_val_batches": 0, "num_sanity_val_steps": 0, **options})
 
 
 def assert_no_reads_but_the_checks(reads: HostReads, steps: int, first: set[str] = frozenset()) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -18,7 +17,7 @@ from kd_lightning.engine.taps import Taps
 from kd_lightning.losses import DKD, DistillationLoss, FitNets, KLDivergence
 from kd_lightning.losses.reads import Read
 from kd_lightning.methods import DistillationModule
-from tests.conftest import compose_config
+from tests.conftest import compose_config, tiny_trainer
 from tests.test_taps import Net
 
 X = torch.randn(5, 1, 12)
@@ -137,13 +136,11 @@ def test_guard_and_checkpoints_cover_every_frozen_model(tmp_path: Path) -> None:
     terms = {"kd": KLDivergence(), "kd_1": KLDivergence(teacher={"model": "teacher_1"})}
     module = module_with(terms, {"teacher": Net(width=6), "teacher_1": Net(width=5)})
     data = DataLoader(TensorDataset(torch.randn(20, 1, 12), torch.randint(3, (20,))), batch_size=10)
-    trainer = L.Trainer(
+    trainer = tiny_trainer(
         max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
         callbacks=[FrozenTeacherGuard()],
         default_root_dir=tmp_path,
+        enable_checkpointing=True,
     )
     trainer.fit(module, data, data)
     path = tmp_path / "m.ckpt"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY
+from tests.conftest import TINY, tiny_trainer
 from tests.test_cli import run
 
 NO_SCRATCH = [*TINY, "compare_scratch=false"]
@@ -147,14 +147,11 @@ def test_a_run_that_max_steps_ends_inside_an_epoch_validates_before_its_final_ch
     data = TensorDataset(torch.randn(32, 2), torch.randn(32, 1))
     checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="step_{step}", monitor="val/loss", save_last=True)
     module = Regression()
-    trainer = L.Trainer(
+    trainer = tiny_trainer(
         max_steps=3,
         callbacks=[checkpoint],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
-        accelerator="cpu",
+        enable_checkpointing=True,
     )
     trainer.fit(module, DataLoader(data, batch_size=4), DataLoader(data, batch_size=8))
     assert trainer.global_step == 3 and module.validated_at == [3]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -19,7 +18,7 @@ from kd_lightning.losses import DistillationLoss, KLDivergence
 from kd_lightning.methods.kd import DistillationModule
 from kd_lightning.models import resnet8x4
 from kd_lightning.teacher.outputs import TeacherOutputCache
-from tests.conftest import compose_config
+from tests.conftest import compose_config, tiny_trainer
 
 
 def train_steps(runtime: Runtime, steps: int = 2) -> DistillationModule:
@@ -33,13 +32,8 @@ def train_steps(runtime: Runtime, steps: int = 2) -> DistillationModule:
         num_classes=10,
         runtime=runtime,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = tiny_trainer(
         max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(module, data)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
