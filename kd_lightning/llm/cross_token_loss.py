@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.engine.errors import ConfigError, check_type
+from kd_lightning.engine.errors import ConfigError, check_fraction, check_positive
 from kd_lightning.llm.aligned import row_spans
 from kd_lightning.llm.cross_tokenizer import gold_loss, uld_loss
 from kd_lightning.llm.protocol import ANY_SOURCE, SUPERVISED_SOURCES, TokenSource
@@ -115,13 +115,10 @@ class CrossTokenizerLoss(nn.Module):
         unmatched_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        check_type(alpha, (int, float), "llm.loss.alpha")
-        if not 0.0 <= alpha <= 1.0:
-            raise ConfigError(f"llm.loss.alpha={alpha} is outside [0, 1]; 1 is distillation only")
+        check_fraction(alpha, "llm.loss.alpha", "; 1 is distillation only")
         if alignment not in ("position", "spans"):
             raise ConfigError(f"llm.loss.alignment={alignment!r} must be 'position' (ULD) or 'spans' (GOLD)")
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ConfigError(f"llm.loss.temperature={temperature} must be > 0")
+        check_positive(temperature, "llm.loss.temperature")
         for key, weight in (("matched_weight", matched_weight), ("unmatched_weight", unmatched_weight)):
             if not (isinstance(weight, (int, float)) and weight >= 0):
                 raise ConfigError(f"llm.loss.{key}={weight} must be >= 0")

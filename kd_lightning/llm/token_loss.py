@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from kd_lightning.engine.errors import ConfigError, check_type
+from kd_lightning.engine.errors import ConfigError, check_fraction
 from kd_lightning.llm.divergences import ForwardKL, TokenDivergence
 from kd_lightning.llm.protocol import ANY_SOURCE, SUPERVISED_SOURCES, TokenSource
 from kd_lightning.llm.tokens import (
@@ -100,10 +100,7 @@ class TokenDistillationLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.divergence = divergence
-        check_type(alpha, (int, float), "llm.loss.alpha")
-        if not 0.0 <= alpha <= 1.0:
-            raise ConfigError(f"llm.loss.alpha={alpha} is outside [0, 1]; 1 is distillation only")
-        self.alpha = float(alpha)
+        self.alpha = check_fraction(alpha, "llm.loss.alpha", "; 1 is distillation only")
         if chunk_size is not None and (type(chunk_size) is not int or chunk_size < 1):
             raise ConfigError(f"llm.loss.chunk_size={chunk_size} must be a positive number of tokens (or null)")
         self.chunk_size = chunk_size
