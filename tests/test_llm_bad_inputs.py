@@ -119,6 +119,8 @@ CASES = [
     case("optimized-metric-unknown", "val/nope", "optimized_metric=val/nope"),
     case("checkpoint-monitor-unknown", "val/nope", "callbacks.model_checkpoint.monitor=val/nope"),
     case("student-vocab-too-small", "llm.student", "llm.student.vocab_size=50"),
+    case("pruned-keep-too-many", "llm.student.keep_layers", "llm/student=pruned", "llm.student.keep_layers=9"),
+    case("pruned-heads-zero", "llm.student.heads_keep", "llm/student=pruned", "llm.student.heads_keep=0"),
     case("lr-absurd", "optimizer.lr", "optimizer.lr=1e30"),
     case("teacher-dtype-bf16", "llm.teacher.dtype", "llm.teacher.dtype=bf16"),
     case("teacher-dtype-list", "llm.teacher.dtype", "llm.teacher.dtype=[bfloat16]"),
