@@ -21,7 +21,8 @@ from multirun import mean_std, provenance, run_seeds
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: Published CIFAR-100 top-1 (%, best epoch) of each preset, from ../shared/BENCHMARKS.md (None: not published).
+#: Published CIFAR-100 top-1 (%, best epoch) of each preset, from ../shared/BENCHMARKS.md and, for the newer
+#: methods, the sources named below (None: not published).
 PUBLISHED: dict[str, float | None] = {
     "kd": 73.33,
     "dkd": 76.32,
@@ -35,6 +36,21 @@ PUBLISHED: dict[str, float | None] = {
     "crd_wrn": 75.48,
     "reviewkd_wrn": None,
     "kd_ls_wrn": 76.11,
+    # Newer methods: the authors' README tables (each preset's header names its source; None: no number there).
+    "nkd": None,
+    "ctkd": None,
+    "ctkd_wrn": 75.45,  # zhengli97/CTKD README
+    "sdd": None,
+    "wkd_l": 76.53,  # JiamingLv/WKD README
+    "wkd_f": 76.77,  # JiamingLv/WKD README
+    "ickd": 75.25,  # ADLab-AutoDrive/ICKD Cifar100/README.md, ICKD-C w/o KL
+    "ickd_wrn": 75.64,  # ditto
+    "srd": None,
+    "ofd_wrn": None,
+    "catkd": None,
+    "catkd_wrn": None,
+    "ft": 72.86,  # HobbitLong/RepDistiller README
+    "ft_wrn": 73.25,  # ditto
 }
 #: Published teacher / student-alone accuracy of each pair.
 PAIRS = {"resnet32x4 -> resnet8x4": (79.42, 72.50), "wrn_40_2 -> wrn_16_2": (75.61, 73.26)}
