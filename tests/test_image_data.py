@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_lightning.data import CIFARDataModule, CropFlip, DigitsDataModule
-from kd_lightning.data.cifar import LAYOUTS
+from kd_lightning.data.cifar_files import LAYOUTS
 from kd_lightning.engine.errors import ConfigError
 from tests.image_fixtures import CIFAR100_FOLDER, write_cifar10, write_cifar100
 

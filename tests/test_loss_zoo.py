@@ -29,7 +29,7 @@ from kd_lightning.losses import (
     FitNets,
     KLDivergence,
 )
-from kd_lightning.losses.base import DistillationTerm
+from kd_lightning.losses.terms import DistillationTerm
 from tests import reference_losses as ref
 
 TARGETS = [0, 1, 2, 3, 4, 0]

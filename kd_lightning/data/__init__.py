@@ -6,6 +6,7 @@ from kd_lightning.data.augment import SignalAugmentation
 from kd_lightning.data.cifar import CIFARDataModule
 from kd_lightning.data.digits import DigitsDataModule
 from kd_lightning.data.image_augment import CropFlip
+from kd_lightning.data.in_memory import InMemoryDataModule
 from kd_lightning.data.mnist1d import MNIST1DDataModule
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "CropFlip",
     "DigitsDataModule",
     "ImageFolderDataModule",
+    "InMemoryDataModule",
     "MNIST1DDataModule",
     "SignalAugmentation",
     "TextClassificationDataModule",

@@ -7,9 +7,6 @@ only when :class:`TextClassificationDataModule` is first used.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +19,7 @@ from kd_lightning.engine.caching.store import file_digest
 from kd_lightning.engine.errors import ConfigError, check_type
 
 try:
-    import datasets
+    import datasets  # noqa: F401 - imported here for the one-line error below; the modules below use it
     from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 except ModuleNotFoundError as missing:  # pragma: no cover - depends on the installed extras
     raise ModuleNotFoundError(
@@ -30,9 +27,10 @@ except ModuleNotFoundError as missing:  # pragma: no cover - depends on the inst
         f"({missing.name} is missing): pip install datasets transformers"
     ) from missing
 
-from kd_lightning.data.text_batches import TEACHER_PREFIX, EncodedSplit, PadBatch, load_tokenizer, tokenizer_identity
+from kd_lightning.data.text_batches import EncodedSplit, PadBatch
 from kd_lightning.data.text_labels import encode_labels, limit_unlabelled, split_validation
 from kd_lightning.data.text_sources import FILE_KEYS, FORMATS, TextSource, directory_digest, quiet_datasets
+from kd_lightning.data.text_tokenize import TextTokenization
 
 _PathValue = str | Path | None
 
@@ -129,8 +127,6 @@ class TextClassificationDataModule(L.LightningDataModule):
             raise ConfigError(f"data.max_length={max_length} must be >= 1 (null: no truncation)")
         if not 0 < val_fraction < 1:
             raise ConfigError(f"data.val_fraction={val_fraction} must be in (0, 1)")
-        self.tokenizer_dir = tokenizer
-        self.teacher_tokenizer_dir = teacher_tokenizer
         self.files = {"train": train_file, "val": val_file, "test": test_file}
         self.path = path
         self.format = format
@@ -148,69 +144,14 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.return_index = return_index
         self.transfer_samples = transfer_samples
         self.splits: dict[str, EncodedSplit] = {}
-        self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
-        self._tokenizer_identities: dict[str, dict[str, str]] = {}
+        self.tokenization = TextTokenization(
+            tokenizer, teacher_tokenizer, text_column, text_pair_column, label_column, max_length
+        )
         self._label_names: tuple[str, ...] = ()
 
-    # --- sources -----------------------------------------------------------------------------------------
-
-    # --- labels ------------------------------------------------------------------------------------------
-
-    # --- tokenisation ------------------------------------------------------------------------------------
-
     def tokenizers(self) -> dict[str, PreTrainedTokenizerBase]:
-        """The tokenizers by the prefix of their keys in a batch: ``""`` (the student's) and, with
-        ``teacher_tokenizer`` set, ``"teacher_"``; loaded once."""
-        if not self._tokenizers:
-            self._tokenizers[""] = load_tokenizer("data.tokenizer", self.tokenizer_dir)
-            if self.teacher_tokenizer_dir is not None:
-                self._tokenizers[TEACHER_PREFIX] = load_tokenizer("data.teacher_tokenizer", self.teacher_tokenizer_dir)
-            self._tokenizer_identities = {prefix: tokenizer_identity(t) for prefix, t in self._tokenizers.items()}
-        return self._tokenizers
-
-    def _tokenize(self, batch: Mapping[str, list[Any]], origin: str) -> dict[str, list[list[int]]]:
-        texts = batch[self.text_column]
-        pairs = batch[self.text_pair_column] if self.text_pair_column else None
-        for key, column, values in (
-            ("data.text_column", self.text_column, texts),
-            ("data.text_pair_column", self.text_pair_column, pairs or ()),
-        ):
-            if None in values:
-                raise ConfigError(f"{key}={column!r} of {origin} has an empty row; give every row a text")
-        encoded: dict[str, list[list[int]]] = {}
-        for prefix, tokenizer in self.tokenizers().items():
-            out = tokenizer(
-                texts,
-                pairs,
-                truncation=self.max_length is not None,
-                max_length=self.max_length,
-                return_attention_mask=True,
-            )
-            encoded |= {prefix + name: ids for name, ids in out.items()}
-        return encoded
-
-    def _encode_split(self, split: str, rows: datasets.Dataset, origin: str) -> datasets.Dataset:
-        """``rows`` tokenised (batched, in memory; the new fingerprint stands in for hashing the tokenizers)."""
-        settings = json.dumps([rows._fingerprint, self._tokenization_identity()], sort_keys=True)
-        return rows.map(
-            self._tokenize,
-            batched=True,
-            fn_kwargs={"origin": origin},
-            remove_columns=rows.column_names,
-            keep_in_memory=True,
-            new_fingerprint=hashlib.sha256(settings.encode()).hexdigest()[:32],
-            desc=f"tokenizing {split}",
-        )
-
-    def _tokenization_identity(self) -> dict[str, Any]:
-        """What fixes a row's tokenisation: the columns, ``max_length`` and each tokenizer's identity."""
-        self.tokenizers()
-        return {
-            "columns": {"text": self.text_column, "text_pair": self.text_pair_column, "label": self.label_column},
-            "max_length": self.max_length,
-            "tokenizer": self._tokenizer_identities[""],
-            "teacher_tokenizer": self._tokenizer_identities.get(TEACHER_PREFIX),
-        }
+        """The tokenizers by the prefix of their keys in a batch (:meth:`TextTokenization.tokenizers`)."""
+        return self.tokenization.tokenizers()
 
     # --- LightningDataModule -----------------------------------------------------------------------------
 
@@ -231,7 +172,7 @@ class TextClassificationDataModule(L.LightningDataModule):
                 split_validation(rows, labels, self.val_fraction, self.split_seed)
                 origins["val"] = f"{origins['train']} (data.val_fraction={self.val_fraction})"
             self.splits = {
-                split: EncodedSplit(self._encode_split(split, dataset, origins[split]), labels[split])
+                split: EncodedSplit(self.tokenization.encode_split(split, dataset, origins[split]), labels[split])
                 for split, dataset in rows.items()
             }
 
@@ -285,7 +226,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         return {
             "dataset": "text",
             "sources": sources,
-            **self._tokenization_identity(),
+            **self.tokenization.identity(),
             "val_fraction": self.val_fraction,
             "split_seed": self.split_seed,
             "transfer_samples": self.transfer_samples,

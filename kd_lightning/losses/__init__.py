@@ -1,14 +1,6 @@
 """Distillation losses: one registry, mirrored one-to-one by ``conf/loss/*.yaml``."""
 
-from kd_lightning.losses.base import (
-    UNLABELLED,
-    DistillationLoss,
-    DistillationTerm,
-    LayerTerm,
-    LossOutput,
-    MultiLayerTerm,
-    masked_cross_entropy,
-)
+from kd_lightning.losses.base import UNLABELLED, DistillationLoss, LossOutput, masked_cross_entropy
 from kd_lightning.losses.classifier_features import CATKD, SRD
 from kd_lightning.losses.contrastive import CRD
 from kd_lightning.losses.factor_transfer import FactorTransfer
@@ -21,6 +13,7 @@ from kd_lightning.losses.logit_wasserstein import WKDL
 from kd_lightning.losses.logits import DIST, DKD, KLDivergence, soft_kl, standardize
 from kd_lightning.losses.overhaul import OFD
 from kd_lightning.losses.relations import CC, PKT, RKD, SP
+from kd_lightning.losses.terms import DistillationTerm, LayerTerm, MultiLayerTerm
 
 #: Every distillation term by the name used in ``conf/loss/<name>.yaml``.
 TERMS: dict[str, type[DistillationTerm]] = {

@@ -1,6 +1,6 @@
 """Feature terms that use a model's own linear classifier: SRD (the student's feature through the teacher's
 classifier) and CAT-KD (class activation maps). The classifiers are looked up by module path when the method
-binds its models (:meth:`~kd_lightning.losses.base.DistillationTerm.bind_models`), never registered in the term.
+binds its models (:meth:`~kd_lightning.losses.terms.DistillationTerm.bind_models`), never registered in the term.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from torch import Tensor, nn
 from kd_lightning.engine.adapters import pointwise
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.taps import find_module
-from kd_lightning.losses.base import LayerTerm
 from kd_lightning.losses.features import unsized
 from kd_lightning.losses.precision import at_least_fp32, autocast_off
 from kd_lightning.losses.reads import LOGITS, Read, ReadSpec
+from kd_lightning.losses.terms import LayerTerm
 
 _NORMS: dict[int, type[nn.Module]] = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}
 _POOLS = {3: F.adaptive_avg_pool1d, 4: F.adaptive_avg_pool2d}

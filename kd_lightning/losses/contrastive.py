@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_lightning.engine.errors import ConfigError, check_positive
-from kd_lightning.losses.base import LayerTerm
 from kd_lightning.losses.precision import at_least_fp32, autocast_off
 from kd_lightning.losses.reads import ReadSpec
+from kd_lightning.losses.terms import LayerTerm
 
 
 def nce_loss(scores: Tensor, num_samples: int, eps: float = 1e-7) -> Tensor:

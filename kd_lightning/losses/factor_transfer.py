@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_lightning.engine.errors import ConfigError
-from kd_lightning.losses.base import LayerTerm
 from kd_lightning.losses.features import unsized
 from kd_lightning.losses.precision import at_least_fp32
 from kd_lightning.losses.reads import ReadSpec
+from kd_lightning.losses.terms import LayerTerm
 
 #: Per spatial rank (1-D / 2-D maps): convolution, transposed convolution, adaptive average pooling.
 _MAPS: dict[int, tuple[type[nn.Module], type[nn.Module], Callable[..., Tensor]]] = {

@@ -13,10 +13,10 @@ from torch import Tensor, nn
 
 from kd_lightning.engine.adapters import pointwise
 from kd_lightning.engine.errors import ConfigError
-from kd_lightning.losses.base import LayerTerm
 from kd_lightning.losses.features import unsized
 from kd_lightning.losses.precision import at_least_fp32, autocast_off
 from kd_lightning.losses.reads import ReadSpec
+from kd_lightning.losses.terms import LayerTerm
 
 #: Per spatial rank: the BatchNorm of a 1-D / 2-D map and its adaptive average pooling.
 _NORMS: dict[int, type[nn.Module]] = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d}

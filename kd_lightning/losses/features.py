@@ -10,9 +10,9 @@ from torch import Tensor, nn
 
 from kd_lightning.engine.adapters import connector, pointwise_mlp
 from kd_lightning.engine.errors import ConfigError
-from kd_lightning.losses.base import LayerTerm, MultiLayerTerm
 from kd_lightning.losses.precision import at_least_fp32
 from kd_lightning.losses.reads import ReadSpec
+from kd_lightning.losses.terms import LayerTerm, MultiLayerTerm
 
 
 def unsized(term: LayerTerm, student: Tensor, teacher: Tensor) -> RuntimeError:

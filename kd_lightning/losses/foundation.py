@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_lightning.engine.errors import ConfigError
-from kd_lightning.losses.base import LayerTerm
 from kd_lightning.losses.precision import at_least_fp32
 from kd_lightning.losses.reads import ReadSpec
+from kd_lightning.losses.terms import LayerTerm
 
 POOLINGS = ("cls", "mean", None)
 DISTANCES = ("cosine", "smooth_l1")

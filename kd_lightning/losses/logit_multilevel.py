@@ -13,10 +13,10 @@ from torch import Tensor, nn
 
 from kd_lightning.engine.errors import ConfigError, check_positive, check_type
 from kd_lightning.engine.taps import find_module
-from kd_lightning.losses.base import DistillationTerm
 from kd_lightning.losses.logits import resolve_targets
 from kd_lightning.losses.precision import at_least_fp32
 from kd_lightning.losses.reads import ReadSpec, read_of
+from kd_lightning.losses.terms import DistillationTerm
 
 
 def find_head(models: Mapping[str, nn.Module], model: str, path: str, key: str) -> nn.Module:

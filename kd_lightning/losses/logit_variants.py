@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_lightning.engine.errors import ConfigError, check_type
-from kd_lightning.losses.base import DistillationTerm
 from kd_lightning.losses.logits import LogitTerm, non_target, resolve_targets, soft_kl
 from kd_lightning.losses.precision import at_least_fp32
 from kd_lightning.losses.reads import ReadSpec
+from kd_lightning.losses.terms import DistillationTerm
 
 
 class NKD(LogitTerm):

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kd_lightning.engine.errors import ConfigError, check_positive, check_type
-from kd_lightning.losses.base import UNLABELLED, DistillationTerm
+from kd_lightning.losses.base import UNLABELLED
 from kd_lightning.losses.precision import at_least_fp32
 from kd_lightning.losses.reads import ReadSpec
+from kd_lightning.losses.terms import DistillationTerm
 
 
 def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:

@@ -11,10 +11,10 @@ from torch import Tensor, nn
 from kd_lightning.engine.adapters import pointwise
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.taps import find_module
-from kd_lightning.losses.base import MultiLayerTerm
 from kd_lightning.losses.features import unsized
 from kd_lightning.losses.precision import at_least_fp32
 from kd_lightning.losses.reads import ReadSpec
+from kd_lightning.losses.terms import MultiLayerTerm
 
 _NORMS: dict[int, type[nn.Module]] = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d}
 

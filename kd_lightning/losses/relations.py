@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_lightning.losses.base import LayerTerm
 from kd_lightning.losses.precision import at_least_fp32, autocast_off
 from kd_lightning.losses.reads import ReadSpec
+from kd_lightning.losses.terms import LayerTerm
 
 
 def embed(features: Tensor) -> Tensor:

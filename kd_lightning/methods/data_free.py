@@ -10,22 +10,17 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 
 from kd_lightning.data.contract import HasExampleInput
 from kd_lightning.data.synthetic_steps import SyntheticSteps
 from kd_lightning.engine.errors import ConfigError
-from kd_lightning.losses import UNLABELLED, DistillationLoss
+from kd_lightning.losses import UNLABELLED
 from kd_lightning.losses.base import TASK_MODEL
 from kd_lightning.methods.classifier import EpochMeans
-from kd_lightning.methods.data_free_prior import (
-    GENERATOR_PARTS,
-    BatchNormPrior,
-    check_batch_norm,
-    check_settings,
-)
+from kd_lightning.methods.data_free_prior import GENERATOR_PARTS, BatchNormPrior
+from kd_lightning.methods.data_free_rules import check_batch_norm, check_loss, check_settings, check_strategy
 from kd_lightning.methods.kd import DistillationModule
 from kd_lightning.models.generator import Generator1D
 from kd_lightning.teacher import Teacher
@@ -131,24 +126,10 @@ class DataFreeDistillation(DistillationModule):
     @classmethod
     def check_config(cls, loss: nn.Module | None, models: Mapping[str, nn.Module], cached_teachers: bool) -> None:
         """No teacher-output cache, a loss that distils (there are no labels) and keeps no per-sample
-        memory; then :class:`DistillationModule`'s checks (models and layers read). That a
-        teacher without BatchNorm is refused while ``bn_weight > 0`` is :meth:`check_options`'s."""
-        if cached_teachers:
-            raise ConfigError(
-                "method=data_free generates new inputs every step, so there are no per-sample teacher outputs "
-                "for teacher_cache to store; set teacher_cache=none"
-            )
-        if not isinstance(loss, DistillationLoss) or not loss.needs_teacher:
-            raise ConfigError(
-                "method=data_free has no labels, only the teacher: use a distillation loss with loss.alpha > 0 "
-                "and at least one term (loss=kd)"
-            )
-        if loss.uses_index:
-            users = sorted(name for name, term in loss.terms.items() if term.uses_index)
-            raise ConfigError(
-                f"loss.terms {users} keep a memory per training sample, but method=data_free generates new "
-                "inputs every step; use a loss without one (loss=kd, dkd, dist, at, ...)"
-            )
+        memory (:func:`~kd_lightning.methods.data_free_rules.check_loss`); then :class:`DistillationModule`'s
+        checks (models and layers read). That a teacher without BatchNorm is refused while ``bn_weight > 0`` is
+        :meth:`check_options`'s."""
+        check_loss(loss, cached_teachers)
         super().check_config(loss, models, cached_teachers)
 
     @classmethod
@@ -165,14 +146,8 @@ class DataFreeDistillation(DistillationModule):
     @classmethod
     def check_trainer(cls, trainer: L.Trainer) -> None:
         """Generator and student steps each leave the other's parameters without a gradient: under DDP the
-        strategy must look for unused parameters."""
-        strategy = trainer.strategy
-        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):
-            raise ConfigError(
-                "method=data_free updates the generator and the student in turns, so each backward leaves some "
-                "parameters without a gradient, which DDP must expect: set "
-                "trainer.strategy=ddp_spawn_find_unused_parameters_true (or ddp_find_unused_parameters_true)"
-            )
+        strategy must look for unused parameters (:func:`~kd_lightning.methods.data_free_rules.check_strategy`)."""
+        check_strategy(trainer)
 
     @classmethod
     def needs_sample_index(cls, loss: nn.Module | None, cached_teachers: bool) -> bool:

@@ -1,18 +1,17 @@
-"""The parts of ``method=data_free`` around its module: the option checks and DeepInversion's BatchNorm prior."""
+"""DeepInversion's BatchNorm prior of ``method=data_free`` and the names of its generator's loss parts.
+
+The method's rules (option values, teacher, loss, cache, strategy) are :mod:`kd_lightning.methods.data_free_rules`'s.
+"""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.engine.errors import ConfigError, check_type
-
-TARGETS = ("sampled", "argmax")
 #: The generator's loss parts, logged as ``train/loss_generator_<part>`` (and the total as ``train/loss_generator``).
 GENERATOR_PARTS = ("bn", "ce", "adv", "ie")
 
@@ -24,38 +23,6 @@ def batch_norm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm.
         for name, m in model.named_modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
     ]
-
-
-def check_batch_norm(teacher: nn.Module, bn_weight: float) -> None:
-    """The BatchNorm prior (``bn_weight > 0``) needs a teacher with BatchNorm layers."""
-    if bn_weight > 0 and not batch_norm_layers(teacher):
-        raise ConfigError(
-            f"method=data_free matches the teacher's BatchNorm statistics (method.bn_weight={bn_weight}), but "
-            f"teacher {type(teacher).__name__} has no BatchNorm layers; use a teacher with BatchNorm "
-            "(teacher=cnn1d_bn) or set method.bn_weight=0"
-        )
-
-
-def check_settings(settings: Mapping[str, Any]) -> None:
-    """The method's own options (those in ``settings``), each refused in one line naming ``method.<key>``."""
-    for key in ("batch_size", "steps_per_epoch", "student_steps"):
-        if key in settings:
-            check_type(settings[key], int, f"method.{key}")
-            if settings[key] < 1:
-                raise ConfigError(f"method.{key}={settings[key]} must be an integer >= 1")
-    for key in ("bn_weight", "ce_weight", "adv_weight", "ie_weight"):
-        if key in settings:
-            check_type(settings[key], (int, float), f"method.{key}")
-            if not math.isfinite(settings[key]) or settings[key] < 0:
-                raise ConfigError(f"method.{key}={settings[key]} must be a finite number >= 0 (0 disables the term)")
-    lr = settings.get("generator_lr")
-    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0 or lr == math.inf):
-        raise ConfigError(f"method.generator_lr={lr!r} must be a finite number > 0 (null: optimizer.lr)")
-    if "targets" in settings and settings["targets"] not in TARGETS:
-        raise ConfigError(f"method.targets={settings['targets']!r}: use one of {list(TARGETS)}")
-    augment = settings.get("augment")
-    if augment is not None and not callable(augment):
-        raise ConfigError(f"method.augment must be a callable on a batch of inputs (or null), got {augment!r}")
 
 
 class BatchNormPrior:

@@ -23,6 +23,7 @@ from kd_lightning.losses import DistillationLoss, soft_kl
 from kd_lightning.losses.base import TASK_MODEL
 from kd_lightning.methods.base import OptimizerFactory, SchedulerFactory
 from kd_lightning.methods.classifier import Batch, ClassifierMethod, unpack
+from kd_lightning.methods.loss_reads import check_loss_reads, check_sample_index
 from kd_lightning.teacher import Teacher
 from kd_lightning.teacher.outputs import TeacherOutputCache
 
@@ -126,36 +127,11 @@ class DistillationModule(ClassifierMethod):
     def check_config(cls, loss: nn.Module | None, models: Mapping[str, nn.Module], cached_teachers: bool) -> None:
         """Every model a loss term reads must be the student or a teacher, every layer it names must exist
         (checked on the untrained models, before any teacher is trained), and cached teachers serve logits
-        only."""
-        if not isinstance(loss, DistillationLoss) or not loss.needs_teacher:
-            return
-        for key, routings in loss.reads().items():
-            for routing in routings:
-                for read in routing if isinstance(routing, tuple) else (routing,):
-                    if read.model not in models:
-                        raise ConfigError(
-                            f"{key}.{read.field.split('.')[0]} reads model {read.model!r}, which this method does "
-                            f"not have ({sorted(models)}); name one of them, or add it to method.teachers"
-                        )
-        # Unless a subclass makes the loss's targets itself (distilled_outputs: e.g. a combination of teachers),
-        # a teacher no term reads would be obtained, maybe trained, for nothing.
-        combines = cls.distilled_outputs is not DistillationModule.distilled_outputs
-        unread = [] if combines else sorted(set(models) - loss.models_read - {TASK_MODEL})
-        if unread:
-            raise ConfigError(
-                f"method.teachers.{unread[0]} is read by no loss term, so it would be obtained (maybe trained) for "
-                f"nothing; remove it (~method.teachers.{unread[0]}) or point a term at it "
-                f"(loss.terms.<term>.teacher.model={unread[0]})"
-            )
-        for name in loss.models_read & set(models):
-            layers = loss.layers(name)
-            Taps(models[name], layers).remove()
-            if cached_teachers and name != TASK_MODEL and layers:
-                path, config_key = next(iter(layers.items()))
-                raise ConfigError(
-                    f"teacher_cache stores teacher logits only, but {config_key}={path} reads a layer of {name}; "
-                    "set teacher_cache=none for feature losses"
-                )
+        only (:func:`~kd_lightning.methods.loss_reads.check_loss_reads`); a subclass that makes the loss's
+        targets itself (``distilled_outputs``: e.g. a combination of teachers) may have teachers no term reads."""
+        if isinstance(loss, DistillationLoss) and loss.needs_teacher:
+            combines = cls.distilled_outputs is not DistillationModule.distilled_outputs
+            check_loss_reads(loss, models, cached_teachers, combines)
 
     @classmethod
     def metric_names(cls, loss: nn.Module | None, teachers: Sequence[str]) -> set[str]:
@@ -237,12 +213,7 @@ class DistillationModule(ClassifierMethod):
         x = self.formatted(x)
         outputs: dict[str, dict[str, Tensor]] = {}
         if self.loss.needs_teacher:
-            if index is None and self.loss.uses_index:
-                users = sorted(name for name, term in self.loss.terms.items() if term.uses_index)
-                raise ConfigError(
-                    f"loss.terms {users} need dataset sample indices but batches are (x, y): set "
-                    "data.return_index=true (or use a datamodule whose batches are (x, y, index))"
-                )
+            check_sample_index(self.loss, index)
             outputs = self.distilled_outputs(x, "train", index)
         outputs[TASK_MODEL] = self.student_outputs(x)
         label_count = None if self.loss.alpha == 1.0 else self.mean_label_count(y)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from kd_lightning.data.contract import CacheableData, check_cacheable
 from kd_lightning.engine.batches import Inputs, to_device
@@ -34,6 +34,7 @@ from kd_lightning.engine.caching.store import (
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.weights import in_mode
 from kd_lightning.teacher.lookup import DeviceTables, spread_tail
+from kd_lightning.teacher.shards import gather_shards, shard_of
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -192,48 +193,11 @@ class TeacherOutputCache:
         self, teacher: nn.Module, loader: DataLoader, device: torch.device, trainer: Trainer
     ) -> tuple[dict[str, np.ndarray], int]:
         """The table of ``loader`` computed by all of ``trainer``'s processes together, and how many rows
-        this process labelled. Process ``rank`` runs :meth:`compute` on ``ceil(batches / world)`` whole
-        batches of ``loader`` from batch ``rank * ceil(batches / world)`` on (a
-        :class:`~torch.utils.data.Subset` of its dataset, with its batch size, collate function and
-        workers; the last shards may be shorter, or empty), so each batch it runs is one that a single
-        process's pass over ``loader`` runs; :meth:`gather` joins the shards."""
-        total = len(loader.dataset)
-        size = -(-len(loader) // trainer.world_size) * loader.batch_size
-        rank = trainer.global_rank
-        rows = range(min(rank * size, total), min((rank + 1) * size, total))
-        part = DataLoader(
-            Subset(loader.dataset, rows),
-            batch_size=loader.batch_size,
-            collate_fn=loader.collate_fn,
-            num_workers=loader.num_workers,
-        )
-        return self.gather(self.compute(teacher, part, device), size, total, trainer), len(rows)
-
-    @staticmethod
-    def gather(shard: dict[str, np.ndarray], size: int, total: int, trainer: Trainer) -> dict[str, np.ndarray]:
-        """Every process's ``shard`` table (at most ``size`` rows each) joined into the table of ``total`` rows.
-
-        Global rank 0's shard is never empty: it broadcasts the array names, dtypes and row shapes, and the
-        arrays of :data:`WHOLE_TABLE`. Each per-row array is padded to ``size`` rows, sent as its bytes
-        (``trainer.strategy.all_gather``: no dtype is converted on the way), concatenated in rank order and
-        trimmed to ``total`` rows."""
-        strategy = trainer.strategy
-        layout = {name: (array.dtype.str, array.shape[1:]) for name, array in shard.items()}
-        whole = {name: array for name, array in shard.items() if name in WHOLE_TABLE}
-        layout, whole = strategy.broadcast((layout, whole), src=0)
-        table = {}
-        for name, (dtype, row_shape) in layout.items():
-            if name in WHOLE_TABLE:
-                table[name] = whole[name]
-                continue
-            padded = np.zeros((size, *row_shape), dtype=dtype)
-            if name in shard:
-                padded[: len(shard[name])] = shard[name]
-            sent = torch.from_numpy(padded.reshape(size, -1).view(np.uint8)).to(strategy.root_device)
-            received = strategy.all_gather(sent).cpu().numpy()  # (world, size, bytes per row)
-            rows = np.ascontiguousarray(received.reshape(-1, received.shape[-1])[:total])
-            table[name] = rows.view(dtype).reshape(total, *row_shape)
-        return table
+        this process labelled: :meth:`compute` on this process's :func:`~kd_lightning.teacher.shards.shard_of`
+        the loader, joined by :func:`~kd_lightning.teacher.shards.gather_shards`."""
+        part, size = shard_of(loader, trainer.world_size, trainer.global_rank)
+        shard = self.compute(teacher, part, device)
+        return gather_shards(shard, size, len(loader.dataset), trainer, WHOLE_TABLE), len(part.dataset)
 
     def encode(self, logits: Tensor) -> dict[str, np.ndarray]:
         """The stored form of a batch of logits: all of them, or top-k log-probabilities + log tail mass."""
