@@ -21,6 +21,7 @@ from kd_lightning.engine.threads import set_cpu_threads
 from kd_lightning.llm.memory import estimate_memory
 from kd_lightning.llm.models import cast_teachers, teacher_dtype
 from kd_lightning.recipes.fit import sync_csv_columns
+from kd_lightning.recipes.llm_bug_checks import preflight_bugs
 from kd_lightning.recipes.llm_components import (
     build_student,
     build_teachers,
@@ -125,6 +126,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         trained, models = module.trainable_parameters(), [module.teacher, *module.teachers.values()]  # those it runs
         announce(estimate_memory(module.student, models, trained, datamodule.batch_size, rows, module.loss).describe())
 
+    preflight_bugs(module, datamodule, student_tokenizer, cfg.llm.get("preflight", True))  # llm_bug_checks.py
     fit_start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=run.ckpt_path)
