@@ -23,6 +23,7 @@ from kd_lightning.llm.models import random_llama
 from kd_lightning.llm.teacher_rows import example_keys, teacher_log_probs, teacher_top_k
 from kd_lightning.llm.token_loss import TokenDistillationLoss
 from kd_lightning.llm.tokens import SparseTeacher
+from kd_lightning.methods.lm import TokenKD
 from kd_lightning.methods.lm.heads import check_cache
 
 VOCAB, TOP_K = 1000, 16
@@ -130,14 +131,17 @@ def test_a_temperature_sweep_reads_one_cache_built_once(teacher: torch.nn.Module
     assert [p.name for p in tmp_path.iterdir()] == [first.path.name]
 
 
-def test_check_cache_points_reads_at_the_losss_temperature(teacher: torch.nn.Module, tmp_path: Path) -> None:
+def test_a_method_reads_the_cache_at_its_losss_temperature(teacher: torch.nn.Module, tmp_path: Path) -> None:
     data = batches(1)
     cache = LogitCache.build(teacher, [data], tmp_path, top_k=TOP_K, temperature=1.0, vocab_size=VOCAB)
     loss = TokenDistillationLoss(ForwardKL(temperature=2.0), alpha=0.5, vocab_size=VOCAB)
-    check_cache(cache, loss, teacher)
-    assert cache.temperature == 2.0
-    torch.testing.assert_close(cache.lookup(data[0]).tail, cache.lookup(data[0], 2.0).tail)
-    assert not torch.allclose(cache.lookup(data[0]).tail, cache.lookup(data[0], 1.0).tail)
+    check_cache(cache, loss, teacher)  # checks only: the cache keeps reading at the temperature it was opened at
+    assert cache.temperature == 1.0
+    module = TokenKD(random_llama(vocab_size=VOCAB, seed=3), loss, torch.optim.AdamW, logit_cache=cache)
+    rows = module.teacher_outputs(loss, data[0], monitor_kl=False)["teacher_topk"]
+    torch.testing.assert_close(rows.tail, cache.lookup(data[0], 2.0).tail)
+    torch.testing.assert_close(rows.log_probs, cache.lookup(data[0], 2.0).log_probs)
+    assert not torch.allclose(rows.tail, cache.lookup(data[0], 1.0).tail)
 
 
 class TopKOnly:

@@ -175,9 +175,9 @@ class LLMDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.splits: dict[str, list[dict[str, Any]]] = {}
         self.prompts: dict[str, list[str]] = {}
-        self.read_ahead: tuple[Callable[[Mapping[str, Any]], None], int] | None = None
+        self.read_ahead: tuple[Callable[[Mapping[str, Any]], object], int] | None = None
 
-    def read_ahead_with(self, hook: Callable[[Mapping[str, Any]], None], depth: int) -> None:
+    def read_ahead_with(self, hook: Callable[[Mapping[str, Any]], object], depth: int) -> None:
         """Hand every batch to ``hook`` when a loader reads it, ``depth`` batches before yielding it (a served
         teacher starts scoring it: :class:`~kd_lightning.llm.served.ReadAheadLoader`)."""
         self.read_ahead = (hook, depth)

@@ -79,7 +79,6 @@ class ServedTeacher:
         #: example key -> its scoring in flight (or done, not yet read).
         self.pending: dict[str, Future[SparseTeacher]] = {}
         self.requests = 0
-        self.waited = 0.0
 
     @property
     def identity(self) -> str:
@@ -90,21 +89,23 @@ class ServedTeacher:
         """One example's rows, asked of the server (answer checked by the remote teacher)."""
         return self.remote.top_k_batch(example, self.top_k, 1.0, self.vocab_size)
 
-    def submit(self, batch: Batch) -> None:
-        """Start scoring every example of ``batch`` not already asked for (returns at once); a batch of prompts
-        only (on-policy) has nothing to score yet."""
+    def submit(self, batch: Batch) -> list[str]:
+        """Start scoring every example of ``batch`` not already asked for (returns at once); its example keys in
+        loss order. A batch of prompts only (on-policy) has nothing to score yet."""
         if "input_ids" not in batch:
-            return
+            return []
+        keys = []
         for key, example in example_batches(batch):
             if key not in self.pending:
                 self.pending[key] = self.pool.submit(self.score, example)
                 self.requests += 1
+            keys.append(key)
+        return keys
 
     def lookup(self, batch: Batch) -> SparseTeacher:
         """The teacher rows of every valid token of ``batch`` (loss order, on its device): those read ahead
         when back, the others asked now. A failed request raises its one-line error here."""
-        self.submit(batch)
-        keys = [key for key, _ in example_keys(batch)]
+        keys = self.submit(batch)
         rows = [self.pending[key] for key in keys]
         for key in set(keys):
             del self.pending[key]
@@ -128,7 +129,7 @@ class ReadAheadLoader(DataLoader):
     ``depth`` batches before yielding it (bounded: at most ``depth + 1`` batches held). Made with its
     ``__init__`` arguments, so Lightning can rebuild it (a distributed sampler) with the same hook."""
 
-    def __init__(self, *args: Any, read_ahead: Callable[[Batch], None] | None = None, depth: int = 1, **kwargs: Any):
+    def __init__(self, *args: Any, read_ahead: Callable[[Batch], object] | None = None, depth: int = 1, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.read_ahead, self.depth = read_ahead, depth
 

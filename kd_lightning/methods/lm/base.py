@@ -146,12 +146,14 @@ class LMMethod(TokenMetrics, SchemeRules, Method):
 
     # -------------------------------------------------------------------------------- the loss
     def teacher_outputs(self, loss: TokenLoss, batch: Batch, monitor_kl: bool) -> dict[str, Any]:
-        """The teacher's keyword arguments of ``loss`` on ``batch``: cached top-k, live hidden states, or none."""
+        """The teacher's keyword arguments of ``loss`` on ``batch``: top-k rows (cached, re-tempered to the loss's
+        temperature; or served), live hidden states, or none."""
         if not (loss.needs_teacher or (monitor_kl and not loss.cross_tokenizer)):
             return {}
-        targets = self.logit_cache if self.logit_cache is not None else self.served_teacher
-        if targets is not None:
-            return {"teacher_topk": targets.lookup(batch)}
+        if self.logit_cache is not None:
+            return {"teacher_topk": self.logit_cache.lookup(batch, loss.temperature)}
+        if self.served_teacher is not None:
+            return {"teacher_topk": self.served_teacher.lookup(batch)}
         if self.teacher is None:
             return {}
         with torch.no_grad():

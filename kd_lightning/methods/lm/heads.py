@@ -54,9 +54,9 @@ def check_packing(model: nn.Module, key: str, input_ids: Tensor, attention_mask:
 
 
 def check_cache(cache: LogitCache, loss: Any, student: nn.Module) -> None:
-    """The cache must cover the loss's vocabulary; its reads are pointed at the loss's temperature (a
-    format-3 cache is stored at T = 1 and re-tempered; one that cannot be, a :class:`ConfigError`)."""
-    cache.read_at(loss.temperature)
+    """The cache must serve rows at the loss's temperature (a format-3 cache is stored at T = 1 and re-tempered on
+    each read; one that cannot be, a :class:`ConfigError`) and cover the loss's vocabulary."""
+    cache.check_temperature(loss.temperature)
     vocab = loss.shared_vocab(student.get_output_embeddings().weight.shape[0], None)
     if cache.vocab_size != vocab:
         raise ConfigError(
