@@ -7,13 +7,10 @@ too few choices, a redirect to another host, HTTP 500, a timeout, a damaged resp
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ from omegaconf import OmegaConf
 from kd_lightning.cli.common import exit_on_config_error
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.generation import GenerationSettings
+from kd_lightning.llm.local_server import JSONServer
 from kd_lightning.llm.prompts import Prompt
 from kd_lightning.llm.remote import RemoteTeacher, RemoteTeacherError
 
@@ -33,49 +31,28 @@ VOCAB = 50
 BASE = "llm.teacher.model.base_url="
 
 
-class FakeServer:
+class FakeServer(JSONServer):
     """A vLLM-like server whose answers ``mutate`` (``(body, answer) -> answer``) may spoil; ``status``
     answers every request with that HTTP status, ``delay`` waits first, ``redirect`` (``scheme://host:port``)
     answers 307 to ``/moved/...`` there."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.mutate: Callable[[dict, dict], dict] | None = None
         self.status, self.delay, self.redirect = 200, 0.0, None
         self.requests: list[dict] = []
-        server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append(body)
-                time.sleep(server.delay)
-                if server.redirect and not self.path.startswith("/moved"):
-                    self.send_response(307)
-                    self.send_header("Location", f"{server.redirect}/moved{self.path}")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                answer = server.chat(body) if self.path.endswith("/chat/completions") else server.score(body)
-                if server.mutate is not None:
-                    answer = server.mutate(body, answer)
-                if server.status != 200:
-                    answer = {"error": {"message": "internal\nerror", "type": "server_error"}}
-                data = json.dumps(answer).encode()  # NaN and -Infinity as Python writes them
-                self.send_response(server.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+    def respond(self, path: str, body: dict) -> tuple[int, dict | None, dict[str, str]]:
+        self.requests.append(body)
+        time.sleep(self.delay)
+        if self.redirect and not path.startswith("/moved"):
+            return 307, None, {"Location": f"{self.redirect}/moved{path}"}
+        answer = self.chat(body) if path.endswith("/chat/completions") else self.score(body)
+        if self.mutate is not None:
+            answer = self.mutate(body, answer)
+        if self.status != 200:
+            answer = {"error": {"message": "internal\nerror", "type": "server_error"}}
+        return self.status, answer, {}  # NaN and -Infinity as Python's json writes them
 
     @staticmethod
     def chat(body: dict) -> dict:

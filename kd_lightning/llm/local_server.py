@@ -20,14 +20,11 @@ import torch
 import torch.nn.functional as F
 
 
-class OpenAIServer:
-    """``with OpenAIServer(model, tokenizer) as server: ... server.base_url``: serves until the block ends."""
+class JSONServer:
+    """A stdlib HTTP server on 127.0.0.1 (an ephemeral port) answering each POSTed JSON body with
+    :meth:`respond`: ``with Server(...) as server: ... server.base_url`` serves until the block ends."""
 
-    def __init__(self, model: Any, tokenizer: Any, name: str = "tiny") -> None:
-        self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
-        self.fail_first, self.delay, self.logprobs = 0, 0.0, True
-        self.requests, self.in_flight, self.max_in_flight = 0, 0, 0
-        self.lock, self.model_lock = threading.Lock(), threading.Lock()
+    def __init__(self) -> None:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -36,10 +33,11 @@ class OpenAIServer:
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                status, answer = server.answer(self.path, body)
-                data = json.dumps(answer).encode()
+                status, answer, headers = server.respond(self.path, body)
+                data = b"" if answer is None else json.dumps(answer).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                for name, value in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -52,13 +50,31 @@ class OpenAIServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
-    def __enter__(self) -> OpenAIServer:
+    def __enter__(self) -> Any:
         self.thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def respond(self, path: str, body: dict) -> tuple[int, dict | None, dict[str, str]]:
+        """``(HTTP status, JSON answer or None for no body, extra headers)`` of one request."""
+        raise NotImplementedError
+
+
+class OpenAIServer(JSONServer):
+    """``with OpenAIServer(model, tokenizer) as server: ... server.base_url``: serves until the block ends."""
+
+    def __init__(self, model: Any, tokenizer: Any, name: str = "tiny") -> None:
+        super().__init__()
+        self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
+        self.fail_first, self.delay, self.logprobs = 0, 0.0, True
+        self.requests, self.in_flight, self.max_in_flight = 0, 0, 0
+        self.lock, self.model_lock = threading.Lock(), threading.Lock()
+
+    def respond(self, path: str, body: dict) -> tuple[int, dict | None, dict[str, str]]:
+        return (*self.answer(path, body), {})
 
     def answer(self, path: str, body: dict) -> tuple[int, dict]:
         """``(HTTP status, JSON answer)`` of one request, with the configured faults."""
