@@ -13,6 +13,7 @@ seed), which gives the gain and the fraction of the teacher-student gap recovere
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from multirun import mean_std as percent
 from multirun import provenance, run_seeds
+
+from kd_lightning.reporting.markdown import write_section
 
 REPO = Path(__file__).resolve().parents[1]
 KD_DISTILL = Path(sys.executable).parent / "kd-distill"
@@ -40,6 +43,18 @@ METHODS: dict[str, list[str]] = {
     # CRD's memory-bank gathers cost ~40 s per epoch on 2 CPU cores at its default 4096 negatives.
     "crd": ["loss.terms.crd.nce_k=512"],
     "reviewkd": ["student=cnn1d_narrow"],
+    "ctkd": [],
+    "nkd": [],
+    "wttm": [],
+    "mlkd": [],
+    "wkd_l": [],
+    "ofd": ["student=cnn1d_narrow"],
+    "ickd": ["student=cnn1d_narrow"],
+    "nst": ["student=cnn1d_narrow"],
+    "srd": ["student=cnn1d_narrow"],
+    "catkd": ["student=cnn1d_narrow"],
+    "ft": ["student=cnn1d_narrow"],
+    "wkd_f": ["student=cnn1d_narrow"],
 }
 
 
@@ -110,6 +125,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()[0]
     rows, points = [], []
     teacher: dict[int, float] = {}  # one value per seed: every method distils the same cached teacher
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,7 +162,11 @@ def main() -> None:
         "`conf/loss/<method>.yaml` (its task/distillation weights and layers); `kd_ls` = KD with logit "
         "standardization (T = 2). Scratch = the same student trained supervised (method=supervised) on the "
         "labelled samples, same epochs and seed. Gap recovered = (acc - scratch) / (teacher - scratch). "
-        "Time = distillation wall time per epoch on 2 CPU cores (validation included). Per-method overrides: "
+        "Time = distillation wall time per epoch (validation included; FT's includes its paraphraser stage), "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, 2 CPU cores, load average (1 min) "
+        f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after. Not in this table: SDD (it pools regions of the "
+        "last feature map into the classifier, which needs a head on pooled features; the MNIST-1D models' heads "
+        "read the flattened map). Per-method overrides: "
         + "; ".join(f"{m}: `{' '.join(METHODS[m])}`" for m in args.methods if METHODS[m])
         + ".",
         "",
@@ -158,7 +178,7 @@ def main() -> None:
         f"![gain over scratch per method]({chart.name})",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    write_section(args.out, "\n".join(lines), "methods-table", title="# Methods on the default data")
     bar_chart(points, chart, f"MNIST-1D, {args.epochs} epochs, {len(args.seeds)} seeds")
     print("\n".join(lines))
 
