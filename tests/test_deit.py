@@ -85,7 +85,7 @@ def test_bad_options_name_the_key(kwargs: dict, match: str) -> None:
 
 
 def tiny_deit(num_classes: int = 10) -> torch.nn.Module:
-    cfg = OmegaConf.load(REPO / "conf" / "student" / "deit_tiny.yaml").model
+    cfg = OmegaConf.load(REPO / "conf" / "model" / "deit_tiny.yaml")
     cfg.model.config.num_labels = num_classes
     return instantiate(cfg)
 
@@ -157,10 +157,26 @@ def test_timm_distilled_vit_trains_through_its_two_heads() -> None:
         cls_head="head",
         teachers={"teacher": resnet8(num_classes=10)},
     )
-    x = torch.randn(2, 3, 32, 32)
-    module.setup_for(x)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    module.setup_for(x)  # checks on this batch that timm's output averages the two heads
     module.student.train()
-    assert module.student_outputs(x)["logits"].shape == (2, 10)
+    outputs = module.student_outputs(x)
+    features = student.forward_features(x)
+    cls, dist = student.head(features[:, 0]), student.head_dist(features[:, 1])
+    # Training: the task term reads the class head, the DeiT term the distillation head.
+    torch.testing.assert_close(outputs["logits"], cls, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outputs["head_dist"], dist, rtol=1e-5, atol=1e-6)
+    loss = module.loss({"student": outputs, **module.distilled_outputs(x, "train", None)}, y)
+    assert loss.parts["ce"] > 0 and loss.parts["deit"] > 0
+    loss.total.backward()
+    for head in (student.head, student.head_dist):
+        assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    # Evaluation: the prediction averages both heads.
+    module.student.eval()
+    with torch.no_grad():
+        features = student.forward_features(x)
+        average = (student.head(features[:, 0]) + student.head_dist(features[:, 1])) / 2
+        torch.testing.assert_close(module.student_outputs(x)["logits"], average, rtol=1e-5, atol=1e-6)
 
 
 def test_the_preset_composes_with_a_cnn_teacher_and_the_tiny_deit() -> None:

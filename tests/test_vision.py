@@ -196,3 +196,29 @@ def test_symbolic_links_never_lead_out_of_or_back_into_the_folder(tmp_path: Path
     samples = dm._eval_train.samples
     assert len(samples) == 24 and all("loop" not in p and "borrowed" not in p and "copy" not in p for p, _ in samples)
     assert all(Path(p).parent.name == f"class_{label}" for p, label in samples)
+
+
+def test_the_deit_preset_runs_a_cnn_teacher_into_a_deit_student_as_a_process(
+    folder: Path, tmp_path: Path, kd_home: Path
+) -> None:
+    """README's `kd-distill experiment=resnet18_deit data.root=...`, end to end in its own process (torchvision's
+    ResNet-18 teacher trained here, the Hugging Face DeiT student with its distillation head)."""
+    import json
+
+    from tests.test_cli import run
+
+    overrides = [
+        "experiment=resnet18_deit",
+        f"data.root={folder}",
+        "data.num_classes=3",
+        "data.batch_size=8",
+        "teacher.fit.max_epochs=1",
+        "trainer.max_epochs=1",
+        *QUIET,
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    result = run("kd-distill", *overrides, home=kd_home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["metrics"]["train/loss_deit"] > 0 and 0.0 <= summary["metrics"]["test/acc"] <= 1.0
+    assert summary["teacher_params"] > 10 * summary["student_params"]
