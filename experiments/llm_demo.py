@@ -48,9 +48,10 @@ from llm_common import (
 
 from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.generation import GenerationSettings, generate_file
-from kd_lightning.llm.models import check_tokenizers, layer_subset, load_gguf_model, load_gguf_tokenizer
+from kd_lightning.llm.models import layer_subset, load_gguf_model, load_gguf_tokenizer
 from kd_lightning.llm.prompts import make_prompts
 from kd_lightning.llm.records import keep_correct, read_records
+from kd_lightning.llm.vocab_checks import check_tokenizers
 from kd_lightning.reporting.markdown import write_section
 
 #: arguments that do not change a run's result

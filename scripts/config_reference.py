@@ -135,6 +135,11 @@ def render(conf: Path = CONF) -> str:
         ]
         program = "kd-llm-distill" if group.startswith("llm/") else "kd-distill"
         line = f"Pick one with `{program} {group}=<option>`"
+        if group == "model":  # pulled in by teacher / student options, not by a primary config
+            line = (
+                "The networks of the teacher and student options (their `defaults: [/model@model: <option>]`); "
+                "swap one with `kd-distill model@student.model=<option>` (or `model@teacher.model`)"
+            )
         out.append(line + (f"; default: {', '.join(chosen)}." if chosen else "."))
         out.append("")
         for path in sorted((conf / group).glob("*.yaml")):

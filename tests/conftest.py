@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_lightning.cli.common import CONFIG_DIR
 
@@ -71,6 +71,22 @@ def compose_config(output_dir: Path, overrides: list[str] = (), config_name: str
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     return cfg
+
+
+def model_target(group: str, option: str) -> str | None:
+    """The ``model._target_`` that option ``option`` of ``group`` (teacher / student, or ``model`` itself) gets,
+    read from the YAML files without composing: its own, else that of what its ``defaults`` pull in first (a
+    ``/model@model: <name>`` entry: conf/model/<name>.yaml; a plain ``- <name>``: an option it extends)."""
+    config = OmegaConf.load(Path(CONFIG_DIR) / group / f"{option}.yaml")
+    own = OmegaConf.select(config, "_target_" if group == "model" else "model._target_")
+    if own is not None:
+        return own
+    for entry in config.get("defaults", []):
+        if isinstance(entry, str) and entry != "_self_" and (found := model_target(group, entry)):
+            return found
+        if isinstance(entry, DictConfig) and "/model@model" in entry:
+            return model_target("model", entry["/model@model"])
+    return None
 
 
 def example_for(model_cfg: Any) -> Any:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from kd_lightning.cli.common import CONFIG_DIR
 from kd_lightning.cli.renamed import CIFAR_NAMESAKES
 from kd_lightning.models.cifar import ZOO
-from tests.conftest import compose_config
+from tests.conftest import compose_config, model_target
 
 #: name -> (parameters at 100 classes, the rounded figure quoted in the KD literature in millions, or None).
 #: The exact counts are those of the reference code (HobbitLong/RepDistiller ``models/`` at eedab9d / b13aecc,
@@ -200,7 +200,7 @@ def test_every_cifar_model_has_a_teacher_and_a_student_config() -> None:
     for group in ("teacher", "student"):
         cifar = set()
         for path in (Path(CONFIG_DIR) / group).glob("*.yaml"):
-            target = OmegaConf.select(OmegaConf.load(path), "model._target_", throw_on_resolution_failure=False)
+            target = model_target(group, path.stem)  # through conf/model/<name>.yaml
             if str(target).startswith("kd_lightning.models.cifar."):
                 name = str(target).removeprefix("kd_lightning.models.cifar.")
                 assert path.stem == config_name(name), path

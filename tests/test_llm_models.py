@@ -9,7 +9,6 @@ from hydra.utils import instantiate
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.models import (
     char_tokenizer,
-    check_tokenizers,
     evenly_spaced,
     find_gguf,
     layer_subset,
@@ -17,6 +16,7 @@ from kd_lightning.llm.models import (
     load_gguf_tokenizer,
     random_llama,
 )
+from kd_lightning.llm.vocab_checks import check_tokenizers
 from tests.conftest import compose_config
 
 

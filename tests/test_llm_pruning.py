@@ -13,15 +13,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kd_lightning.engine.errors import ConfigError
+from kd_lightning.llm.importance import calibration_batches, measure_importance
 from kd_lightning.llm.models import char_tokenizer, random_llama
-from kd_lightning.llm.pruning import (
-    PrunePlan,
-    apply_plan,
-    calibration_batches,
-    measure_importance,
-    plan_pruning,
-    pruned,
-)
+from kd_lightning.llm.pruning import PrunePlan, apply_plan, plan_pruning, pruned
 from tests.test_cli import run
 
 CALIBRATION = {"prompts": {"kind": "mixed", "seed": 0}, "num_examples": 4, "max_length": 48}

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_lightning.engine.errors import ConfigError
+from kd_lightning.llm.chunking import chunked_sums
 from kd_lightning.llm.divergences import ReverseKL
 from kd_lightning.llm.protocol import TokenSource
 from kd_lightning.llm.token_loss import TokenDistillationLoss, teacher_head_weights
@@ -142,7 +143,7 @@ class SampledReverseKL(TokenDistillationLoss):
             return (h, weight, bias, y, vocab, *teacher, rows, t_token, sampled, monitor_kl and full_teacher)
 
         columns = [tokens.hidden, tokens.targets, tokens.positions, tokens.teacher_hidden, teacher_token_log_probs]
-        sums = self.chunked_sums(self._sampled_sums, columns, chunk_args, (student_hidden, weight), 4)
+        sums = chunked_sums(self._sampled_sums, columns, chunk_args, (student_hidden, weight), 4, self.chunk_size)
         surrogate, estimate, ce, kl = sums.unbind()
         total = self.alpha * (surrogate - surrogate.detach() + estimate.detach())
         parts = {"ce": ce.detach() if not sampled else ce.detach() * 0, "distill": estimate.detach()}

@@ -5,22 +5,22 @@ Valid tokens, hidden states, heads and the top-k teacher rows are defined in :mo
 Memory: logits are never materialised for the whole batch. Valid positions are selected first, then
 for each chunk of ``chunk_size`` tokens the student's (and the teacher's) logits ``[chunk, V]`` are
 computed from hidden states and the ``lm_head`` weight, reduced to three sums, and dropped; with
-gradients enabled each chunk runs under :func:`torch.utils.checkpoint.checkpoint`, so backward
-recomputes the chunk's logits instead of keeping them. Peak extra memory is a few ``[chunk, V]``
-float32 tensors instead of several ``[B * T, V]`` ones (measured in ``docs/results/llm_loss_memory.md``).
+gradients enabled each chunk is recomputed in backward instead of kept (:mod:`kd_lightning.llm.chunking`).
+Peak extra memory is a few ``[chunk, V]`` float32 tensors instead of several ``[B * T, V]`` ones (measured in
+``docs/results/llm_loss_memory.md``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from kd_lightning.engine.errors import ConfigError, check_fraction
+from kd_lightning.llm.chunking import chunked_sums
 from kd_lightning.llm.divergences import ForwardKL, TokenDivergence
 from kd_lightning.llm.protocol import ANY_SOURCE, SUPERVISED_SOURCES, TokenSource
 from kd_lightning.llm.tokens import (
@@ -183,32 +183,6 @@ class TokenDistillationLoss(nn.Module):
             teacher_logits = teacher_logits.reshape(batch * length, -1)
         return PackedTokens(hidden, targets, positions, count, teacher_hidden, teacher_logits)
 
-    def chunked_sums(
-        self,
-        sums_of: Callable[..., Tensor],
-        columns: list[Tensor | None],
-        arguments: Callable[..., tuple],
-        graph: tuple[Tensor, Tensor],
-        width: int,
-    ) -> Tensor:
-        """``sums_of(*arguments(*chunk))`` summed over chunks of ``chunk_size`` rows of the per-token
-        ``columns`` (None columns stay None in every chunk), each chunk recomputed in the backward pass while
-        training (activation checkpointing: one chunk's logits in memory at a time). No valid token: ``width``
-        zeros that still reach the graph of ``graph`` (the student's hidden states and head weight)."""
-        size = self.chunk_size or max(columns[0].shape[0], 1)
-        split = [t.split(size) if t is not None else None for t in columns]
-        chunked = torch.is_grad_enabled() and self.chunk_size is not None
-        chunk_sums = []
-        for i in range(len(split[0])):
-            args = arguments(*(None if parts is None else parts[i] for parts in split))
-            if chunked:
-                chunk_sums.append(checkpoint(sums_of, *args, use_reentrant=False, preserve_rng_state=False))
-            else:
-                chunk_sums.append(sums_of(*args))
-        if chunk_sums:
-            return torch.stack(chunk_sums).sum(dim=0)
-        return (graph[0].sum() + graph[1].sum()).float().mul(0).expand(width)
-
     def forward(
         self,
         student_hidden: Tensor,
@@ -247,7 +221,7 @@ class TokenDistillationLoss(nn.Module):
 
         columns = [tokens.hidden, tokens.targets, tokens.positions, tokens.teacher_hidden]
         columns += list(teacher_topk or (None, None, None))
-        sums = self.chunked_sums(self._chunk_sums, columns, chunk_args, (student_hidden, weight), 3)
+        sums = chunked_sums(self._chunk_sums, columns, chunk_args, (student_hidden, weight), 3, self.chunk_size)
         ce_weight = (1.0 - self.alpha) if source in self.reads["ce"] else 0.0
         total = ce_weight * sums[0] + self.alpha * sums[1]
         read = source in self.reads["ce"]

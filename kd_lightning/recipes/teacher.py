@@ -214,7 +214,9 @@ def distill_command(checkpoint: str) -> str:
     kept = [
         override
         for override in hydra.overrides.task
-        if override.lstrip("+~").startswith(("data.", "teacher.model.", "teacher.input", "seed="))
+        if override.lstrip("+~").startswith(
+            ("data.", "teacher.model.", "model@teacher.model=", "teacher.input", "seed=")
+        )
     ]
     return " ".join(["kd-distill", *choices, *(shlex.quote(o) for o in kept), f"teacher.checkpoint={checkpoint}"])
 
