@@ -1,8 +1,11 @@
 """The deployment table: the distilled student float, int8 by post-training quantization, and int8 after
 quantization-aware distillation, over seeds, beside the teacher.
 
-    OMP_NUM_THREADS=1 python scripts/deploy_table.py      # seeds 0 1 2, writes docs/results/deploy.md
+    OMP_NUM_THREADS=1 python scripts/deploy_table.py      # seeds 0 1 2, the default run: docs/results/deploy.md
+    OMP_NUM_THREADS=1 .venv-vision/bin/python scripts/deploy_table.py --preset digits_resnet18_mobilenetv2
     python scripts/deploy_table.py --seeds 0 --out /tmp/deploy.md -- trainer.max_epochs=2
+
+Each preset's table is its own section of ``--out`` (the default run's: ``deploy-default``), so one page holds them.
 
 Runs, in a fresh KD_LIGHTNING_HOME (teachers trained once per seed, shared by both sweeps):
 1. ``kd-distill -m seed=...``: the default distillation, then ``kd-export RUN_DIR --int8`` on each run: the float
@@ -26,6 +29,8 @@ import tempfile
 from pathlib import Path
 
 from multirun import mean_std, provenance, run_seeds
+
+from kd_lightning.reporting.markdown import write_section
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "results" / "deploy.md"
@@ -55,6 +60,17 @@ def reported(sweep_dir: Path) -> list[dict[str, dict[str, str]]]:
     return rows
 
 
+def data_description(cfg: dict, preset: str | None) -> str:
+    """What the runs trained on, from their config: the datamodule and, with a transfer set, its size."""
+    data = cfg["data"]
+    name = data["_target_"].rsplit(".", 1)[-1].removesuffix("DataModule")
+    transfer = data.get("transfer_samples")
+    extra = f", {transfer:,} unlabelled transfer samples" if transfer else ""
+    size = data.get("resolution")
+    shape = f", {size}x{size} px, {data['channels']} channel(s)" if size else ""
+    return f"{name} ({f'experiment={preset}' if preset else 'the default run'}{shape}{extra})"
+
+
 def column(rows: list[dict[str, dict[str, str]]], name: str, key: str) -> str:
     """Mean ± std over runs of one cell of kd-report's deployed table (latencies to the microsecond)."""
     return mean_std([float(row[name][key]) for row in rows], scale=1.0, digits=3 if "latency" in key else 2)
@@ -72,13 +88,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--qat-epochs", type=int, default=10, help="callbacks.qat.epochs: the fake-quantized epochs")
+    parser.add_argument("--preset", help="a conf/experiment name (default: the default run)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="keep the runs here (default: a temporary directory); rerunning with the same --root reuses the "
+        "finished sweeps and measures again (e.g. train on a busy machine, measure latency on an idle one)",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.root or Path(scratch)
         home = Path(tmp) / "home"
-        base = [*args.overrides, "compare_scratch=false"]
+        preset = [f"experiment={args.preset}"] if args.preset else []
+        base = [*preset, *args.overrides, "compare_scratch=false"]
         kd = run_seeds(base, args.seeds, Path(tmp) / "kd", home)
         kd_export = exported(Path(tmp) / "kd", home)
         qat_overrides = [*base, "callbacks=qat", f"callbacks.qat.epochs={args.qat_epochs}"]
@@ -94,7 +120,8 @@ def main() -> None:
 
     cfg = kd[0]["config"]
     epochs = cfg["trainer"]["max_epochs"]
-    student = cfg["student"]["model"]["_target_"].rsplit(".", 1)[-1]
+    model = cfg["student"]["model"]
+    student = model.get("name") or model["_target_"].rsplit(".", 1)[-1]
 
     def timing(rows: list[dict], name: str, agreement: bool = True) -> tuple[str, ...]:
         keys = ["agreement with teacher (%)"] if agreement else []
@@ -119,6 +146,7 @@ def main() -> None:
     command = " ".join(
         [
             "python scripts/deploy_table.py",
+            *([f"--preset {args.preset}"] if args.preset else []),
             "--seeds",
             *map(str, args.seeds),
             *([f"--qat-epochs {args.qat_epochs}"] if args.qat_epochs != 10 else []),
@@ -126,10 +154,11 @@ def main() -> None:
         ]
     )
     lines = [
+        f"## {args.preset or 'The default run'}",
+        "",
         "<!-- written by scripts/deploy_table.py; do not edit by hand -->",
         f"Command: `{command}` ({provenance()})  ",
-        f"Data: MNIST-1D (the default run: {student} student, {epochs} epochs of KD, "
-        f"{cfg['data']['transfer_samples']:,} transfer samples), official 1,000 test samples. "
+        f"Data: {data_description(cfg, args.preset)}, {student} student, {epochs} epochs of KD. "
         f"Seeds {', '.join(map(str, args.seeds))}; test accuracy in %, mean ± std over seeds, of the best-validation "
         "checkpoint (with QAT: the best of the fake-quantized epochs). int8: ONNX Runtime static quantization "
         "(QDQ, per-channel int8 weights, uint8 activations, MinMax ranges on "
@@ -144,8 +173,8 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     lines += [f"| {name} | {params:,} | {' | '.join(cells)} |" for name, params, *cells in rows]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    section = f"deploy-{args.preset or 'default'}"
+    write_section(args.out, "\n".join(lines), section, title="# Deploying the student: float, int8 PTQ, QAT with KD")
     print("\n".join(lines))
 
 
