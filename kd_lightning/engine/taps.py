@@ -95,6 +95,13 @@ class Taps:
         finally:
             self._store = None
 
+    def run(self, model: nn.Module, x: Any) -> tuple[Any, dict[str, Tensor]]:
+        """``model(x)`` and the tensors tapped during it (without taps: the plain call, no capture block)."""
+        if not self._handles:
+            return model(x), {}
+        with self.capture() as layers:
+            return model(x), layers
+
     def remove(self) -> None:
         """Detach every hook; the model is as it was before."""
         for handle in self._handles:

@@ -41,11 +41,11 @@ class EpochMeans:
 
     def add(self, values: Mapping[str, Tensor], weight: int) -> None:
         names = tuple(values)
-        weighted = torch.stack([value.detach() for value in values.values()]).float() * weight
+        stacked = torch.stack([value.detach() for value in values.values()]).float()
         if names in self.sums:
-            self.sums[names].add_(weighted)
+            self.sums[names].add_(stacked, alpha=weight)
         else:
-            self.sums[names] = weighted
+            self.sums[names] = stacked * weight
         self.count += weight
 
     def means(self) -> dict[str, Tensor]:

@@ -147,8 +147,7 @@ class DistillationModule(ClassifierMethod):
     # ----------------------------------------------------------------------------- forward passes
     def student_outputs(self, x: Inputs) -> dict[str, Tensor]:
         """``{"logits": ..., "<layer>": ...}`` for every student tensor the loss reads."""
-        with self.student_taps.capture() as layers:
-            logits = self.student(x)
+        logits, layers = self.student_taps.run(self.student, x)
         return {"logits": logits, **layers}
 
     def teacher_outputs(self, x: Inputs, name: str = "teacher") -> dict[str, Tensor]:

@@ -120,33 +120,32 @@ class Teacher:
         return x
 
     def outputs(self, x: Inputs) -> dict[str, Tensor]:
-        """``{"logits": ..., "<tapped key>": ...}`` under ``inference_mode`` and, with ``precision``,
-        autocast; returned as float32 tensors usable in autograd."""
-        dtype = TEACHER_DTYPES.get(self.precision) if self.precision else None
-        autocast = torch.autocast(input_device(x).type, dtype=dtype, enabled=dtype is not None)
-        with torch.inference_mode():
-            x = self.teacher_input(x)
-            with self.taps.capture() as layers, autocast:
-                logits = self.model(x)
-        # Inference tensors cannot be saved for backward: copy them (as float32) outside inference mode.
-        outputs = {"logits": logits, **layers}
-        return {
-            name: out.to(torch.float32, copy=True) if out.is_floating_point() else out.clone()
-            for name, out in outputs.items()
-        }
+        """``{"logits": ..., "<tapped key>": ...}`` without autograd and, with ``precision``, under autocast;
+        floating outputs in float32. (``no_grad``, not ``inference_mode``: inference tensors could not be saved
+        for the student's backward and would need a copy every step.)"""
+        with torch.no_grad():
+            outputs = self.forward_captured(self.teacher_input(x))
+        return {name: out.float() if out.is_floating_point() else out for name, out in outputs.items()}
 
     def outputs_with_input_grad(self, x: Tensor) -> dict[str, Tensor]:
-        """Like :meth:`outputs`, but differentiable with respect to ``x``: the forward runs with autograd on
-        (outside ``inference_mode``), so a loss on these outputs back-propagates to whatever made ``x``
-        (e.g. a generator, ``method=data_free``). The weights stay frozen and in eval mode (BatchNorm uses
-        its running statistics): they require no grad, so they get none."""
-        dtype = TEACHER_DTYPES.get(self.precision) if self.precision else None
-        autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None)
-        x = self.teacher_input(x)
-        with torch.enable_grad(), self.taps.capture() as layers, autocast:
-            logits = self.model(x)
-        outputs = {"logits": logits, **layers}
+        """Like :meth:`outputs`, but differentiable with respect to ``x``: the forward runs with autograd on,
+        so a loss on these outputs back-propagates to whatever made ``x`` (e.g. a generator,
+        ``method=data_free``). The weights stay frozen and in eval mode (BatchNorm uses its running
+        statistics): they require no grad, so they get none."""
+        with torch.enable_grad():
+            outputs = self.forward_captured(self.teacher_input(x))
         return {name: out.float() if out.is_floating_point() else out for name, out in outputs.items()}
+
+    def forward_captured(self, x: Inputs) -> dict[str, Tensor]:
+        """One forward of the teacher input ``x``: its logits and tapped layers, under autocast at ``precision``
+        (the plain call when neither taps nor a precision are set: no context to enter every step)."""
+        dtype = TEACHER_DTYPES.get(self.precision) if self.precision else None
+        if dtype is None:
+            logits, layers = self.taps.run(self.model, x)
+        else:
+            with torch.autocast(input_device(x).type, dtype=dtype):
+                logits, layers = self.taps.run(self.model, x)
+        return {"logits": logits, **layers}
 
     def logits(self, x: Inputs, split: str, index: Tensor | None) -> Tensor:
         """The logits for ``x``: from the output cache (by sample ``index``) or a forward."""
