@@ -181,6 +181,14 @@ CASES = [
     distill("alpha-negative", "loss.alpha", "loss.alpha=-0.5"),
     distill("alpha-bool", "loss.alpha", "loss.alpha=true"),
     distill("alpha-string", "loss.alpha", "loss.alpha=abc"),
+    # method=kd that distils nothing is supervised training: one line pointing at method=supervised
+    distill(
+        "kd-alpha-zero",
+        "loss.alpha=0 distils nothing (cross-entropy only), so the teacher would never be used; "
+        "train the student alone with method=supervised",
+        "loss.alpha=0",
+    ),
+    distill("kd-alpha-weights-zero", "loss.weights={'kd': 0.0} distils nothing", "+loss.weights.kd=0"),
     distill("temperature-zero", "loss.temperature", "loss.temperature=0"),
     distill("temperature-nan", "loss.temperature", "loss.temperature=nan"),
     distill("label-smoothing-one", "loss.label_smoothing", "loss.label_smoothing=1.0"),

@@ -21,7 +21,7 @@ from kd_lightning.data.augment import AugmentDraw, roll
 from kd_lightning.data.contract import check_cacheable, check_label_mixing
 from kd_lightning.engine.caching.store import data_identity
 from kd_lightning.engine.errors import ConfigError
-from kd_lightning.losses import DistillationLoss, KLDivergence
+from kd_lightning.losses import DKD, DistillationLoss, KLDivergence
 from kd_lightning.methods.kd import DistillationModule
 from kd_lightning.models import MLP, ConvNet1D
 from kd_lightning.recipes.distill import distill
@@ -299,7 +299,8 @@ def test_teacher_cache_is_refused_with_augmentation_on(tmp_path: Path, kd_home: 
 
 
 def test_mixup_with_a_hard_label_loss_is_refused(tmp_path: Path, kd_home: Path) -> None:
-    """(f) mixup keeps only the first sample's label: loss.alpha < 1 (or an alpha schedule) is refused."""
+    """(f) mixup keeps only the first sample's label: loss.alpha < 1 (or an alpha schedule) is refused, and so is a
+    weighted term that reads the target class (DKD) at loss.alpha = 1."""
     with pytest.raises(ConfigError) as error:
         distill(compose_config(tmp_path / "a", [*PRESET, "loss.alpha=0.9"]))
     message = str(error.value)
@@ -316,6 +317,10 @@ def test_mixup_with_a_hard_label_loss_is_refused(tmp_path: Path, kd_home: Path) 
     check_label_mixing(mixed, DistillationLoss({"kd": KLDivergence()}, alpha=1.0))  # pure distillation
     with pytest.raises(ConfigError, match=r"loss\.alpha=0\.5 weights the hard-label cross-entropy by 0\.5"):
         check_label_mixing(mixed, hard)
+    labels = DistillationLoss({"kd": KLDivergence(), "dkd": DKD()}, alpha=1.0)  # no cross-entropy, DKD reads y
+    with pytest.raises(ConfigError, match=r"mixup_alpha=1\.0 mixes .* and loss\.terms\.dkd reads the target class"):
+        check_label_mixing(mixed, labels)
+    check_label_mixing(mixed, DistillationLoss({"kd": KLDivergence(), "dkd": DKD()}, alpha=1.0, weights={"dkd": 0}))
 
 
 def test_the_preset_builds_a_pure_distillation_run_with_mixup(tmp_path: Path, kd_home: Path) -> None:

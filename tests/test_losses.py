@@ -160,3 +160,33 @@ def test_task_term_with_the_mean_label_count_is_the_global_batch_mean_across_pro
     own_counts = sum(masked_cross_entropy(x, y, 0.1) for x, y in halves) / 2
     assert abs(own_counts - averaged) > 1e-3  # the per-process mean is a different (wrong) objective
     assert masked_cross_entropy(logits[5:], targets[5:]).item() == 0.0  # nothing labelled
+
+
+def test_the_loss_says_whether_it_reads_hard_labels() -> None:
+    """``reads_labels``: the cross-entropy counts (alpha < 1, ``weighs_task_term``: the only reader of the label
+    count) or a weighted term splits on the target class (``label_terms``); and it is what the total depends on."""
+    from kd_lightning.losses import DKD
+
+    outputs = {"student": {"logits": STUDENT}, "teacher": {"logits": TEACHER}}
+    other = TARGETS.roll(1)
+
+    def depends_on_labels(loss: DistillationLoss) -> bool:
+        return loss(outputs, TARGETS).total.item() != loss(outputs, other).total.item()
+
+    task = DistillationLoss({"kd": KLDivergence()}, alpha=0.5)  # alpha < 1: the cross-entropy reads labels
+    assert task.reads_labels and task.weighs_task_term and task.label_terms == [] and depends_on_labels(task)
+    dkd = DistillationLoss({"kd": KLDivergence(), "dkd": DKD()}, alpha=1.0)  # alpha = 1, a label-reading term
+    assert dkd.reads_labels and not dkd.weighs_task_term and dkd.label_terms == ["dkd"] and depends_on_labels(dkd)
+    pure = DistillationLoss({"kd": KLDivergence()}, alpha=1.0)  # alpha = 1, no such term
+    assert not pure.reads_labels and pure.label_terms == [] and not depends_on_labels(pure)
+    unweighted = DistillationLoss({"kd": KLDivergence(), "dkd": DKD()}, alpha=1.0, weights={"dkd": 0.0})
+    assert not unweighted.reads_labels and not depends_on_labels(unweighted)  # DKD runs, weighted 0
+    assert {name for name, term in TERMS.items() if term.reads_labels} == {"dkd", "nkd", "sdd", "wkd_l"}
+
+
+def test_the_loss_says_whether_it_distils() -> None:
+    assert DistillationLoss({"kd": KLDivergence()}, alpha=0.5).distils
+    assert not DistillationLoss({"kd": KLDivergence()}, alpha=0.0).distils
+    assert not DistillationLoss({"kd": KLDivergence()}, alpha=0.5, weights={"kd": 0.0}).distils
+    assert not DistillationLoss({}, alpha=0.5).distils
+    assert DistillationLoss({"kd": KLDivergence(), "b": KLDivergence()}, alpha=0.5, weights={"kd": 0.0}).distils

@@ -81,7 +81,10 @@ def test_alpha_zero_never_runs_the_teacher(tmp_path: Path) -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             raise AssertionError("teacher ran")
 
-    module = make_module(alpha=0.0, teacher=Exploding())
+    with pytest.raises(ConfigError, match=r"^loss\.alpha=0 distils nothing .* method=supervised"):
+        make_module(alpha=0.0, teacher=Exploding())  # configured so, it is method=supervised: refused
+    module = make_module(alpha=0.5, teacher=Exploding())
+    module.loss.alpha = 0.0  # set to 0 while training (a schedule): the teacher still never runs
     module.validation_step = lambda batch, idx: None  # validation legitimately compares with the teacher
     trainer(tmp_path, max_epochs=1, limit_val_batches=0).fit(module, loader())
 
@@ -187,19 +190,3 @@ def test_loss_scale_states_a_published_weighted_sum_exactly() -> None:
     torch.testing.assert_close(scaled(outputs, y).total, parts["ce"] + 8.0 * parts["kd"])
     with pytest.raises(ConfigError, match=r"loss\.scale=0"):
         DistillationLoss({"kd": KLDivergence()}, scale=0)
-
-
-def test_hint_pre_stage_trains_the_hint_alone_then_restores_the_loss(tmp_path: Path) -> None:
-    from kd_lightning.callbacks import HintPreStage
-
-    seen = []
-
-    class Record(L.Callback):
-        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: DistillationModule) -> None:
-            seen.append((pl_module.loss.alpha, dict(pl_module.loss.weights)))
-
-    module = make_module(alpha=0.6)
-    module.loss = DistillationLoss({"kd": KLDivergence(), "hint": KLDivergence()}, alpha=0.6, weights={"kd": 2.0})
-    callbacks = [HintPreStage(term="hint", epochs=2), Record()]
-    trainer(tmp_path, max_epochs=3, callbacks=callbacks).fit(module, loader())
-    assert seen == [(1.0, {"kd": 0.0, "hint": 1.0})] * 2 + [(0.6, {"kd": 2.0, "hint": 1.0})]

@@ -1,4 +1,5 @@
-"""Multi-stage methods: born-again generations and teacher-assistant chains, one run per stage."""
+"""Multi-stage methods: born-again generations, teacher-assistant chains and FitNets' two stages, one run per
+stage."""
 
 from __future__ import annotations
 
@@ -93,9 +94,50 @@ def test_assistant_chain_runs_teacher_assistant_student(tmp_path: Path, kd_home:
     assert Run.read(run).run_dir == run / "stages" / "student"
 
 
+FITNETS = [
+    *TINY,
+    "method=fitnets_two_stage",
+    "method.hint_epochs=2",
+    "trainer.max_epochs=1",
+    "loss=fitnet",
+    "student=cnn1d_narrow",
+    "+loss.terms.kd._target_=kd_lightning.losses.KLDivergence",
+    "loss.alpha=0.6",
+    "+loss.weights.kd=2.0",
+    "logger=none",
+    "compare_scratch=false",
+]
+
+
+def test_fitnets_two_stage_trains_the_hint_alone_then_the_loss_from_that_student(tmp_path: Path, kd_home: Path) -> None:
+    """(Moved from the HintPreStage callback's test.) Stage ``hint``: alpha 1, every term but the hint weighted 0,
+    for ``hint_epochs``; stage ``distill``: the configured loss, its student starting from the hint stage's final
+    weights (not a fresh initialisation), its regressor new."""
+    run, record = tmp_path / "run", tmp_path / "loss.jsonl"
+    callback = ["+callbacks.record._target_=tests.custom_callbacks.RecordLoss", f"+callbacks.record.path={record}"]
+    summary = distill(compose_config(run, [*FITNETS, *callback]))
+    assert [row["stage"] for row in summary["stages"]] == ["hint", "distill"]
+    seen = [tuple(row[2:]) for row in map(json.loads, record.read_text().splitlines())]
+    stages = [tuple(row[:2]) for row in map(json.loads, record.read_text().splitlines())]
+    assert seen == [(1.0, {"fitnet": 1.0, "kd": 0.0})] * 2 + [(0.6, {"fitnet": 1.0, "kd": 2.0})]
+    assert stages == [("hint", 0), ("hint", 1), ("distill", 0)]
+    hint, second = stage_summary(run, "hint"), stage_summary(run, "distill")
+    last = Path(hint["best_checkpoint"]).with_name("last.ckpt")
+    assert second["config"]["student"]["checkpoint"] == str(last)
+    assert "checkpoint" not in hint["config"]["student"]
+    final = {k.removeprefix("student."): v for k, v in read_state_dict(last).items() if k.startswith("student.")}
+    started = torch.load(f"{record}.distill.pt")
+    assert started.keys() == final.keys() and all(torch.equal(started[k], final[k]) for k in final)
+    fresh = torch.load(f"{record}.hint.pt")
+    assert not all(torch.equal(fresh[k], final[k]) for k in final)  # the hint stage trained the student
+    assert summary["metrics"]["test/acc"] == second["metrics"]["test/acc"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (["method=fitnets_two_stage"], r"method\.hint='fitnet' is not a term of the loss \(loss\.terms: \['kd'\]\)"),
+        (["method=fitnets_two_stage", "loss=fitnet", "method.hint_epochs=0"], "method.hint_epochs=0 must be"),
         (["method=born_again", "method.generations=1"], "method.generations=1: born-again needs at least 2"),
         (["method=assistant_chain", "method.assistants=null"], "method.assistants is empty"),
         (["method=born_again", "ckpt_path=/tmp/x.ckpt"], "a multi-stage run resumes as a whole"),
@@ -122,3 +164,10 @@ def test_a_stage_whose_teacher_checkpoint_is_gone_is_refused(tmp_path: Path, kd_
     Path(stage_summary(run, "generation_0")["best_checkpoint"]).unlink()
     with pytest.raises(ConfigError, match="stage generation_1 distils from stage generation_0, whose best checkpoint"):
         distill(compose_config(run, [*common, "ckpt_path=last"]))
+
+
+def test_a_stage_whose_starting_student_was_not_saved_is_refused(tmp_path: Path, kd_home: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match="stage distill starts from the student of stage hint, whose last checkpoint"):
+        distill(compose_config(run, [*FITNETS, "callbacks.model_checkpoint.save_last=false"]))
+    assert (run / "stages" / "hint" / "summary.json").is_file() and not (run / "stages" / "distill").exists()

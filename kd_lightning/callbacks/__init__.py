@@ -5,14 +5,13 @@ from kd_lightning.callbacks.checkpoint import ModelCheckpoint
 from kd_lightning.callbacks.guard import ChanceTeacherWarning, FrozenTeacherGuard
 from kd_lightning.callbacks.progress import EpochLines
 from kd_lightning.callbacks.qat import QuantizationAware
-from kd_lightning.callbacks.schedules import AlphaWarmup, HintPreStage, LossSchedule, TemperatureAnneal, TermWarmup
+from kd_lightning.callbacks.schedules import AlphaWarmup, LossSchedule, TemperatureAnneal, TermWarmup
 
 __all__ = [
     "AlphaWarmup",
     "ChanceTeacherWarning",
     "EpochLines",
     "FrozenTeacherGuard",
-    "HintPreStage",
     "LossSchedule",
     "ModelCheckpoint",
     "QuantizationAware",

@@ -64,8 +64,7 @@ class TermWarmup(L.Callback):
     ``w_e = w * min(1, (e + 1) / epochs)``. The published warm-up of DKD (Zhao et al., CVPR 2022) and ReviewKD
     (Chen et al., CVPR 2021): their loss is ``CE + min(1, epoch / 20) * L_kd`` with the cross-entropy's weight
     fixed (:class:`AlphaWarmup`, which ramps ``loss.alpha``, also lowers the cross-entropy's weight from 1 to
-    ``1 - alpha``). A function of the epoch, so a resumed run continues the ramp. Do not combine with
-    :class:`HintPreStage` (both set the weights).
+    ``1 - alpha``). A function of the epoch, so a resumed run continues the ramp.
     """
 
     def __init__(self, epochs: int = 20) -> None:
@@ -104,40 +103,3 @@ class TemperatureAnneal(LossSchedule):
     def value_at(self, epoch: int, target: float) -> float:
         return self.start + (target - self.start) * min(1.0, epoch / self.epochs)
 
-
-class HintPreStage(L.Callback):
-    """FitNets' first stage (Romero et al. 2015, §2.2): for the first ``epochs`` epochs train on the
-    hint term alone — ``alpha = 1`` and every other term's weight 0, so only the student layers up to
-    the hint layer and the regressor learn — then restore the configured loss for the second stage.
-
-    The stage is a function of the epoch, so a resumed run continues in the right stage. Do not
-    combine with :class:`AlphaWarmup` (both set ``alpha``).
-    """
-
-    def __init__(self, term: str = "fitnet", epochs: int = 5) -> None:
-        if epochs < 1:
-            raise ConfigError(f"callbacks.hint_pre_stage.epochs={epochs} must be >= 1")
-        self.term = term
-        self.epochs = epochs
-        self._configured: tuple[float, dict[str, float]] | None = None
-
-    @override
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        loss = getattr(pl_module, "loss", None)
-        if not isinstance(loss, DistillationLoss) or self.term not in loss.terms:
-            raise ConfigError(
-                f"callbacks.hint_pre_stage.term={self.term!r} is not a term of the loss; "
-                "use it with loss=fitnet (or name the hint term)"
-            )
-        self._configured = (pl_module.loss.alpha, dict(pl_module.loss.weights))
-
-    @override
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        alpha, weights = self._configured
-        loss = pl_module.loss
-        if trainer.current_epoch < self.epochs:
-            loss.alpha = 1.0
-            loss.weights = {name: (weight if name == self.term else 0.0) for name, weight in weights.items()}
-        else:
-            loss.alpha, loss.weights = alpha, dict(weights)
-        pl_module.log("schedule/hint_pre_stage", float(trainer.current_epoch < self.epochs), on_epoch=True)

@@ -29,7 +29,8 @@ with :math:`u_i \sim U(0, 1)` drawn afresh for every sample and every transforma
   :math:`\lambda \sim \mathrm{Beta}(\alpha, \alpha)` per batch and :math:`\pi` a random permutation of the
   batch (``mixup_alpha`` = :math:`\alpha`; Beyer et al.'s ImageNet config uses :math:`\alpha = 1`).
   Labels are *not* mixed: a hard-label task loss on mixed inputs would be wrong, so a run with mixup must
-  be pure distillation (:func:`kd_lightning.data.contract.check_label_mixing` refuses ``loss.alpha < 1``).
+  be pure distillation (:func:`kd_lightning.data.contract.check_label_mixing` refuses ``loss.alpha < 1`` and
+  terms that read the target class, e.g. DKD).
 
 Every knob defaults to 0 (off). Amounts are in the units of the stored data, which MNIST-1D standardises to
 unit variance: the generator's own raw ``iid_noise_scale`` 0.02 and ``shear_scale`` 0.75 are about 0.13 and

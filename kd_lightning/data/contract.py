@@ -22,7 +22,7 @@ member                 unlocks
                        cache for augmented data (``teacher_cache=per_view``, FKD)
 ``mixes_inputs``       ``True`` declares that a training input mixes two samples (mixup) while its
                        target is the first one's: :func:`check_label_mixing` then refuses a loss
-                       with a hard-label task term
+                       that reads hard labels (a weighted task term, a term on the target class)
 =====================  =========================================================================
 """
 
@@ -143,23 +143,30 @@ def check_cacheable(datamodule: object, key: str) -> None:
 
 
 def check_label_mixing(datamodule: object, loss: object, callbacks: Iterable[object] = ()) -> None:
-    """Refuse a hard-label task loss on mixed inputs: with ``mixes_inputs`` (mixup), a batch's targets are
-    the first sample's labels only, so the cross-entropy weighted ``1 - loss.alpha`` would train on wrong
-    labels. Mixup is for pure distillation (``loss.alpha = 1``; function matching, Beyer et al. 2022); a
-    callback that schedules ``loss.alpha`` (e.g. ``AlphaWarmup``) is refused as well, since it lowers alpha
-    below 1. A loss without an ``alpha`` is not judged."""
+    """Refuse a loss that reads hard labels on mixed inputs: with ``mixes_inputs`` (mixup), a batch's targets
+    are the first sample's labels only, so the cross-entropy weighted ``1 - loss.alpha`` (the loss's
+    ``weighs_task_term``) or a term that splits on the target class (its ``label_terms``, e.g. DKD) would train
+    on wrong labels. Mixup is for pure distillation without labels (``loss.alpha = 1``; function matching, Beyer
+    et al. 2022); a callback that schedules ``loss.alpha`` (e.g. ``AlphaWarmup``) is refused as well, since it
+    lowers alpha below 1. A loss that does not say whether it reads labels (no ``reads_labels``) is not judged."""
     if not getattr(datamodule, "mixes_inputs", False):
         return
     mixup = getattr(getattr(datamodule, "augment", None), "mixup_alpha", None)
     key = "data.augment.mixup_alpha" + (f"={mixup}" if mixup is not None else "")
-    alpha = getattr(loss, "alpha", None)
-    if alpha is None:
+    if getattr(loss, "reads_labels", None) is None:
         return
-    if alpha < 1.0:
+    if loss.weighs_task_term:
         raise ConfigError(
-            f"{key} mixes the inputs of two samples but keeps only the first one's label, and loss.alpha={alpha} "
-            f"weights the hard-label cross-entropy by {1.0 - alpha:g}: it would learn wrong labels; set "
-            "loss.alpha=1.0 (pure distillation, as function matching does) or data.augment.mixup_alpha=0"
+            f"{key} mixes the inputs of two samples but keeps only the first one's label, and "
+            f"loss.alpha={loss.alpha} weights the hard-label cross-entropy by {1.0 - loss.alpha:g}: it would learn "
+            "wrong labels; set loss.alpha=1.0 (pure distillation, as function matching does) or "
+            "data.augment.mixup_alpha=0"
+        )
+    if loss.label_terms:
+        raise ConfigError(
+            f"{key} mixes the inputs of two samples but keeps only the first one's label, and "
+            f"loss.terms.{loss.label_terms[0]} reads the target class: it would learn wrong labels; use a term "
+            "that reads no label (loss=kd) or set data.augment.mixup_alpha=0"
         )
     schedules = sorted(type(c).__name__ for c in callbacks if getattr(c, "attribute", None) == "alpha")
     if schedules:

@@ -217,6 +217,32 @@ class DistillationLoss(nn.Module):
         or no terms)."""
         return self.alpha > 0.0 and len(self.terms) > 0
 
+    @property
+    def distils(self) -> bool:
+        """Whether some distillation term counts in the total: ``alpha > 0`` and a term of non-zero weight
+        (False: the loss is the cross-entropy alone, supervised training)."""
+        return self.needs_teacher and any(weight != 0.0 for weight in self.weights.values())
+
+    @property
+    def weighs_task_term(self) -> bool:
+        """Whether the hard-label cross-entropy counts in the total (``alpha < 1``); only then does its divisor,
+        the number of labelled samples (``label_count``, all-reduced under data parallelism), matter."""
+        return self.alpha < 1.0
+
+    @property
+    def label_terms(self) -> list[str]:
+        """The distillation terms that count in the total (``alpha > 0``, non-zero weight) and read the hard
+        labels (:attr:`DistillationTerm.reads_labels`: DKD, NKD, SDD, WKD-L split on the target class)."""
+        if not self.needs_teacher:
+            return []
+        return [name for name, term in self.terms.items() if term.reads_labels and self.weights[name] != 0.0]
+
+    @property
+    def reads_labels(self) -> bool:
+        """Whether the total depends on the hard labels: the cross-entropy counts (:attr:`weighs_task_term`)
+        or a distillation term reads them (:attr:`label_terms`)."""
+        return self.weighs_task_term or bool(self.label_terms)
+
     def forward(
         self,
         outputs: Mapping[str, Mapping[str, Tensor]],

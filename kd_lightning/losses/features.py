@@ -32,8 +32,8 @@ class FitNets(LayerTerm):
     maps, linear for vectors, identity when the shapes already match) sized from one example batch
     and trained with the student, and :math:`N` the number of elements (mean squared error). By default the
     hint is trained jointly with CE, like CRD's benchmark (Tian et al., 2020), with ``beta = 100``;
-    the paper's separate first stage is the :class:`~kd_lightning.callbacks.HintPreStage` callback
-    (``callbacks=hint_pre_stage``).
+    the paper's separate first stage is the two-stage method
+    :class:`~kd_lightning.methods.FitNetsTwoStage` (``method=fitnets_two_stage``).
     """
 
     has_adapters = True

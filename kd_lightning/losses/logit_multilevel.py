@@ -160,6 +160,8 @@ class SDD(DistillationTerm):
     SDD-DKD and SDD-NKD variants are not implemented.
     """
 
+    reads_labels = True  # splits on the target class (the teacher's top-1 where unlabelled)
+
     def __init__(
         self,
         student_head: str = "head",

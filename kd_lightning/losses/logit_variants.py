@@ -45,6 +45,8 @@ class NKD(LogitTerm):
     ``tests/test_nkd_wttm.py`` compares values and gradients with a transcription of that code.
     """
 
+    reads_labels = True  # splits on the target class (the teacher's top-1 where unlabelled)
+
     def __init__(
         self,
         gamma: float = 1.5,

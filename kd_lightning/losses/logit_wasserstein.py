@@ -78,6 +78,8 @@ class WKDL(LogitTerm):
         gradients with a transcription of that code.
     """
 
+    reads_labels = True  # splits on the target class (the teacher's top-1 where unlabelled)
+
     def __init__(
         self,
         gamma: float = 30.0,

@@ -106,6 +106,8 @@ class DKD(LogitTerm):
     transfer set is labelled with; without ``targets`` every row does.
     """
 
+    reads_labels = True  # splits on the target class (the teacher's top-1 where unlabelled)
+
     def __init__(
         self,
         tckd_weight: float = 1.0,

@@ -42,6 +42,9 @@ class DistillationTerm(nn.Module):
     uses_index: bool = False
     #: Whether :meth:`pretrain` trains parts of the term (FT's paraphraser) before the student's first epoch.
     pretrains: bool = False
+    #: Whether ``forward`` reads the hard labels ``targets`` (DKD, NKD, SDD, WKD-L split on the target class):
+    #: the loss then depends on the labels even without its cross-entropy (``loss.alpha = 1``).
+    reads_labels: bool = False
 
     def __init__(self, student: ReadSpec = None, teacher: ReadSpec = None) -> None:
         super().__init__()

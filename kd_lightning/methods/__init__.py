@@ -8,7 +8,7 @@ from kd_lightning.methods.foundation import FeatureDistillation, FoundationDisti
 from kd_lightning.methods.kd import DistillationModule
 from kd_lightning.methods.multi_teacher import MultiTeacherDistillation
 from kd_lightning.methods.mutual import MutualLearning
-from kd_lightning.methods.stages import AssistantChain, BornAgain, MultiStageMethod, Stage
+from kd_lightning.methods.stages import AssistantChain, BornAgain, FitNetsTwoStage, MultiStageMethod, Stage
 from kd_lightning.methods.supervised import Supervised
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "DeiTDistillationModule",
     "DistillationModule",
     "FeatureDistillation",
+    "FitNetsTwoStage",
     "FoundationDistillThenProbe",
     "HasFrozenModels",
     "Method",

@@ -23,7 +23,7 @@ from kd_lightning.losses import DistillationLoss, soft_kl
 from kd_lightning.losses.base import TASK_MODEL
 from kd_lightning.methods.base import OptimizerFactory, SchedulerFactory
 from kd_lightning.methods.classifier import Batch, ClassifierMethod, unpack
-from kd_lightning.methods.loss_reads import check_loss_reads, check_sample_index
+from kd_lightning.methods.loss_reads import check_distils, check_loss_reads, check_sample_index
 from kd_lightning.teacher import Teacher
 from kd_lightning.teacher.outputs import TeacherOutputCache
 
@@ -128,7 +128,11 @@ class DistillationModule(ClassifierMethod):
         """Every model a loss term reads must be the student or a teacher, every layer it names must exist
         (checked on the untrained models, before any teacher is trained), and cached teachers serve logits
         only (:func:`~kd_lightning.methods.loss_reads.check_loss_reads`); a subclass that makes the loss's
-        targets itself (``distilled_outputs``: e.g. a combination of teachers) may have teachers no term reads."""
+        targets itself (``distilled_outputs``: e.g. a combination of teachers) may have teachers no term reads.
+        Teachers with a loss that distils nothing (``loss.alpha = 0``, or every term weighted 0) are refused: that
+        is supervised training, whose method never loads a teacher."""
+        if isinstance(loss, DistillationLoss):
+            check_distils(loss, models)
         if isinstance(loss, DistillationLoss) and loss.needs_teacher:
             combines = cls.distilled_outputs is not DistillationModule.distilled_outputs
             check_loss_reads(loss, models, cached_teachers, combines)
@@ -215,7 +219,7 @@ class DistillationModule(ClassifierMethod):
             check_sample_index(self.loss, index)
             outputs = self.distilled_outputs(x, "train", index)
         outputs[TASK_MODEL] = self.student_outputs(x)
-        label_count = None if self.loss.alpha == 1.0 else self.mean_label_count(y)
+        label_count = self.mean_label_count(y) if self.loss.weighs_task_term else None
         out = self.loss(outputs, y, index=index, label_count=label_count)
         if not self.finite_step(out.total, out.parts, outputs):
             return None  # skipped (runtime.nonfinite=skip): no backward, no optimizer step

@@ -3,7 +3,8 @@
 :func:`check_loss_reads` holds the config-time rules of ``method=kd`` and its subclasses
 (:meth:`~kd_lightning.methods.kd.DistillationModule.check_config`): every model a term reads exists, every
 teacher is read, every layer path exists, cached teachers serve logits only. :func:`check_sample_index` is the
-training-time rule that terms indexed by sample get batches with indices.
+training-time rule that terms indexed by sample get batches with indices; :func:`check_distils` refuses teachers
+for a loss that distils nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,24 @@ from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.taps import Taps
 from kd_lightning.losses import DistillationLoss
 from kd_lightning.losses.base import TASK_MODEL
+
+
+def check_distils(loss: DistillationLoss, models: Mapping[str, nn.Module]) -> None:
+    """Refuse teachers (``models`` beyond the student) with a loss that distils nothing (``loss.alpha = 0``, every
+    term weighted 0, or no terms): that is supervised training, whose method never loads a teacher."""
+    if loss.distils or not set(models) - {TASK_MODEL}:
+        return
+    why = (
+        f"loss.alpha={loss.alpha:g}"
+        if loss.alpha == 0.0
+        else f"loss.weights={loss.weights}"
+        if loss.terms
+        else "loss.terms={}"
+    )
+    raise ConfigError(
+        f"{why} distils nothing (cross-entropy only), so the teacher would never be used; train the student "
+        "alone with method=supervised, or give the distillation a weight (loss.alpha > 0, loss.weights > 0)"
+    )
 
 
 def check_loss_reads(

@@ -119,7 +119,7 @@ class MutualLearning(ClassifierMethod):
         x = self.formatted(x)
         logits = {name: model(x) for name, model in self.models().items()}
         temperature = self.loss.temperature
-        label_count = None if self.loss.alpha == 1.0 else self.mean_label_count(y)
+        label_count = self.mean_label_count(y) if self.loss.weighs_task_term else None
         total, parts = torch.zeros((), device=x.device), {}
         for name, own in logits.items():
             others = [z.detach() for other, z in logits.items() if other != name]

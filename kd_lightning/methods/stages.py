@@ -1,4 +1,5 @@
-"""Multi-stage methods: a sequence of single-stage runs, each stage's best checkpoint teaching the next.
+"""Multi-stage methods: a sequence of single-stage runs, each stage's best checkpoint teaching the next (or
+its final student the next one's starting point: FitNets' hint stage).
 
 A multi-stage method is configured like any method (``conf/method/<name>.yaml``, ``_recursive_: false``)
 but is not a LightningModule: it lists its :class:`Stage` s and the recipe
@@ -13,18 +14,25 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from kd_lightning.engine.errors import ConfigError
+from kd_lightning.engine.errors import ConfigError, check_type
 
 
 @dataclass
 class Stage:
     """One stage: the single-stage ``method`` config it runs (its ``teachers`` included), the ``student``
-    model config it trains, and the stages whose best checkpoints become teachers (teacher name -> stage)."""
+    model config it trains, and the stages whose best checkpoints become teachers (teacher name -> stage).
+
+    ``student_from``: the earlier stage whose final student (its ``last.ckpt``: the weights at the end of that
+    stage's training) this stage's student starts from, instead of a fresh initialisation (the recipe sets
+    ``student.checkpoint``); ``overrides``: values of the run's config for this stage alone, by dotted key
+    (``{"trainer.max_epochs": 5, "loss.alpha": 1.0}``)."""
 
     name: str
     method: DictConfig
     student: DictConfig
     teachers_from: dict[str, str] = field(default_factory=dict)
+    student_from: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 class MultiStageMethod:
@@ -120,3 +128,42 @@ class AssistantChain(MultiStageMethod):
                 stages.append(Stage(name, method, model, {"teacher": previous}))
             previous = name
         return stages
+
+
+class FitNetsTwoStage(MultiStageMethod):
+    r"""FitNets' two-stage training (Romero et al. 2015, "FitNets: Hints for Thin Deep Nets", §2.2).
+
+    Stage ``hint`` trains the student for ``hint_epochs`` epochs on the hint term alone (``loss.alpha = 1``,
+    every other term's weight 0; the hint keeps its configured weight):
+
+    .. math:: W^*_{Guided}, W^*_r = \arg\min \tfrac12 \lVert u_h(x; W_{Hint}) - r(v_g(x; W_{Guided}); W_r)\rVert^2
+
+    so only the student layers up to the guided layer and the regressor :math:`r` learn. Stage ``distill``
+    then trains with the run's ``loss`` as configured for ``trainer.max_epochs`` epochs, its student starting
+    from the hint stage's final weights (the regressor starts afresh: the paper's second stage has none).
+    ``hint``: the name of the hint term in ``loss.terms``; ``each``: the KD method both stages run.
+    """
+
+    def __init__(self, hint: str, hint_epochs: int, each: DictConfig) -> None:
+        check_type(hint, str, "method.hint")
+        if not isinstance(hint_epochs, int) or isinstance(hint_epochs, bool) or hint_epochs < 1:
+            raise ConfigError(f"method.hint_epochs={hint_epochs!r} must be an integer >= 1 (epochs of the hint stage)")
+        self.hint = hint
+        self.hint_epochs = hint_epochs
+        self.each = method_of(each, "each")
+
+    def stages(self, cfg: DictConfig) -> list[Stage]:
+        terms = cfg.loss.get("terms") or {}
+        if self.hint not in terms:
+            raise ConfigError(
+                f"method.hint={self.hint!r} is not a term of the loss (loss.terms: {sorted(terms)}); use it with "
+                "loss=fitnet or set method.hint to the hint term's name"
+            )
+        configured = cfg.loss.get("weights") or {}
+        weights = {str(name): float(configured.get(name, 1.0)) if name == self.hint else 0.0 for name in terms}
+        alone = {"loss.alpha": 1.0, "loss.weights": weights, "trainer.max_epochs": self.hint_epochs}
+        student = cfg.student.model
+        return [
+            Stage("hint", self.each.copy(), student, overrides=alone),
+            Stage("distill", self.each.copy(), student, student_from="hint"),
+        ]

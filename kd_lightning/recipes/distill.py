@@ -26,6 +26,7 @@ from kd_lightning.engine.instantiate import build, build_trainer, log_run_config
 from kd_lightning.engine.run_dir import announce, start_run
 from kd_lightning.engine.runtime import Runtime
 from kd_lightning.engine.threads import set_cpu_threads
+from kd_lightning.engine.weights import load_weights
 from kd_lightning.methods.base import Method
 from kd_lightning.recipes.components import data_overrides, method_factory, offer, parameter_counts, teachers_for
 from kd_lightning.recipes.fit import run_test
@@ -88,6 +89,8 @@ def assemble(cfg: DictConfig) -> Parts:
     datamodule = build(cfg.data, "data")
     placement = place_with_data(cfg, auto, placement, datamodule)
     student = build(cfg.student.model, "student.model")
+    if cfg.student.get("checkpoint"):  # a stage that continues an earlier one's student (Stage.student_from)
+        load_weights(student, cfg.student.checkpoint, key="student.checkpoint")
     models = {name: build(node.model, f"{config_key(name)}.model") for name, node in teacher_cfgs.items()}
     inputs = {name: teacher_input(node, name) for name, node in teacher_cfgs.items()}
     check_class_counts(

@@ -2,8 +2,10 @@
 
 Each stage is a whole single-stage run (:func:`kd_lightning.recipes.distill.distill`) in
 ``<run dir>/stages/<stage>``, with its own checkpoints and summary; a stage's teachers are the best
-checkpoints of the stages it names. Resuming the run (``ckpt_path=last`` or ``auto``) keeps every finished
-stage as it is and resumes the interrupted one from its ``last.ckpt``. The run's summary is the last
+checkpoints of the stages it names, its student starts from the ``last.ckpt`` of the stage named by
+``Stage.student_from`` (when set: ``student.checkpoint``), and ``Stage.overrides`` change its config alone.
+Resuming the run (``ckpt_path=last`` or ``auto``) keeps every finished stage as it is and resumes the
+interrupted one from its ``last.ckpt``. The run's summary is the last
 stage's (the student's), with a row per stage and, where the method asks, the ensemble of the stages.
 """
 
@@ -72,6 +74,8 @@ def stage_config(cfg: DictConfig, stage: Stage, out_dir: Path, ckpt_path: str | 
         stage_cfg.compare_scratch = bool(cfg.compare_scratch) and last
         if not last:
             stage_cfg.optimized_metric = "val/acc_best"
+        for key, value in stage.overrides.items():
+            OmegaConf.update(stage_cfg, key, value, merge=False)
     return stage_cfg
 
 
@@ -87,6 +91,23 @@ def with_teacher_checkpoints(stage_cfg: DictConfig, stage: Stage, summaries: dic
             )
         with open_dict(stage_cfg):
             stage_cfg.method.teachers[teacher].checkpoint = checkpoint
+
+
+def with_student_checkpoint(stage_cfg: DictConfig, stage: Stage, summaries: dict[str, dict[str, Any]]) -> None:
+    """Start the stage's student from the final weights (``last.ckpt``, beside the best checkpoint) of the stage
+    named by ``student_from``: ``student.checkpoint``, which the single-stage recipe loads into the student."""
+    if stage.student_from is None:
+        return
+    best = summaries[stage.student_from].get("best_checkpoint")
+    last = Path(best).with_name("last.ckpt") if best else None
+    if last is None or not last.is_file():
+        raise ConfigError(
+            f"stage {stage.name} starts from the student of stage {stage.student_from}, whose last checkpoint "
+            f"({last or 'none'}) is missing: checkpointing must stay on (callbacks.model_checkpoint.save_last=true); "
+            f"rerun without {Path(stage_cfg.paths.output_dir).parent / stage.student_from} to train that stage again"
+        )
+    with open_dict(stage_cfg):
+        stage_cfg.student.checkpoint = str(last)
 
 
 @torch.no_grad()
@@ -154,6 +175,7 @@ def distill_stages(
     for index, stage in enumerate(stages):
         stage_cfg = stage_config(cfg, stage, out_dir, ckpt_path, last=index == len(stages) - 1)
         with_teacher_checkpoints(stage_cfg, stage, summaries)
+        with_student_checkpoint(stage_cfg, stage, summaries)
         announce(f"stage {index + 1}/{len(stages)}: {stage.name}")
         summaries[stage.name] = run_stage(stage_cfg)
     final = summaries[stages[-1].name]
