@@ -19,22 +19,16 @@ by no row. Teachers are never differentiated: their logits are detached.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kd_lightning.engine.errors import check_positive
 from kd_lightning.llm.span_alignment import AlignedSpan
 from kd_lightning.llm.vocab_mapping import VocabMapping
 from kd_lightning.losses.precision import at_least_fp32
-
-
-def _check_temperature(temperature: float) -> float:
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature={temperature} must be a finite number > 0")
-    return float(temperature)
 
 
 def _tempered(logits: Tensor, temperature: float) -> Tensor:
@@ -78,7 +72,7 @@ def uld_loss(
             position gives a zero that is still part of the student's graph.
         temperature: :math:`T > 0`, applied to both sides.
     """
-    temperature = _check_temperature(temperature)
+    temperature = check_positive(temperature, "temperature")
     if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
@@ -115,7 +109,7 @@ def span_log_probs(
     ``logits`` ``[T, V]`` and ``token_ids`` ``[T]`` follow the shift convention (row ``j`` predicts token
     ``j + 1``), so every span must start at token 1 or later. Computed in at least float32.
     """
-    temperature = _check_temperature(temperature)
+    temperature = check_positive(temperature, "temperature")
     ids = torch.as_tensor(token_ids, dtype=torch.long, device=logits.device)
     if logits.dim() != 2 or ids.shape != logits.shape[:1]:
         raise ValueError(f"logits {tuple(logits.shape)} must be [T, V] with one row per token id {tuple(ids.shape)}")

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.engine.errors import ConfigError, check_type
+from kd_lightning.engine.errors import ConfigError, check_fraction, check_positive, check_type
 from kd_lightning.losses.precision import at_least_fp32
 from kd_lightning.losses.reads import LOGITS, Routing, as_tuple, routed
 from kd_lightning.losses.terms import DistillationTerm
@@ -116,13 +116,8 @@ class DistillationLoss(nn.Module):
 
     @alpha.setter
     def alpha(self, value: float) -> None:
-        check_type(value, (int, float), "loss.alpha")
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(
-                f"loss.alpha={value} is outside [0, 1]; set loss.alpha between 0 "
-                "(supervised only) and 1 (distillation only)"
-            )
-        self._alpha = float(value)
+        note = "; set loss.alpha between 0 (supervised only) and 1 (distillation only)"
+        self._alpha = check_fraction(value, "loss.alpha", note)
 
     @property
     def temperature(self) -> float:
@@ -131,10 +126,7 @@ class DistillationLoss(nn.Module):
     @temperature.setter
     def temperature(self, value: float) -> None:
         """The shared temperature: every term with one and no ``temperature`` of its own follows it."""
-        check_type(value, (int, float), "loss.temperature")
-        if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"loss.temperature={value} must be > 0 (4 is the usual default)")
-        self._temperature = float(value)
+        self._temperature = check_positive(value, "loss.temperature", " (4 is the usual default)")
         for term in self.terms.values():
             if getattr(term, "follows_loss_temperature", False):
                 term.temperature = self._temperature
