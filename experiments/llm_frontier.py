@@ -51,10 +51,10 @@ from kd_lightning.llm.divergences import ForwardKL
 from kd_lightning.llm.local_server import OpenAIServer
 from kd_lightning.llm.logit_cache import LogitCache
 from kd_lightning.llm.models import layer_subset, load_gguf_model, load_gguf_tokenizer
-from kd_lightning.llm.multi_teacher import RowRouting
 from kd_lightning.llm.prompts import make_prompts
 from kd_lightning.llm.records import read_records
 from kd_lightning.llm.remote import RemoteTeacher
+from kd_lightning.llm.teacher_combinations import RowRouting
 from kd_lightning.llm.token_loss import TokenDistillationLoss
 from kd_lightning.methods.lm import LMMethod, MultiTeacher, TokenKD
 from kd_lightning.reporting.markdown import write_section

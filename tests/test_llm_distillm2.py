@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_lightning.llm.contrastive import DistiLLM2Loss, student_responses
 from kd_lightning.llm.data import LLMDataModule
+from kd_lightning.llm.distillm2_loss import DistiLLM2Loss, student_responses
 from kd_lightning.llm.generation import GenerationSettings
 from kd_lightning.llm.models import char_tokenizer, random_llama
 from kd_lightning.llm.tokens import IGNORE_INDEX

@@ -18,7 +18,7 @@ from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.divergences import ForwardKL
 from kd_lightning.llm.models import char_tokenizer, random_llama
-from kd_lightning.llm.multi_teacher import RowRouting, TokenMixture, select_rows
+from kd_lightning.llm.teacher_combinations import RowRouting, TokenMixture, select_rows
 from kd_lightning.llm.token_loss import TokenDistillationLoss
 from kd_lightning.llm.tokens import final_hidden_states
 from kd_lightning.methods.lm import MultiTeacher

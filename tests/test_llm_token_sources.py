@@ -13,8 +13,8 @@ from hydra.utils import instantiate
 
 from kd_lightning.cli.common import CONFIG_DIR
 from kd_lightning.llm.bpe import train_bpe_tokenizer
-from kd_lightning.llm.contrastive import DistiLLM2Loss
 from kd_lightning.llm.data import LLMDataModule
+from kd_lightning.llm.distillm2_loss import DistiLLM2Loss
 from kd_lightning.llm.models import char_tokenizer, random_llama
 from kd_lightning.llm.protocol import SOURCE_KEY, TokenLoss, TokenSource, batch_source
 from kd_lightning.methods.lm import OnPolicy

@@ -28,12 +28,12 @@ from transformers import PreTrainedTokenizerBase
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.llm.aligned import AlignedEncoder
 from kd_lightning.llm.encoding import ExampleEncoder
-from kd_lightning.llm.multi_teacher import RoutedEncoder, RowRouting
 from kd_lightning.llm.packing import pack_batch
 from kd_lightning.llm.prompts import make_prompts
 from kd_lightning.llm.protocol import SOURCE_KEY, TokenSource
 from kd_lightning.llm.records import keep_correct, keep_shortest, read_records
 from kd_lightning.llm.served import ReadAheadLoader
+from kd_lightning.llm.teacher_combinations import RoutedEncoder, RowRouting
 
 
 def reference_completion(answer: int) -> str:
@@ -119,7 +119,7 @@ class LLMDataModule(L.LightningDataModule):
       (:class:`~kd_lightning.llm.aligned.AlignedEncoder`).
     - ``source``: where the completions came from, ``ground_truth`` (references) or ``teacher`` (teacher-written);
       batches carry it as ``token_source`` (:mod:`kd_lightning.llm.protocol`).
-    - ``routing``: several teachers, one per row (:class:`~kd_lightning.llm.multi_teacher.RowRouting`):
+    - ``routing``: several teachers, one per row (:class:`~kd_lightning.llm.teacher_combinations.RowRouting`):
       batches get ``teacher_index``; with ``teacher_tokenizer`` one tokenizer per teacher, in order, each
       row aligned for its own teacher.
     - ``packing``: the examples of a batch (still ``batch_size`` of them) share rows of at most ``pack_length``

@@ -14,8 +14,8 @@ from kd_lightning.engine.checks import constructor_arguments
 from kd_lightning.engine.errors import ConfigError
 from kd_lightning.engine.instantiate import build, build_partial, parameter_count
 from kd_lightning.engine.weights import freeze
-from kd_lightning.llm.multi_teacher import RowRouting, TeacherCombination
 from kd_lightning.llm.served import ServedTeacher
+from kd_lightning.llm.teacher_combinations import RowRouting, TeacherCombination
 from kd_lightning.llm.vocab_checks import check_tokenizers, check_vocab_rows, embedding_rows, same_tokenizer
 from kd_lightning.llm.vocab_mapping import VocabMapping
 from kd_lightning.methods.lm.base import LMMethod

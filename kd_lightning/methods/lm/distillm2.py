@@ -10,10 +10,10 @@ import lightning as L
 from torch import nn
 
 from kd_lightning.engine.errors import ConfigError
-from kd_lightning.llm.contrastive import SAMPLED, DistiLLM2Loss, student_responses
+from kd_lightning.llm.distillm2_loss import SAMPLED, DistiLLM2Loss, student_responses
 from kd_lightning.llm.generation import checked_settings
-from kd_lightning.llm.multi_teacher import add_parts
 from kd_lightning.llm.protocol import SOURCE_KEY, TokenLoss, TokenSource
+from kd_lightning.llm.teacher_combinations import add_parts
 from kd_lightning.llm.tokens import TokenLossOutput
 from kd_lightning.methods.lm.base import Batch, LMMethod
 
@@ -28,7 +28,7 @@ class DistiLLM2(LMMethod):
     on the teacher's responses :math:`y_t` (the dataset's completions, ``kd-llm-generate`` output) and the
     student's own responses :math:`y_s` to the same prompts, generated once by the student before training
     (``generation``) and cached, as the paper does per round. The objective is
-    :class:`~kd_lightning.llm.contrastive.DistiLLM2Loss` (``llm.method.loss``: ``skew`` = the paper's
+    :class:`~kd_lightning.llm.distillm2_loss.DistiLLM2Loss` (``llm.method.loss``: ``skew`` = the paper's
     beta, ``student_weight`` = w, ``alpha`` < 1 adds cross-entropy on the teacher's responses only).
     One live teacher of the student's tokenizer.
     """

@@ -9,8 +9,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from kd_lightning.engine.errors import ConfigError
-from kd_lightning.llm.multi_teacher import TeacherCombination, select_rows
 from kd_lightning.llm.protocol import TokenLoss
+from kd_lightning.llm.teacher_combinations import TeacherCombination, select_rows
 from kd_lightning.llm.tokens import TokenLossOutput, final_hidden_states, sequence_inputs
 from kd_lightning.methods.lm.base import Batch
 from kd_lightning.methods.lm.on_policy import OnPolicy
@@ -19,10 +19,10 @@ from kd_lightning.methods.lm.on_policy import OnPolicy
 class MultiTeacher(OnPolicy):
     r"""Distils several frozen teachers (``llm.teacher.teachers``) combined by ``llm.teacher.combine``.
 
-    - :class:`~kd_lightning.llm.multi_teacher.RowRouting` (TRL's multi-teacher distillation): each row is
+    - :class:`~kd_lightning.llm.teacher_combinations.RowRouting` (TRL's multi-teacher distillation): each row is
       distilled from the teacher it names, each teacher with its own loss (teachers may differ in size and,
       with a cross-tokenizer loss, in tokenizer).
-    - :class:`~kd_lightning.llm.multi_teacher.TokenMixture` (ensemble distillation, Fukuda et al. 2017):
+    - :class:`~kd_lightning.llm.teacher_combinations.TokenMixture` (ensemble distillation, Fukuda et al. 2017):
       the student fits :math:`p_{mix} = \sum_k w_k\, p_k` token by token (one shared tokenizer).
 
     ``lmbda > 0`` samples that fraction of batches from the student, as :class:`OnPolicy` (rows keep
