@@ -33,7 +33,7 @@ from kd_lightning.recipes.fit import run_test
 from kd_lightning.recipes.placement import place_teacher, place_with_data
 from kd_lightning.recipes.preflight import check_option_names, check_resume_checkpoint, preflight
 from kd_lightning.recipes.stages import distill_stages, multi_stage_method
-from kd_lightning.recipes.teacher import check_teacher_tokenizer, config_key, scratch_baseline, teacher_input
+from kd_lightning.recipes.teacher import check_teacher_tokenizer, config_key, input_adapter, scratch_baseline
 from kd_lightning.reporting.summary import Summary
 from kd_lightning.reporting.teacher_cost import teacher_costs
 from kd_lightning.reporting.tracking import finish_runs
@@ -92,7 +92,7 @@ def assemble(cfg: DictConfig) -> Parts:
     if cfg.student.get("checkpoint"):  # a stage that continues an earlier one's student (Stage.student_from)
         load_weights(student, cfg.student.checkpoint, key="student.checkpoint")
     models = {name: build(node.model, f"{config_key(name)}.model") for name, node in teacher_cfgs.items()}
-    inputs = {name: teacher_input(node, name) for name, node in teacher_cfgs.items()}
+    inputs = {name: input_adapter(node, name) for name, node in teacher_cfgs.items()}
     check_class_counts(
         datamodule.example_input(),
         cfg.data.num_classes,

@@ -36,7 +36,7 @@ from kd_lightning.methods.classifier import unpack
 from kd_lightning.recipes.deployed import deployed_rows
 from kd_lightning.recipes.finished_run import Run, load_student
 from kd_lightning.recipes.fit import labelled_only
-from kd_lightning.recipes.teacher import config_key, obtain_teacher, teacher_configs, teacher_input
+from kd_lightning.recipes.teacher import config_key, input_adapter, obtain_teacher, teacher_configs
 from kd_lightning.reporting.calibration import N_BINS, ReliabilityBins, expected_calibration_error, plot_reliability
 from kd_lightning.teacher_inputs import adapted
 
@@ -95,7 +95,7 @@ def load_models(run: Run) -> tuple[dict[str, nn.Module], str | None]:
     if run.summary.get("teacher_params") is not None and configs:
         name, teacher_cfg = next(iter(configs.items()))  # the teacher the run compared the student with
         teacher = build(teacher_cfg.model, f"{config_key(name)}.model")
-        input = teacher_input(teacher_cfg, name)
+        input = input_adapter(teacher_cfg, name)
         with tempfile.TemporaryDirectory() as scratch:  # obtain_teacher retrains there only if the cache is gone
             source = obtain_teacher(cfg, teacher_cfg, name, teacher, Path(scratch), input).source
         models = {"teacher": adapted(teacher, input), **models}

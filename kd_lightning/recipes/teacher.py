@@ -53,7 +53,7 @@ def config_key(name: str) -> str:
     return "teacher" if name == "teacher" else f"method.teachers.{name}"
 
 
-def teacher_input(teacher_cfg: DictConfig, name: str) -> nn.Module | None:
+def input_adapter(teacher_cfg: DictConfig, name: str) -> nn.Module | None:
     """Teacher ``name``'s input adapter (``teacher.input``, :mod:`kd_lightning.teacher_inputs`), None without one."""
     return build(teacher_cfg.input, f"{config_key(name)}.input") if teacher_cfg.get("input") else None
 
@@ -97,7 +97,7 @@ def obtain_teacher(
 ) -> Provenance:
     """Weights for the teacher ``model`` (loaded in place): ``checkpoint``; else, without a ``fit``
     recipe, the weights its ``_target_`` built (a pretrained factory); else the cache; else trained (reading
-    its inputs through its adapter ``input``, :func:`teacher_input`) and cached."""
+    its inputs through its adapter ``input``, :func:`input_adapter`) and cached."""
     key = config_key(name)
     if teacher_cfg.checkpoint:
         load_weights(model, teacher_cfg.checkpoint, key=f"{key}.checkpoint")
@@ -235,7 +235,7 @@ def train_model(cfg: DictConfig) -> float:
     check_fit(cfg.teacher.fit, "teacher.fit")
     check_teacher_tokenizer(cfg.data, {"teacher": cfg.teacher})
     model = build(cfg.teacher.model, "teacher.model")
-    input = teacher_input(cfg.teacher, "teacher")
+    input = input_adapter(cfg.teacher, "teacher")
     set_cpu_threads(cfg.cpu_threads, [model], "cpu_threads")
     datamodule = build(cfg.data, "data")
     example = datamodule.example_input()
