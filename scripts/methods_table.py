@@ -122,6 +122,11 @@ def main() -> None:
         help="keep runs here (default: a temporary directory); rerunning with the same --root "
         "reuses methods that finished, so an interrupted table resumes",
     )
+    parser.add_argument(
+        "--conditions",
+        help="how the runs were timed, when not by this invocation (e.g. runs reused from --root, made while other "
+        "jobs ran): replaces the load-average statement",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run")
     args = parser.parse_args()
 
@@ -148,6 +153,7 @@ def main() -> None:
             *map(str, args.seeds),
             "--epochs",
             str(args.epochs),
+            *([f'--conditions "{args.conditions}"'] if args.conditions else []),
             *(["--", *args.overrides] if args.overrides else []),
         ]
     )
@@ -163,8 +169,12 @@ def main() -> None:
         "standardization (T = 2). Scratch = the same student trained supervised (method=supervised) on the "
         "labelled samples, same epochs and seed. Gap recovered = (acc - scratch) / (teacher - scratch). "
         "Time = distillation wall time per epoch (validation included; FT's includes its paraphraser stage), "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, 2 CPU cores, load average (1 min) "
-        f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after. Not in this table: SDD (it pools regions of the "
+        + (
+            args.conditions
+            or f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, 2 CPU cores, load average (1 min) "
+            f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after"
+        )
+        + ". Not in this table: SDD (it pools regions of the "
         "last feature map into the classifier, which needs a head on pooled features; the MNIST-1D models' heads "
         "read the flattened map). Per-method overrides: "
         + "; ".join(f"{m}: `{' '.join(METHODS[m])}`" for m in args.methods if METHODS[m])
