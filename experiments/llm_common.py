@@ -1,6 +1,7 @@
-"""What the LM studies' scripts (llm_demo, llm_cross_tokenizer, llm_reasoning, llm_frontier) share: the kd-llm-distill
-config they compose runs from, the scheme that config names, the CPU trainer and optimiser they train with,
-validation, the verifier's pass rate, where finished runs are kept and the key a finished run is found under."""
+"""What the LM studies' scripts (llm_demo, llm_objectives, llm_cross_tokenizer, llm_reasoning, llm_frontier) share:
+the kd-llm-distill config they compose runs from, the scheme that config names, the CPU trainer and optimiser they
+train with, validation, the verifier's pass rate, where finished runs are kept and the key a finished run is found
+under."""
 
 from __future__ import annotations
 
@@ -47,12 +48,14 @@ def llm_config(overrides: Iterable[str]) -> DictConfig:
 def scheme_from_config(cfg: DictConfig, vocab_size: int | None = None, **ingredients: Any) -> LMMethod:
     """The scheme of a composed ``kd-llm-distill`` config (``llm.method`` and its objective) around the given
     ingredients (student, teacher, optimizer, ...), for the studies, which build models and data themselves;
-    ``vocab_size``: the shared tokenizer size the loss compares."""
+    ``vocab_size``: the shared tokenizer size the loss compares. ``llm.hidden`` (``llm/hidden=mse`` / ``cosine``)
+    adds its hidden-state term, as in kd-llm-distill."""
     factory, loss_cfg = scheme_factory(cfg)
     loss = build(loss_cfg, "llm.loss") if loss_cfg is not None else None
     if loss is not None and vocab_size is not None and getattr(loss, "vocab_size", 0) is None:
         loss.vocab_size = vocab_size
-    return offer(factory, loss=loss, vocab_size=vocab_size, **ingredients)
+    hidden = build(cfg.llm.hidden, "llm.hidden") if cfg.llm.get("hidden") else None
+    return offer(factory, loss=loss, vocab_size=vocab_size, hidden=hidden, **ingredients)
 
 
 def adamw(lr: float) -> functools.partial:

@@ -46,6 +46,7 @@ from llm_common import (
     validate,
 )
 
+from kd_lightning.engine.instantiate import build
 from kd_lightning.llm.data import LLMDataModule
 from kd_lightning.llm.generation import GenerationSettings, generate_file
 from kd_lightning.llm.models import layer_subset, load_gguf_model, load_gguf_tokenizer
@@ -102,12 +103,18 @@ def teacher_data(model, tokenizer, args: argparse.Namespace, data_dir: Path) -> 
     }
 
 
-def run_one(name: str, seed: int, teacher, tokenizer, data: dict, args: argparse.Namespace, out_dir: Path) -> dict:
-    """Train (or, for ``init``, only evaluate) one student; returns its held-out metrics and timings."""
-    overrides, train_data, _ = RUNS.get(name, ([], "instructions", ""))
-    cfg = llm_config(overrides)
+def build_run(name: str, seed: int, teacher, tokenizer, data: dict, args: argparse.Namespace, runs: dict = RUNS):
+    """``(student, datamodule, scheme)`` of one run of ``runs`` (name -> (kd-llm-distill overrides, training data,
+    description)); the student is the overrides' ``llm/student`` where they name one, else the demo's layer subset."""
+    overrides, train_data, _ = runs.get(name, ([], "instructions", ""))
+    cfg = llm_config([*overrides, f"seed={seed}"])  # the seed the config interpolates (a pruned student's calibration)
     L.seed_everything(seed, workers=True)
-    student = teacher if name == "teacher" else layer_subset(teacher, num_layers=args.num_layers)
+    if name == "teacher":
+        student = teacher
+    elif any(override.startswith("llm/student=") for override in overrides):
+        student = build(cfg.llm.student, "llm.student", teacher=teacher)
+    else:
+        student = layer_subset(teacher, num_layers=args.num_layers)
     vocab = check_tokenizers(teacher, student, tokenizer)
     files = data["files"]
     datamodule = LLMDataModule(
@@ -133,7 +140,15 @@ def run_one(name: str, seed: int, teacher, tokenizer, data: dict, args: argparse
         seed=seed,
         **sampling,
     )
-    train_seconds = timed_fit(module, datamodule, args.steps) if name in RUNS else 0.0
+    return student, datamodule, module
+
+
+def run_one(
+    name: str, seed: int, teacher, tokenizer, data: dict, args: argparse.Namespace, out_dir: Path, runs: dict = RUNS
+) -> dict:
+    """Train (or, for ``init``, only evaluate) one student of ``runs``; returns its held-out metrics and timings."""
+    student, datamodule, module = build_run(name, seed, teacher, tokenizer, data, args, runs)
+    train_seconds = timed_fit(module, datamodule, args.steps) if name in runs else 0.0
     metrics = validate(module, datamodule)
     result = {
         "run": name,

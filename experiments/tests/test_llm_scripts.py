@@ -112,3 +112,20 @@ def test_frontier_script_remote_part(tmp_path: Path) -> None:
     assert row and int(row.group(3)) == int(row.group(1)) == 6
     assert int(row.group(5)) == 32 * int(row.group(2)) and int(row.group(4)) > 0.99 * int(row.group(5))
     assert float(row.group(6)) > 99  # tokens whose top-32 id sets agree
+
+
+def test_objectives_script(tmp_path: Path) -> None:
+    small = ["--steps", "2", "--train-prompts", "8", "--heldout-prompts", "4", "--arithmetic-prompts", "4"]
+    small += ["--samples", "2", "--max-new-tokens", "32"]
+    text = script("llm_objectives.py", tmp_path, *small, "--seeds", "0")
+    assert "<!-- llm-objectives:begin -->" in text and re.search(r"^Command: `.*`; commit \w+", text, re.M)
+    cells = r"\| 0 \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \|$"  # KL ppl pass time
+    for run in ("init", "fkl", "rkl_sampled", "fkl_hidden", "pruned_fkl"):
+        assert re.search(rf"^\| {run} \| .* {cells}", text, re.M), run
+    for run in ("fkl", "rkl_sampled", "fkl_hidden", "pruned_fkl"):  # the pre-flight ran once per arm on the real pair
+        assert re.search(rf"^\| {run} \| \d+ \| [\d.]+ \| (pre-flight: \d+ checks passed|stopped: )", text, re.M), run
+    assert re.search(r"^\| fkl \| (\d+) \| [\d.]+ \| pre-flight: \1 checks passed", text, re.M)
+    text = script("llm_objectives.py", tmp_path, *small, "--seeds", "0", "1", "--stage", "table")
+    assert re.search(r"^\| pruned_fkl \| .* \| 0 \| ", text, re.M)  # the finished run, reported, not rerun
+    assert "fkl seed 1, rkl_sampled seed 1, fkl_hidden seed 1, pruned_fkl seed 1." in text  # listed, not run
+    assert "(this table: the same with `--stage table`, from the finished runs)" in text
