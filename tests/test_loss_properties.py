@@ -32,7 +32,7 @@ from kd_lightning.llm.tokens import IGNORE_INDEX
 from kd_lightning.losses import PKT, RKD, TERMS, VID, DistillationTerm
 from kd_lightning.losses.features import hcl
 from kd_lightning.losses.logits import LogitTerm
-from kd_lightning.losses.relations import angle_cosines
+from kd_lightning.losses.relations import angle_cosines, pairwise_distances, span_coordinates
 
 #: Reproducible in CI: a fixed derandomized search, no example database.
 SETTINGS = settings(
@@ -571,6 +571,31 @@ def test_rkd_of_close_samples_is_fine_in_float64() -> None:
     rows, other = torch.tensor(NEAR_DUPLICATES["near_duplicates"]), torch.tensor(OTHER)
     assert angle_cosines(rows.double()).abs().max().item() <= 1.0 + 1e-9
     assert RKD()(rows.double(), other.double()).item() == pytest.approx(11.64, abs=0.01)
+
+
+def test_rkd_of_a_wide_teacher_is_computed_in_its_span() -> None:
+    """A teacher wider than the batch (an unpooled feature map) is read in an orthonormal basis of its rows' span
+    (float64 QR, relations.span_coordinates): the same RKD value and student gradient as the float64 computation
+    on the full width, near-duplicate teacher samples included."""
+    torch.manual_seed(0)
+    teacher = torch.randn(6, 2, 40)
+    teacher[1] = teacher[0] + 1e-3  # two samples 1e-3 apart in 80 dimensions
+    student = torch.randn(6, 5)
+    coordinates = span_coordinates(teacher.flatten(1))
+    assert coordinates.shape == (6, 6) and coordinates.dtype == torch.float64
+    for relation in (pairwise_distances, angle_cosines):
+        torch.testing.assert_close(relation(coordinates), relation(teacher.flatten(1).double()), rtol=0, atol=1e-9)
+
+    def value_and_grad(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        leaf = student.clone().requires_grad_()
+        value = RKD()(leaf, teacher)
+        value.backward()
+        return value.detach().double(), leaf.grad.double()
+
+    # reference: the full width in float64 (a teacher needing a gradient is never reduced)
+    expected = value_and_grad(student.double(), teacher.double().requires_grad_())
+    for got, want in zip(value_and_grad(student, teacher), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
 # -------------------------------------------------------------------------------------- token divergences

@@ -19,6 +19,17 @@ def embed(features: Tensor) -> Tensor:
     return at_least_fp32(features).flatten(1)
 
 
+def span_coordinates(e: Tensor) -> Tensor:
+    """Rows of ``e`` ``(B, D)`` with ``D > B`` and no gradient as ``(B, B)`` float64 coordinates in an orthonormal
+    basis of their span (``e^T = Q R``, rows of ``R^T``): every distance and inner product between rows is kept
+    (Householder QR is backward stable: errors ~1e-16 of the rows' norm), and the ``(B, B, D)`` difference tensors
+    of :func:`pairwise_distances` and :func:`angle_cosines` shrink to ``(B, B, B)`` (a teacher's unpooled feature
+    map: D = 2,560 at B = 128 cost 1.2 s a step). Rows needing a gradient, or D <= B, are returned as they are."""
+    if e.requires_grad or e.shape[1] <= e.shape[0]:
+        return e
+    return torch.linalg.qr(e.T.double()).R.T
+
+
 def differences(e: Tensor) -> Tensor:
     """``(B, B, D)`` difference vectors ``e_j - e_i`` at ``[i, j]``, computed directly: expanding the Gram
     matrix (``|a|^2 + |b|^2 - 2 a.b``) cancels catastrophically in float32 for close samples."""
@@ -32,13 +43,13 @@ def pairwise_distances(e: Tensor, eps: float = 1e-12) -> Tensor:
     return torch.where(off_diagonal, d2.clamp_min(eps).sqrt(), torch.zeros_like(d2))
 
 
-def angle_cosines(e: Tensor, eps: float = 1e-12) -> Tensor:
+def angle_cosines(e: Tensor, eps: float = 1e-12, dtype: torch.dtype | None = None) -> Tensor:
     """``cos`` of the angle at ``e_i`` between ``e_j`` and ``e_k``, as a ``(B, B, B)`` tensor ``[i, j, k]``
     (0 where ``j == i`` or ``k == i``): unit difference vectors, batched dot products (as in Park et al.'s
-    code)."""
+    code); ``dtype``: the unit vectors' for the dot products (default ``e``'s; the differences stay in ``e``'s)."""
     diff = differences(e)
     norms = diff.pow(2).sum(dim=-1, keepdim=True).clamp_min(eps).sqrt()
-    unit = torch.where(norms > eps**0.5, diff / norms, torch.zeros_like(diff))
+    unit = torch.where(norms > eps**0.5, diff / norms, torch.zeros_like(diff)).to(dtype or e.dtype)
     return torch.bmm(unit, unit.transpose(1, 2))
 
 
@@ -90,10 +101,10 @@ class RKD(LayerTerm):
         return d / d[off_diagonal].mean()
 
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> Tensor:
-        s, t = embed(student), embed(teacher)
+        s, t = embed(student), span_coordinates(embed(teacher))
         with autocast_off(student):
-            distance = F.smooth_l1_loss(self.normalised_distances(s), self.normalised_distances(t))
-            angle = F.smooth_l1_loss(angle_cosines(s), angle_cosines(t))
+            distance = F.smooth_l1_loss(self.normalised_distances(s), self.normalised_distances(t).to(s.dtype))
+            angle = F.smooth_l1_loss(angle_cosines(s), angle_cosines(t, dtype=s.dtype))
         return self.beta * (self.distance_weight * distance + self.angle_weight * angle)
 
 
