@@ -12,7 +12,9 @@ bash scripts/install.sh dev,wandb,sweep,llm,text,docs,deploy
 .venv/bin/ruff check kd_lightning tests scripts experiments
 .venv/bin/ruff format --check kd_lightning tests scripts experiments
 status=0
-.venv/bin/python -m pytest "$@" || status=$?
+# One pytest worker per core (pytest-xdist; KD_TEST_WORKERS=0 runs in this process), each test file in one worker so
+# its module fixtures (e.g. the bad-input table's runs) run once.
+.venv/bin/python -m pytest -n "${KD_TEST_WORKERS:-auto}" --dist loadfile "$@" || status=$?
 if [ "$#" -eq 0 ]; then
   bash scripts/test_vision.sh || status=$((status ? status : $?))
 fi

@@ -104,9 +104,11 @@ def test_kd_llm_distill_distillm2(kd_home: Path) -> None:
         "trainer.max_steps=2",
         "+trainer.enable_progress_bar=false",
     ]
+    cache = kd_home / "cache" / "distillm2"
+    before = set(cache.glob("*.jsonl"))  # other tests' runs in this session's home (any order, any worker)
     result = run("kd-llm-distill", *common, f"hydra.run.dir={run_dir}", home=kd_home)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["metrics"]["val/loss"] > 0
-    assert len(list((kd_home / "cache" / "distillm2").glob("*.jsonl"))) == 1
+    assert len(set(cache.glob("*.jsonl")) - before) == 1  # this run cached its student's responses once
     result = run("kd-llm-distill", *common, "llm/teacher_cache=top_k", f"hydra.run.dir={run_dir}_bad", home=kd_home)
     assert result.returncode == 2 and "llm/teacher_cache=none" in result.stderr
