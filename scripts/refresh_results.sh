@@ -4,7 +4,7 @@
 # uncommitted changes" means: commit, then re-run). Run on an idle machine: the tables hold wall times.
 #   bash scripts/refresh_results.sh            # the CPU tables of the default path (about 1 h on 2 cores)
 #   bash scripts/refresh_results.sh all        # also every method / scheme table and the text demo (hours)
-#   bash scripts/refresh_results.sh vision     # the digits demo, in .venv-vision (torchvision)
+#   bash scripts/refresh_results.sh vision     # the digits demo and its deploy rows, in .venv-vision (torchvision)
 # Not here: the GPU tables (scripts/gpu_check.sh and the --device cuda commands in docs/performance.md, on a GPU
 # machine), the CIFAR-100 protocol (needs the CIFAR-100 files: python scripts/cifar100_protocol.py), the LM
 # studies (experiments/README.md names each command; they need the SmolLM2 GGUF of the llm extra).
@@ -16,6 +16,8 @@ what="${1:-default}"
 
 if [ "$what" = "vision" ]; then
   .venv-vision/bin/python scripts/kd_gain.py --preset digits_resnet18_mobilenetv2 --seeds 0 1 2 3 4 --out docs/results/digits.md
+  # its section of docs/results/deploy.md (the vision env with the deploy extra: install.sh dev,vision,text,deploy)
+  .venv-vision/bin/python scripts/deploy_table.py --preset digits_resnet18_mobilenetv2 --seeds 0 1 2
   exit 0
 fi
 
