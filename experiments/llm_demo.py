@@ -242,8 +242,9 @@ def write_table(results: list[dict], data: dict, args: argparse.Namespace, out: 
     print(text)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments the demo shares with studies built on its runs and teacher data (same defaults, so they reuse
+    its cached teacher files): seeds, the student's training budget, the data sizes, threads, the output page."""
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--num-layers", type=int, default=8)
@@ -255,7 +256,6 @@ def main() -> None:
     parser.add_argument("--heldout-prompts", type=int, default=24)
     parser.add_argument("--arithmetic-prompts", type=int, default=64)
     parser.add_argument("--samples", type=int, default=4, help="teacher samples per arithmetic problem")
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument(
         "--threads",
         type=int,
@@ -264,6 +264,12 @@ def main() -> None:
         "16-40x and training 2-4x slower than 1 (threads waiting on each other)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    add_study_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -27,11 +27,10 @@ import io
 import re
 import sys
 import time
-from pathlib import Path
 
 import torch
-from llm_common import RESULTS, RESULTS_TITLE, finished, kd_home, mean_std, run_key, software_summary
-from llm_demo import build_run, run_one, teacher_data
+from llm_common import RESULTS_TITLE, finished, kd_home, mean_std, run_key, software_summary
+from llm_demo import add_study_arguments, build_run, run_one, teacher_data
 from multirun import provenance
 
 from kd_lightning.engine.errors import ConfigError
@@ -149,23 +148,10 @@ def write_table(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--stage", choices=["all", "table"], default="all", help="table: from finished runs only")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--num-layers", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--hidden-weight", type=float, default=1.0)
-    # the demo's teacher data (same defaults: its cached files are reused)
-    parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--train-prompts", type=int, default=128)
-    parser.add_argument("--heldout-prompts", type=int, default=24)
-    parser.add_argument("--arithmetic-prompts", type=int, default=64)
-    parser.add_argument("--samples", type=int, default=4, help="teacher samples per arithmetic problem")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (see llm_demo.py)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_study_arguments(parser)  # the demo's (same defaults: its cached teacher files are reused)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
