@@ -151,3 +151,11 @@ def run_key(name: str, seed: int, args: argparse.Namespace, ignore: Iterable[str
     settings = {key: value for key, value in vars(args).items() if key not in set(ignore)}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{name}_seed{seed}_{digest}"
+
+
+def study_command(script: str, stage: str) -> str:
+    """A study's table's Command: how it was run (``--stage table`` noted after it, not in it)."""
+    flags = " ".join(sys.argv[1:]).replace("--stage table", "").split()
+    command = f"`{' '.join([f'python experiments/{script}', *flags])}`"
+    note = " (this table: the same with `--stage table`, from the finished runs)"
+    return command + (note if stage == "table" else "")

@@ -25,11 +25,10 @@ import contextlib
 import functools
 import io
 import re
-import sys
 import time
 
 import torch
-from llm_common import RESULTS_TITLE, finished, kd_home, mean_std, run_key, software_summary
+from llm_common import RESULTS_TITLE, finished, kd_home, mean_std, run_key, software_summary, study_command
 from llm_demo import add_study_arguments, build_run, run_one, teacher_data
 from multirun import provenance
 
@@ -107,10 +106,7 @@ def write_table(
                 f"{mean_std([r['pass_rate'] for r in done], 100.0, 1)} | "
                 f"{mean_std([r['train_seconds'] for r in done], 1.0, 0)} |"
             )
-    flags = " ".join(sys.argv[1:]).replace("--stage table", "").split()
-    command = f"`{' '.join(['python experiments/llm_objectives.py', *flags])}`"
-    if args.stage == "table":
-        command += " (this table: the same with `--stage table`, from the finished runs)"
+    command = study_command("llm_objectives.py", args.stage)
     lines = [
         "<!-- written by experiments/llm_objectives.py; do not edit by hand -->",
         f"## LM objectives and students: SmolLM2-135M-Instruct -> {args.num_layers}-layer student (CPU)",

@@ -27,7 +27,6 @@ import argparse
 import collections
 import functools
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from llm_common import (
     scheme_from_config,
     software,
     software_summary,
+    study_command,
     timed_fit,
     verified,
 )
@@ -345,10 +345,7 @@ def write_table(
                 f"{equations_right(files)} | "
                 f"{mean_std([r['train_seconds'] for r in runs], 1.0, 0)} |"
             )
-    flags = " ".join(sys.argv[1:]).replace("--stage table", "").split()
-    command = f"`{' '.join(['python experiments/llm_reasoning.py', *flags])}`"
-    if args.stage == "table":
-        command += " (this table: the same with `--stage table`, from the finished runs)"
+    command = study_command("llm_reasoning.py", args.stage)
     lines = [
         "<!-- written by experiments/llm_reasoning.py; do not edit by hand -->",
         "## Reasoning distillation: a fine-tuned SmolLM2 reasoner -> a small student (CPU)",
