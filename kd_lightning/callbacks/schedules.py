@@ -102,4 +102,3 @@ class TemperatureAnneal(LossSchedule):
 
     def value_at(self, epoch: int, target: float) -> float:
         return self.start + (target - self.start) * min(1.0, epoch / self.epochs)
-
